@@ -1,0 +1,50 @@
+"""Shared fixtures: real open_clip models built from tiny configs with random weights."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+TEST_CONFIGS = Path(__file__).parent / "model_configs"
+
+
+def _register_test_configs() -> None:
+    import open_clip
+
+    if "test-vit-micro" not in open_clip.list_models():
+        open_clip.add_model_config(TEST_CONFIGS)
+
+
+def make_backbone(arch: str, seed: int = 0):
+    """A frozen Backbone of `arch` with random weights (seeded)."""
+    import open_clip
+    import torch
+
+    from training.backbone import Backbone
+
+    _register_test_configs()
+    torch.manual_seed(seed)
+    model = open_clip.create_model(arch, pretrained=None)
+    return Backbone(model, open_clip.get_tokenizer(arch), arch=arch, pretrained="none")
+
+
+@pytest.fixture(scope="session")
+def micro_backbone():
+    """3-block ViT + 3-block text tower, 32 px: the fastest real CLIP."""
+    return make_backbone("test-vit-micro")
+
+
+@pytest.fixture(scope="session")
+def rn_backbone():
+    """A ModifiedResNet image tower: prompt methods that need a ViT must refuse it."""
+    return make_backbone("test-rn-micro")
+
+
+@pytest.fixture(scope="session")
+def vitb16_backbone():
+    """Real-size ViT-B/16 with random weights: parameter counts are checked on it."""
+    return make_backbone("ViT-B-16")
