@@ -1,0 +1,204 @@
+"""The head artifact: one `NAME.head.safetensors` file, tensors + JSON metadata (DESIGN.md).
+
+Loading never executes code from the file: safetensors parses a JSON header and raw buffers.
+Everything the file claims is validated against the method it names before a tensor is used.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from . import __version__
+from .backbone import Backbone, PreprocessSpec, load_backbone
+from .methods.base import HeadMethod, MethodError, TaskSpec, build_method
+
+FORMAT_VERSION = 1
+METADATA_KEY = "clipheads"
+SUFFIX = ".head.safetensors"
+_MAX_HEADER_BYTES = 64 << 20  # a head's JSON header is KBs; refuse absurd claims before reading
+
+
+class ArtifactError(ValueError):
+    """The file is not a valid clipheads head (or does not fit the backbone it is used with)."""
+
+
+@dataclass(frozen=True)
+class HeadArtifact:
+    method: str
+    method_config: dict
+    backbone: dict  # {arch, pretrained, weights_sha256}
+    tasks: tuple[TaskSpec, ...]
+    preprocess: PreprocessSpec
+    training: dict
+    tensors: dict[str, Tensor] = field(repr=False)
+    package_version: str = __version__
+    format_version: int = FORMAT_VERSION
+
+    def metadata(self) -> dict:
+        return {
+            "format_version": self.format_version,
+            "method": {"name": self.method, "config": self.method_config},
+            "backbone": self.backbone,
+            "tasks": [t.to_json() for t in self.tasks],
+            "preprocess": self.preprocess.to_json(),
+            "training": self.training,
+            "package_version": self.package_version,
+        }
+
+    def build(self, backbone: Optional[Backbone] = None, device: str = "cpu") -> HeadMethod:
+        """Instantiate the method on `backbone` (loaded from the recorded spec if None) and load
+        the tensors strictly: a missing, extra or mis-shaped tensor is an ArtifactError."""
+        if backbone is None:
+            backbone = load_backbone(self.backbone["arch"], self.backbone.get("pretrained"), device=device)
+        check_backbone_matches(self, backbone)
+        try:
+            head = build_method(self.method, backbone, self.tasks, self.method_config)
+        except MethodError as err:
+            raise ArtifactError(f"head config rejected: {err}") from err
+        expected = head.state_dict()
+        missing = sorted(set(expected) - set(self.tensors))
+        extra = sorted(set(self.tensors) - set(expected))
+        bad = sorted(k for k in set(expected) & set(self.tensors) if expected[k].shape != self.tensors[k].shape)
+        if missing or extra or bad:
+            detail = "; ".join(
+                s for s in (
+                    f"missing {missing}" if missing else "",
+                    f"unexpected {extra}" if extra else "",
+                    "shape mismatch " + ", ".join(f"{k}: file {tuple(self.tensors[k].shape)} vs method {tuple(expected[k].shape)}" for k in bad) if bad else "",
+                ) if s
+            )
+            raise ArtifactError(f"tensors do not match method {self.method!r} on {backbone.arch}: {detail}")
+        head.load_state_dict(self.tensors, strict=True)
+        return head.to(device)
+
+
+def check_backbone_matches(artifact: HeadArtifact, backbone: Backbone) -> None:
+    want = artifact.backbone
+    if want.get("arch") != backbone.arch:
+        raise ArtifactError(
+            f"this head was trained for backbone {want.get('arch')!r}, not {backbone.arch!r}; "
+            f"load it with --backbone {want.get('arch')}"
+        )
+    sha = want.get("weights_sha256")
+    if sha and backbone.weights_sha256 and sha != backbone.weights_sha256:
+        raise ArtifactError(
+            f"this head was trained on {want.get('arch')} weights sha256 {sha[:12]}…, "
+            f"but the loaded weights are {backbone.weights_sha256[:12]}…"
+        )
+
+
+def make_artifact(head: HeadMethod, training: Optional[dict] = None) -> HeadArtifact:
+    bb = head.backbone
+    return HeadArtifact(
+        method=head.name,
+        method_config=head.config.to_dict(),
+        backbone={"arch": bb.arch, "pretrained": bb.pretrained, "weights_sha256": bb.weights_sha256},
+        tasks=head.tasks,
+        preprocess=bb.preprocess,
+        training=dict(training or {}),
+        tensors=head.head_tensors(),
+    )
+
+
+def save_head(head_or_artifact: HeadMethod | HeadArtifact, path: str | Path, training: Optional[dict] = None) -> Path:
+    from safetensors.torch import save_file
+
+    art = head_or_artifact if isinstance(head_or_artifact, HeadArtifact) else make_artifact(head_or_artifact, training)
+    path = Path(path)
+    if not path.name.endswith(SUFFIX):
+        raise ArtifactError(f"head files are named NAME{SUFFIX}, got {path.name!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: v.contiguous() for k, v in art.tensors.items()}
+    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(art.metadata(), sort_keys=True)})
+    tmp.replace(path)  # atomic: a crash never leaves a half-written head
+    return path
+
+
+def _read_header(path: Path) -> dict:
+    """Parse the safetensors header ourselves first: gives clear errors for non-safetensors files
+    (pickles, zips, truncated files) instead of a library stack trace."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ArtifactError(f"{path}: too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n <= 1 or n > _MAX_HEADER_BYTES:
+            raise ArtifactError(f"{path}: not a safetensors file (bad header length; pickled or other format?)")
+        raw = f.read(n)
+    if len(raw) != n or not raw.lstrip().startswith(b"{"):
+        raise ArtifactError(f"{path}: not a safetensors file (header is not JSON)")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"{path}: corrupt safetensors header: {err}") from None
+
+
+def load_head(path: str | Path) -> HeadArtifact:
+    """Read and validate a head file. Never unpickles; raises ArtifactError with a reason."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"no such head file: {path}")
+    header = _read_header(path)
+    meta_raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
+    if meta_raw is None:
+        raise ArtifactError(f"{path}: a safetensors file but not a clipheads head (no '{METADATA_KEY}' metadata)")
+    try:
+        meta = json.loads(meta_raw)
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path}: metadata is not valid JSON: {err}") from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: head format_version {version!r} is not supported (this clipheads reads {FORMAT_VERSION}); "
+            "upgrade clipheads or re-export the head"
+        )
+    try:
+        tensors = load_file(str(path))
+        art = HeadArtifact(
+            method=meta["method"]["name"],
+            method_config=dict(meta["method"].get("config") or {}),
+            backbone=dict(meta["backbone"]),
+            tasks=tuple(TaskSpec.from_json(t) for t in meta["tasks"]),
+            preprocess=PreprocessSpec.from_json(meta["preprocess"]),
+            training=dict(meta.get("training") or {}),
+            tensors=tensors,
+            package_version=str(meta.get("package_version", "?")),
+            format_version=version,
+        )
+    except SafetensorError as err:
+        raise ArtifactError(f"{path}: corrupt tensor data: {err}") from None
+    except (KeyError, TypeError, ValueError) as err:
+        raise ArtifactError(f"{path}: incomplete head metadata ({type(err).__name__}: {err})") from None
+    if not art.tasks:
+        raise ArtifactError(f"{path}: head lists no tasks")
+    for name, t in tensors.items():
+        if t.dtype != torch.float32:
+            raise ArtifactError(f"{path}: tensor {name!r} is {t.dtype}; heads store fp32")
+    return art
+
+
+def describe(art: HeadArtifact) -> dict[str, Any]:
+    """A short human/JSON summary for `clipheads info`."""
+    n = sum(t.numel() for t in art.tensors.values())
+    return {
+        "method": art.method,
+        "config": art.method_config,
+        "backbone": art.backbone,
+        "tasks": [{"name": t.name, "classes": len(t.classnames), "group": t.group} for t in art.tasks],
+        "tensors": {k: list(v.shape) for k, v in art.tensors.items()},
+        "stored_values": n,
+        "preprocess": art.preprocess.to_json(),
+        "training": art.training,
+        "format_version": art.format_version,
+        "package_version": art.package_version,
+    }
