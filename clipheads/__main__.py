@@ -1,0 +1,5 @@
+import sys
+
+from clipheads.cli import main
+
+sys.exit(main())

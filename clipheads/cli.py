@@ -1,0 +1,54 @@
+"""The `clipheads` entry point: dispatches to each part's own commands.
+
+training: train, eval, info, methods, data, bench   export: export   serving: serve, score
+`demo` runs the whole flow end to end.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# Commands owned by another part: name -> (module with `main(argv)`, one-line help).
+DELEGATED = {
+    "export": ("export.cli", "fold heads into an ONNX/TensorRT bundle (parity-gated)"),
+    "serve": ("serving.cli", "serve a bundle or head over HTTP (BentoML)"),
+    "score": ("serving.score", "batch-score images with a bundle into Parquet"),
+    "bench": ("training.protocols.cli", "run a paper protocol recipe and write a report"),
+    "demo": ("clipheads.demo", "offline end-to-end demo on the synthetic world"),
+}
+TRAINING_COMMANDS = ("train", "eval", "info", "methods", "data")
+
+
+def _usage() -> str:
+    lines = ["usage: clipheads COMMAND [ARGS]", "", "commands:"]
+    lines += [f"  {c:<8} (training)" for c in TRAINING_COMMANDS]
+    lines += [f"  {c:<8} {h}" for c, (_, h) in DELEGATED.items()]
+    lines += ["", "`clipheads COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from training import __version__
+
+        print(f"clipheads {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command in DELEGATED:
+        module = importlib.import_module(DELEGATED[command][0])
+        return int(module.main(rest) or 0)
+    if command in TRAINING_COMMANDS:
+        from training import cli
+
+        return cli.main(argv)
+    print(f"clipheads: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

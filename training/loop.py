@@ -1,0 +1,188 @@
+"""The one training loop every method shares, and evaluation.
+
+Dassl semantics (METHODS.md 0.3): SGD (momentum 0.9, wd 5e-4) or AdamW; cosine annealing stepped
+once per epoch with an optional constant warm-up; the model after the last epoch is the result.
+Gradients reach only the head's parameters; the backbone is frozen and stays in eval mode.
+Multi-task runs interleave batches of each task (each task its own class list) and record
+per-task losses and accuracies.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .data.loading import make_loader
+from .data.records import Sample
+from .methods.base import HeadMethod
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 4
+    lr: float = 0.002
+    optimizer: str = "sgd"  # sgd | adamw
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1  # constant warm-up (Dassl WARMUP_TYPE=constant)
+    warmup_lr: float = 1e-5
+    seed: int = 1
+    amp: bool = True  # autocast + GradScaler on CUDA only; CPU trains in fp32
+    device: str = "cpu"
+    workers: int = 0
+    max_steps_per_epoch: Optional[int] = None  # cap for smoke tests and demos
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def epoch_lr(cfg: TrainConfig, epoch: int) -> float:
+    """LR for 0-based `epoch`: constant warm-up, then cosine over `epochs`, stepped per epoch.
+    5 epochs with 1 warm-up: 1e-5, lr, 0.905 lr, 0.655 lr, 0.345 lr."""
+    if epoch < cfg.warmup_epochs:
+        return cfg.warmup_lr
+    t = epoch - cfg.warmup_epochs
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * t / cfg.epochs))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _optimizer(head: HeadMethod, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = head.configure_optimizer_groups()
+    if not any(p.numel() for g in groups for p in g["params"]):
+        raise ValueError(f"method {head.name!r} has no trainable parameters; nothing to train")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use sgd or adamw")
+
+
+@dataclass
+class TrainResult:
+    head: HeadMethod
+    history: list[dict] = field(default_factory=list)  # one row per epoch
+    wall_time_s: float = 0.0
+
+    @property
+    def first_loss(self) -> float:
+        return self.history[0]["loss"] if self.history else float("nan")
+
+    @property
+    def final_loss(self) -> float:
+        return self.history[-1]["loss"] if self.history else float("nan")
+
+    def summary(self) -> dict:
+        return {"epochs": len(self.history), "history": self.history, "wall_time_s": round(self.wall_time_s, 2)}
+
+
+def _interleave(loaders: Sequence, rng: random.Random, cap: Optional[int]):
+    """Yield (task, batch) mixing tasks in a seeded random order, each loader exhausted once."""
+    iters = [iter(dl) for dl in loaders]
+    order = [t for t, dl in enumerate(loaders) for _ in range(len(dl))]
+    rng.shuffle(order)
+    for step, t in enumerate(order):
+        if cap is not None and step >= cap:
+            return
+        yield t, next(iters[t])
+
+
+def train_head(head: HeadMethod, train_sets: Mapping[int, Sequence[Sample]], cfg: TrainConfig) -> TrainResult:
+    """Train `head` on {task index: samples}. Returns the final-epoch head and its history."""
+    from tqdm.auto import tqdm
+
+    seed_everything(cfg.seed)
+    device = torch.device(cfg.device)
+    head.to(device)
+    head.backbone.to(device)
+    spec = head.backbone.preprocess
+    tasks = sorted(train_sets)
+    loaders = [make_loader(train_sets[t], spec, True, cfg.batch_size, seed=cfg.seed + t, workers=cfg.workers) for t in tasks]
+    opt = _optimizer(head, cfg)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    rng = random.Random(cfg.seed)
+    result = TrainResult(head)
+    start = time.perf_counter()
+    steps_per_epoch = sum(len(dl) for dl in loaders)
+    if cfg.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"train {head.name}", unit="step", disable=not cfg.progress)
+    head.train()
+    for epoch in range(cfg.epochs):
+        lr = epoch_lr(cfg, epoch)
+        for g in opt.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        sums = {t: [0.0, 0, 0] for t in tasks}  # loss sum, correct, seen
+        for ti, (images, labels) in _interleave(loaders, rng, cfg.max_steps_per_epoch):
+            task = tasks[ti]
+            images, labels = images.to(device), labels.to(device)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                loss, logits = head.training_loss(images, labels, task)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            s = sums[task]
+            s[0] += float(loss.detach()) * len(labels)
+            s[1] += int((logits.argmax(-1) == labels).sum())
+            s[2] += len(labels)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.3f}", lr=f"{lr:.2e}")
+        seen = sum(s[2] for s in sums.values()) or 1
+        row = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "loss": sum(s[0] for s in sums.values()) / seen,
+            "train_acc": sum(s[1] for s in sums.values()) / seen,
+        }
+        if len(tasks) > 1:
+            row["per_task"] = {head.tasks[t].name: {"loss": s[0] / max(s[2], 1), "acc": s[1] / max(s[2], 1)} for t, s in sums.items()}
+        result.history.append(row)
+    bar.close()
+    head.eval()
+    result.wall_time_s = time.perf_counter() - start
+    return result
+
+
+@torch.no_grad()
+def evaluate(
+    head: HeadMethod,
+    samples: Sequence[Sample],
+    task: int = 0,
+    classnames: Optional[Sequence[str]] = None,
+    batch_size: int = 100,
+    device: str = "cpu",
+    progress: bool = False,
+) -> dict:
+    """Top-1 accuracy of `head` on `samples` (labels index `classnames`, default the task's).
+
+    Foldable heads compute the class matrix once; others (CoCoOp) score per batch."""
+    from tqdm.auto import tqdm
+
+    head.eval()
+    names = tuple(classnames) if classnames is not None else head.tasks[task].classnames
+    loader = make_loader(samples, head.backbone.preprocess, False, batch_size)
+    w: Optional[Tensor] = head.text_features(names, task) if head.foldable else None
+    correct = total = 0
+    for images, labels in tqdm(loader, desc="eval", unit="batch", disable=not progress):
+        images, labels = images.to(device), labels.to(device)
+        if w is not None:
+            logits = head.image_features(images, task) @ w.t()
+        else:
+            logits = head.logits(images, task, names)
+        correct += int((logits.argmax(-1) == labels).sum())
+        total += len(labels)
+    return {"top1": correct / max(total, 1), "n": total, "classes": len(names)}
