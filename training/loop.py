@@ -136,11 +136,12 @@ def train_head(head: HeadMethod, train_sets: Mapping[int, Sequence[Sample]], cfg
             scaler.step(opt)
             scaler.update()
             s = sums[task]
-            s[0] += float(loss.detach()) * len(labels)
+            loss_value = float(loss.detach())
+            s[0] += loss_value * len(labels)
             s[1] += int((logits.argmax(-1) == labels).sum())
             s[2] += len(labels)
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.3f}", lr=f"{lr:.2e}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
         seen = sum(s[2] for s in sums.values()) or 1
         row = {
             "epoch": epoch + 1,

@@ -1,0 +1,30 @@
+# Two commands for a newcomer: `make demo` (the whole flow, offline) and `make test`.
+# Each creates .venv on first use and installs the pinned requirements into it.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed-$(shell cat requirements/*.txt pyproject.toml | sha256sum | cut -c1-12)
+export BENTOML_DO_NOT_TRACK := true
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test test-fast install clean
+
+$(STAMP):
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet -r requirements/base.txt -r requirements/onnx.txt -r requirements/serve.txt -r requirements/score.txt -r requirements/dev.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/clipheads demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q --timeout=600
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not integration"
+
+clean:
+	rm -rf $(VENV) build *.egg-info
