@@ -1,0 +1,61 @@
+"""`clipheads bench protocol RECIPE... --data-root DIR --out DIR` and `clipheads bench report OUT`."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from dataclasses import replace
+from typing import Optional, Sequence
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(argv or [])
+    p = argparse.ArgumentParser(prog="clipheads bench")
+    sub = p.add_subparsers(dest="what", required=True)
+    run = sub.add_parser("protocol", help="run (or resume) recipes and write the report")
+    run.add_argument("recipes", nargs="+", help="recipe files or packaged recipe names (`clipheads bench list`)")
+    run.add_argument("--data-root", required=True, help="folder the recipes' dataset paths are relative to")
+    run.add_argument("--out", default="runs/bench", help="results folder (resumable)")
+    run.add_argument("--seeds", default=None, help="comma list overriding the recipes' seeds, e.g. 1")
+    run.add_argument("--epochs", type=int, default=None, help="override epochs (quick looks; not the paper setting)")
+    run.add_argument("--backbone", default=None)
+    run.add_argument("--pretrained", default=None)
+    run.add_argument("--device", default="cpu")
+    run.add_argument("--quiet", action="store_true")
+    rep = sub.add_parser("report", help="re-render report.md/json/plots from finished runs")
+    rep.add_argument("out")
+    sub.add_parser("list", help="list packaged recipes")
+    args = p.parse_args(argv)
+
+    from .recipes import RecipeError, list_recipes, load_recipe
+    from .report import write_report
+
+    if args.what == "list":
+        for name in list_recipes():
+            r = load_recipe(name)
+            print(f"{name:<28} {r.method:<9} {r.protocol:<22} {r.description}")
+        return 0
+    if args.what == "report":
+        print(f"wrote {write_report(args.out)}")
+        return 0
+    from .runner import run_recipe
+
+    try:
+        recipes = [load_recipe(r) for r in args.recipes]
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for r in recipes:
+        changes = {}
+        if args.seeds:
+            changes["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+        if args.epochs is not None:
+            changes["train"] = {**r.train, "epochs": args.epochs}
+        if args.backbone:
+            changes["backbone"] = {"arch": args.backbone, "pretrained": args.pretrained}
+        r = replace(r, **changes)
+        run_recipe(r, args.data_root, args.out, device=args.device, progress=not args.quiet)
+    cmd = "clipheads bench " + " ".join(shlex.quote(a) for a in argv)
+    path = write_report(args.out, commands=[cmd])
+    print(f"report: {path}")
+    return 0
