@@ -1,0 +1,92 @@
+"""`clipheads serve BUNDLE|HEAD`: a thin wrapper over `bentoml serve serving.service:ClipHeads`.
+
+The service reads its configuration from `CLIPHEADS_*` environment variables (serving/service.py
+`ServeConfig`); this command sets them from flags, binds loopback by default and turns BentoML's
+usage tracking off unless `--allow-tracking` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SERVICE = "serving.service:ClipHeads"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clipheads serve", description="Serve a bundle or head over HTTP (BentoML).")
+    p.add_argument("source", help="export bundle directory, or a *.head.safetensors file (eager PyTorch)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 to expose)")
+    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--runtime", default="auto", choices=["auto", "onnx", "onnx-cpu", "onnx-cuda", "torch", "tensorrt"])
+    p.add_argument("--tasks-dir", default=None, help="directory where registered few-shot tasks persist")
+    p.add_argument("--auth-token", default=None, help="require 'Authorization: Bearer TOKEN' (or CLIPHEADS_AUTH_TOKEN)")
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--timeout", type=int, default=None, help="per-request timeout in seconds")
+    p.add_argument("--model-configs", default=None, help="extra open_clip model-config directory (custom archs)")
+    p.add_argument("--allow-tracking", action="store_true", help="let BentoML send usage statistics")
+    p.add_argument("--dry-run", action="store_true", help="print the command and environment, do not start")
+    return p
+
+
+def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    src = Path(args.source).expanduser().resolve()
+    env = dict(os.environ)
+    env["CLIPHEADS_SOURCE"] = str(src)
+    env["CLIPHEADS_RUNTIME"] = args.runtime
+    env["CLIPHEADS_HOST"] = args.host
+    if args.tasks_dir:
+        env["CLIPHEADS_TASKS_DIR"] = str(Path(args.tasks_dir).expanduser().resolve())
+    if args.auth_token:
+        env["CLIPHEADS_AUTH_TOKEN"] = args.auth_token
+    if args.max_concurrency:
+        env["CLIPHEADS_MAX_CONCURRENCY"] = str(args.max_concurrency)
+    if args.timeout:
+        env["CLIPHEADS_TIMEOUT_S"] = str(args.timeout)
+    if args.model_configs:
+        env["CLIPHEADS_MODEL_CONFIGS"] = str(Path(args.model_configs).expanduser().resolve())
+    if not args.allow_tracking:
+        env["BENTOML_DO_NOT_TRACK"] = "true"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", args.host, "--port", str(args.port),
+           "--working-dir", str(REPO_ROOT)]
+    return cmd, env
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    src = Path(args.source).expanduser()
+    if not src.exists():
+        print(f"clipheads serve: no such bundle or head: {src}", file=sys.stderr)
+        return 2
+    if src.is_file() and args.runtime not in ("auto", "torch"):
+        print(f"clipheads serve: {src} is a head file; --runtime {args.runtime} needs a bundle", file=sys.stderr)
+        return 2
+    cmd, env = serve_command(args)
+    if args.dry_run:
+        print(" ".join(cmd))
+        for k in sorted(env):
+            if k.startswith("CLIPHEADS_") and k != "CLIPHEADS_AUTH_TOKEN":
+                print(f"{k}={env[k]}")
+        return 0
+    print(f"clipheads serve: {src} on http://{args.host}:{args.port} (runtime {args.runtime})", file=sys.stderr)
+    proc = subprocess.Popen(cmd, env=env)
+
+    def forward(sig, _frame):
+        proc.send_signal(sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        return proc.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

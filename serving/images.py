@@ -1,0 +1,195 @@
+"""Safe image decoding shared by the HTTP service and batch scoring.
+
+Untrusted bytes -> uint8 CHW pixels, already resized (short side) and center-cropped to the
+bundle's square input size. Normalisation happens later (inside the image graph, or in the
+eager runtime), so what crosses process boundaries is compact uint8.
+
+Order of checks (cheapest first, nothing decoded before the header is trusted):
+1. byte cap;
+2. format chosen from magic bytes (JPEG, PNG, WEBP only) -- the client's content type is ignored;
+3. width x height read from the header and checked against the pixel cap (Pillow itself only
+   raises above ~179 MP) and an aspect-ratio cap (a 1 x 40M strip would explode when resized);
+4. decode (our pixel cap is below Pillow's bomb-warning threshold by default), JPEG draft mode when
+   shrinking a lot,
+   EXIF orientation applied, RGB conversion, resize + center crop.
+Every failure is an `ImageRejected(kind, detail, http_status)`; nothing else escapes `decode_image`.
+"""
+from __future__ import annotations
+
+import io
+import math
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
+DEFAULT_MAX_BYTES = 20 * 1024 * 1024  # per image; the HTTP body cap is separate
+DEFAULT_MAX_PIXELS = 40_000_000  # ~40 MP, checked from the header before decoding
+DEFAULT_MAX_ASPECT = 30.0  # long side / short side
+
+_FILTERS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+class ImageRejected(ValueError):
+    """An input image we refuse. `kind` is a stable machine-readable code used in HTTP error
+    bodies and metrics; `http_status` is what the service answers with."""
+
+    def __init__(self, kind: str, detail: str, http_status: int = 422):
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+        self.http_status = http_status
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What the model wants (from the bundle / head preprocess) plus the safety caps."""
+
+    image_size: int
+    interpolation: str = "bicubic"
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_aspect: float = DEFAULT_MAX_ASPECT
+
+    @classmethod
+    def from_preprocess(cls, pre, **caps) -> "DecodeSpec":
+        """`pre`: a training PreprocessSpec, or a bundle manifest's `preprocess` dict."""
+        if isinstance(pre, dict):
+            size = int(pre["image_size"])
+            interp = str(pre.get("resize", "shortest:bicubic")).partition(":")[2] or "bicubic"
+        else:
+            size, interp = int(pre.image_size), pre.interpolation
+        return cls(image_size=size, interpolation=interp, **{k: v for k, v in caps.items() if v is not None})
+
+
+def sniff_format(data: bytes) -> Optional[str]:
+    """The image format from magic bytes, or None if it is not one we accept."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _resized_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """torchvision `Resize(int)` semantics: the short side becomes `size`, the long side keeps
+    the aspect ratio (truncated), which is what open_clip's eval transform does."""
+    if w <= h:
+        return size, max(size, int(size * h / w))
+    return max(size, int(size * w / h)), size
+
+
+def decode_image(data: bytes, spec: DecodeSpec) -> np.ndarray:
+    """Untrusted bytes -> (3, S, S) uint8 pixels. Raises only ImageRejected."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ImageRejected("invalid_image", "image payload is not bytes", 422)
+    n = len(data)
+    if n == 0:
+        raise ImageRejected("invalid_image", "empty image payload", 422)
+    if n > spec.max_bytes:
+        raise ImageRejected("too_many_bytes", f"image is {n} bytes; the limit is {spec.max_bytes}", 413)
+    fmt = sniff_format(bytes(data[:16]))
+    if fmt is None:
+        raise ImageRejected(
+            "unsupported_format", "not a JPEG, PNG or WEBP file (format is detected from the bytes)", 415
+        )
+    try:
+        im = Image.open(io.BytesIO(data), formats=[fmt])
+        w, h = im.size  # header only; nothing is decoded yet
+    except ImageRejected:
+        raise
+    except Exception as err:  # noqa: BLE001 - any parser failure is the input's fault
+        raise ImageRejected("invalid_image", f"cannot read {fmt} header ({type(err).__name__})", 422) from None
+    if w <= 0 or h <= 0:
+        raise ImageRejected("invalid_image", f"bad image size {w}x{h}", 422)
+    if w * h > spec.max_pixels:
+        raise ImageRejected(
+            "image_too_large", f"{w}x{h} = {w * h} pixels; the limit is {spec.max_pixels}", 422
+        )
+    if max(w, h) / min(w, h) > spec.max_aspect:
+        raise ImageRejected("bad_aspect_ratio", f"{w}x{h}: aspect ratio above {spec.max_aspect:g}", 422)
+    size = spec.image_size
+    try:
+        if fmt == "JPEG" and min(w, h) > 4 * size:
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, keeping >= 2x the target resolution.
+            scale = 2 * size / min(w, h)
+            im.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+        im = ImageOps.exif_transpose(im)  # loads the image
+        if im.mode != "RGB":
+            im = im.convert("RGBA").convert("RGB") if im.mode in ("P", "PA") else im.convert("RGB")
+        rw, rh = _resized_size(im.width, im.height, size)
+        if (rw, rh) != im.size:
+            gap = 3.0 if min(im.size) > 3 * size else None  # fast two-step shrink for big inputs
+            im = im.resize((rw, rh), _FILTERS.get(spec.interpolation, Image.Resampling.BICUBIC), reducing_gap=gap)
+        left = int(round((rw - size) / 2.0))
+        top = int(round((rh - size) / 2.0))
+        if (rw, rh) != (size, size):
+            im = im.crop((left, top, left + size, top + size))
+        arr = np.asarray(im, dtype=np.uint8)  # (S, S, 3)
+    except ImageRejected:
+        raise
+    except Exception as err:  # noqa: BLE001 - truncated data, corrupt chunks, bombs, ...
+        raise ImageRejected("invalid_image", f"cannot decode {fmt} image ({type(err).__name__})", 422) from None
+    if arr.shape != (size, size, 3):
+        raise ImageRejected("invalid_image", f"decoded to unexpected shape {arr.shape}", 422)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (3, S, S)
+
+
+DecodeResult = Union[np.ndarray, ImageRejected]
+
+
+class ImageDecoder:
+    """Decodes many images in a thread pool (Pillow releases the GIL while decoding/resizing)."""
+
+    def __init__(self, spec: DecodeSpec, workers: int = 2, executor: Optional[Executor] = None):
+        self.spec = spec
+        self._own = executor is None
+        self._pool = executor or ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode")
+
+    def decode(self, data: bytes) -> np.ndarray:
+        return decode_image(data, self.spec)
+
+    def _safe(self, data: bytes) -> DecodeResult:
+        try:
+            return decode_image(data, self.spec)
+        except ImageRejected as err:
+            return err
+
+    def decode_many(self, blobs: Sequence[bytes]) -> list[DecodeResult]:
+        """One entry per blob, in order: pixels or the ImageRejected for that blob."""
+        if len(blobs) <= 1:
+            return [self._safe(b) for b in blobs]
+        return list(self._pool.map(self._safe, blobs))
+
+    def decode_all(self, blobs: Sequence[bytes]) -> np.ndarray:
+        """(N, 3, S, S) uint8, or raises the first rejection with the image index in its detail."""
+        out = self.decode_many(blobs)
+        for i, r in enumerate(out):
+            if isinstance(r, ImageRejected):
+                raise ImageRejected(r.kind, f"image {i}: {r.detail}", r.http_status)
+        if not out:
+            return np.zeros((0, 3, self.spec.image_size, self.spec.image_size), np.uint8)
+        return np.stack(out)
+
+    def close(self) -> None:
+        if self._own:
+            self._pool.shutdown(wait=False)
+
+
+def iter_decode(blobs: Iterable[bytes], spec: DecodeSpec) -> Iterable[DecodeResult]:
+    """Sequential generator form for streaming batch scoring."""
+    for b in blobs:
+        try:
+            yield decode_image(b, spec)
+        except ImageRejected as err:
+            yield err

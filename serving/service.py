@@ -1,0 +1,702 @@
+"""The HTTP service: a light front (`ClipHeads`) and a batchable encoder (`Encoder`), BentoML 1.4.
+
+    client --HTTP--> GuardMiddleware --> ClipHeads (decode, validate, route tasks, few-shot,
+                                         zero-shot label cache, response shaping)
+                                           | bentoml.depends (local unix socket)
+                                           v
+                                         Encoder (Runtime: ORT / torch; adaptive batching)
+
+Start it with `clipheads serve BUNDLE|HEAD` (serving/cli.py) or
+`CLIPHEADS_SOURCE=... bentoml serve serving.service:ClipHeads`. Everything is configured from
+environment variables (`ServeConfig`), read once at import because BentoML's service decorators
+take their limits at class-definition time.
+
+Input safety lives in `GuardMiddleware` (before BentoML parses anything) and in the handlers:
+bearer auth, content-type allow-list (pickle/octet-stream -> 415), body byte cap while streaming
+(413, also without Content-Length), no URL strings where files are expected, concurrency limit
+(fast 429 + Retry-After), request timeout (504), and every error body is
+`{"error": kind, "detail": text}` -- BentoML's own 4xx/5xx bodies for unparseable input are
+rewritten into that shape (as 400), so bad input never yields a 500.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import unquote
+
+import bentoml
+import numpy as np
+
+from .images import DEFAULT_MAX_PIXELS, DecodeSpec, ImageRejected, decode_image
+from .runtime import softmax
+from .tasks_store import LRUCache, TaskStore, TaskStoreError, check_name
+
+log = logging.getLogger("clipheads.serving")
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    return int(v) if v not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """All knobs, from `CLIPHEADS_*` environment variables (defaults in parentheses)."""
+
+    source: str = ""  # CLIPHEADS_SOURCE: bundle dir or *.head.safetensors (required)
+    runtime: str = "auto"  # CLIPHEADS_RUNTIME: auto|onnx|onnx-cpu|onnx-cuda|torch|tensorrt
+    tasks_dir: str = ""  # CLIPHEADS_TASKS_DIR: few-shot task store ("" = in memory only)
+    max_body_bytes: int = 20 * 1024 * 1024  # CLIPHEADS_MAX_BODY_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS  # CLIPHEADS_MAX_PIXELS (per image, from the header)
+    max_images: int = 32  # CLIPHEADS_MAX_IMAGES per request
+    max_examples: int = 64  # CLIPHEADS_MAX_EXAMPLES per POST /tasks
+    max_labels: int = 256  # CLIPHEADS_MAX_LABELS per request
+    max_label_chars: int = 100  # CLIPHEADS_MAX_LABEL_CHARS
+    max_templates: int = 16  # CLIPHEADS_MAX_TEMPLATES
+    max_concurrency: int = 64  # CLIPHEADS_MAX_CONCURRENCY in-flight API requests, then 429
+    timeout_s: int = 30  # CLIPHEADS_TIMEOUT_S per request, then 504
+    max_batch_size: int = 64  # CLIPHEADS_MAX_BATCH_SIZE encoder adaptive batching
+    max_latency_ms: int = 10_000  # CLIPHEADS_MAX_LATENCY_MS (small values cause 503s)
+    decode_threads: int = 2  # CLIPHEADS_DECODE_THREADS
+    auth_token: str = field(default="", repr=False)  # CLIPHEADS_AUTH_TOKEN: bearer token; "" = no auth
+
+    @classmethod
+    def from_env(cls) -> "ServeConfig":
+        e = os.environ.get
+        d = cls()
+        return cls(
+            source=e("CLIPHEADS_SOURCE", ""),
+            runtime=e("CLIPHEADS_RUNTIME", "auto") or "auto",
+            tasks_dir=e("CLIPHEADS_TASKS_DIR", ""),
+            max_body_bytes=_env_int("CLIPHEADS_MAX_BODY_BYTES", d.max_body_bytes),
+            max_pixels=_env_int("CLIPHEADS_MAX_PIXELS", d.max_pixels),
+            max_images=_env_int("CLIPHEADS_MAX_IMAGES", d.max_images),
+            max_examples=_env_int("CLIPHEADS_MAX_EXAMPLES", d.max_examples),
+            max_labels=_env_int("CLIPHEADS_MAX_LABELS", d.max_labels),
+            max_label_chars=_env_int("CLIPHEADS_MAX_LABEL_CHARS", d.max_label_chars),
+            max_templates=_env_int("CLIPHEADS_MAX_TEMPLATES", d.max_templates),
+            max_concurrency=_env_int("CLIPHEADS_MAX_CONCURRENCY", d.max_concurrency),
+            timeout_s=_env_int("CLIPHEADS_TIMEOUT_S", d.timeout_s),
+            max_batch_size=_env_int("CLIPHEADS_MAX_BATCH_SIZE", d.max_batch_size),
+            max_latency_ms=_env_int("CLIPHEADS_MAX_LATENCY_MS", d.max_latency_ms),
+            decode_threads=_env_int("CLIPHEADS_DECODE_THREADS", d.decode_threads),
+            auth_token=e("CLIPHEADS_AUTH_TOKEN", ""),
+        )
+
+
+CONFIG = ServeConfig.from_env()
+
+# ---- metrics (exposed on /metrics next to BentoML's own) --------------------------------------
+REQUESTS = bentoml.metrics.Counter(
+    name="clipheads_requests_total", documentation="API requests by endpoint and status",
+    labelnames=["endpoint", "status"],
+)
+TASK_PREDICTIONS = bentoml.metrics.Counter(
+    name="clipheads_task_predictions_total", documentation="Images classified per task", labelnames=["task"],
+)
+IMAGES = bentoml.metrics.Counter(
+    name="clipheads_images_total", documentation="Images encoded per runtime", labelnames=["runtime"],
+)
+REJECTIONS = bentoml.metrics.Counter(
+    name="clipheads_rejections_total", documentation="Rejected requests by error kind", labelnames=["kind"],
+)
+RUNTIME_ERRORS = bentoml.metrics.Counter(
+    name="clipheads_runtime_errors_total", documentation="Unexpected runtime failures", labelnames=["runtime"],
+)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, kind: str, detail: str):
+        super().__init__(detail)
+        self.status, self.kind, self.detail = status, kind, detail
+
+
+API_ROUTES = {"/classify", "/zero_shot", "/tasks", "/tasks/list", "/tasks/delete"}
+OPEN_PATHS = {"/livez", "/readyz", "/healthz", "/metrics"}
+_DISPOSITION = re.compile(rb"(?im)^content-disposition:[^\r\n]*")
+_NAME_IMAGES = re.compile(rb"""(?i)[;\s]name=("images"|images\b)""")
+
+
+def _json_bytes(status: int, kind: str, detail: str) -> bytes:
+    return json.dumps({"error": kind, "detail": detail}).encode()
+
+
+class GuardMiddleware:
+    """Pure ASGI front door: everything here runs before BentoML touches the request."""
+
+    def __init__(self, app, config: ServeConfig = CONFIG):
+        self.app = app
+        self.cfg = config
+        self.in_flight = 0
+
+    async def _reply(self, send, status: int, kind: str, detail: str, headers: Optional[list] = None) -> None:
+        REJECTIONS.labels(kind=kind).inc()
+        body = _json_bytes(status, kind, detail)
+        hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"x-clipheads", b"1")]
+        await send({"type": "http.response.start", "status": status, "headers": hdrs + (headers or [])})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        method = scope.get("method", "GET")
+        if path in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.cfg.auth_token:
+            got = headers.get("authorization", "")
+            want = f"Bearer {self.cfg.auth_token}"
+            if not hmac.compare_digest(got.encode(), want.encode()):
+                return await self._reply(send, 401, "unauthorized", "missing or wrong bearer token",
+                                         [(b"www-authenticate", b"Bearer")])
+        # REST aliases BentoML cannot route itself (its APIs are POST and have no path parameters).
+        body_override: Optional[bytes] = None
+        if method == "GET" and path in ("/tasks", "/tasks/"):
+            path, method, body_override = "/tasks/list", "POST", b"{}"
+        elif method == "DELETE" and path.startswith("/tasks/"):
+            raw = scope.get("raw_path") or path.encode()
+            name = unquote(raw.decode("latin-1")[len("/tasks/"):])
+            path, method, body_override = "/tasks/delete", "POST", json.dumps({"name": name}).encode()
+        if path not in API_ROUTES:
+            return await self.app(scope, receive, send)  # docs, schema, UI, 404s: BentoML's business
+        if method != "POST":
+            return await self._reply(send, 405, "method_not_allowed", f"{method} {path} is not supported")
+        if body_override is not None:
+            scope = dict(scope, path=path, raw_path=path.encode(), method="POST",
+                         headers=[(b"content-type", b"application/json"),
+                                  (b"content-length", str(len(body_override)).encode())]
+                         + [(k, v) for k, v in scope.get("headers", [])
+                            if k.lower() not in (b"content-type", b"content-length")])
+            ctype = "application/json"
+        else:
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype not in ("multipart/form-data", "application/json"):
+                return await self._reply(
+                    send, 415, "unsupported_media_type",
+                    f"content type {ctype or '(none)'!r} is not accepted; use multipart/form-data or application/json",
+                )
+        if self.in_flight >= self.cfg.max_concurrency:
+            return await self._reply(send, 429, "overloaded", "too many concurrent requests; retry shortly",
+                                     [(b"retry-after", b"1")])
+        self.in_flight += 1
+        try:
+            await self._guarded(scope, receive, send, path, ctype, headers, body_override)
+        finally:
+            self.in_flight -= 1
+
+    async def _guarded(self, scope, receive, send, path, ctype, headers, body_override):
+        cap = self.cfg.max_body_bytes
+        if body_override is not None:
+            body = body_override
+        else:
+            clen = headers.get("content-length")
+            if clen is not None and (not clen.isdigit() or int(clen) > cap):
+                return await self._reply(send, 413, "body_too_large", f"request body over {cap} bytes",
+                                         [(b"connection", b"close")])
+            chunks, total = [], 0
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    return
+                chunk = msg.get("body", b"")
+                total += len(chunk)
+                if total > cap:
+                    return await self._reply(send, 413, "body_too_large", f"request body over {cap} bytes",
+                                             [(b"connection", b"close")])
+                chunks.append(chunk)
+                if not msg.get("more_body", False):
+                    break
+            body = b"".join(chunks)
+        if ctype == "application/json":
+            try:
+                obj = json.loads(body or b"{}")
+            except (ValueError, UnicodeDecodeError):
+                return await self._reply(send, 400, "invalid_json", "request body is not valid JSON")
+            if not isinstance(obj, dict):
+                return await self._reply(send, 400, "invalid_json", "request body must be a JSON object")
+        else:
+            for m in _DISPOSITION.finditer(body):
+                line = m.group(0)
+                if _NAME_IMAGES.search(line) and b"filename" not in line.lower():
+                    return await self._reply(
+                        send, 422, "url_not_allowed",
+                        "'images' fields must be uploaded files; URLs and strings are not fetched",
+                    )
+
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        state = {"started": False, "rewrite": False, "status": 200, "headers": [], "buf": []}
+
+        async def send_wrapper(msg):
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+                hdrs = msg.get("headers", [])
+                ours = any(k.lower() == b"x-clipheads" for k, _ in hdrs)
+                state["status"] = status
+                if status >= 400 and not ours:
+                    state["rewrite"] = True  # BentoML's own error (input parsing): reshape it
+                    return
+                state["started"] = True
+                return await send(msg)
+            if msg["type"] == "http.response.body" and state["rewrite"]:
+                state["buf"].append(msg.get("body", b""))
+                if msg.get("more_body", False):
+                    return
+                raw = b"".join(state["buf"])
+                try:
+                    parsed = json.loads(raw)
+                    if isinstance(parsed, list) and parsed:
+                        parsed = parsed[0]
+                    detail = parsed.get("error", "") if isinstance(parsed, dict) else str(parsed)
+                    extra = parsed.get("detail") if isinstance(parsed, dict) else None
+                    if extra:
+                        detail = f"{detail}: " + "; ".join(
+                            f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', '')}"
+                            for e in extra if isinstance(e, dict)) if isinstance(extra, list) else f"{detail}: {extra}"
+                except (ValueError, UnicodeDecodeError, AttributeError):
+                    detail = raw[:200].decode("utf-8", "replace")
+                status = state["status"]
+                if status >= 500 and status not in (503, 504):
+                    status, kind, detail = 400, "invalid_request", "malformed request (could not be parsed)"
+                elif status == 503:
+                    kind = "overloaded"
+                elif status == 504:
+                    kind = "timeout"
+                elif status == 404:
+                    kind = "not_found"
+                else:
+                    status, kind = (status if status in (401, 403, 405, 413, 415, 422, 429) else 400), "invalid_request"
+                state["started"] = True
+                return await self._reply(send, status, kind, detail[:1000])
+            return await send(msg)
+
+        try:
+            await asyncio.wait_for(self.app(scope, replay, send_wrapper), timeout=self.cfg.timeout_s)
+        except asyncio.TimeoutError:
+            if not state["started"]:
+                await self._reply(send, 504, "timeout", f"not processed within {self.cfg.timeout_s} s")
+
+
+# ---- the encoder service ----------------------------------------------------------------------
+@bentoml.service(
+    name="clipheads_encoder",
+    workers=1,
+    threads=1,  # the runtime itself uses the cores (ORT intra-op / torch threads)
+    traffic={"timeout": max(CONFIG.timeout_s * 2, 60)},
+)
+class Encoder:
+    """Holds the Runtime. Internal only: reached from ClipHeads over a local unix socket."""
+
+    def __init__(self) -> None:
+        from .runtime import open_runtime
+
+        if not CONFIG.source:
+            raise RuntimeError("set CLIPHEADS_SOURCE to a bundle directory or a *.head.safetensors file")
+        self.runtime = open_runtime(CONFIG.source, CONFIG.runtime)
+        self.error: Optional[str] = None
+        try:
+            self.runtime.warmup()
+        except Exception as err:  # noqa: BLE001 - reported through readiness, not a crash loop
+            self.error = f"{type(err).__name__}: {err}"
+            log.exception("runtime warm-up failed")
+        log.info("encoder ready: %s on %s", self.runtime.name, CONFIG.source)
+
+    @bentoml.api(batchable=True, max_batch_size=CONFIG.max_batch_size, max_latency_ms=CONFIG.max_latency_ms)
+    def encode(self, jobs: list[Any]) -> list[Any]:
+        """jobs: [{"path": int, "pixels": (3, S, S) uint8}] -> [{"logits": (C_path,), "features": (E,)}].
+        One runtime pass per distinct path in the (adaptively batched) list."""
+        out: list[Any] = [None] * len(jobs)
+        by_path: dict[int, list[int]] = {}
+        for i, job in enumerate(jobs):
+            by_path.setdefault(int(job["path"]), []).append(i)
+        for p, idx in by_path.items():
+            pixels = np.stack([jobs[i]["pixels"] for i in idx])
+            logits, feats = self.runtime.run_path(p, pixels)
+            for j, i in enumerate(idx):
+                out[i] = {"logits": logits[j], "features": feats[j]}
+        return out
+
+    @bentoml.api
+    def encode_texts(self, texts: list[str]) -> Any:
+        return self.runtime.encode_texts(texts)
+
+    @bentoml.api
+    def info(self) -> dict:
+        d = self.runtime.describe()
+        d.update(preprocess=self.runtime.preprocess, base_path=self.runtime.base_path,
+                 logit_scale=self.runtime.logit_scale, error=self.error,
+                 slices={t.name: list(t.logit_slice) for t in self.runtime.tasks.values()})
+        return d
+
+    @bentoml.api
+    def check(self) -> dict:
+        """Re-run the warm-up pass (readiness probe of the runtime)."""
+        try:
+            self.runtime.warmup()
+            self.error = None
+        except Exception as err:  # noqa: BLE001
+            self.error = f"{type(err).__name__}: {err}"
+        return {"ok": self.error is None, "error": self.error}
+
+    def __is_ready__(self) -> bool:
+        return self.error is None
+
+
+# ---- the front service ------------------------------------------------------------------------
+@bentoml.service(
+    name="clipheads",
+    http={"host": os.environ.get("CLIPHEADS_HOST", "127.0.0.1")},
+    # BentoML's own limits are backstops; GuardMiddleware answers first with JSON bodies.
+    traffic={"timeout": CONFIG.timeout_s + 5, "max_concurrency": CONFIG.max_concurrency * 2},
+)
+class ClipHeads:
+    encoder = bentoml.depends(Encoder)
+
+    def __init__(self) -> None:
+        self.cfg = CONFIG
+        self.pool = ThreadPoolExecutor(max_workers=max(1, CONFIG.decode_threads), thread_name_prefix="decode")
+        self.text_cache = LRUCache(256)
+        self.ready = False
+        self.info: Optional[dict] = None
+        self.spec: Optional[DecodeSpec] = None
+        self.store: Optional[TaskStore] = None
+        self.failures = 0
+        self._warm_lock = asyncio.Lock()
+
+    # ---- readiness ---------------------------------------------------------------------------
+    async def _warm(self) -> bool:
+        async with self._warm_lock:
+            try:
+                if self.info is None:
+                    info = await self.encoder.to_async.info()
+                    if info.get("error"):
+                        raise RuntimeError(info["error"])
+                    self.spec = DecodeSpec.from_preprocess(
+                        info["preprocess"], max_bytes=self.cfg.max_body_bytes, max_pixels=self.cfg.max_pixels
+                    )
+                    self.store = TaskStore(self.cfg.tasks_dir or None, identity=info["identity"])
+                    self.info = info
+                s = int(self.info["image_size"])
+                px = np.full((3, s, s), 127, np.uint8)
+                jobs = [{"path": p, "pixels": px} for p in range(len(self.info["paths"]))]
+                res = await self.encoder.to_async.encode(jobs)
+                if len(res) != len(jobs) or not all(np.isfinite(r["features"]).all() for r in res):
+                    raise RuntimeError("warm-up pass returned bad outputs")
+                await self.encoder.to_async.encode_texts(["a photo of a thing."])
+                self.ready, self.failures = True, 0
+            except Exception as err:  # noqa: BLE001
+                log.warning("not ready: %s: %s", type(err).__name__, err)
+                self.ready = False
+        return self.ready
+
+    async def __is_ready__(self) -> bool:
+        if self.ready and self.failures < 3:
+            return True
+        return await self._warm()
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _error(self, ctx: bentoml.Context, endpoint: str, err: ApiError) -> dict:
+        ctx.response.status_code = err.status
+        ctx.response.headers["x-clipheads"] = "1"
+        if err.status in (429, 503):
+            ctx.response.headers["retry-after"] = "1"
+        REJECTIONS.labels(kind=err.kind).inc()
+        REQUESTS.labels(endpoint=endpoint, status=str(err.status)).inc()
+        return {"error": err.kind, "detail": err.detail}
+
+    async def _run(self, ctx: bentoml.Context, endpoint: str, fn) -> dict:
+        if not self.ready and not await self._warm():
+            return self._error(ctx, endpoint, ApiError(503, "not_ready", "the model is not loaded yet"))
+        try:
+            out = await fn()
+        except ApiError as err:
+            return self._error(ctx, endpoint, err)
+        except ImageRejected as err:
+            return self._error(ctx, endpoint, ApiError(err.http_status, err.kind, err.detail))
+        except TaskStoreError as err:
+            return self._error(ctx, endpoint, ApiError(err.http_status, err.kind, err.detail))
+        except Exception as err:  # noqa: BLE001 - a runtime failure: generic body, no internals
+            if "overloaded" in str(err).lower():
+                return self._error(ctx, endpoint, ApiError(503, "overloaded", "encoder queue is full; retry shortly"))
+            log.exception("internal error in %s", endpoint)
+            RUNTIME_ERRORS.labels(runtime=(self.info or {}).get("runtime", "?")).inc()
+            self.failures += 1
+            return self._error(ctx, endpoint, ApiError(500, "internal", "unexpected server error; see the server log"))
+        ctx.response.headers["x-clipheads"] = "1"
+        REQUESTS.labels(endpoint=endpoint, status=str(ctx.response.status_code or 200)).inc()
+        self.failures = 0
+        return out
+
+    def _read_images(self, images: list[Path], images_b64: list[str], limit: int) -> list[bytes]:
+        n = len(images) + len(images_b64)
+        if n == 0:
+            raise ApiError(422, "no_images", "send at least one image (multipart 'images' files or JSON 'images_b64')")
+        if n > limit:
+            raise ApiError(422, "too_many_images", f"{n} images; at most {limit} per request")
+        blobs: list[bytes] = []
+        cap = self.cfg.max_body_bytes
+        for p in images:
+            p = Path(p)
+            if p.stat().st_size > cap:
+                raise ImageRejected("too_many_bytes", f"image over {cap} bytes", 413)
+            blobs.append(p.read_bytes())
+        for i, s in enumerate(images_b64):
+            if not isinstance(s, str) or len(s) > cap * 4 // 3 + 4:
+                raise ImageRejected("too_many_bytes", f"image_b64[{i}] over {cap} bytes", 413)
+            if s.startswith("data:") and "," in s[:100]:
+                s = s.split(",", 1)[1]
+            try:
+                blobs.append(base64.b64decode(s, validate=True))
+            except (binascii.Error, ValueError):
+                raise ApiError(400, "invalid_base64", f"images_b64[{i}] is not valid base64") from None
+        return blobs
+
+    async def _decode(self, blobs: list[bytes]) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(
+            *(loop.run_in_executor(self.pool, _safe_decode, b, self.spec) for b in blobs)
+        )
+        for i, r in enumerate(results):
+            if isinstance(r, ImageRejected):
+                raise ImageRejected(r.kind, f"image {i}: {r.detail}", r.http_status)
+        return np.stack(results)
+
+    def _check_labels(self, labels: Any, what: str = "labels") -> list[str]:
+        if not isinstance(labels, list) or not labels:
+            raise ApiError(422, "invalid_labels", f"'{what}' must be a non-empty list of strings")
+        if len(labels) > self.cfg.max_labels:
+            raise ApiError(422, "too_many_labels", f"{len(labels)} labels; at most {self.cfg.max_labels}")
+        out = []
+        for lab in labels:
+            if not isinstance(lab, str) or not lab.strip():
+                raise ApiError(422, "invalid_labels", f"'{what}' must be non-empty strings")
+            if len(lab) > self.cfg.max_label_chars:
+                raise ApiError(422, "label_too_long", f"a label is over {self.cfg.max_label_chars} characters")
+            out.append(lab.strip())
+        if len(set(out)) != len(out):
+            raise ApiError(422, "duplicate_labels", f"'{what}' contains duplicates")
+        return out
+
+    def _check_templates(self, templates: Optional[list[str]]) -> tuple[str, ...]:
+        if not templates:
+            return ("a photo of a {}.",)
+        if not isinstance(templates, list) or len(templates) > self.cfg.max_templates:
+            raise ApiError(422, "invalid_templates", f"at most {self.cfg.max_templates} templates")
+        for t in templates:
+            if not isinstance(t, str) or t.count("{}") != 1 or len(t) > 200 or "{" in t.replace("{}", ""):
+                raise ApiError(422, "invalid_templates", "each template is a string with exactly one '{}'")
+        return tuple(templates)
+
+    async def _text_weights(self, labels: list[str], templates: tuple[str, ...]) -> np.ndarray:
+        key = (tuple(labels), templates)
+
+        async def compute() -> np.ndarray:
+            texts = [t.format(lab.replace("_", " ")) for lab in labels for t in templates]
+            f = np.asarray(await self.encoder.to_async.encode_texts(texts), np.float32)
+            f = f.reshape(len(labels), len(templates), -1).mean(axis=1)
+            return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+        cached = self.text_cache.get(key)
+        if cached is None:
+            cached = await compute()
+            self.text_cache.put(key, cached)
+        return cached
+
+    async def _encode(self, pixels: np.ndarray, paths: list[int]) -> dict[int, dict[str, np.ndarray]]:
+        jobs = [{"path": p, "pixels": px} for p in paths for px in pixels]
+        res = await self.encoder.to_async.encode(jobs)
+        IMAGES.labels(runtime=self.info["runtime"]).inc(len(pixels))
+        n = len(pixels)
+        out = {}
+        for k, p in enumerate(paths):
+            chunk = res[k * n:(k + 1) * n]
+            out[p] = {"logits": np.stack([r["logits"] for r in chunk]), "features": np.stack([r["features"] for r in chunk])}
+        return out
+
+    def _top_k(self, top_k: int) -> int:
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= 1000:
+            raise ApiError(422, "invalid_top_k", "top_k must be an integer from 1 to 1000")
+        return top_k
+
+    @staticmethod
+    def _ranked(probs: np.ndarray, labels: list[str] | tuple[str, ...], k: int) -> list[dict]:
+        order = np.argsort(-probs)[:k]
+        return [{"label": labels[i], "score": round(float(probs[i]), 6)} for i in order]
+
+    def _all_tasks(self) -> dict[str, dict]:
+        return {t["name"]: t for t in self.info["tasks"]}
+
+    # ---- endpoints ---------------------------------------------------------------------------
+    @bentoml.api(route="/classify")
+    async def classify(
+        self,
+        ctx: bentoml.Context,
+        images: list[Path] = [],  # noqa: B006 - BentoML builds the schema from defaults
+        images_b64: list[str] = [],  # noqa: B006
+        tasks: Optional[list[str]] = None,
+        top_k: int = 5,
+    ) -> dict:
+        """Classify images with the bundle's tasks and registered few-shot tasks.
+        multipart: `images` files, `tasks` JSON list (default: all bundle tasks), `top_k`;
+        JSON: {"images_b64": [...], "tasks": [...], "top_k": 5}."""
+
+        async def run():
+            k = self._top_k(top_k)
+            bundle_tasks = self._all_tasks()
+            names = list(tasks) if tasks else list(bundle_tasks)
+            if len(names) > 64 or len(set(names)) != len(names):
+                raise ApiError(422, "invalid_tasks", "'tasks' must be at most 64 distinct names")
+            few = {}
+            for n in names:
+                if n in bundle_tasks:
+                    continue
+                ft = self.store.get(n) if isinstance(n, str) and len(n) <= 64 else None
+                if ft is None:
+                    known = ", ".join(sorted(bundle_tasks) + self.store.names())
+                    raise ApiError(422, "unknown_task", f"unknown task {str(n)[:64]!r}; known: {known}")
+                few[n] = ft
+            blobs = self._read_images(images, images_b64, self.cfg.max_images)
+            pixels = await self._decode(blobs)
+            paths = sorted({bundle_tasks[n]["path"] for n in names if n in bundle_tasks}
+                           | ({self.info["base_path"]} if few else set()))
+            enc = await self._encode(pixels, paths)
+            per_task: dict[str, list[list[dict]]] = {}
+            for n in names:
+                if n in few:
+                    logits = few[n].logits(enc[self.info["base_path"]]["features"], self.info["logit_scale"])
+                    labels = few[n].labels
+                else:
+                    a, b = self.info["slices"][n]
+                    logits = enc[bundle_tasks[n]["path"]]["logits"][:, a:b]
+                    labels = bundle_tasks[n]["labels"]
+                probs = softmax(logits)
+                per_task[n] = [self._ranked(p, labels, k) for p in probs]
+                TASK_PREDICTIONS.labels(task=n if n in bundle_tasks else "few_shot").inc(len(pixels))
+            preds = [{n: per_task[n][i] for n in names} for i in range(len(pixels))]
+            return {"predictions": preds, "runtime": self.info["runtime"]}
+
+        return await self._run(ctx, "classify", run)
+
+    @bentoml.api(route="/zero_shot")
+    async def zero_shot(
+        self,
+        ctx: bentoml.Context,
+        labels: list[str],
+        images: list[Path] = [],  # noqa: B006
+        images_b64: list[str] = [],  # noqa: B006
+        templates: Optional[list[str]] = None,
+        top_k: int = 5,
+    ) -> dict:
+        """Rank free-text `labels` (JSON list) for each image; `templates` like "a photo of a {}."."""
+
+        async def run():
+            k = self._top_k(top_k)
+            labs = self._check_labels(labels)
+            temps = self._check_templates(templates)
+            blobs = self._read_images(images, images_b64, self.cfg.max_images)
+            pixels = await self._decode(blobs)
+            w = await self._text_weights(labs, temps)
+            base = self.info["base_path"]
+            feats = (await self._encode(pixels, [base]))[base]["features"]
+            probs = softmax(self.info["logit_scale"] * feats @ w.T)
+            TASK_PREDICTIONS.labels(task="zero_shot").inc(len(pixels))
+            return {"predictions": [self._ranked(p, labs, k) for p in probs], "runtime": self.info["runtime"]}
+
+        return await self._run(ctx, "zero_shot", run)
+
+    @bentoml.api(route="/tasks")
+    async def register_task(
+        self,
+        ctx: bentoml.Context,
+        name: str,
+        labels: list[str],
+        example_labels: list[str],
+        images: list[Path] = [],  # noqa: B006
+        images_b64: list[str] = [],  # noqa: B006
+        templates: Optional[list[str]] = None,
+        replace: bool = False,
+    ) -> dict:
+        """Register a training-free few-shot task: `labels`, example `images` and, per image, its
+        label in `example_labels`. Persisted to CLIPHEADS_TASKS_DIR."""
+
+        async def run():
+            check_name(name)
+            if name in self._all_tasks():
+                raise ApiError(409, "task_exists", f"{name!r} is a task of the loaded bundle")
+            labs = self._check_labels(labels)
+            temps = self._check_templates(templates)
+            blobs = self._read_images(images, images_b64, self.cfg.max_examples)
+            if not isinstance(example_labels, list) or len(example_labels) != len(blobs):
+                raise ApiError(422, "invalid_example_labels", "'example_labels' needs one label per example image")
+            index = {l: i for i, l in enumerate(labs)}
+            try:
+                targets = np.array([index[str(l).strip()] for l in example_labels], np.int64)
+            except KeyError as err:
+                raise ApiError(422, "invalid_example_labels", f"example label {str(err)[:80]} is not in 'labels'") from None
+            missing = [l for l in labs if l not in {labs[t] for t in targets}]
+            if missing:
+                raise ApiError(422, "missing_examples", f"no example image for label(s) {missing[:5]}")
+            pixels = await self._decode(blobs)
+            base = self.info["base_path"]
+            keys = (await self._encode(pixels, [base]))[base]["features"]
+            text = await self._text_weights(labs, temps)
+            task = self.store.add(name, labs, keys, targets, text, replace=bool(replace))
+            ctx.response.status_code = 201
+            return task.summary()
+
+        out = await self._run(ctx, "register_task", run)
+        return out
+
+    @bentoml.api(route="/tasks/list")
+    async def list_tasks(self, ctx: bentoml.Context) -> dict:
+        """All tasks: the bundle's and the registered few-shot ones (also GET /tasks)."""
+
+        async def run():
+            bundle = [{"name": t["name"], "kind": "bundle", "labels": t["labels"]} for t in self.info["tasks"]]
+            return {"tasks": bundle + self.store.list(), "runtime": self.info["runtime"]}
+
+        return await self._run(ctx, "list_tasks", run)
+
+    @bentoml.api(route="/tasks/delete")
+    async def delete_task(self, ctx: bentoml.Context, name: str) -> dict:
+        """Remove a registered few-shot task (also DELETE /tasks/{name})."""
+
+        async def run():
+            if isinstance(name, str) and name in self._all_tasks():
+                raise ApiError(409, "task_readonly", f"{name!r} belongs to the loaded bundle and cannot be deleted")
+            check_name(name)
+            if not self.store.delete(name):
+                raise ApiError(404, "unknown_task", f"no registered task {name!r}")
+            return {"deleted": name}
+
+        return await self._run(ctx, "delete_task", run)
+
+
+def _safe_decode(data: bytes, spec: DecodeSpec):
+    try:
+        return decode_image(data, spec)
+    except ImageRejected as err:
+        return err
+
+
+ClipHeads.add_asgi_middleware(GuardMiddleware, config=CONFIG)
