@@ -1,0 +1,1 @@
+"""Evaluation protocols: class splits and averaging rules (`splits`), recipes, runner, reports."""
