@@ -1,0 +1,600 @@
+"""`clipheads score`: batch-score images with a bundle (or head) into sharded Parquet.
+
+    clipheads score BUNDLE|HEAD --input DIR|CSV|PARQUET --output OUT.parquet
+        [--tasks a,b] [--top-k 5] [--batch-size 64] [--workers N] [--engine local|ray]
+        [--embeddings] [--errors FILE] [--runtime auto|onnx|onnx-cpu|onnx-cuda|torch]
+        [--shard-size 4096] [--overwrite] [--json] [--no-progress]
+
+Local engine (one process):
+
+    listing --(names)--> decode pool (N threads: read, ImageRejected checks, resize/crop)
+            --(bounded, in order)--> fixed-size uint8 batches --(queue of 2)--> Runtime
+            --> per-shard columns --> atomic Parquet part + manifest commit
+
+At most `2 * batch_size` images are in flight in the pool and two full batches wait in the queue,
+so memory does not grow with the input. Rows keep the listing order. Output layout, resume and
+error records: see serving/shards.py. Columns of each `part-*.parquet`:
+
+    index                int64   position of the input in the listing
+    path                 string  relative to DIR, or as written in the CSV/Parquet `path` column
+    {task}.label         string  top-1 label
+    {task}.score         float32 top-1 softmax probability
+    {task}.top_labels    list<string>   top-k labels, best first (only when --top-k > 1)
+    {task}.top_scores    list<float32>  their probabilities
+    embedding            list<float32>  L2-normalized image features (only with --embeddings)
+
+Scores are the softmax of each task's logits, the same numbers the HTTP `/classify` returns
+(there rounded to 6 decimals). Exit codes: 0 ok (also when some images were rejected), 2 bad
+usage or bad input (missing bundle/input, unknown task, OUT holds another job), 1 failure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import queue
+import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from .images import DecodeSpec, ImageRejected, decode_image
+from .shards import InputError, InputItem, InputListing, OutputConflict, Shard, ShardStore, file_sha256
+
+ENGINES = ("local", "ray")
+RUNTIMES = ("auto", "onnx", "onnx-cpu", "onnx-cuda", "tensorrt", "torch")
+DEFAULT_SHARD_SIZE = 4096
+
+
+class UsageError(ValueError):
+    """Bad arguments or inputs: exit code 2."""
+
+
+@dataclass(frozen=True)
+class ScoreJob:
+    """Everything a scoring run needs; the CLI builds one from flags, tests build one directly."""
+
+    source: str  # bundle directory or *.head.safetensors
+    input: str  # DIR, CSV or Parquet listing
+    output: str  # OUT.parquet directory
+    tasks: Optional[tuple[str, ...]] = None  # None: all of the source's tasks
+    top_k: int = 5
+    batch_size: int = 64
+    workers: int = 0  # local: decode threads; ray: scoring actors. 0: pick from the CPU count
+    engine: str = "local"
+    embeddings: bool = False
+    errors: Optional[str] = None  # default OUT/_errors.jsonl
+    runtime: str = "auto"
+    shard_size: int = DEFAULT_SHARD_SIZE
+    path_column: str = "path"
+    overwrite: bool = False
+    progress: bool = True
+    max_bytes: Optional[int] = None
+    max_pixels: Optional[int] = None
+    device: Optional[str] = None  # torch runtime device
+    ray_address: Optional[str] = None
+    ray_num_gpus: float = 0.0  # per scoring actor
+    ray_num_cpus: float = 1.0  # per scoring actor
+
+    def resolved_workers(self) -> int:
+        if self.workers > 0:
+            return self.workers
+        n = os.cpu_count() or 1
+        return max(1, min(8, n)) if self.engine == "local" else max(1, n // 2)
+
+
+@dataclass
+class ScoreSummary:
+    output: str
+    errors_file: str
+    engine: str
+    runtime: str
+    total: int = 0  # inputs in the listing
+    scored: int = 0  # rows written by this run
+    failed: int = 0  # rejected by this run
+    skipped: int = 0  # inputs of shards committed by an earlier run (not rescored)
+    shards_committed: int = 0  # by this run
+    shards_skipped: int = 0
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    rows_total: int = 0  # rows in the whole output
+    errors_total: int = 0
+    peak_buffered_images: int = 0  # decoded images alive at once (local engine)
+    extra: dict = field(default_factory=dict)
+
+    def line(self) -> str:
+        return (
+            f"scored {self.scored}, failed {self.failed}"
+            + (f", skipped {self.skipped} already committed" if self.skipped else "")
+            + f" in {self.seconds:.1f}s ({self.images_per_s:.1f} images/s, {self.engine}/{self.runtime})"
+            f" -> {self.output} ({self.rows_total} rows, {self.errors_total} errors listed in {self.errors_file})"
+        )
+
+
+# ---- source metadata (no runtime needed) ---------------------------------------------------
+def source_info(source: str) -> dict:
+    """Tasks, preprocess and a fingerprint of a bundle dir or head file, without opening a runtime."""
+    src = Path(source).expanduser()
+    if not src.exists():
+        raise UsageError(f"no such bundle or head: {src}")
+    if src.is_dir():
+        from .runtime import RuntimeError_, read_manifest
+
+        try:
+            m = read_manifest(src)
+        except RuntimeError_ as err:
+            raise UsageError(str(err)) from None
+        tasks = {t["name"]: list(t["classnames"]) for t in m["tasks"]}
+        return {"kind": "bundle", "path": str(src.resolve()), "sha256": file_sha256(src / "manifest.json"),
+                "tasks": tasks, "preprocess": dict(m["preprocess"])}
+    from training.artifact import ArtifactError, load_head
+
+    try:
+        art = load_head(src)
+    except (ArtifactError, OSError, ValueError) as err:
+        raise UsageError(f"{src}: {err}") from None
+    return {"kind": "head", "path": str(src.resolve()), "sha256": file_sha256(src),
+            "tasks": {t.name: list(t.classnames) for t in art.tasks}, "preprocess": art.preprocess.to_json()}
+
+
+def decode_spec(info: dict, job: ScoreJob) -> DecodeSpec:
+    return DecodeSpec.from_preprocess(info["preprocess"], max_bytes=job.max_bytes, max_pixels=job.max_pixels)
+
+
+def load_item(location: str, spec: DecodeSpec) -> np.ndarray:
+    """Read one file (never more than the byte cap) and decode it. Raises only ImageRejected."""
+    try:
+        st = os.stat(location)
+        if not os.path.isfile(location):
+            raise ImageRejected("unreadable", "not a regular file")
+        if st.st_size > spec.max_bytes:
+            raise ImageRejected("too_many_bytes", f"file is {st.st_size} bytes; the limit is {spec.max_bytes}", 413)
+        with open(location, "rb") as f:
+            data = f.read(spec.max_bytes + 1)
+    except ImageRejected:
+        raise
+    except OSError as err:
+        raise ImageRejected("unreadable", f"{type(err).__name__}: {err.strerror or err}") from None
+    return decode_image(data, spec)
+
+
+# ---- turning runtime outputs into columns ---------------------------------------------------
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def run_batch(runtime, pixels: np.ndarray, tasks: Sequence[str], embeddings: bool) -> tuple[dict, Optional[np.ndarray]]:
+    """One encoder pass per distinct image path: {task: logits (N, C)}, features (N, E) or None."""
+    logits: dict[str, np.ndarray] = {}
+    feats = None
+    for path, group in runtime.paths_for(tasks).items():
+        lg, f = runtime.run_path(path, pixels)
+        if embeddings and path == runtime.base_path:
+            feats = f
+        for t in group:
+            a, b = runtime.tasks[t].logit_slice
+            logits[t] = lg[:, a:b]
+    if embeddings and feats is None:
+        feats = runtime.encode_images(pixels)
+    if feats is not None:
+        feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    return logits, feats
+
+
+class Columns:
+    """Accumulates one shard's output columns (top-k of each task) batch by batch."""
+
+    def __init__(self, tasks: dict[str, list[str]], top_k: int, embeddings: bool):
+        self.tasks = tasks
+        self.top_k = top_k
+        self.embeddings = embeddings
+        self.cols: dict[str, list] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.cols = {"index": [], "path": []}
+        for t in self.tasks:
+            self.cols[f"{t}.label"], self.cols[f"{t}.score"] = [], []
+            if self.top_k > 1:
+                self.cols[f"{t}.top_labels"], self.cols[f"{t}.top_scores"] = [], []
+        if self.embeddings:
+            self.cols["embedding"] = []
+
+    def add(self, indices: Sequence[int], keys: Sequence[str], logits: dict[str, np.ndarray], feats) -> None:
+        self.cols["index"].extend(indices)
+        self.cols["path"].extend(keys)
+        for t, labels in self.tasks.items():
+            probs = softmax(logits[t])
+            k = min(self.top_k, probs.shape[1])
+            order = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (N, k)
+            top = np.take_along_axis(probs, order, axis=1)
+            names = np.asarray(labels, dtype=object)[order]
+            self.cols[f"{t}.label"].extend(names[:, 0].tolist())
+            self.cols[f"{t}.score"].append(top[:, 0])
+            if self.top_k > 1:
+                self.cols[f"{t}.top_labels"].extend(names.tolist())
+                self.cols[f"{t}.top_scores"].extend(top.tolist())
+        if self.embeddings:
+            self.cols["embedding"].extend(feats.astype(np.float32).tolist())
+
+    def schema(self):
+        import pyarrow as pa
+
+        fields = [pa.field("index", pa.int64()), pa.field("path", pa.string())]
+        for t in self.tasks:
+            fields += [pa.field(f"{t}.label", pa.string()), pa.field(f"{t}.score", pa.float32())]
+            if self.top_k > 1:
+                fields += [pa.field(f"{t}.top_labels", pa.list_(pa.string())),
+                           pa.field(f"{t}.top_scores", pa.list_(pa.float32()))]
+        if self.embeddings:
+            fields.append(pa.field("embedding", pa.list_(pa.float32())))
+        return pa.schema(fields)
+
+    def table(self):
+        import pyarrow as pa
+
+        schema = self.schema()
+        arrays = []
+        for f in schema:
+            v = self.cols[f.name]
+            if f.name.endswith(".score"):
+                v = np.concatenate(v) if v else np.zeros(0, np.float32)
+            arrays.append(pa.array(v, type=f.type))
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+
+# ---- local engine: bounded decode pipeline --------------------------------------------------
+@dataclass
+class _Batch:
+    indices: list[int]
+    keys: list[str]
+    pixels: Optional[np.ndarray]  # (n, 3, S, S) uint8, n <= batch_size
+    errors: list[dict]
+
+
+_SHARD_END = object()
+_DONE = object()
+
+
+class DecodePipeline:
+    """Producer thread + decode pool -> queue of fixed-size batches, in listing order.
+
+    Memory bound: at most `max_inflight` decoded images in the pool plus `prefetch` full batches in
+    the queue plus the batch being filled. `peak` records the most decoded images alive at once.
+    """
+
+    def __init__(self, shards: Iterator[Shard], spec: DecodeSpec, batch_size: int, workers: int,
+                 prefetch: int = 2, loader: Callable[[str, DecodeSpec], np.ndarray] = load_item):
+        self.spec = spec
+        self.batch_size = batch_size
+        self.max_inflight = max(2 * batch_size, workers)
+        self.q: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._shards = shards
+        self._loader = loader
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="score-decode")
+        self._stop = threading.Event()
+        self._alive = 0
+        self._alive_lock = threading.Lock()
+        self.peak = 0
+        self._thread = threading.Thread(target=self._produce, name="score-producer", daemon=True)
+
+    def _track(self, n: int) -> None:
+        with self._alive_lock:
+            self._alive += n
+            self.peak = max(self.peak, self._alive)
+
+    def _load(self, item: InputItem):
+        try:
+            px = self._loader(item.location, self.spec)
+        except ImageRejected as err:
+            return err
+        except Exception as err:  # noqa: BLE001 - a decoder bug must not kill the job
+            return ImageRejected("invalid_image", f"{type(err).__name__}: {err}")
+        self._track(1)
+        return px
+
+    def _put(self, obj) -> None:
+        while not self._stop.is_set():
+            try:
+                self.q.put(obj, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped
+
+    def _produce(self) -> None:
+        try:
+            for shard in self._shards:
+                self._put(shard)
+                pending: deque = deque()
+                batch = _Batch([], [], None, [])
+                pix: list[np.ndarray] = []
+
+                def take():
+                    nonlocal batch, pix
+                    item, fut = pending.popleft()
+                    r = fut.result()
+                    if isinstance(r, ImageRejected):
+                        batch.errors.append({"index": item.index, "path": item.key, "kind": r.kind, "detail": r.detail})
+                        return
+                    batch.indices.append(item.index)
+                    batch.keys.append(item.key)
+                    pix.append(r)
+                    if len(pix) == self.batch_size:
+                        flush()
+
+                def flush():
+                    nonlocal batch, pix
+                    batch.pixels = np.stack(pix) if pix else None
+                    self._put(batch)
+                    batch, pix = _Batch([], [], None, []), []
+
+                for item in shard.items:
+                    if self._stop.is_set():
+                        raise _Stopped
+                    pending.append((item, self._pool.submit(self._load, item)))
+                    while len(pending) >= self.max_inflight:
+                        take()
+                while pending:
+                    take()
+                if pix or batch.errors:
+                    flush()
+                self._put(_SHARD_END)
+            self._put(_DONE)
+        except _Stopped:
+            pass
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
+            try:
+                self._put(err)
+            except _Stopped:
+                pass
+
+    def __iter__(self):
+        self._thread.start()
+        try:
+            while True:
+                obj = self.q.get()
+                if obj is _DONE:
+                    return
+                if isinstance(obj, BaseException):
+                    raise obj
+                yield obj
+                if isinstance(obj, _Batch) and obj.pixels is not None:
+                    self._track(-len(obj.pixels))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _pending_shards(listing: InputListing, job: ScoreJob, store: ShardStore, counts: dict) -> Iterator[Shard]:
+    """The listing's shards that are not committed yet (committed ones are verified and skipped)."""
+    for shard in listing.shards(job.shard_size):
+        if store.committed(shard):
+            counts["skipped"] += len(shard.items)
+            counts["shards_skipped"] += 1
+            continue
+        yield shard
+
+
+def _progress(job: ScoreJob, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="scoring", dynamic_ncols=True, smoothing=0.1,
+                file=sys.stderr, disable=not job.progress, mininterval=0.5)
+
+
+def _run_local(job: ScoreJob, info: dict, listing: InputListing, store: ShardStore, total: int,
+               summary: ScoreSummary, counts: dict) -> None:
+    from .runtime import open_runtime
+
+    runtime = open_runtime(job.source, job.runtime, device=job.device)
+    summary.runtime = runtime.name
+    tasks = {t: info["tasks"][t] for t in _task_names(job, info)}
+    cols = Columns(tasks, job.top_k, job.embeddings)
+    spec = decode_spec(info, job)
+    bar = _progress(job, total)
+    pipe = DecodePipeline(_pending_shards(listing, job, store, counts), spec, job.batch_size,
+                          job.resolved_workers())
+    shard: Optional[Shard] = None
+    errors: list[dict] = []
+    shown_skipped = 0
+    try:
+        for obj in pipe:
+            if counts["skipped"] > shown_skipped:  # committed shards count as done
+                bar.update(counts["skipped"] - shown_skipped)
+                shown_skipped = counts["skipped"]
+            if isinstance(obj, Shard):
+                shard, errors = obj, []
+                cols.reset()
+            elif obj is _SHARD_END:
+                table = cols.table()
+                store.commit(shard, table, errors, {"runtime": runtime.name, "engine": "local"})
+                summary.shards_committed += 1
+                summary.scored += table.num_rows
+                summary.failed += len(errors)
+            else:
+                if obj.pixels is not None:
+                    logits, feats = run_batch(runtime, obj.pixels, list(tasks), job.embeddings)
+                    cols.add(obj.indices, obj.keys, logits, feats)
+                errors.extend(obj.errors)
+                bar.update(len(obj.indices) + len(obj.errors))
+        if counts["skipped"] > shown_skipped:
+            bar.update(counts["skipped"] - shown_skipped)
+    finally:
+        bar.close()
+        summary.peak_buffered_images = pipe.peak
+
+
+def _task_names(job: ScoreJob, info: dict) -> list[str]:
+    known = list(info["tasks"])
+    if not job.tasks:
+        return known
+    unknown = [t for t in job.tasks if t not in info["tasks"]]
+    if unknown:
+        raise UsageError(f"unknown task(s) {unknown}; this source has: {', '.join(known)}")
+    return list(dict.fromkeys(job.tasks))
+
+
+def job_identity(job: ScoreJob, info: dict, listing: InputListing) -> dict:
+    return {
+        "source": info["path"],
+        "source_kind": info["kind"],
+        "source_sha256": info["sha256"],
+        "tasks": {t: info["tasks"][t] for t in _task_names(job, info)},
+        "top_k": job.top_k,
+        "embeddings": job.embeddings,
+        "shard_size": job.shard_size,
+        "input": listing.describe(),
+        "preprocess": info["preprocess"],
+    }
+
+
+def validate(job: ScoreJob) -> None:
+    if job.engine not in ENGINES:
+        raise UsageError(f"unknown engine {job.engine!r}; choose from {', '.join(ENGINES)}")
+    if job.runtime not in RUNTIMES:
+        raise UsageError(f"unknown runtime {job.runtime!r}; choose from {', '.join(RUNTIMES)}")
+    for name in ("top_k", "batch_size", "shard_size"):
+        if getattr(job, name) < 1:
+            raise UsageError(f"{name.replace('_', '-')} must be >= 1")
+    if job.workers < 0:
+        raise UsageError("workers must be >= 0")
+
+
+def score(job: ScoreJob) -> ScoreSummary:
+    """Run (or resume) a scoring job. Raises UsageError / InputError / OutputConflict for bad
+    usage or inputs; anything else is a failure."""
+    validate(job)
+    t0 = time.perf_counter()
+    info = source_info(job.source)
+    out = Path(job.output).expanduser().resolve()
+    listing = InputListing(job.input, job.path_column, exclude=[out])
+    identity = job_identity(job, info, listing)
+    store = ShardStore(out, identity, overwrite=job.overwrite)
+    errors_file = Path(job.errors).expanduser().resolve() if job.errors else out / "_errors.jsonl"
+    total = listing.count()
+    summary = ScoreSummary(output=str(out), errors_file=str(errors_file), engine=job.engine, runtime=job.runtime,
+                           total=total)
+    counts = {"skipped": 0, "shards_skipped": 0}
+    t_run = time.perf_counter()
+    if job.engine == "local":
+        _run_local(job, info, listing, store, total, summary, counts)
+    else:
+        from .score_ray import run_ray
+
+        run_ray(job, info, listing, store, total, summary, counts)
+    summary.skipped = counts["skipped"]
+    summary.shards_skipped = counts["shards_skipped"]
+    done = summary.scored + summary.failed
+    summary.seconds = time.perf_counter() - t0
+    run_s = time.perf_counter() - t_run
+    summary.images_per_s = done / run_s if run_s > 0 else 0.0
+    summary.errors_total = store.write_errors_file(errors_file)
+    summary.rows_total = sum(v["rows"] for v in store.shards.values())
+    complete = summary.rows_total + summary.errors_total == total
+    store.write_manifest(complete=complete, summary={
+        k: v for k, v in asdict(summary).items() if k not in ("extra",)
+    } | {"host": platform.node(), "finished": time.time()})
+    if not complete:
+        raise RuntimeError(f"output has {summary.rows_total} rows + {summary.errors_total} errors for {total} inputs")
+    return summary
+
+
+# ---- CLI ------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="clipheads score",
+        description="Batch-score images into sharded Parquet (resumable; bad images go to an errors file).",
+    )
+    p.add_argument("source", help="export bundle directory, or a *.head.safetensors file (eager PyTorch)")
+    p.add_argument("--input", required=True, help="image directory (recursive), or a CSV/Parquet with a 'path' column")
+    p.add_argument("--output", required=True, help="output directory, e.g. preds.parquet (Parquet parts + _manifest.json)")
+    p.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
+    p.add_argument("--top-k", type=int, default=5, help="labels kept per task (default 5; top-1 always has its own columns)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="local: decode threads; ray: scoring actors (default: from CPU count)")
+    p.add_argument("--engine", choices=ENGINES, default="local")
+    p.add_argument("--embeddings", action="store_true", help="also write L2-normalized image embeddings")
+    p.add_argument("--errors", default=None, help="errors file (JSONL, or CSV if it ends in .csv); default OUT/_errors.jsonl")
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="inputs per committed Parquet part")
+    p.add_argument("--path-column", default="path", help="column of the CSV/Parquet listing that holds image paths")
+    p.add_argument("--max-bytes", type=int, default=None, help="per-file byte cap (default 20 MiB)")
+    p.add_argument("--max-pixels", type=int, default=None, help="per-image pixel cap read from the header (default 40 MP)")
+    p.add_argument("--device", default=None, help="torch runtime device (cpu, cuda, cuda:1)")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing output instead of resuming it")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
+    p.add_argument("--ray-num-gpus", type=float, default=0.0, help="GPUs per Ray scoring actor")
+    p.add_argument("--ray-num-cpus", type=float, default=1.0, help="CPUs per Ray scoring actor")
+    p.add_argument("--model-configs", default=None, help="extra open_clip model-config directory (custom archs)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def job_from_args(args: argparse.Namespace) -> ScoreJob:
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else None
+    return ScoreJob(
+        source=args.source, input=args.input, output=args.output, tasks=tasks, top_k=args.top_k,
+        batch_size=args.batch_size, workers=args.workers, engine=args.engine, embeddings=args.embeddings,
+        errors=args.errors, runtime=args.runtime, shard_size=args.shard_size, path_column=args.path_column,
+        overwrite=args.overwrite, progress=not args.no_progress, max_bytes=args.max_bytes,
+        max_pixels=args.max_pixels, device=args.device, ray_address=args.ray_address,
+        ray_num_gpus=args.ray_num_gpus, ray_num_cpus=args.ray_num_cpus,
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: 2 for bad usage, 0 for --help
+        return int(e.code or 0)
+    if args.model_configs:
+        os.environ["CLIPHEADS_MODEL_CONFIGS"] = str(Path(args.model_configs).expanduser().resolve())
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        summary = score(job_from_args(args))
+    except (UsageError, InputError, OutputConflict) as err:
+        print(f"clipheads score: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("clipheads score: interrupted; committed shards are kept, run the same command to resume",
+              file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - report, exit 1
+        from .runtime import RuntimeError_
+
+        if isinstance(err, RuntimeError_):
+            print(f"clipheads score: {err}", file=sys.stderr)
+            return 2
+        import traceback
+
+        traceback.print_exc()
+        print(f"clipheads score: failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    print(f"clipheads score: {summary.line()}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(asdict(summary), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

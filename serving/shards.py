@@ -1,0 +1,352 @@
+"""Deterministic input listings and a crash-safe sharded Parquet output (batch scoring).
+
+Input: a directory (recursive, sorted, hidden names skipped), a CSV or a Parquet manifest with a
+`path` column. The listing order is fixed, so input number `i` always lands in shard
+`i // shard_size`: a shard is a fixed slice of the inputs, identified by its number, its input
+range and a sha256 of its keys.
+
+Output: `OUT.parquet/` is a directory readable as one dataset (`pyarrow.dataset`, pandas, Spark,
+DuckDB `read_parquet('OUT.parquet/*.parquet')`):
+
+    OUT.parquet/
+      _manifest.json            job identity + every committed shard (the source of truth)
+      part-00000.parquet        scored rows of inputs [0, shard_size)
+      part-00001.parquet        ...
+      _errors/part-00000.jsonl  rejected inputs of shard 0 (one JSON object per line)
+
+A shard commits in three atomic steps (write a temp file, fsync, rename, fsync the directory):
+its errors, its Parquet part, then the manifest that lists it. A crash at any point leaves either
+a committed shard or one that is not in the manifest and is recomputed (and overwritten) on the
+next run; a committed shard is never rescored and rows are never duplicated.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+MANIFEST = "_manifest.json"
+ERRORS_DIR = "_errors"
+OUTPUT_FORMAT = "clipheads-scores"
+OUTPUT_FORMAT_VERSION = 1
+
+
+class InputError(ValueError):
+    """The input listing cannot be read (missing, wrong format, no path column)."""
+
+
+class OutputConflict(ValueError):
+    """OUT exists and belongs to a different job, or the inputs changed under a committed shard."""
+
+
+# ---- input listing ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class InputItem:
+    index: int  # position in the listing: the row's identity
+    key: str  # what the output's `path` column holds (relative to DIR, or as written in the manifest)
+    location: str  # the file to read
+
+
+@dataclass(frozen=True)
+class Shard:
+    id: int
+    start: int  # first input index (inclusive)
+    items: tuple[InputItem, ...]
+
+    @property
+    def stop(self) -> int:
+        return self.start + len(self.items)
+
+    @property
+    def keys_sha256(self) -> str:
+        h = hashlib.sha256()
+        for it in self.items:
+            h.update(it.key.encode("utf-8", "surrogateescape"))
+            h.update(b"\n")
+        return h.hexdigest()
+
+
+class InputListing:
+    """Iterates (key, location) in a fixed order without holding the whole listing."""
+
+    def __init__(self, source: str | os.PathLike, path_column: str = "path", exclude: Sequence[Path] = ()):
+        src = Path(source).expanduser()
+        if not src.exists():
+            raise InputError(f"input not found: {src}")
+        self.source = src.resolve()
+        self.path_column = path_column
+        self._exclude = {Path(p).resolve() for p in exclude}
+        if src.is_dir():
+            self.kind = "dir"
+        elif src.suffix.lower() == ".csv":
+            self.kind = "csv"
+        elif src.suffix.lower() in (".parquet", ".pq"):
+            self.kind = "parquet"
+        else:
+            raise InputError(f"{src}: --input must be a directory, a .csv or a .parquet file")
+        self._check()
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "source": str(self.source), "path_column": self.path_column if self.kind != "dir" else None}
+
+    # -- readers --
+    def _check(self) -> None:
+        if self.kind == "csv":
+            with open(self.source, newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f), None)
+            if not header or self.path_column not in header:
+                raise InputError(f"{self.source}: CSV needs a header with a {self.path_column!r} column (got {header})")
+        elif self.kind == "parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                schema = pq.ParquetFile(self.source).schema_arrow
+            except Exception as err:  # noqa: BLE001 - any parse failure is a bad input
+                raise InputError(f"{self.source}: not a readable Parquet file ({err})") from None
+            if self.path_column not in schema.names:
+                raise InputError(f"{self.source}: Parquet has no {self.path_column!r} column (columns: {schema.names})")
+
+    def _walk(self, d: Path, rel: str) -> Iterator[tuple[str, str]]:
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:
+            return  # an unreadable subdirectory has no listable files
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            key = f"{rel}{e.name}"
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    if Path(e.path).resolve() in self._exclude:
+                        continue
+                    yield from self._walk(Path(e.path), key + "/")
+                elif e.is_file(follow_symlinks=True) or e.is_symlink():
+                    yield key, e.path  # a dangling link is listed and reported as unreadable
+            except OSError:
+                yield key, e.path
+
+    def _rows(self) -> Iterator[str]:
+        if self.kind == "csv":
+            with open(self.source, newline="", encoding="utf-8") as f:
+                for row in csv.DictReader(f):
+                    yield row.get(self.path_column) or ""
+        else:
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(self.source).iter_batches(columns=[self.path_column], batch_size=8192):
+                for v in batch.column(0).to_pylist():
+                    yield "" if v is None else str(v)
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        if self.kind == "dir":
+            yield from self._walk(self.source, "")
+            return
+        base = self.source.parent
+        for p in self._rows():
+            loc = Path(p).expanduser()
+            yield p, str(loc if loc.is_absolute() else base / loc)
+
+    def count(self) -> int:
+        """Number of inputs (a cheap pass: names only, nothing is opened)."""
+        if self.kind == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(self.source).metadata.num_rows
+        return sum(1 for _ in self)
+
+    def shards(self, shard_size: int) -> Iterator[Shard]:
+        """Fixed slices of `shard_size` inputs; only the current shard's names are held."""
+        buf: list[InputItem] = []
+        sid = 0
+        for i, (key, loc) in enumerate(self):
+            buf.append(InputItem(i, key, loc))
+            if len(buf) == shard_size:
+                yield Shard(sid, i + 1 - shard_size, tuple(buf))
+                sid, buf = sid + 1, []
+        if buf:
+            yield Shard(sid, sid * shard_size, tuple(buf))
+
+
+# ---- crash-safe output ------------------------------------------------------------------------
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write) -> None:
+    """`write(fileobj)` into a temp file next to `path`, fsync it, rename over `path`, fsync the dir."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def part_name(shard_id: int) -> str:
+    return f"part-{shard_id:05d}.parquet"
+
+
+# Job identity fields that must match for a run to continue an existing output.
+IDENTITY_KEYS = ("source_sha256", "tasks", "top_k", "embeddings", "shard_size", "input")
+
+
+class ShardStore:
+    """The output directory: which shards are committed, and committing new ones."""
+
+    def __init__(self, out: str | os.PathLike, identity: dict, overwrite: bool = False):
+        self.root = Path(out).expanduser().resolve()
+        self.identity = identity
+        self.shards: dict[int, dict] = {}
+        mpath = self.root / MANIFEST
+        if self.root.exists() and not self.root.is_dir():
+            raise OutputConflict(f"{self.root} exists and is not a directory")
+        if overwrite and self.root.exists():
+            self._clear()
+        if mpath.is_file():
+            try:
+                m = json.loads(mpath.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                raise OutputConflict(f"{mpath}: unreadable manifest ({err}); use --overwrite to start over") from None
+            if m.get("format") != OUTPUT_FORMAT or m.get("format_version") != OUTPUT_FORMAT_VERSION:
+                raise OutputConflict(f"{mpath}: not a clipheads-scores v{OUTPUT_FORMAT_VERSION} output")
+            old = m.get("job") or {}
+            diff = [k for k in IDENTITY_KEYS if old.get(k) != identity.get(k)]
+            if diff:
+                raise OutputConflict(
+                    f"{self.root} holds a different job (differs in: {', '.join(diff)}); "
+                    "use another --output, or --overwrite to discard it"
+                )
+            self.shards = {int(k): v for k, v in (m.get("shards") or {}).items()}
+            self.created = m.get("created")
+        else:
+            if self.root.exists() and any(p.name != ERRORS_DIR and not p.name.startswith(".") for p in self.root.iterdir()):
+                raise OutputConflict(f"{self.root} exists, is not empty and has no {MANIFEST}; use --overwrite")
+            self.created = time.time()
+        (self.root / ERRORS_DIR).mkdir(parents=True, exist_ok=True)
+        self._sweep()
+
+    def _clear(self) -> None:
+        if not (self.root / MANIFEST).is_file() and any(self.root.iterdir()):
+            raise OutputConflict(f"--overwrite refuses to clear {self.root}: it is not a clipheads-scores output")
+        for p in sorted(self.root.rglob("*"), reverse=True):
+            p.rmdir() if p.is_dir() else p.unlink()
+
+    def _sweep(self) -> None:
+        """Remove temp files and parts that no manifest lists (left by a crash mid-commit)."""
+        keep = {v["file"] for v in self.shards.values()}
+        for p in self.root.iterdir():
+            if p.name.startswith(".") and ".tmp-" in p.name:
+                p.unlink()
+            elif p.name.startswith("part-") and p.name not in keep:
+                p.unlink()
+        for p in (self.root / ERRORS_DIR).iterdir():
+            if p.name.startswith(".") or p.with_suffix(".parquet").name not in keep:
+                p.unlink()
+
+    def committed(self, shard: Shard) -> bool:
+        """True when `shard` was committed by an earlier run; raises if its inputs changed since."""
+        rec = self.shards.get(shard.id)
+        if rec is None:
+            return False
+        if (rec["start"], rec["stop"], rec["keys_sha256"]) != (shard.start, shard.stop, shard.keys_sha256):
+            raise OutputConflict(
+                f"the inputs of committed shard {shard.id} ({rec['file']}) changed since it was written "
+                f"(inputs {rec['start']}..{rec['stop']}); use a new --output or --overwrite"
+            )
+        return (self.root / rec["file"]).is_file()
+
+    def commit(self, shard: Shard, table, errors: list[dict], extra: Optional[dict] = None) -> dict:
+        """Atomically publish one shard: errors sidecar, Parquet part, then the manifest."""
+        import pyarrow.parquet as pq
+
+        name = part_name(shard.id)
+        err_path = self.root / ERRORS_DIR / name.replace(".parquet", ".jsonl")
+        lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors).encode("utf-8")
+        atomic_write(err_path, lambda f: f.write(lines))
+        atomic_write(self.root / name, lambda f: pq.write_table(table, f, compression="zstd"))
+        rec = {
+            "file": name,
+            "start": shard.start,
+            "stop": shard.stop,
+            "first": shard.items[0].key if shard.items else None,
+            "last": shard.items[-1].key if shard.items else None,
+            "keys_sha256": shard.keys_sha256,
+            "rows": table.num_rows,
+            "errors": len(errors),
+            "committed_at": time.time(),
+            **(extra or {}),
+        }
+        self.shards[shard.id] = rec
+        self.write_manifest()
+        return rec
+
+    def write_manifest(self, complete: bool = False, summary: Optional[dict] = None) -> None:
+        m = {
+            "format": OUTPUT_FORMAT,
+            "format_version": OUTPUT_FORMAT_VERSION,
+            "job": self.identity,
+            "created": self.created,
+            "updated": time.time(),
+            "complete": complete,
+            "rows": sum(v["rows"] for v in self.shards.values()),
+            "errors": sum(v["errors"] for v in self.shards.values()),
+            "shards": {f"{k:05d}": self.shards[k] for k in sorted(self.shards)},
+        }
+        if summary:
+            m["last_run"] = summary
+        data = json.dumps(m, indent=1).encode()
+        atomic_write(self.root / MANIFEST, lambda f: f.write(data))
+
+    def iter_errors(self) -> Iterator[dict]:
+        for k in sorted(self.shards):
+            p = self.root / ERRORS_DIR / self.shards[k]["file"].replace(".parquet", ".jsonl")
+            if p.is_file():
+                with open(p, encoding="utf-8") as f:
+                    for line in f:
+                        if line.strip():
+                            yield json.loads(line)
+
+    def write_errors_file(self, dest: Path) -> int:
+        """All committed shards' errors in input order: JSONL, or CSV when `dest` ends in .csv."""
+        rows = list(self.iter_errors())
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.suffix.lower() == ".csv":
+            import io
+
+            buf = io.StringIO()
+            w = csv.DictWriter(buf, fieldnames=["index", "path", "kind", "detail"], lineterminator="\n")
+            w.writeheader()
+            w.writerows(rows)
+            data = buf.getvalue().encode("utf-8")
+        else:
+            data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+        atomic_write(dest, lambda f: f.write(data))
+        return len(rows)
