@@ -1,0 +1,125 @@
+"""GuardMiddleware in-process around a stub ASGI app: auth, backpressure, timeout, caps, rewrites."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+pytest.importorskip("bentoml")
+httpx = pytest.importorskip("httpx")
+
+from serving.service import GuardMiddleware, ServeConfig  # noqa: E402
+
+
+def stub_app(delay: float = 0.0, status: int = 200, body: bytes = b'{"ok": true}', ours: bool = True):
+    async def app(scope, receive, send):
+        msg = await receive()
+        if delay:
+            await asyncio.sleep(delay)
+        hdrs = [(b"content-type", b"application/json")] + ([(b"x-clipheads", b"1")] if ours else [])
+        await send({"type": "http.response.start", "status": status, "headers": hdrs})
+        await send({"type": "http.response.body", "body": body or msg.get("body", b"")})
+
+    return app
+
+
+def client(app, **cfg) -> httpx.AsyncClient:
+    guard = GuardMiddleware(app, ServeConfig(**cfg))
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=guard), base_url="http://t")
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_bearer_token_required_except_probes():
+    async def go():
+        async with client(stub_app(), auth_token="s3cret") as c:
+            r = await c.post("/classify", json={})
+            assert r.status_code == 401 and r.json()["error"] == "unauthorized"
+            r = await c.post("/classify", json={}, headers={"authorization": "Bearer wrong"})
+            assert r.status_code == 401
+            r = await c.post("/classify", json={}, headers={"authorization": "Bearer s3cret"})
+            assert r.status_code == 200
+            assert (await c.get("/readyz")).status_code == 200
+
+    run(go())
+
+
+def test_concurrency_limit_answers_429_fast():
+    async def go():
+        async with client(stub_app(delay=0.5), max_concurrency=2) as c:
+            reqs = [c.post("/classify", json={}) for _ in range(6)]
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            results = await asyncio.gather(*reqs)
+            codes = sorted(r.status_code for r in results)
+            assert codes == [200, 200, 429, 429, 429, 429]
+            rejected = [r for r in results if r.status_code == 429]
+            assert all(r.headers["retry-after"] == "1" and r.json()["error"] == "overloaded" for r in rejected)
+            assert loop.time() - t0 < 1.5
+
+    run(go())
+
+
+def test_timeout_gives_504_and_releases_the_slot():
+    async def go():
+        async with client(stub_app(delay=3.0), timeout_s=1, max_concurrency=1) as c:
+            r = await c.post("/classify", json={})
+            assert r.status_code == 504 and r.json()["error"] == "timeout"
+        async with client(stub_app(), timeout_s=1, max_concurrency=1) as c:
+            assert (await c.post("/classify", json={})).status_code == 200
+
+    run(go())
+
+
+def test_body_cap_with_and_without_content_length():
+    async def chunks():
+        for _ in range(20):
+            yield b"\0" * 1024
+
+    async def go():
+        async with client(stub_app(), max_body_bytes=10_000) as c:
+            r = await c.post("/classify", content=b"{" + b" " * 20_000 + b"}", headers={"content-type": "application/json"})
+            assert r.status_code == 413
+            r = await c.post("/classify", content=chunks(), headers={"content-type": "application/json"})
+            assert r.status_code == 413 and r.json()["error"] == "body_too_large"
+
+    run(go())
+
+
+def test_bentoml_errors_are_rewritten_never_500_for_input():
+    async def go():
+        err = json.dumps({"error": "An unexpected error has occurred"}).encode()
+        async with client(stub_app(status=500, body=err, ours=False)) as c:
+            r = await c.post("/classify", json={})
+            assert r.status_code == 400 and r.json()["error"] == "invalid_request"
+        v = json.dumps({"error": "1 validation error", "detail": [{"loc": ["tasks"], "msg": "bad"}]}).encode()
+        async with client(stub_app(status=400, body=v, ours=False)) as c:
+            r = await c.post("/classify", json={})
+            assert r.status_code == 400 and "tasks: bad" in r.json()["detail"]
+        # our own 500 (a real runtime failure) passes through untouched
+        ours = json.dumps({"error": "internal", "detail": "x"}).encode()
+        async with client(stub_app(status=500, body=ours, ours=True)) as c:
+            assert (await c.post("/classify", json={})).status_code == 500
+
+    run(go())
+
+
+def test_rest_aliases_rewrite_to_post_routes():
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append((scope["method"], scope["path"], (await receive())["body"]))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-clipheads", b"1")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def go():
+        async with client(app) as c:
+            await c.get("/tasks")
+            await c.delete("/tasks/my-task")
+            assert (await c.put("/classify", json={})).status_code == 405
+
+    run(go())
+    assert seen == [("POST", "/tasks/list", b"{}"), ("POST", "/tasks/delete", b'{"name": "my-task"}')]
