@@ -1,0 +1,192 @@
+"""`clipheads score --engine ray`: the same scoring on Ray Data, same output and errors file.
+
+    listing (driver, names only) -> ray.data.from_arrow(blocks of batch_size names)
+        -> map_batches(RayScorer, concurrency=workers, num_cpus/num_gpus per actor)
+           (each actor opens the Runtime once, reads + decodes its batch in a small thread pool
+            with serving.images, runs the encoder, returns predictions or error records)
+        -> driver iterates the results in input order (preserve_order) and commits each shard
+           with the same ShardStore as the local engine.
+
+Only shards not committed yet are sent to the cluster. The image files must be readable at the
+same paths from every Ray node (shared or object-store-mounted filesystem). The pending names are
+held on the driver (about 100 B per input). `ray.init` is called only if Ray is not initialised:
+`--ray-address` / RAY_ADDRESS for a cluster, else a local instance without the dashboard.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import numpy as np
+
+from .images import ImageRejected
+from .score import Columns, ScoreJob, ScoreSummary, _pending_shards, _progress, _task_names, decode_spec, load_item, run_batch
+from .shards import InputListing, Shard, ShardStore
+
+ERROR_KIND = "_error_kind"
+ERROR_DETAIL = "_error_detail"
+
+
+class RayScorer:
+    """A stateful Ray Data actor: one Runtime per actor (CPU or GPU slot)."""
+
+    def __init__(self, source: str, runtime: str, device: Optional[str], tasks: dict, top_k: int, embeddings: bool,
+                 info: dict, max_bytes: Optional[int], max_pixels: Optional[int], env: dict, decode_threads: int):
+        os.environ.update(env)
+        from .runtime import open_runtime
+        from .score import ScoreJob as _Job
+
+        self.runtime = open_runtime(source, runtime, device=device)
+        self.tasks = tasks
+        self.embeddings = embeddings
+        self.cols = Columns(tasks, top_k, embeddings)
+        job = _Job(source=source, input="", output="", max_bytes=max_bytes, max_pixels=max_pixels)
+        self.spec = decode_spec(info, job)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, decode_threads), thread_name_prefix="ray-decode")
+
+    def _load(self, loc: str):
+        try:
+            return load_item(loc, self.spec)
+        except ImageRejected as err:
+            return err
+        except Exception as err:  # noqa: BLE001 - a decoder bug rejects one image, not the job
+            return ImageRejected("invalid_image", f"{type(err).__name__}: {err}")
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        index = batch.column("index").to_pylist()
+        keys = batch.column("path").to_pylist()
+        results = list(self.pool.map(self._load, batch.column("location").to_pylist()))
+        ok = [i for i, r in enumerate(results) if not isinstance(r, ImageRejected)]
+        bad = [i for i, r in enumerate(results) if isinstance(r, ImageRejected)]
+        self.cols.reset()
+        if ok:
+            logits, feats = run_batch(self.runtime, np.stack([results[i] for i in ok]), list(self.tasks), self.embeddings)
+            self.cols.add([index[i] for i in ok], [keys[i] for i in ok], logits, feats)
+        scored = self.cols.table()
+        scored = scored.append_column(ERROR_KIND, pa.nulls(len(ok), pa.string()))
+        scored = scored.append_column(ERROR_DETAIL, pa.nulls(len(ok), pa.string()))
+        schema = scored.schema
+        arrays = []
+        for f in schema:
+            if f.name == "index":
+                arrays.append(pa.array([index[i] for i in bad], pa.int64()))
+            elif f.name == "path":
+                arrays.append(pa.array([keys[i] for i in bad], pa.string()))
+            elif f.name == ERROR_KIND:
+                arrays.append(pa.array([results[i].kind for i in bad], pa.string()))
+            elif f.name == ERROR_DETAIL:
+                arrays.append(pa.array([results[i].detail for i in bad], pa.string()))
+            else:
+                arrays.append(pa.nulls(len(bad), f.type))
+        errors = pa.Table.from_arrays(arrays, schema=schema)
+        return pa.concat_tables([scored, errors]).sort_by("index")
+
+
+def _init_ray(job: ScoreJob) -> bool:
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return False
+    address = job.ray_address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    return True
+
+
+def run_ray(job: ScoreJob, info: dict, listing: InputListing, store: ShardStore, total: int,
+            summary: ScoreSummary, counts: dict) -> None:
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as err:
+        from .score import UsageError
+
+        raise UsageError(f"--engine ray needs Ray Data: pip install -r requirements/ray.txt ({err})") from None
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    tasks = {t: info["tasks"][t] for t in _task_names(job, info)}
+    pending: list[Shard] = list(_pending_shards(listing, job, store, counts))
+    summary.runtime = f"ray:{job.runtime}"
+    bar = _progress(job, total)
+    bar.update(counts["skipped"])
+    if not pending:
+        bar.close()
+        return
+    started = _init_ray(job)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # rows come back in input order: shards commit in order
+        ctx.enable_progress_bars = False
+        blocks = []
+        for shard in pending:
+            for a in range(0, len(shard.items), job.batch_size):
+                chunk = shard.items[a:a + job.batch_size]
+                blocks.append(pa.table({
+                    "index": pa.array([it.index for it in chunk], pa.int64()),
+                    "path": pa.array([it.key for it in chunk], pa.string()),
+                    "location": pa.array([it.location for it in chunk], pa.string()),
+                }))
+        env = {k: v for k, v in os.environ.items() if k.startswith("CLIPHEADS_") or k == "HF_HUB_OFFLINE"}
+        workers = job.resolved_workers()
+        ds = ray.data.from_arrow(blocks).map_batches(
+            RayScorer,
+            fn_constructor_kwargs=dict(
+                source=info["path"], runtime=job.runtime, device=job.device, tasks=tasks, top_k=job.top_k,
+                embeddings=job.embeddings, info=info, max_bytes=job.max_bytes, max_pixels=job.max_pixels,
+                env=env, decode_threads=max(1, int(job.ray_num_cpus)),
+            ),
+            batch_size=job.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=workers),  # one Runtime per actor, fixed pool
+            num_cpus=job.ray_num_cpus,
+            num_gpus=job.ray_num_gpus or None,
+        )
+        by_id = {s.id: s for s in pending}
+        cur: Optional[int] = None
+        pieces: list = []
+
+        def commit(sid: int) -> None:
+            t = pa.concat_tables(pieces) if pieces else None
+            shard = by_id[sid]
+            if t is None:
+                t = Columns(tasks, job.top_k, job.embeddings).table().append_column(
+                    ERROR_KIND, pa.nulls(0, pa.string())).append_column(ERROR_DETAIL, pa.nulls(0, pa.string()))
+            if t.num_rows != len(shard.items) or t.column("index").to_pylist() != [it.index for it in shard.items]:
+                raise RuntimeError(f"ray returned {t.num_rows} rows for shard {sid} of {len(shard.items)} inputs")
+            failed = pc.is_valid(t.column(ERROR_KIND))
+            errs = t.filter(failed)
+            errors = [{"index": i, "path": p, "kind": k, "detail": d} for i, p, k, d in zip(
+                errs.column("index").to_pylist(), errs.column("path").to_pylist(),
+                errs.column(ERROR_KIND).to_pylist(), errs.column(ERROR_DETAIL).to_pylist())]
+            scored = t.filter(pc.invert(failed)).drop_columns([ERROR_KIND, ERROR_DETAIL])
+            store.commit(shard, scored, errors, {"runtime": summary.runtime, "engine": "ray"})
+            summary.shards_committed += 1
+            summary.scored += scored.num_rows
+            summary.failed += len(errors)
+
+        for out in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            if out.num_rows == 0:
+                continue
+            idx = out.column("index").to_numpy()
+            sids = idx // job.shard_size  # shard = fixed slice: id = index // shard_size
+            for sid in np.unique(sids):
+                part = out.filter(pa.array(sids == sid))
+                if cur is not None and sid != cur:
+                    commit(cur)
+                    pieces = []
+                cur = int(sid)
+                pieces.append(part)
+            bar.update(out.num_rows)
+        if cur is not None:
+            commit(cur)
+        missing = [s.id for s in pending if s.id not in store.shards]
+        if missing:
+            raise RuntimeError(f"ray engine finished without results for shards {missing[:10]}")
+    finally:
+        bar.close()
+        if started:
+            ray.shutdown()
