@@ -153,14 +153,6 @@ def split_by_fraction(
     return tuple(train), tuple(val), tuple(test)
 
 
-def group_by_label(samples: Iterable[Sample]) -> list[list[Sample]]:
-    """Samples grouped by label, groups in label order."""
-    groups: dict[int, list[Sample]] = {}
-    for s in samples:
-        groups.setdefault(s.label, []).append(s)
-    return [groups[k] for k in sorted(groups)]
-
-
 # ----------------------------------------------------------------------------- split_zhou
 
 

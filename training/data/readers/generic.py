@@ -18,7 +18,6 @@ from ._common import (
     DatasetLayoutError,
     absolute,
     clean_classname,
-    group_by_label,
     list_images_recursive,
     list_subdirs,
     read_split_json,
@@ -59,12 +58,9 @@ def read_image_folder(
         if val_fraction or test_fraction:
             raise ValueError(f"{path} is already split into {subdirs}; do not pass val/test fractions")
         return _read_presplit_folder(path, subdirs, name or path.name, tuple(templates), domain)
-    classes = _class_dirs(path)
-    names = tuple(clean_classname(c) for c in classes)
-    per_class = [
-        [Sample(p, label, names[label], domain) for p in list_images_recursive(path / c)]
-        for label, c in enumerate(classes)
-    ]
+    listing = _class_listing(path)
+    names = tuple(clean_classname(c) for c in listing)
+    per_class = [[Sample(p, y, names[y], domain) for p in files] for y, files in enumerate(listing.values())]
     if val_fraction or test_fraction:
         train, val, test = split_by_fraction(per_class, val_fraction, test_fraction, seed)
     else:
@@ -73,14 +69,15 @@ def read_image_folder(
     return DatasetSplits(name or path.name, names, train, val, test, tuple(templates), meta)
 
 
-def _class_dirs(path: Path) -> list[str]:
-    classes = list_subdirs(path)
-    if not classes:
+def _class_listing(path: Path) -> dict[str, list[str]]:
+    """Sorted class folder -> its image paths; every class must hold at least one image."""
+    listing = {c: list_images_recursive(path / c) for c in list_subdirs(path)}
+    if not listing:
         raise DatasetLayoutError(f"image_folder: no class folders in {path}; expected {IMAGE_FOLDER_LAYOUT}")
-    empty = [c for c in classes if not list_images_recursive(path / c)]
+    empty = [c for c, files in listing.items() if not files]
     if empty:
         raise DatasetLayoutError(f"image_folder: class folders without images in {path}: {empty[:10]}")
-    return classes
+    return listing
 
 
 def _read_presplit_folder(path: Path, splits: list[str], name: str, templates: tuple, domain: str) -> DatasetSplits:

@@ -6,7 +6,6 @@ variants are evaluation-only: their images are in `test`, `train` is empty.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from pathlib import Path
 
 from ..records import DatasetSplits
@@ -15,9 +14,9 @@ from ._common import DatasetLayoutError, absolute, clean_classname, dataset_dir,
 from ._registry import register_reader
 
 
-def read_classnames(path: Path) -> "OrderedDict[str, str]":
+def read_classnames(path: Path) -> dict[str, str]:
     """wnid -> class name, in file order."""
-    out: OrderedDict[str, str] = OrderedDict()
+    out: dict[str, str] = {}
     for line in read_text_lines(path):
         wnid, _, name = line.partition(" ")
         out[wnid] = clean_classname(name)
@@ -32,7 +31,7 @@ def _classnames_file(ddir: Path, root: str | os.PathLike, reader: str) -> Path:
     raise DatasetLayoutError(f"{reader}: expected {ddir / 'classnames.txt'} (or <root>/imagenet/classnames.txt)")
 
 
-def _names_for(wnids: list[str], table: "OrderedDict[str, str]", where: str) -> tuple[str, ...]:
+def _names_for(wnids: list[str], table: dict[str, str], where: str) -> tuple[str, ...]:
     unknown = [w for w in wnids if w not in table]
     if unknown:
         raise DatasetLayoutError(f"{where}: folders not in classnames.txt: {unknown[:5]}")
@@ -54,10 +53,11 @@ def read_imagenet(root: str | os.PathLike) -> DatasetSplits:
     return DatasetSplits("ImageNet", names, train, (), test, templates_for("ImageNet"), meta)
 
 
-def _read_wnid_folders(reader: str, dassl_name: str, root, folder: str, image_dir: str, ignored=()) -> DatasetSplits:
-    """A test-only set of `<image_dir>/<wnid>/` folders: labels = sorted wnid order."""
+def _read_wnid_folders(reader: str, dassl_name: str, root, folder: str, image_dir: str) -> DatasetSplits:
+    """A test-only set of `<image_dir>/<wnid>/` folders: labels = sorted wnid order (files such as
+    README.txt are not folders and drop out, as CoOp ignores them)."""
     ddir = dataset_dir(reader, root, folder, (image_dir,))
-    wnids = [w for w in list_subdirs(ddir / image_dir) if w not in ignored]
+    wnids = list_subdirs(ddir / image_dir)
     names = _names_for(wnids, read_classnames(_classnames_file(ddir, root, reader)), str(ddir / image_dir))
     test = samples_from_class_dirs([ddir / image_dir / w for w in wnids], names)
     meta = {"reader": reader, "dassl_name": dassl_name, "dataset_dir": str(ddir), "wnids": tuple(wnids)}
