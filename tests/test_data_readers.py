@@ -432,3 +432,13 @@ def test_cli_data_specs_resolve_through_the_readers(tmp_path):
     assert len(resolve_spec(str(world / "splits" / "photo.json"))["photo"].test) == 4
     _office_home(tmp_path / "data", n=5)
     assert resolve_spec(f"office_home:{tmp_path / 'data'}:art")["office_home-art"].num_classes == 3
+
+
+def test_readers_import_without_torch():
+    """Readers only list files: importing them must not pull in torch (fast CLI start, light tools)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, training.data.readers, training.data.fewshot, training.data.templates, "
+            "training.protocols.splits; sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0
