@@ -171,6 +171,8 @@ def cmd_eval(args) -> int:
     results = {}
     for i, (name, s) in enumerate(named.items()):
         samples = getattr(s, args.split)
+        if not samples and args.split == "test" and not s.val:
+            samples = s.train  # an unsplit ImageFolder/CSV: evaluate on every image it lists
         task = next((k for k, t in enumerate(head.tasks) if t.name == name), min(i, len(head.tasks) - 1))
         results[name] = evaluate(head, samples, task=task, classnames=s.classnames, device=args.device, progress=not args.json)
     human = "\n".join(f"{n}: top-1 {r['top1']:.2%} ({r['n']} images, {r['classes']} classes)" for n, r in results.items())
