@@ -512,7 +512,7 @@ class ClipHeads:
 
         async def compute() -> np.ndarray:
             texts = [t.format(lab.replace("_", " ")) for lab in labels for t in templates]
-            f = np.asarray(await self.encoder.to_async.encode_texts(texts), np.float32)
+            f = np.asarray(await self._call_encoder("encode_texts", texts), np.float32)
             f = f.reshape(len(labels), len(templates), -1).mean(axis=1)
             return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
 
@@ -522,9 +522,23 @@ class ClipHeads:
             self.text_cache.put(key, cached)
         return cached
 
+    async def _call_encoder(self, method: str, arg):
+        """Encoder calls are idempotent: retry when a pooled keep-alive connection to the encoder's
+        socket was closed under us (aiohttp ServerDisconnected / reset under load)."""
+        import aiohttp
+
+        for attempt in range(3):
+            try:
+                return await getattr(self.encoder.to_async, method)(arg)
+            except aiohttp.ClientConnectionError:
+                if attempt == 2:
+                    raise
+                log.info("encoder connection dropped; retrying %s", method)
+                await asyncio.sleep(0.01 * (attempt + 1))
+
     async def _encode(self, pixels: np.ndarray, paths: list[int]) -> dict[int, dict[str, np.ndarray]]:
         jobs = [{"path": p, "pixels": px} for p in paths for px in pixels]
-        res = await self.encoder.to_async.encode(jobs)
+        res = await self._call_encoder("encode", jobs)
         IMAGES.labels(runtime=self.info["runtime"]).inc(len(pixels))
         n = len(pixels)
         out = {}

@@ -1,0 +1,225 @@
+"""Load test: the running HTTP service vs the raw runtime, in one run, on the same machine.
+
+    python bench/serving/load_test.py --source HEAD_OR_BUNDLE [--arch test-vit-micro] \
+        [--concurrency 1 8 32] [--duration 10] [--out bench/serving/results]
+
+`--source` may be omitted with `--make-head ARCH`: a zero-shot head on ARCH with random weights is
+written to a temp dir (speed only: labels are meaningless). The script measures
+1. raw runtime images/s (pixels already decoded, batch 32, no HTTP) and raw decode+runtime;
+2. starts `clipheads serve` on a free loopback port (or uses --url) and drives POST /classify with
+   one JPEG per request at each concurrency, recording images/s and p50/p95/p99 latency.
+Writes JSON and Markdown (machine details included) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+
+def make_head(arch: str, out: Path) -> Path:
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    from training.artifact import save_head
+    from training.backbone import load_backbone
+    from training.methods.base import TaskSpec, build_method
+
+    if arch not in open_clip.list_models():
+        open_clip.add_model_config(REPO / "tests" / "model_configs")
+    torch.manual_seed(0)
+    model = open_clip.create_model(arch, pretrained=None)
+    ckpt = out / f"{arch}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+    bb = load_backbone(arch, str(ckpt))
+    tasks = [TaskSpec("color", ("red", "green", "blue")), TaskSpec("shape", ("circle", "square", "triangle", "star"))]
+    return save_head(build_method("zeroshot", bb, tasks, {}), out / f"{arch}.head.safetensors")
+
+
+def jpeg(seed: int, size=(320, 240)) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def raw_bench(source: str, runtime: str, blobs: list[bytes], duration: float) -> dict:
+    from serving.images import DecodeSpec, decode_image
+    from serving.runtime import open_runtime, register_extra_model_configs
+
+    register_extra_model_configs()
+    rt = open_runtime(source, runtime)
+    spec = DecodeSpec.from_preprocess(rt.preprocess)
+    px = np.stack([decode_image(b, spec) for b in blobs[:32]])
+    rt.classify(px)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < duration:
+        rt.classify(px)
+        n += len(px)
+    model_ips = n / (time.perf_counter() - t0)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < duration:
+        rt.classify(np.stack([decode_image(b, spec) for b in blobs[:32]]))
+        n += 32
+    e2e_ips = n / (time.perf_counter() - t0)
+    return {"runtime": rt.name, "batch": 32, "images_per_s": round(model_ips, 1),
+            "decode_plus_runtime_images_per_s": round(e2e_ips, 1)}
+
+
+async def drive(url: str, blobs: list[bytes], concurrency: int, duration: float, token: str | None) -> dict:
+    import httpx
+
+    lat: list[float] = []
+    errors: dict[str, int] = {}
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits, headers=headers) as c:
+        stop = time.perf_counter() + duration
+
+        async def worker(k: int):
+            i = k
+            while time.perf_counter() < stop:
+                b = blobs[i % len(blobs)]
+                i += concurrency
+                t = time.perf_counter()
+                try:
+                    r = await c.post("/classify", files=[("images", ("x.jpg", b, "image/jpeg"))])
+                    code = r.status_code
+                except httpx.HTTPError as err:
+                    code = type(err).__name__
+                if code == 200:
+                    lat.append(time.perf_counter() - t)
+                else:
+                    errors[str(code)] = errors.get(str(code), 0) + 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        wall = time.perf_counter() - t0
+    ms = np.array(lat) * 1000 if lat else np.zeros(1)
+    return {"concurrency": concurrency, "requests_ok": len(lat), "errors": errors,
+            "images_per_s": round(len(lat) / wall, 1), "p50_ms": round(float(np.percentile(ms, 50)), 1),
+            "p95_ms": round(float(np.percentile(ms, 95)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1)}
+
+
+def start_server(source: str, runtime: str, workdir: Path) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", BENTOML_HOME=str(workdir / "bentoml-home"),
+               CLIPHEADS_MODEL_CONFIGS=str(REPO / "tests" / "model_configs"), CLIPHEADS_MAX_CONCURRENCY="256")
+    log = open(workdir / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", source, "--port", str(port), "--runtime", runtime],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    raise SystemExit(f"server not ready; see {workdir / 'server.log'}")
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+    import torch
+
+    import bentoml
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "loadavg_before": os.getloadavg(), "python": platform.python_version(),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "bentoml": bentoml.__version__,
+            "platform": platform.platform()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--source")
+    ap.add_argument("--make-head", default="test-vit-micro")
+    ap.add_argument("--runtime", default="auto")
+    ap.add_argument("--url", help="use an already running service instead of starting one")
+    ap.add_argument("--token")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--out", default=str(REPO / "bench" / "serving" / "results"))
+    ap.add_argument("--tag", default=None)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("CLIPHEADS_MODEL_CONFIGS", str(REPO / "tests" / "model_configs"))
+    work = Path(tempfile.mkdtemp(prefix="clipheads-load-"))
+    source = args.source or str(make_head(args.make_head, work))
+    blobs = [jpeg(i) for i in range(64)]
+    info = machine()
+    print("raw runtime ...", file=sys.stderr)
+    raw = raw_bench(source, args.runtime, blobs, args.duration)
+    proc = None
+    url = args.url
+    if url is None:
+        proc, url = start_server(source, args.runtime, work)
+    try:
+        levels = []
+        for c in args.concurrency:
+            asyncio.run(drive(url, blobs, c, min(2.0, args.duration), args.token))  # warm
+            r = asyncio.run(drive(url, blobs, c, args.duration, args.token))
+            r["fraction_of_raw"] = round(r["images_per_s"] / raw["images_per_s"], 3)
+            r["fraction_of_raw_decode"] = round(r["images_per_s"] / raw["decode_plus_runtime_images_per_s"], 3)
+            levels.append(r)
+            print(json.dumps(r), file=sys.stderr)
+    finally:
+        if proc is not None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+    info["loadavg_after"] = os.getloadavg()
+    tag = args.tag or (Path(source).name.split(".")[0] + f"-{raw['runtime']}")
+    result = {"tag": tag, "source": Path(source).name, "machine": info, "raw": raw, "service": levels,
+              "request": "POST /classify, 1 JPEG 320x240 per request, all tasks", "duration_s": args.duration}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{tag}.json").write_text(json.dumps(result, indent=1))
+    md = [f"# Serving load test: {tag}", "",
+          f"Machine: {info['cpu']}, {info['cores']} cores; load average before {info['loadavg_before']}, after "
+          f"{info['loadavg_after']} (shared with other jobs: numbers are contended).",
+          f"Versions: python {info['python']}, torch {info['torch']}, onnxruntime {info['onnxruntime']}, bentoml {info['bentoml']}.",
+          f"Request: {result['request']}; {args.duration:g} s per level.", "",
+          f"Raw runtime ({raw['runtime']}, batch 32, no HTTP): **{raw['images_per_s']} images/s**; "
+          f"with JPEG decode+resize in the loop: {raw['decode_plus_runtime_images_per_s']} images/s.", "",
+          "| concurrency | images/s | p50 ms | p95 ms | p99 ms | errors | vs raw | vs raw decode+runtime |",
+          "|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for r in levels:
+        md.append(f"| {r['concurrency']} | {r['images_per_s']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | "
+                  f"{r['errors'] or '-'} | {r['fraction_of_raw']:.0%} | {r['fraction_of_raw_decode']:.0%} |")
+    (out / f"{tag}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
