@@ -406,6 +406,7 @@ def _run_local(job: ScoreJob, info: dict, listing: InputListing, store: ShardSto
 
     runtime = open_runtime(job.source, job.runtime, device=job.device)
     summary.runtime = runtime.name
+    counts["t_start"] = time.perf_counter()  # throughput excludes opening the runtime
     tasks = {t: info["tasks"][t] for t in _task_names(job, info)}
     cols = Columns(tasks, job.top_k, job.embeddings)
     spec = decode_spec(info, job)
@@ -504,7 +505,8 @@ def score(job: ScoreJob) -> ScoreSummary:
     summary.shards_skipped = counts["shards_skipped"]
     done = summary.scored + summary.failed
     summary.seconds = time.perf_counter() - t0
-    run_s = time.perf_counter() - t_run
+    run_s = time.perf_counter() - counts.get("t_start", t_run)
+    summary.extra["startup_s"] = round(counts.get("t_start", t_run) - t0, 3)
     summary.images_per_s = done / run_s if run_s > 0 else 0.0
     summary.errors_total = store.write_errors_file(errors_file)
     summary.rows_total = sum(v["rows"] for v in store.shards.values())

@@ -1,0 +1,391 @@
+"""Batch scoring (`clipheads score`): real head, real images, real Parquet, real crashes.
+
+One module-scoped corpus of 1,000 small PNG/JPEG images plus 20 bad files (truncated PNG,
+truncated JPEG, a text file, an empty file, an oversized file, a pixel bomb) is scored by the
+local engine, by a SIGKILLed-then-resumed subprocess and by Ray Data; all must agree row for row
+with direct Runtime calls on `serving.images` decodes (what `/classify` runs).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pq = pytest.importorskip("pyarrow.parquet")
+
+from conftest import TEST_CONFIGS, make_backbone  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+N_GOOD, N_BAD = 1000, 20
+MAX_BYTES = 40_000  # our good images are < 13 kB; the oversized ones are ~120 kB
+MAX_PIXELS = 1_000_000  # the pixel bombs claim 2000 x 2000 in a few-kB file
+TASKS = {"shape": ("circle", "square", "triangle", "star", "ring"), "color": ("red", "green", "blue")}
+BAD_KINDS = {  # kind of bad file -> the ImageRejected kind it must produce
+    "trunc_png": "invalid_image", "trunc_jpg": "invalid_image", "text": "unsupported_format",
+    "empty": "invalid_image", "oversized": "too_many_bytes", "bomb": "image_too_large",
+}
+
+
+@pytest.fixture(scope="module")
+def model_env():
+    """The test architecture must be known to subprocesses and Ray actors too."""
+    old = os.environ.get("CLIPHEADS_MODEL_CONFIGS")
+    os.environ["CLIPHEADS_MODEL_CONFIGS"] = str(TEST_CONFIGS)
+    yield {"CLIPHEADS_MODEL_CONFIGS": str(TEST_CONFIGS)}
+    if old is None:
+        os.environ.pop("CLIPHEADS_MODEL_CONFIGS", None)
+    else:
+        os.environ["CLIPHEADS_MODEL_CONFIGS"] = old
+
+
+@pytest.fixture(scope="module")
+def head_file(tmp_path_factory, model_env) -> Path:
+    """A zero-shot head on test-vit-micro whose backbone weights are a file (so every process,
+    subprocess and Ray actor loads the same weights)."""
+    from safetensors.torch import save_file
+
+    from training.artifact import save_head
+    from training.backbone import load_backbone
+    from training.methods.base import TaskSpec, build_method
+
+    d = tmp_path_factory.mktemp("head")
+    bb = make_backbone("test-vit-micro", seed=3)
+    weights = d / "micro.safetensors"
+    save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, str(weights))
+    bb = load_backbone("test-vit-micro", str(weights))
+    head = build_method("zeroshot", bb, [TaskSpec(n, c) for n, c in TASKS.items()], {})
+    return save_head(head, d / "zs.head.safetensors")
+
+
+def _write_bad(path_stem: Path, kind: str, rng) -> Path:
+    from PIL import Image
+
+    if kind == "trunc_png":
+        p = path_stem.with_suffix(".png")
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(p)
+        p.write_bytes(p.read_bytes()[:300])
+    elif kind == "trunc_jpg":
+        p = path_stem.with_suffix(".jpg")
+        p.write_bytes(b"\xff\xd8\xff\xe0" + rng.bytes(40))
+    elif kind == "text":
+        p = path_stem.with_suffix(".png")  # the name lies; the bytes decide
+        p.write_text("definitely not an image\n")
+    elif kind == "empty":
+        p = path_stem.with_suffix(".jpg")
+        p.write_bytes(b"")
+    elif kind == "oversized":
+        p = path_stem.with_suffix(".png")
+        Image.fromarray(rng.integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(p)
+        assert p.stat().st_size > MAX_BYTES
+    elif kind == "bomb":
+        p = path_stem.with_suffix(".png")
+        Image.new("RGB", (2000, 2000), (7, 7, 7)).save(p, optimize=True)
+        assert p.stat().st_size < MAX_BYTES
+    else:
+        raise AssertionError(kind)
+    return p
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """1,000 good 32-64 px images (PNG and JPEG) in 10 subfolders and 20 bad files mixed in.
+    Returns (root, {relative path of each bad file: expected rejection kind})."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    total = N_GOOD + N_BAD
+    bad_at = set(rng.choice(total, N_BAD, replace=False).tolist())
+    kinds = list(BAD_KINDS)
+    bad: dict[str, str] = {}
+    for i in range(total):
+        d = root / f"part{i % 10}"
+        d.mkdir(exist_ok=True)
+        stem = d / f"img{i:05d}"
+        if i in bad_at:
+            kind = kinds[len(bad) % len(kinds)]
+            p = _write_bad(stem, kind, rng)
+            bad[p.relative_to(root).as_posix()] = BAD_KINDS[kind]
+            continue
+        w, h = (int(v) for v in rng.integers(32, 65, size=2))
+        base = rng.integers(0, 255, 3)
+        arr = np.clip(base + rng.integers(-60, 60, (h, w, 3)), 0, 255).astype(np.uint8)
+        if i % 2:
+            Image.fromarray(arr).save(stem.with_suffix(".png"))
+        else:
+            Image.fromarray(arr).save(stem.with_suffix(".jpg"), quality=90)
+    return root, bad
+
+
+def _job(head, inp, out, **kw):
+    from serving.score import ScoreJob
+
+    base = dict(source=str(head), input=str(inp), output=str(out), top_k=10, batch_size=64, workers=2,
+                shard_size=128, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, progress=False)
+    base.update(kw)
+    return ScoreJob(**base)
+
+
+@pytest.fixture(scope="module")
+def local_run(head_file, corpus, tmp_path_factory):
+    from serving.score import score
+
+    out = tmp_path_factory.mktemp("local") / "preds.parquet"
+    summary = score(_job(head_file, corpus[0], out))
+    return out, summary
+
+
+def _read(out: Path):
+    return pq.read_table(out).sort_by("index")
+
+
+def _errors(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _reference(head_file, corpus_root: Path, rel_paths: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """What /classify computes: serving.images decode + Runtime logits + softmax, per image,
+    here in batches of 7 (the service's adaptive batcher picks its own sizes)."""
+    from serving.images import DecodeSpec, decode_image
+    from serving.runtime import open_runtime, softmax
+
+    rt = open_runtime(head_file, "torch")
+    spec = DecodeSpec.from_preprocess(rt.preprocess)
+    ref = {}
+    for a in range(0, len(rel_paths), 7):
+        chunk = rel_paths[a:a + 7]
+        pixels = np.stack([decode_image((corpus_root / p).read_bytes(), spec) for p in chunk])
+        out = rt.classify(pixels)
+        for j, p in enumerate(chunk):
+            ref[p] = {t: dict(zip(rt.tasks[t].classnames, softmax(out[t][j]).tolist())) for t in TASKS}
+    return ref
+
+
+# ---- the local engine ------------------------------------------------------------------------
+def test_scores_1000_images_and_lists_20_bad_files(local_run, corpus, head_file):
+    out, summary = local_run
+    root, bad = corpus
+    t = _read(out)
+    assert (summary.scored, summary.failed, summary.total) == (N_GOOD, N_BAD, N_GOOD + N_BAD)
+    assert t.num_rows == N_GOOD
+    assert len(set(t.column("index").to_pylist())) == N_GOOD
+    listed = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    assert set(t.column("path").to_pylist()) == set(listed) - set(bad)
+    # rows keep the listing order and every index is its position in the sorted listing
+    assert [listed[i] for i in t.column("index").to_pylist()] == t.column("path").to_pylist()
+
+    errs = _errors(out / "_errors.jsonl")
+    assert {e["path"]: e["kind"] for e in errs} == bad
+    assert all(e["detail"] and listed[e["index"]] == e["path"] for e in errs)
+
+    m = json.loads((out / "_manifest.json").read_text())
+    assert m["complete"] and m["rows"] == N_GOOD and m["errors"] == N_BAD
+    assert len(m["shards"]) == -(-(N_GOOD + N_BAD) // 128)
+    assert m["job"]["source_sha256"] and m["job"]["tasks"] == {k: list(v) for k, v in TASKS.items()}
+    # bounded memory: pool window (2 batches) + queue (2 batches) + the batch being filled
+    assert 0 < summary.peak_buffered_images <= 5 * 64
+
+
+def test_predictions_match_the_classify_path(local_run, corpus, head_file):
+    out, _ = local_run
+    t = _read(out).to_pylist()
+    ref = _reference(head_file, corpus[0], [r["path"] for r in t])
+    for r in t:
+        for task, classes in TASKS.items():
+            want = ref[r["path"]][task]
+            got = dict(zip(r[f"{task}.top_labels"], r[f"{task}.top_scores"]))
+            assert set(got) == set(classes)  # top_k=10 keeps every class
+            assert max(abs(got[c] - want[c]) for c in classes) < 1e-5, (r["path"], task)
+            assert r[f"{task}.label"] == r[f"{task}.top_labels"][0]
+            assert r[f"{task}.score"] == pytest.approx(max(want.values()), abs=1e-5)
+            scores = r[f"{task}.top_scores"]
+            assert scores == sorted(scores, reverse=True)
+
+
+def test_rerun_of_a_finished_job_rescores_nothing(local_run, head_file, corpus):
+    from serving.score import score
+
+    out, _ = local_run
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    s = score(_job(head_file, corpus[0], out))
+    assert (s.scored, s.failed, s.skipped, s.shards_committed) == (0, 0, N_GOOD + N_BAD, 0)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == before
+    assert _read(out).num_rows == N_GOOD
+
+
+# ---- crash and resume ------------------------------------------------------------------------
+def _cli(head_file, inp, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "clipheads.cli", "score", str(head_file), "--input", str(inp), "--output", str(out),
+            "--top-k", "10", "--shard-size", "100", "--batch-size", "16", "--workers", "1",
+            "--max-bytes", str(MAX_BYTES), "--max-pixels", str(MAX_PIXELS), "--no-progress", *extra]
+
+
+def test_sigkill_mid_run_then_resume_gives_one_row_per_image(head_file, corpus, local_run, tmp_path, model_env):
+    root, bad = corpus
+    out = tmp_path / "preds.parquet"
+    env = {**os.environ, **model_env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_cli(head_file, root, out), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    manifest = out / "_manifest.json"
+    deadline = time.monotonic() + 120
+    committed = {}
+    while time.monotonic() < deadline and proc.poll() is None:
+        if manifest.is_file():
+            committed = json.loads(manifest.read_text())["shards"]
+            if committed:
+                break
+        time.sleep(0.01)
+    assert committed, f"no shard committed before exit/timeout: {proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ''}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    m = json.loads(manifest.read_text())
+    assert not m["complete"] and 0 < len(m["shards"]) < 11, "the job must be killed mid-run"
+    first = {k: (out / v["file"]).stat() for k, v in m["shards"].items()}
+
+    res = subprocess.run(_cli(head_file, root, out, "--json"), cwd=REPO, env=env, capture_output=True, timeout=300)
+    assert res.returncode == 0, res.stderr.decode()[-3000:]
+    s = json.loads(res.stdout)
+    assert s["shards_skipped"] >= len(first) and s["skipped"] >= 100 * len(first)
+    assert s["rows_total"] == N_GOOD and s["errors_total"] == N_BAD
+    for k, st in first.items():  # committed shards were not rewritten
+        now = (out / m["shards"][k]["file"]).stat()
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
+
+    t = _read(out)
+    idx = t.column("index").to_pylist()
+    assert len(idx) == len(set(idx)) == N_GOOD  # exactly one row per image
+    assert {e["path"]: e["kind"] for e in _errors(out / "_errors.jsonl")} == bad
+    ref = _read(local_run[0])
+    assert t.column("path").equals(ref.column("path"))
+    for task in TASKS:
+        assert t.column(f"{task}.top_labels").equals(ref.column(f"{task}.top_labels"))
+        np.testing.assert_allclose(t.column(f"{task}.score").to_numpy(), ref.column(f"{task}.score").to_numpy(),
+                                   atol=1e-5)
+    assert not list(out.glob(".*tmp-*")), "no temp files left behind"
+
+
+# ---- inputs, errors file, exit codes ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def small(corpus) -> list[str]:
+    """20 good files of the corpus, as relative paths."""
+    root, bad = corpus
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()
+                  and p.relative_to(root).as_posix() not in bad)[:20]
+
+
+def test_csv_and_parquet_listings_with_missing_files(head_file, corpus, small, tmp_path):
+    import pyarrow as pa
+
+    from serving.score import score
+
+    root, _ = corpus
+    paths = [str(root / p) for p in small[:10]] + ["does/not/exist.png"] + [str(root / p) for p in small[10:]]
+    csv_in = tmp_path / "in.csv"
+    csv_in.write_text("id,path\n" + "".join(f"{i},{p}\n" for i, p in enumerate(paths)))
+    pq_in = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"path": paths}), pq_in)
+    outs = []
+    for inp in (csv_in, pq_in):
+        out = tmp_path / f"{inp.suffix[1:]}.parquet"
+        s = score(_job(head_file, inp, out, embeddings=True, errors=str(tmp_path / f"{inp.suffix[1:]}-errors.csv"),
+                       shard_size=8, batch_size=4))
+        assert (s.scored, s.failed) == (20, 1)
+        t = _read(out)
+        assert t.column("path").to_pylist() == paths[:10] + paths[11:]
+        emb = np.asarray(t.column("embedding").to_pylist())
+        assert emb.shape[0] == 20 and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+        lines = (tmp_path / f"{inp.suffix[1:]}-errors.csv").read_text().splitlines()
+        assert lines[0] == "index,path,kind,detail" and lines[1].startswith("10,does/not/exist.png,unreadable,")
+        outs.append(t)
+    assert outs[0].equals(outs[1])
+
+
+def test_task_subset_top1_only(head_file, corpus, small, tmp_path):
+    from serving.score import main
+
+    out = tmp_path / "p.parquet"
+    lst = tmp_path / "l.csv"
+    lst.write_text("path\n" + "".join(f"{corpus[0] / p}\n" for p in small))
+    assert main([str(head_file), "--input", str(lst), "--output", str(out), "--tasks", "color", "--top-k", "1",
+                 "--no-progress"]) == 0
+    assert pq.read_table(out).column_names == ["index", "path", "color.label", "color.score"]
+
+
+def test_exit_codes(head_file, corpus, small, tmp_path, capsys):
+    from serving.score import main
+
+    lst = tmp_path / "l.csv"
+    lst.write_text("path\n" + "".join(f"{corpus[0] / p}\n" for p in small[:3]))
+    out = tmp_path / "o.parquet"
+    base = [str(head_file), "--input", str(lst), "--output", str(out), "--no-progress"]
+    assert main([]) == 2  # argparse usage error
+    assert main([str(tmp_path / "nope"), "--input", str(lst), "--output", str(out)]) == 2
+    assert main([str(head_file), "--input", str(tmp_path / "nope"), "--output", str(out)]) == 2
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("file\nx.png\n")
+    assert main([str(head_file), "--input", str(bad_csv), "--output", str(out)]) == 2
+    assert main(base + ["--tasks", "nosuchtask"]) == 2
+    assert main(base + ["--batch-size", "0"]) == 2
+    assert main(base) == 0
+    assert main(base + ["--top-k", "2"]) == 2  # OUT holds a different job
+    assert "different job" in capsys.readouterr().err
+    assert main(base + ["--top-k", "2", "--overwrite"]) == 0
+    notours = tmp_path / "notours"
+    notours.mkdir()
+    (notours / "keep.txt").write_text("x")
+    assert main([str(head_file), "--input", str(lst), "--output", str(notours), "--overwrite"]) == 2
+    assert (notours / "keep.txt").exists()
+
+
+def test_changed_inputs_under_a_committed_shard_are_refused(head_file, corpus, small, tmp_path):
+    from serving.score import score
+    from serving.shards import OutputConflict
+
+    root, _ = corpus
+    lst = tmp_path / "l.csv"
+    lst.write_text("path\n" + "".join(f"{root / p}\n" for p in small[:8]))
+    out = tmp_path / "o.parquet"
+    score(_job(head_file, lst, out, shard_size=4))
+    lst.write_text("path\n" + "".join(f"{root / p}\n" for p in small[1:9]))  # same count, shifted
+    with pytest.raises(OutputConflict, match="changed"):
+        score(_job(head_file, lst, out, shard_size=4))
+
+
+# ---- Ray Data engine -------------------------------------------------------------------------
+@pytest.mark.integration
+def test_ray_engine_matches_local_engine(head_file, corpus, local_run, tmp_path, model_env):
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"ray[data] is not installed (pip install -r requirements/ray.txt): {err}")
+    from serving.score import score
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    try:
+        out = tmp_path / "ray.parquet"
+        s = score(_job(head_file, corpus[0], out, engine="ray", workers=2))
+    finally:
+        ray.shutdown()
+    assert (s.scored, s.failed) == (N_GOOD, N_BAD)
+    local, got = _read(local_run[0]), _read(out)
+    assert got.schema == local.schema
+    for name in local.column_names:
+        if name.endswith("score") or name.endswith("scores"):
+            a = np.asarray(local.column(name).to_pylist(), np.float64)
+            b = np.asarray(got.column(name).to_pylist(), np.float64)
+            np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)
+        else:
+            assert got.column(name).equals(local.column(name)), name
+    assert (out / "_errors.jsonl").read_text() == (local_run[0] / "_errors.jsonl").read_text()
+    m = json.loads((out / "_manifest.json").read_text())
+    assert m["complete"] and {v["engine"] for v in m["shards"].values()} == {"ray"}
