@@ -150,3 +150,14 @@ def test_sgd_steps_reduce_loss_on_two_tasks(micro_backbone):
     with torch.no_grad():
         after = float(total())
     assert after < before - 0.1, (before, after)
+
+
+def test_mma_head_round_trips_through_the_artifact(micro_backbone, tmp_path):
+    from training.artifact import load_head, save_head
+
+    head = build_method("mma", micro_backbone, TASKS, {"blocks": [0, 2], "alpha": 0.01})
+    loaded = load_head(save_head(head, tmp_path / "mma.head.safetensors")).build(micro_backbone)
+    assert loaded.config == head.config and loaded.text_blocks == (0, 2)
+    images = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.logits(images), head.logits(images), atol=0, rtol=0)

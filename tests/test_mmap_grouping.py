@@ -253,3 +253,16 @@ def test_collect_task_gradients_checks_its_parameter(micro_backbone):
         collect_task_gradients(build_method("coop", micro_backbone, tasks, {"n_ctx": 2}), batches, steps=1)
     coop = build_method("coop", micro_backbone, tasks, {"n_ctx": 2})
     assert set(collect_task_gradients(coop, batches, steps=1, param="ctx")) == {t.name for t in tasks}
+
+
+def test_mmap_head_round_trips_through_the_artifact(micro_backbone, tmp_path):
+    from training.artifact import load_head, save_head
+
+    head = build_method("mmap", micro_backbone, _tasks(groups=(1, 0, 1, 0)), {"n_ctx": 2, "depth": 2})
+    art = load_head(save_head(head, tmp_path / "mmap.head.safetensors"))
+    assert [t.group for t in art.tasks] == [1, 0, 1, 0]
+    loaded = art.build(micro_backbone)
+    images = _images()
+    with torch.no_grad():
+        for task in range(4):
+            torch.testing.assert_close(loaded.logits(images, task), head.logits(images, task), atol=0, rtol=0)
