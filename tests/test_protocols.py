@@ -50,6 +50,8 @@ def test_base_to_novel_and_multi_task_end_to_end(method, folders, tmp_path):
     assert len(b2n) == 2 and all(0.0 <= r["base"] <= 1.0 and 0.0 <= r["novel"] <= 1.0 for r in b2n)
     mt = run_recipe(_recipe(method, "multi_task", ds), folders, out, backbone=bb, progress=False, log=lambda s: None)
     assert set(mt[0]["per_task"]) == {"a", "b"}
+    if method == "mmap":  # the gradient-driven grouping decision is part of the result
+        assert sorted(sum(mt[0]["grouping"]["groups"], [])) == ["a", "b"]
     report = write_report(out, commands=["clipheads bench protocol ..."])
     text = report.read_text()
     assert "Base-to-novel" in text and "Multi-task" in text and method in text

@@ -167,7 +167,7 @@ def multi_task_units(recipe: Recipe) -> Iterator[Unit]:
             splits = [_few(ctx.dataset(r), shots, seed) for r in refs]
             tasks = [TaskSpec(r.label, s.classnames, s.templates) for r, s in zip(refs, splits)]
             grouping = None
-            if recipe.method_config.get("n_groups") is not None or recipe.method == "mmap":
+            if recipe.method == "mmap":
                 tasks, grouping = _group_tasks(ctx, tasks, splits, seed)
             head, info = _fit(ctx, tasks, {i: s.train for i, s in enumerate(splits)}, seed)
             per_task = {t.name: _acc(ctx, head, s.test, task=i) for i, (t, s) in enumerate(zip(tasks, splits))}
@@ -180,16 +180,18 @@ def multi_task_units(recipe: Recipe) -> Iterator[Unit]:
 
 
 def _group_tasks(ctx: RunContext, tasks, splits, seed):
-    """Decide MmAP task groups from per-task gradients (training.grouping)."""
-    from .. import grouping as G
+    """Decide task groups from per-task gradients of one shared warm-up prompt (MmAP), then
+    hand each task its group. The decision is recorded with the unit's result."""
+    from ..data.loading import make_loader
+    from ..grouping import assign_groups, group_tasks
 
-    decide = getattr(G, "decide_groups", None)
-    if decide is None:
-        return tasks, None
-    report = decide(ctx.backbone, tasks, [s.train for s in splits], seed=seed, method_config=dict(ctx.recipe.method_config))
-    groups = {i: g for g, members in enumerate(report.groups) for i in members}
-    tasks = [replace(t, group=groups.get(i, 0)) for i, t in enumerate(tasks)]
-    return tasks, {"groups": [[tasks[i].name for i in g] for g in report.groups], "similarity": report.similarity_json()}
+    cfg = dict(ctx.recipe.method_config)
+    bs = int(ctx.recipe.train.get("batch_size", 4))
+    batches = [make_loader(s.train, ctx.backbone.preprocess, True, bs, seed=seed + i) for i, s in enumerate(splits)]
+    steps = max(5, min(50, 2 * min(len(b) for b in batches)))  # a short warm-up: two passes of the smallest task
+    report = group_tasks(ctx.backbone, tasks, batches, steps, n_groups=cfg.get("n_groups"), method=ctx.recipe.method,
+                         config=cfg, lr=float(ctx.recipe.train.get("lr", 0.002)), seed=seed)
+    return list(assign_groups(tasks, report.groups)), report.to_dict()
 
 
 def run_recipe(
