@@ -3,7 +3,7 @@
     clipheads score BUNDLE|HEAD --input DIR|CSV|PARQUET --output OUT.parquet
         [--tasks a,b] [--top-k 5] [--batch-size 64] [--workers N] [--engine local|ray]
         [--embeddings] [--errors FILE] [--runtime auto|onnx|onnx-cpu|onnx-cuda|torch]
-        [--shard-size 4096] [--overwrite] [--json] [--no-progress]
+        [--shard-size 4096] [--threads T] [--overwrite] [--json] [--no-progress]
 
 Local engine (one process):
 
@@ -80,6 +80,7 @@ class ScoreJob:
     max_bytes: Optional[int] = None
     max_pixels: Optional[int] = None
     device: Optional[str] = None  # torch runtime device
+    runtime_threads: int = 0  # intra-op threads of the runtime (torch / ORT); 0: the library default
     ray_address: Optional[str] = None
     ray_num_gpus: float = 0.0  # per scoring actor
     ray_num_cpus: float = 1.0  # per scoring actor
@@ -164,6 +165,20 @@ def load_item(location: str, spec: DecodeSpec) -> np.ndarray:
     except OSError as err:
         raise ImageRejected("unreadable", f"{type(err).__name__}: {err.strerror or err}") from None
     return decode_image(data, spec)
+
+
+def set_runtime_threads(n: int) -> None:
+    """Intra-op threads for the runtime opened next (0: leave the defaults). On a few cores,
+    leaving room for the decode pool avoids OpenMP threads waiting on a descheduled sibling."""
+    if n <= 0:
+        return
+    os.environ["CLIPHEADS_ORT_THREADS"] = str(n)
+    try:
+        import torch
+
+        torch.set_num_threads(n)
+    except ImportError:
+        pass
 
 
 # ---- turning runtime outputs into columns ---------------------------------------------------
@@ -407,6 +422,7 @@ def _run_local(job: ScoreJob, info: dict, listing: InputListing, store: ShardSto
     from .runtime import open_runtime
 
     if runtime is None:
+        set_runtime_threads(job.runtime_threads)
         runtime = open_runtime(job.source, job.runtime, device=job.device)
     summary.runtime = runtime.name
     counts["t_start"] = time.perf_counter()  # throughput excludes opening the runtime
@@ -490,8 +506,8 @@ def validate(job: ScoreJob) -> None:
     for name in ("top_k", "batch_size", "shard_size"):
         if getattr(job, name) < 1:
             raise UsageError(f"{name.replace('_', '-')} must be >= 1")
-    if job.workers < 0:
-        raise UsageError("workers must be >= 0")
+    if job.workers < 0 or job.runtime_threads < 0:
+        raise UsageError("workers and threads must be >= 0")
 
 
 def score(job: ScoreJob, runtime=None) -> ScoreSummary:
@@ -556,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path-column", default="path", help="column of the CSV/Parquet listing that holds image paths")
     p.add_argument("--max-bytes", type=int, default=None, help="per-file byte cap (default 20 MiB)")
     p.add_argument("--max-pixels", type=int, default=None, help="per-image pixel cap read from the header (default 40 MP)")
+    p.add_argument("--threads", type=int, default=0, help="runtime intra-op threads (default: the runtime's own)")
     p.add_argument("--device", default=None, help="torch runtime device (cpu, cuda, cuda:1)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing output instead of resuming it")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
@@ -574,7 +591,7 @@ def job_from_args(args: argparse.Namespace) -> ScoreJob:
         batch_size=args.batch_size, workers=args.workers, engine=args.engine, embeddings=args.embeddings,
         errors=args.errors, runtime=args.runtime, shard_size=args.shard_size, path_column=args.path_column,
         overwrite=args.overwrite, progress=not args.no_progress, max_bytes=args.max_bytes,
-        max_pixels=args.max_pixels, device=args.device, ray_address=args.ray_address,
+        max_pixels=args.max_pixels, device=args.device, runtime_threads=args.threads, ray_address=args.ray_address,
         ray_num_gpus=args.ray_num_gpus, ray_num_cpus=args.ray_num_cpus,
     )
 

@@ -35,6 +35,15 @@ class RayScorer:
     def __init__(self, source: str, runtime: str, device: Optional[str], tasks: dict, top_k: int, embeddings: bool,
                  info: dict, max_bytes: Optional[int], max_pixels: Optional[int], env: dict, decode_threads: int):
         os.environ.update(env)
+        threads = max(1, decode_threads)  # = the actor's CPU share: one slot, no oversubscription
+        os.environ.setdefault("CLIPHEADS_ORT_THREADS", str(threads))
+        if runtime in ("auto", "torch"):
+            try:
+                import torch
+
+                torch.set_num_threads(threads)
+            except ImportError:
+                pass
         from .runtime import open_runtime
         from .score import ScoreJob as _Job
 
@@ -170,6 +179,8 @@ def run_ray(job: ScoreJob, info: dict, listing: InputListing, store: ShardStore,
             summary.failed += len(errors)
 
         counts["t_start"] = time.perf_counter()  # actor start-up is inside the timed part for ray
+        first: Optional[tuple[float, int]] = None
+        seen = 0
         for out in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             if out.num_rows == 0:
                 continue
@@ -183,8 +194,16 @@ def run_ray(job: ScoreJob, info: dict, listing: InputListing, store: ShardStore,
                 cur = int(sid)
                 pieces.append(part)
             bar.update(out.num_rows)
+            seen += out.num_rows
+            if first is None:  # actors are up and the first batch is through
+                first = (time.perf_counter(), out.num_rows)
         if cur is not None:
             commit(cur)
+        if first is not None:
+            t_end = time.perf_counter()
+            summary.extra["first_batch_s"] = round(first[0] - counts["t_start"], 3)
+            if t_end > first[0] and seen > first[1]:
+                summary.extra["steady_images_per_s"] = round((seen - first[1]) / (t_end - first[0]), 2)
         missing = [s.id for s in pending if s.id not in store.shards]
         if missing:
             raise RuntimeError(f"ray engine finished without results for shards {missing[:10]}")
