@@ -161,3 +161,32 @@ def test_mma_head_round_trips_through_the_artifact(micro_backbone, tmp_path):
     images = _images()
     with torch.no_grad():
         torch.testing.assert_close(loaded.logits(images), head.logits(images), atol=0, rtol=0)
+
+
+def _onnx_image_graph_matches(head, task: int, images: torch.Tensor) -> float:
+    """Export `head`'s image graph for `task` under no_grad (as export does) and run it in ORT."""
+    import io
+    import warnings
+
+    ort = pytest.importorskip("onnxruntime")
+
+    class ImageGraph(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = head
+
+        def forward(self, x):
+            return self.head.image_features(x, task)
+
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's own tracer/deprecation chatter
+        want = head.image_features(images, task).numpy()
+        torch.onnx.export(ImageGraph(), (images,), buf, input_names=["pixels"], output_names=["features"], dynamo=False)
+    got = ort.InferenceSession(buf.getvalue()).run(None, {"pixels": images.numpy()})[0]
+    return float(abs(got - want).max())
+
+
+def test_mma_image_graph_exports_to_onnx(micro_backbone):
+    head = build_method("mma", micro_backbone, TASKS)
+    assert _onnx_image_graph_matches(head, 0, _images(2)) < 1e-5

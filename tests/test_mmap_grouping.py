@@ -266,3 +266,33 @@ def test_mmap_head_round_trips_through_the_artifact(micro_backbone, tmp_path):
     with torch.no_grad():
         for task in range(4):
             torch.testing.assert_close(loaded.logits(images, task), head.logits(images, task), atol=0, rtol=0)
+
+
+def _onnx_image_graph_matches(head, task: int, images: torch.Tensor) -> float:
+    """Export `head`'s image graph for `task` under no_grad (as export does) and run it in ORT."""
+    import io
+    import warnings
+
+    ort = pytest.importorskip("onnxruntime")
+
+    class ImageGraph(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = head
+
+        def forward(self, x):
+            return self.head.image_features(x, task)
+
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's own tracer/deprecation chatter
+        want = head.image_features(images, task).numpy()
+        torch.onnx.export(ImageGraph(), (images,), buf, input_names=["pixels"], output_names=["features"], dynamo=False)
+    got = ort.InferenceSession(buf.getvalue()).run(None, {"pixels": images.numpy()})[0]
+    return float(abs(got - want).max())
+
+
+def test_mmap_image_graph_exports_to_onnx_per_task(micro_backbone):
+    head = build_method("mmap", micro_backbone, _tasks())
+    for task in (0, 3):
+        assert _onnx_image_graph_matches(head, task, _images(2)) < 1e-5

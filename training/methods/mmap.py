@@ -71,6 +71,14 @@ class MmAPConfig(MethodConfig):
     factor_init: float = 1.0  # A_t and A_v start filled with this value
 
 
+def _kron_features(source: Tensor, factor: Tensor) -> Tensor:
+    """S_l kron A for every layer: (J, n, d_s), (1, m) -> (J, n, d_s * m), out[j, i, a*m + k] =
+    S[j, i, a] * A[0, k]. Same numbers as torch.kron, written as broadcast + reshape so that an
+    ONNX export (which has no aten::kron) can trace it too."""
+    j, n, d_s = source.shape
+    return (source.unsqueeze(-1) * factor.reshape(1, 1, 1, -1)).reshape(j, n, d_s * factor.shape[-1])
+
+
 class MmAPPrompt(nn.Module):
     """One MmAP instance: J source prompts and two modality factors."""
 
@@ -83,11 +91,11 @@ class MmAPPrompt(nn.Module):
 
     def text(self) -> Tensor:
         """(J, n, D_t) = S_l kron A_t for every layer l."""
-        return torch.kron(self.source, self.text_factor.unsqueeze(0))  # (J,n,d_s) kron (1,1,m_t)
+        return _kron_features(self.source, self.text_factor)
 
     def vision(self) -> Tensor:
         """(J, n, D_v) = S_l kron A_v for every layer l."""
-        return torch.kron(self.source, self.vision_factor.unsqueeze(0))
+        return _kron_features(self.source, self.vision_factor)
 
 
 def default_source_dim(text_width: int, vision_width: int, cap: int = 256) -> int:
