@@ -389,3 +389,38 @@ def test_ray_engine_matches_local_engine(head_file, corpus, local_run, tmp_path,
     assert (out / "_errors.jsonl").read_text() == (local_run[0] / "_errors.jsonl").read_text()
     m = json.loads((out / "_manifest.json").read_text())
     assert m["complete"] and {v["engine"] for v in m["shards"].values()} == {"ray"}
+
+
+def test_multi_path_head_and_embeddings(head_file, corpus, small, tmp_path):
+    """A VPT head has one image path per task plus the plain backbone path: each task's columns
+    come from its own path and the embedding from the backbone path, as the Runtime computes them."""
+    from serving.images import DecodeSpec, decode_image
+    from serving.runtime import open_runtime, softmax
+    from serving.score import score
+    from training.artifact import load_head, save_head
+    from training.backbone import load_backbone
+    from training.methods.base import TaskSpec, build_method
+
+    art = load_head(head_file)
+    bb = load_backbone(art.backbone["arch"], art.backbone["pretrained"])
+    vpt = save_head(build_method("vpt", bb, [TaskSpec(n, c) for n, c in TASKS.items()], {}), tmp_path / "vpt.head.safetensors")
+    root = corpus[0]
+    lst = tmp_path / "l.csv"
+    lst.write_text("path\n" + "".join(f"{root / p}\n" for p in small))
+    out = tmp_path / "vpt.parquet"
+    score(_job(vpt, lst, out, embeddings=True, top_k=2, batch_size=8))
+    t = _read(out)
+    rt = open_runtime(vpt, "torch")
+    assert len(set(ti.path for ti in rt.tasks.values())) == 2 and rt.base_path == 2
+    spec = DecodeSpec.from_preprocess(rt.preprocess)
+    px = np.stack([decode_image((root / p).read_bytes(), spec) for p in small])
+    want = rt.classify(px)
+    feats = rt.encode_images(px)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(t.column("embedding").to_pylist()), feats, atol=1e-5)
+    for task, classes in TASKS.items():
+        p = softmax(want[task])
+        assert t.column(f"{task}.label").to_pylist() == [classes[i] for i in p.argmax(1)]
+        np.testing.assert_allclose(t.column(f"{task}.score").to_numpy(), p.max(1), atol=1e-5)
+    # the prompted paths really differ from the plain backbone path the embedding comes from
+    assert not np.allclose(rt.run_path(0, px)[1], rt.run_path(rt.base_path, px)[1], atol=1e-4)
