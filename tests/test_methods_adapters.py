@@ -33,6 +33,7 @@ def test_mma_count_on_vitb16_is_exact(vitb16_backbone):
 def test_default_blocks_scale_with_depth(micro_backbone):
     assert default_adapter_blocks(12) == tuple(range(4, 12))
     assert default_adapter_blocks(24) == tuple(range(8, 24))
+    assert default_adapter_blocks(24, 8) == tuple(range(16, 24))  # ViT-L/14 vision, paired with 12 text blocks
     assert default_adapter_blocks(3) == (1, 2)
     head = build_method("mma", micro_backbone, TASKS)
     assert head.text_blocks == head.vision_blocks == (1, 2)

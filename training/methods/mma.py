@@ -11,11 +11,11 @@ Per adapted block b and branch m (text: d = D_t, vision: d = D_v), r = 32:
     block output = x' + MLP(ln_2(x')) + alpha * u  # added once, after the MLP residual
 
 Blocks: the shipped YAML adapts 0-based blocks 4..11 of 12-layer towers (`ADAPTER_START 5 ..
-ADAPTER_END 12`, 1-based). For other depths the default is **the last round(2/3 * depth) blocks of
-each tower**, which is exactly 4..11 for 12 layers; towers of different depth (e.g. ViT-L/14's 24
-vision blocks against 12 text blocks) pair their adapted blocks in order, and both towers must then
-adapt the same number of blocks (the shared layer pairs them). `blocks` (and optionally
-`vision_blocks`) override this with explicit 0-based indices.
+ADAPTER_END 12`, 1-based). For other depths the default is **the last K blocks of each tower, K =
+round(2/3 * the shallower tower's depth)**, which is exactly 4..11 for 12 layers. The shared layer
+pairs the k-th adapted text block with the k-th adapted vision block, so both towers adapt the same
+number of blocks: ViT-L/14 (text 12, vision 24 blocks) gets text 4..11 and vision 16..23.
+`blocks` (and optionally `vision_blocks`) override this with explicit 0-based indices.
 
 Gradient-scale trick (default, `grad_scale=True`, [MMA:clip/gsl.py]): the adapter input passes an
 identity whose backward multiplies the gradient by alpha, and alpha*u passes an identity whose
@@ -76,9 +76,9 @@ def scale_grad(x: Tensor, scale: float) -> Tensor:
     return _ScaleGrad.apply(x, scale)
 
 
-def default_adapter_blocks(depth: int) -> tuple[int, ...]:
-    """The last round(2/3 * depth) blocks: (4..11) for 12 layers, (1, 2) for 3."""
-    k = max(1, round(2 * depth / 3))
+def default_adapter_blocks(depth: int, count: Optional[int] = None) -> tuple[int, ...]:
+    """The last `count` blocks, default round(2/3 * depth): (4..11) for 12 layers, (1, 2) for 3."""
+    k = max(1, round(2 * depth / 3)) if count is None else count
     return tuple(range(depth - k, depth))
 
 
@@ -106,7 +106,8 @@ class MMA(HeadMethod):
         if config.blocks is None:
             if config.vision_blocks is not None:
                 raise MethodError("mma: `vision_blocks` needs `blocks` (the text side) as well")
-            text_blocks, vis_blocks = default_adapter_blocks(n_text), default_adapter_blocks(n_vis)
+            k = len(default_adapter_blocks(min(n_text, n_vis)))  # same count in both towers
+            text_blocks, vis_blocks = default_adapter_blocks(n_text, k), default_adapter_blocks(n_vis, k)
         else:
             text_blocks = tuple(config.blocks)
             vis_blocks = tuple(config.vision_blocks if config.vision_blocks is not None else config.blocks)
