@@ -260,7 +260,8 @@ def collect_task_gradients(
     batches per task, keyed by task index or name (or a sequence in task order); each is cycled.
     Each step draws one batch per task, takes every task's gradient, adds the gradient of
     `param` to that task's running sum, and (if `update`) makes one SGD step on the mean loss
-    over tasks. Returns {task name: summed gradient}, shaped like `param`.
+    over tasks. Batches are moved to `device` (default: where `param` lives). Returns
+    {task name: summed gradient}, shaped like `param`.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -274,6 +275,7 @@ def collect_task_gradients(
     if not target.requires_grad:
         raise ValueError(f"parameter {param!r} does not require grad")
     trainable = [p for p in method.parameters() if p.requires_grad]
+    device = target.device if device is None else torch.device(device)
     index = {t.name: i for i, t in enumerate(method.tasks)}
     if isinstance(batches_per_task, Mapping):
         streams = {index[k] if isinstance(k, str) else int(k): _forever(v) for k, v in batches_per_task.items()}
@@ -290,8 +292,7 @@ def collect_task_gradients(
             step_grads = [torch.zeros_like(p) for p in trainable]
             for t, stream in streams.items():
                 images, labels = next(stream)
-                if device is not None:
-                    images, labels = images.to(device), labels.to(device)
+                images, labels = images.to(device), labels.to(device)
                 loss, _ = method.training_loss(images, labels, t)
                 grads = torch.autograd.grad(loss, trainable, allow_unused=True)
                 for acc, g, p in zip(step_grads, grads, trainable):
@@ -331,5 +332,6 @@ def group_tasks(
         cfg.update(group_shared=True, task_specific=False, n_groups=1)
     torch.manual_seed(seed)
     head = build_method(method, backbone, warm_tasks, cfg)
+    head.to(next(backbone.model.parameters()).device)  # heads are built on the CPU
     grads = collect_task_gradients(head, batches_per_task, steps, param=param, lr=lr)
     return grouping_report(grads, n_groups, steps)
