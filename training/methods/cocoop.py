@@ -35,6 +35,9 @@ class CoCoOpConfig(MethodConfig):
     ctx_init: Optional[str] = "a photo of a"  # CTX_INIT; None: "X X X X" + N(0, init_std^2)
     init_std: float = 0.02
     meta_reduction: int = 16  # Meta-Net hidden width = E // meta_reduction (vis_dim // 16)
+    # Memory knob, not a paper hyper-parameter: images are scored in chunks of
+    # max(1, max_text_sequences // C), each chunk one text pass of chunk x C sequences.
+    max_text_sequences: int = 4096
 
 
 @register_method
@@ -80,5 +83,9 @@ class CoCoOp(HeadMethod):
     def logits(self, images: Tensor, task: int = 0, classnames: Optional[Sequence[str]] = None) -> Tensor:
         names = classnames if classnames is not None else self.tasks[task].classnames
         f = self.image_features(images, task)  # (B, E) plain CLIP, normalized
-        w = self.conditional_text_features(f, names)  # (B, C, E)
-        return self.backbone.logit_scale * torch.einsum("be,bce->bc", f, w)
+        step = max(1, self.config.max_text_sequences // max(len(names), 1))
+        out = []
+        for part in f.split(step):  # (b, E) -> (b, C)
+            w = self.conditional_text_features(part, names)  # (b, C, E)
+            out.append(torch.einsum("be,bce->bc", part, w))
+        return self.backbone.logit_scale * torch.cat(out)
