@@ -520,6 +520,11 @@ def score(job: ScoreJob, runtime=None) -> ScoreSummary:
     out = Path(job.output).expanduser().resolve()
     listing = InputListing(job.input, job.path_column, exclude=[out])
     identity = job_identity(job, info, listing)
+    if job.engine == "local" and runtime is None:  # a broken bundle fails before OUT is touched
+        from .runtime import open_runtime
+
+        set_runtime_threads(job.runtime_threads)
+        runtime = open_runtime(job.source, job.runtime, device=job.device)
     store = ShardStore(out, identity, overwrite=job.overwrite)
     errors_file = Path(job.errors).expanduser().resolve() if job.errors else out / "_errors.jsonl"
     total = listing.count()

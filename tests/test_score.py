@@ -361,7 +361,7 @@ def test_changed_inputs_under_a_committed_shard_are_refused(head_file, corpus, s
 
 # ---- Ray Data engine -------------------------------------------------------------------------
 @pytest.mark.integration
-def test_ray_engine_matches_local_engine(head_file, corpus, local_run, tmp_path, model_env):
+def test_ray_engine_matches_local_engine(head_file, corpus, local_run, small, tmp_path, model_env):
     try:
         import ray
         import ray.data  # noqa: F401
@@ -371,11 +371,25 @@ def test_ray_engine_matches_local_engine(head_file, corpus, local_run, tmp_path,
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    bundle, _ = _tiny_bundle(tmp_path / "bundle")
+    lst = tmp_path / "l.csv"
+    lst.write_text("path\n" + "".join(f"{corpus[0] / q}\n" for q in small) + "missing.png\n")
     try:
         out = tmp_path / "ray.parquet"
         s = score(_job(head_file, corpus[0], out, engine="ray", workers=2))
+        # the ONNX runtime in Ray actors, with embeddings, equals the local engine too
+        onnx_kw = dict(runtime="onnx-cpu", embeddings=True, batch_size=8, shard_size=6)
+        score(_job(bundle, lst, tmp_path / "onnx-ray.parquet", engine="ray", workers=2, **onnx_kw))
     finally:
         ray.shutdown()
+    score(_job(bundle, lst, tmp_path / "onnx-local.parquet", **onnx_kw))
+    a, b = _read(tmp_path / "onnx-local.parquet"), _read(tmp_path / "onnx-ray.parquet")
+    assert a.num_rows == b.num_rows == len(small) and a.column("path").equals(b.column("path"))
+    np.testing.assert_allclose(np.asarray(a.column("embedding").to_pylist()),
+                               np.asarray(b.column("embedding").to_pylist()), atol=1e-6)
+    assert a.column("shape.top_labels").equals(b.column("shape.top_labels"))
+    assert (_errors(tmp_path / "onnx-ray.parquet" / "_errors.jsonl")
+            == _errors(tmp_path / "onnx-local.parquet" / "_errors.jsonl") != [])
     assert (s.scored, s.failed) == (N_GOOD, N_BAD)
     local, got = _read(local_run[0]), _read(out)
     assert got.schema == local.schema
@@ -424,3 +438,102 @@ def test_multi_path_head_and_embeddings(head_file, corpus, small, tmp_path):
         np.testing.assert_allclose(t.column(f"{task}.score").to_numpy(), p.max(1), atol=1e-5)
     # the prompted paths really differ from the plain backbone path the embedding comes from
     assert not np.allclose(rt.run_path(0, px)[1], rt.run_path(rt.base_path, px)[1], atol=1e-4)
+
+
+# ---- ONNX bundle (hand-built to the DESIGN.md contract until export/ lands) -------------------
+def _tiny_bundle(d: Path, image_size: int = 32) -> tuple[Path, dict]:
+    """A bundle whose image graph follows the contract: `pixels` (N,3,S,S) uint8 + `task_index`
+    (N,) int64 -> `logits` (N, 5+3), `features` (N, 8). Features: pooled 4x4 patches through a fixed
+    projection, L2-normalised; logits: 100 * features @ W + a per-task bias row picked by task_index."""
+    import hashlib
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    mean = np.asarray([0.48145466, 0.4578275, 0.40821073], np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray([0.26862954, 0.26130258, 0.27577711], np.float32).reshape(1, 3, 1, 1)
+    proj = rng.normal(size=(48, 8)).astype(np.float32)
+    w = rng.normal(size=(8, 8)).astype(np.float32)
+    bias = rng.normal(size=(2, 8)).astype(np.float32)
+    k = image_size // 4
+    inits = [numpy_helper.from_array(a, n) for a, n in [
+        (mean, "mean"), (std, "std"), (np.asarray(255, np.float32), "c255"), (proj, "proj"), (w, "w"),
+        (bias, "bias"), (np.asarray(100, np.float32), "scale"), (np.asarray([0, 48], np.int64), "shape48"),
+    ]]
+    nodes = [
+        helper.make_node("Cast", ["pixels"], ["xf"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["xf", "c255"], ["x01"]),
+        helper.make_node("Sub", ["x01", "mean"], ["xc"]),
+        helper.make_node("Div", ["xc", "std"], ["xn"]),
+        helper.make_node("AveragePool", ["xn"], ["pooled"], kernel_shape=[k, k], strides=[k, k]),  # (N,3,4,4)
+        helper.make_node("Reshape", ["pooled", "shape48"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "proj"], ["f"]),
+        helper.make_node("ReduceL2", ["f"], ["fn"], axes=[1], keepdims=1),
+        helper.make_node("Div", ["f", "fn"], ["features"]),
+        helper.make_node("MatMul", ["features", "w"], ["lw"]),
+        helper.make_node("Mul", ["lw", "scale"], ["ls"]),
+        helper.make_node("Gather", ["bias", "task_index"], ["b"], axis=0),
+        helper.make_node("Add", ["ls", "b"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_image",
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 3, image_size, image_size]),
+         helper.make_tensor_value_info("task_index", TensorProto.INT64, ["N"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 8]),
+         helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 8])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    d.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, d / "image_0.onnx")
+    sha = hashlib.sha256((d / "image_0.onnx").read_bytes()).hexdigest()
+    manifest = {
+        "format": "clipheads-bundle", "format_version": 1,
+        "backbone": {"arch": "tiny-test", "pretrained": "none"},
+        "preprocess": {"image_size": image_size, "mean": mean.ravel().tolist(), "std": std.ravel().tolist(),
+                       "resize": "shortest:bicubic", "crop": "center", "input_dtype": "uint8"},
+        "graphs": {"image_0.onnx": {"sha256": sha}},
+        "tasks": [{"name": "shape", "classnames": list(TASKS["shape"]), "graph": "image_0.onnx", "task_index": 0,
+                   "logit_slice": [0, 5]},
+                  {"name": "color", "classnames": list(TASKS["color"]), "graph": "image_0.onnx", "task_index": 1,
+                   "logit_slice": [5, 8]}],
+    }
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    return d, {"proj": proj, "w": w, "bias": bias, "mean": mean, "std": std, "k": k}
+
+
+def test_onnx_bundle_scores_match_numpy_reference(corpus, small, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from serving.images import DecodeSpec, decode_image
+    from serving.score import main
+
+    bundle, p = _tiny_bundle(tmp_path / "bundle")
+    root = corpus[0]
+    lst = tmp_path / "l.csv"
+    lst.write_text("path\n" + "".join(f"{root / q}\n" for q in small))
+    out = tmp_path / "onnx.parquet"
+    assert main([str(bundle), "--input", str(lst), "--output", str(out), "--runtime", "onnx-cpu", "--top-k", "10",
+                 "--embeddings", "--batch-size", "8", "--no-progress"]) == 0
+    t = pq.read_table(out).sort_by("index")
+    spec = DecodeSpec.from_preprocess(json.loads((bundle / "manifest.json").read_text())["preprocess"])
+    px = np.stack([decode_image((root / q).read_bytes(), spec) for q in small]).astype(np.float32)
+    x = (px / 255 - p["mean"]) / p["std"]
+    k = p["k"]
+    pooled = x.reshape(len(x), 3, 4, k, 4, k).mean(axis=(3, 5)).reshape(len(x), 48)
+    f = pooled @ p["proj"]
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(t.column("embedding").to_pylist()), f, atol=1e-5)
+    for ti, (task, (a, b)) in enumerate({"shape": (0, 5), "color": (5, 8)}.items()):
+        logits = 100 * f @ p["w"][:, a:b] + p["bias"][ti, a:b]  # the task's own bias row (task_index)
+        z = np.exp(logits - logits.max(1, keepdims=True))
+        probs = z / z.sum(1, keepdims=True)
+        assert t.column(f"{task}.label").to_pylist() == [TASKS[task][i] for i in probs.argmax(1)]
+        np.testing.assert_allclose(np.asarray(t.column(f"{task}.top_scores").to_pylist()),
+                                   -np.sort(-probs, axis=1), atol=1e-4)
+    # a tampered graph is refused (sha256 in the manifest) with exit code 2, nothing written
+    (bundle / "image_0.onnx").write_bytes((bundle / "image_0.onnx").read_bytes() + b"\0")
+    assert main([str(bundle), "--input", str(lst), "--output", str(tmp_path / "x.parquet"), "--no-progress"]) == 2
+    assert not (tmp_path / "x.parquet").exists()
