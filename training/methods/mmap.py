@@ -36,6 +36,12 @@ T = 4 tasks in G = 2 groups:
 Init (our choice): S ~ N(0, 0.02^2) (CoOp/VPT's prompt init), A_t = A_v = 1, so each prompt starts
 as the source entries repeated D/d_s times.
 
+Note (measured in the tests): every visual prompt token is LayerNorm'd before it is used (`ln_pre`
+at the input, each block's `ln_1` after an overwrite) and its own block output is discarded at the
+next overwrite, so a uniform rescale of A_v (or of a whole visual prompt) barely changes the image
+features; A_v's useful freedom is the ratio between its D_v/d_s entries. The text tower has no
+`ln_pre`, so the scale of the shallow text prompt does matter.
+
 Inference: prompts are constants after training but task-dependent: `image_hooks(task)` under
 `torch.no_grad()` gives that task's folded visual prompts, `text_features(names, task)` its W_k.
 """
