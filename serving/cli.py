@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth-token", default=None, help="require 'Authorization: Bearer TOKEN' (or CLIPHEADS_AUTH_TOKEN)")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--timeout", type=int, default=None, help="per-request timeout in seconds")
+    p.add_argument("--grace", type=int, default=30,
+                   help="seconds in-flight requests get to finish after SIGTERM/SIGINT (default 30)")
     p.add_argument("--model-configs", default=None, help="extra open_clip model-config directory (custom archs)")
     p.add_argument("--allow-tracking", action="store_true", help="let BentoML send usage statistics")
     p.add_argument("--dry-run", action="store_true", help="print the command and environment, do not start")
@@ -54,7 +56,7 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         env["BENTOML_DO_NOT_TRACK"] = "true"
     env.setdefault("HF_HUB_OFFLINE", "1")
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", args.host, "--port", str(args.port),
-           "--working-dir", str(REPO_ROOT)]
+           "--working-dir", str(REPO_ROOT), "--timeout-graceful-shutdown", str(args.grace)]
     return cmd, env
 
 

@@ -111,9 +111,20 @@ IMAGES = bentoml.metrics.Counter(
 REJECTIONS = bentoml.metrics.Counter(
     name="clipheads_rejections_total", documentation="Rejected requests by error kind", labelnames=["kind"],
 )
+IN_FLIGHT = bentoml.metrics.Gauge(
+    name="clipheads_in_flight", documentation="API requests being processed (admitted by the guard)",
+    multiprocess_mode="livesum",
+)
 RUNTIME_ERRORS = bentoml.metrics.Counter(
     name="clipheads_runtime_errors_total", documentation="Unexpected runtime failures", labelnames=["runtime"],
 )
+
+
+WARM_CALLS = 12  # > the number of calls BentoML's CorkDispatcher spends training (2 + 6 + 1 + 1 + 1)
+
+
+class EncoderFailure(RuntimeError):
+    """The runtime raised on this request's images (details are in the encoder's log only)."""
 
 
 class ApiError(Exception):
@@ -126,6 +137,46 @@ API_ROUTES = {"/classify", "/zero_shot", "/tasks", "/tasks/list", "/tasks/delete
 OPEN_PATHS = {"/livez", "/readyz", "/healthz", "/metrics"}
 _DISPOSITION = re.compile(rb"(?im)^content-disposition:[^\r\n]*")
 _NAME_IMAGES = re.compile(rb"""(?i)[;\s]name=("images"|images\b)""")
+
+
+ERROR_CODES = {
+    "400": "invalid_json / invalid_request / invalid_base64", "401": "unauthorized (when a token is set)",
+    "404": "not_found / unknown_task", "405": "method_not_allowed", "409": "task_exists / task_readonly",
+    "413": "body_too_large / too_many_bytes", "415": "unsupported_media_type / unsupported_format",
+    "422": "invalid input (image, labels, task, top_k, ...)", "429": "overloaded (Retry-After)",
+    "500": "internal (generic body)", "503": "not_ready / overloaded (Retry-After)", "504": "timeout",
+}
+
+
+def patch_openapi(doc: dict) -> dict:
+    """Document our `{"error", "detail"}` bodies and status codes on every API route."""
+    doc.setdefault("components", {}).setdefault("schemas", {})["ClipheadsError"] = {
+        "type": "object", "required": ["error", "detail"],
+        "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
+    }
+    err = {"application/json": {"schema": {"$ref": "#/components/schemas/ClipheadsError"}}}
+    for route in API_ROUTES:
+        op = doc.get("paths", {}).get(route, {}).get("post")
+        if op is None:
+            continue
+        responses = op.setdefault("responses", {})
+        for code, what in ERROR_CODES.items():
+            responses[code] = {"description": what, "content": err}
+        if route == "/tasks":
+            responses["201"] = {"description": "task registered", "content": responses.pop("200")["content"]}
+    paths = doc.get("paths", {})
+    if "/tasks/list" in paths:
+        listing = json.loads(json.dumps(paths["/tasks/list"]["post"]))
+        listing.pop("requestBody", None)
+        listing["operationId"] = "rest_list_tasks"
+        paths["/tasks"] = dict(paths.get("/tasks", {}), get=listing)
+    if "/tasks/delete" in paths:
+        deleting = json.loads(json.dumps(paths["/tasks/delete"]["post"]))
+        deleting.pop("requestBody", None)
+        deleting["operationId"] = "rest_delete_task"
+        deleting["parameters"] = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+        paths["/tasks/{name}"] = {"delete": deleting}
+    return doc
 
 
 def _json_bytes(status: int, kind: str, detail: str) -> bytes:
@@ -155,6 +206,8 @@ class GuardMiddleware:
         method = scope.get("method", "GET")
         if path in OPEN_PATHS:
             return await self.app(scope, receive, send)
+        if path == "/docs.json" and method == "GET":
+            return await self._docs(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if self.cfg.auth_token:
             got = headers.get("authorization", "")
@@ -192,10 +245,36 @@ class GuardMiddleware:
             return await self._reply(send, 429, "overloaded", "too many concurrent requests; retry shortly",
                                      [(b"retry-after", b"1")])
         self.in_flight += 1
+        IN_FLIGHT.inc()
         try:
             await self._guarded(scope, receive, send, path, ctype, headers, body_override)
         finally:
             self.in_flight -= 1
+            IN_FLIGHT.dec()
+
+    async def _docs(self, scope, receive, send):
+        """BentoML's OpenAPI document, made true to what this service answers: our error body
+        and status codes on every API route, 201 for POST /tasks, and the REST aliases."""
+        start: dict = {}
+        chunks: list[bytes] = []
+
+        async def capture(msg):
+            if msg["type"] == "http.response.start":
+                start.update(msg)
+            elif msg["type"] == "http.response.body":
+                chunks.append(msg.get("body", b""))
+
+        await self.app(scope, receive, capture)
+        body = b"".join(chunks)
+        if start.get("status") == 200:
+            try:
+                body = json.dumps(patch_openapi(json.loads(body))).encode()
+            except (ValueError, KeyError, TypeError, AttributeError):
+                log.exception("could not patch the OpenAPI document; serving BentoML's")
+        hdrs = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        await send({"type": "http.response.start", "status": start.get("status", 500),
+                    "headers": hdrs + [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
     async def _guarded(self, scope, receive, send, path, ctype, headers, body_override):
         cap = self.cfg.max_body_bytes
@@ -313,6 +392,13 @@ class Encoder:
         if not CONFIG.source:
             raise RuntimeError("set CLIPHEADS_SOURCE to a bundle directory or a *.head.safetensors file")
         self.runtime = open_runtime(CONFIG.source, CONFIG.runtime)
+        hook = os.environ.get("CLIPHEADS_RUNTIME_HOOK", "")
+        if hook:  # diagnostics / fault-injection tests only: "module:callable", runtime -> runtime
+            import importlib
+
+            mod, _, fn = hook.partition(":")
+            self.runtime = getattr(importlib.import_module(mod), fn)(self.runtime)
+            log.warning("runtime wrapped by CLIPHEADS_RUNTIME_HOOK=%s", hook)
         self.error: Optional[str] = None
         try:
             self.runtime.warmup()
@@ -323,18 +409,49 @@ class Encoder:
 
     @bentoml.api(batchable=True, max_batch_size=CONFIG.max_batch_size, max_latency_ms=CONFIG.max_latency_ms)
     def encode(self, jobs: list[Any]) -> list[Any]:
-        """jobs: [{"path": int, "pixels": (3, S, S) uint8}] -> [{"logits": (C_path,), "features": (E,)}].
-        One runtime pass per distinct path in the (adaptively batched) list."""
-        out: list[Any] = [None] * len(jobs)
+        """jobs: one per image, {"paths": [int], "pixels": (3, S, S) uint8} ->
+        [{"logits": {path: (C_path,)}, "features": {path: (E,)}}] or {"error": "internal"}.
+
+        Adaptive batching collects images from concurrent requests (max_batch_size counts images);
+        the encoder runs one runtime pass per distinct path over every image that needs it, so an
+        image asked for by several tasks on one path is encoded once. If a batched pass raises,
+        each image is retried alone, so a failure fails only the request(s) that cause it."""
+        try:
+            return self._encode_batch(jobs)
+        except Exception:  # noqa: BLE001 - isolate: find the failing request(s)
+            if len(jobs) == 1:
+                log.exception("runtime failure")
+                return [{"error": "internal"}]
+            log.warning("batched pass over %d images failed; retrying them one by one", len(jobs))
+            out: list[Any] = []
+            for job in jobs:
+                try:
+                    out.extend(self._encode_batch([job]))
+                except Exception:  # noqa: BLE001
+                    log.exception("runtime failure")
+                    out.append({"error": "internal"})
+            return out
+
+    def _encode_batch(self, jobs: list[Any]) -> list[Any]:
+        out: list[Any] = [{"logits": {}, "features": {}} for _ in jobs]
         by_path: dict[int, list[int]] = {}
         for i, job in enumerate(jobs):
-            by_path.setdefault(int(job["path"]), []).append(i)
+            for p in job["paths"]:
+                by_path.setdefault(int(p), []).append(i)
         for p, idx in by_path.items():
             pixels = np.stack([jobs[i]["pixels"] for i in idx])
             logits, feats = self.runtime.run_path(p, pixels)
+            if not (np.isfinite(logits).all() and np.isfinite(feats).all()):
+                raise FloatingPointError(f"non-finite outputs on path {p}")
             for j, i in enumerate(idx):
-                out[i] = {"logits": logits[j], "features": feats[j]}
+                out[i]["logits"][p] = logits[j]
+                out[i]["features"][p] = feats[j]
         return out
+
+    @bentoml.api
+    async def ping(self) -> dict:
+        """Cheap liveness of this process for the front's /readyz (pid changes on a restart)."""
+        return {"pid": os.getpid(), "error": self.error}
 
     @bentoml.api
     def encode_texts(self, texts: list[str]) -> Any:
@@ -381,14 +498,17 @@ class ClipHeads:
         self.spec: Optional[DecodeSpec] = None
         self.store: Optional[TaskStore] = None
         self.failures = 0
+        self.draining = False
+        self.encoder_pid: Optional[int] = None
         self._warm_lock = asyncio.Lock()
+        self._warm_task: Optional[asyncio.Future] = None
 
     # ---- readiness ---------------------------------------------------------------------------
     async def _warm(self) -> bool:
         async with self._warm_lock:
             try:
                 if self.info is None:
-                    info = await self.encoder.to_async.info()
+                    info = await asyncio.wait_for(self.encoder.to_async.info(), 30.0)
                     if info.get("error"):
                         raise RuntimeError(info["error"])
                     self.spec = DecodeSpec.from_preprocess(
@@ -396,13 +516,18 @@ class ClipHeads:
                     )
                     self.store = TaskStore(self.cfg.tasks_dir or None, identity=info["identity"])
                     self.info = info
+                ping = await asyncio.wait_for(self.encoder.to_async.ping(), 2.0)
+                if ping.get("error"):
+                    raise RuntimeError(ping["error"])
                 s = int(self.info["image_size"])
-                px = np.full((3, s, s), 127, np.uint8)
-                jobs = [{"path": p, "pixels": px} for p in range(len(self.info["paths"]))]
-                res = await self.encoder.to_async.encode(jobs)
-                if len(res) != len(jobs) or not all(np.isfinite(r["features"]).all() for r in res):
-                    raise RuntimeError("warm-up pass returned bad outputs")
+                px = np.full((1, 3, s, s), 127, np.uint8)
+                await self._encode(px, list(range(len(self.info["paths"]))), count=False)
+                # BentoML's adaptive batcher "trains" on its first ~11 calls, dispatching them one at
+                # a time; spend that phase here (tiny passes) rather than on the first real traffic.
+                for _ in range(WARM_CALLS):
+                    await self._encode(px, [self.info["base_path"]], count=False)
                 await self.encoder.to_async.encode_texts(["a photo of a thing."])
+                self.encoder_pid = ping["pid"]
                 self.ready, self.failures = True, 0
             except Exception as err:  # noqa: BLE001
                 log.warning("not ready: %s: %s", type(err).__name__, err)
@@ -410,9 +535,43 @@ class ClipHeads:
         return self.ready
 
     async def __is_ready__(self) -> bool:
+        """200 only when warmed up, not draining, and the encoder process answers a cheap async
+        ping (not queued behind model passes) within 1 s. A dead or restarted encoder (new pid)
+        turns this 503 at once and starts a background re-warm; probes never wait for it."""
+        if self.draining:
+            return False
         if self.ready and self.failures < 3:
-            return True
-        return await self._warm()
+            try:
+                ping = await asyncio.wait_for(self.encoder.to_async.ping(), 1.0)
+            except Exception as err:  # noqa: BLE001 - dead/restarting encoder, socket gone, timeout
+                log.warning("encoder not answering: %s: %s", type(err).__name__, err)
+                ping = None
+            if ping is not None and ping.get("pid") == self.encoder_pid and not ping.get("error"):
+                return True
+            self.ready = False
+        if self._warm_task is None or self._warm_task.done():
+            self._warm_task = asyncio.ensure_future(self._warm())
+        return False
+
+    @bentoml.on_startup
+    def _install_drain_handler(self) -> None:
+        """SIGTERM/SIGINT: flip /readyz to 503 at once, then let uvicorn drain in-flight requests
+        (installed at startup, i.e. inside uvicorn's own signal capture, and chained to it)."""
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            prev = signal.getsignal(sig)
+            if not callable(prev):
+                continue
+
+            def handler(signum, frame, prev=prev):
+                self.draining = True
+                prev(signum, frame)
+
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread (in-process test clients)
+                return
 
     # ---- helpers -----------------------------------------------------------------------------
     def _error(self, ctx: bentoml.Context, endpoint: str, err: ApiError) -> dict:
@@ -425,8 +584,10 @@ class ClipHeads:
         return {"error": err.kind, "detail": err.detail}
 
     async def _run(self, ctx: bentoml.Context, endpoint: str, fn) -> dict:
-        if not self.ready and not await self._warm():
-            return self._error(ctx, endpoint, ApiError(503, "not_ready", "the model is not loaded yet"))
+        if not self.ready:  # never wait for a (re)load inside a request: fast 503, warm behind it
+            if self._warm_task is None or self._warm_task.done():
+                self._warm_task = asyncio.ensure_future(self._warm())
+            return self._error(ctx, endpoint, ApiError(503, "not_ready", "the model is not loaded yet; retry shortly"))
         try:
             out = await fn()
         except ApiError as err:
@@ -536,16 +697,17 @@ class ClipHeads:
                 log.info("encoder connection dropped; retrying %s", method)
                 await asyncio.sleep(0.01 * (attempt + 1))
 
-    async def _encode(self, pixels: np.ndarray, paths: list[int]) -> dict[int, dict[str, np.ndarray]]:
-        jobs = [{"path": p, "pixels": px} for p in paths for px in pixels]
+    async def _encode(self, pixels: np.ndarray, paths: list[int], count: bool = True) -> dict[int, dict[str, np.ndarray]]:
+        """One encoder call per request: one job per image (uint8), each naming every path it
+        needs, so an image is sent once and encoded once per distinct path."""
+        jobs = [{"paths": paths, "pixels": px} for px in pixels]
         res = await self._call_encoder("encode", jobs)
-        IMAGES.labels(runtime=self.info["runtime"]).inc(len(pixels))
-        n = len(pixels)
-        out = {}
-        for k, p in enumerate(paths):
-            chunk = res[k * n:(k + 1) * n]
-            out[p] = {"logits": np.stack([r["logits"] for r in chunk]), "features": np.stack([r["features"] for r in chunk])}
-        return out
+        if len(res) != len(jobs) or any("error" in r for r in res):
+            raise EncoderFailure("the encoder failed on this request")
+        if count:
+            IMAGES.labels(runtime=self.info["runtime"]).inc(len(pixels))
+        return {p: {"logits": np.stack([r["logits"][p] for r in res]),
+                    "features": np.stack([r["features"][p] for r in res])} for p in paths}
 
     def _top_k(self, top_k: int) -> int:
         if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= 1000:

@@ -42,17 +42,20 @@ def png(color=(200, 20, 20), size=(48, 40), fmt="PNG") -> bytes:
 
 
 class Server:
-    def __init__(self, head: Path, tasks_dir: Path, log: Path):
+    """`clipheads serve` in its own session (so stop() reaches bentoml and every worker)."""
+
+    def __init__(self, head: Path, tasks_dir: Path, log: Path, env_extra: dict | None = None, args: tuple = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # own BENTOML_HOME: BentoML keeps its Prometheus multiprocess dir there, shared otherwise
         env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", CLIPHEADS_MAX_BODY_BYTES=str(BODY_CAP),
                    BENTOML_HOME=str(log.parent / f"bentoml-home-{self.port}"),
                    CLIPHEADS_TIMEOUT_S="30", PYTHONPATH=str(REPO))
+        env.update(env_extra or {})
         self.log = open(log, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "serving.cli", str(head), "--port", str(self.port), "--tasks-dir", str(tasks_dir),
-             "--model-configs", str(REPO / "tests" / "model_configs")],
+             "--model-configs", str(REPO / "tests" / "model_configs"), *args],
             cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.time() + 120
@@ -76,11 +79,16 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
+        else:
+            try:  # the CLI is gone (e.g. a drain test): make sure nothing of its session lingers
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.log.close()
 
 
-@pytest.fixture(scope="module")
-def head_file(tmp_path_factory) -> Path:
+def make_micro_head(d: Path) -> Path:
+    """A zero-shot head on the tiny test ViT, weights in a local checkpoint (rebuilt identically)."""
     from conftest import make_backbone
     from safetensors.torch import save_file
 
@@ -88,13 +96,17 @@ def head_file(tmp_path_factory) -> Path:
     from training.backbone import load_backbone
     from training.methods.base import TaskSpec, build_method
 
-    d = tmp_path_factory.mktemp("head")
     bb = make_backbone("test-vit-micro", seed=0)
     ckpt = d / "micro.safetensors"
     save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, str(ckpt))
     bb = load_backbone("test-vit-micro", str(ckpt))
     tasks = [TaskSpec("color", ("red", "green", "blue")), TaskSpec("shape", ("circle", "square", "triangle", "star"))]
     return save_head(build_method("zeroshot", bb, tasks, {}), d / "zs.head.safetensors")
+
+
+@pytest.fixture(scope="module")
+def head_file(tmp_path_factory) -> Path:
+    return make_micro_head(tmp_path_factory.mktemp("head"))
 
 
 @pytest.fixture(scope="module")

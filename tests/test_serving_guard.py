@@ -123,3 +123,27 @@ def test_rest_aliases_rewrite_to_post_routes():
 
     run(go())
     assert seen == [("POST", "/tasks/list", b"{}"), ("POST", "/tasks/delete", b'{"name": "my-task"}')]
+
+
+# ---- B5 #23: dependency floors (known CVEs fixed at these versions) ------------------------------
+@pytest.mark.parametrize("dist,floor", [("torch", "2.6"), ("pillow", "12.3"), ("starlette", "0.40"),
+                                        ("bentoml", "1.4.39")])
+def test_dependency_floors(dist, floor):
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    have = Version(version(dist))
+    assert have >= Version(floor), f"{dist} {have} is below the floor {floor} (RELIABILITY.md B5 #23)"
+
+
+def test_openapi_patch_documents_our_errors_and_rest_aliases():
+    from serving.service import patch_openapi
+
+    doc = {"paths": {r: {"post": {"responses": {"200": {"content": {}}}, "requestBody": {}}}
+                     for r in ("/classify", "/tasks", "/tasks/list", "/tasks/delete")}}
+    out = patch_openapi(doc)
+    assert set(out["paths"]["/classify"]["post"]["responses"]) >= {"200", "401", "413", "415", "422", "429", "504"}
+    assert "201" in out["paths"]["/tasks"]["post"]["responses"] and "200" not in out["paths"]["/tasks"]["post"]["responses"]
+    assert "get" in out["paths"]["/tasks"] and "delete" in out["paths"]["/tasks/{name}"]
+    assert out["components"]["schemas"]["ClipheadsError"]["required"] == ["error", "detail"]

@@ -1,0 +1,43 @@
+"""Fault injection for the serving tests (loaded by the encoder via CLIPHEADS_RUNTIME_HOOK).
+
+Triggers ride on ordinary requests: a solid-colour image whose red channel is
+  1 -> the runtime raises RuntimeError with an internal-looking path (crash isolation, B5 #14);
+  2 -> the pass sleeps SLOW_S (timeouts, B5 #10);
+  3 -> the pass sleeps BUSY_S (in-flight work for drain / overload / batching tests).
+Every other image runs the real runtime unchanged.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+RAISE, SLOW, BUSY = 1, 2, 3
+SLOW_S = float(os.environ.get("CLIPHEADS_FAULT_SLOW_S", "3.0"))
+BUSY_S = float(os.environ.get("CLIPHEADS_FAULT_BUSY_S", "0.8"))
+
+
+class FaultRuntime:
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def run_path(self, path: int, pixels: np.ndarray):
+        marks = set(int(v) for v in np.asarray(pixels)[:, 0, 0, 0])
+        if RAISE in marks:
+            raise RuntimeError("/secret/path/shm_region_x exploded")
+        if SLOW in marks:
+            time.sleep(SLOW_S)
+        elif BUSY in marks:
+            time.sleep(BUSY_S)
+        return self._inner.run_path(path, pixels)
+
+    def warmup(self) -> None:  # the base class's warm-up calls self.run_path: keep it on the proxy
+        type(self._inner).warmup(self)
+
+
+def wrap(runtime):
+    return FaultRuntime(runtime)
