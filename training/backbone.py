@@ -276,8 +276,13 @@ class Backbone(nn.Module):
         return super().train(False)
 
     # ---- text -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.logit_scale.device
+
     def tokenize(self, texts: Sequence[str]) -> Tensor:
-        return self.tokenizer(list(texts))
+        """Token ids on the backbone's device (so callers never juggle devices)."""
+        return self.tokenizer(list(texts)).to(self.device)
 
     def embed_tokens(self, tokens: Tensor) -> Tensor:
         """(N, L) token ids -> (N, L, D_t) frozen word embeddings."""
