@@ -1,0 +1,149 @@
+"""torch.onnx.export with the choices that matter made explicitly (ECOSYSTEM.md 3.1).
+
+* exporter: the TorchScript exporter (`dynamo=False`) by default: TensorRT 10.3 (JetPack 6)
+  parses its opset-17 graphs and ORT's transformer fusions were written against its patterns.
+  `dynamo=True` is available for comparison.
+* `torch.backends.mha.set_fastpath_enabled(False)` while exporting: open_clip 3.x blocks use
+  nn.MultiheadAttention, whose eval fast path (`_native_multi_head_attention`) has no ONNX symbolic.
+* the batch axis is always dynamic, and the example batch is >= 2 so no size-1 dimension is baked.
+* every written graph passes `onnx.checker.check_model` (full check, with shape inference).
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .fold import FoldedImageEncoder, TextEncoder
+
+DEFAULT_OPSET = 17
+EXPORTERS = ("torchscript", "dynamo")
+
+_ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 10: "float16", 9: "bool", 16: "bfloat16"}
+
+
+class ExportError(RuntimeError):
+    """torch.onnx.export failed or produced an invalid graph."""
+
+
+@contextlib.contextmanager
+def mha_fastpath_disabled():
+    prev = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(prev)
+
+
+def export_module(
+    module: nn.Module,
+    args: tuple[Tensor, ...],
+    path: str | Path,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "torchscript",
+) -> Path:
+    """Export with a dynamic axis 0 on every input and output; check the graph; return its path."""
+    if exporter not in EXPORTERS:
+        raise ExportError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    if any(a.shape[0] < 2 for a in args):
+        raise ExportError("export with an example batch >= 2 (a batch of 1 can get baked into reshapes)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = module.eval()
+    kw: dict = dict(input_names=list(input_names), output_names=list(output_names), opset_version=opset)
+    if exporter == "torchscript":
+        kw["dynamic_axes"] = {n: {0: "batch"} for n in list(input_names) + list(output_names)}
+        kw["dynamo"] = False
+        kw["do_constant_folding"] = True
+    else:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        kw["dynamic_shapes"] = tuple({0: batch} for _ in args)
+        kw["dynamo"] = True
+        kw["external_data"] = False
+    try:
+        with mha_fastpath_disabled(), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings / legacy-exporter deprecation chatter
+            torch.onnx.export(module, args, str(path), **kw)
+    except Exception as err:  # noqa: BLE001 - report any exporter failure as one clear error
+        raise ExportError(f"torch.onnx.export ({exporter}, opset {opset}) failed: {type(err).__name__}: {err}") from err
+    check_graph(path)
+    return path
+
+
+def set_static_dims(path: str | Path, dims: dict[str, Sequence]) -> None:
+    """Pin the non-batch dims of named outputs (the exporter leaves names like 'Addlogits_dim_1')."""
+    import onnx
+
+    m = onnx.load(str(path))
+    for out in m.graph.output:
+        if out.name in dims:
+            for d, v in zip(out.type.tensor_type.shape.dim, dims[out.name]):
+                if v is not None:
+                    d.ClearField("dim_param")
+                    d.dim_value = int(v)
+    onnx.save(m, str(path))
+
+
+def check_graph(path: str | Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as err:  # noqa: BLE001
+        raise ExportError(f"{path}: onnx.checker rejected the graph: {err}") from err
+
+
+def graph_io(path: str | Path) -> dict:
+    """{"inputs": [{name, dtype, shape}], "outputs": [...]} with symbolic dims as strings."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+
+    def desc(vi) -> dict:
+        t = vi.type.tensor_type
+        shape = [d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else None) for d in t.shape.dim]
+        return {"name": vi.name, "dtype": _ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), "shape": shape}
+
+    return {
+        "inputs": [desc(v) for v in m.graph.input if v.name not in inits],
+        "outputs": [desc(v) for v in m.graph.output],
+    }
+
+
+def example_pixels(encoder: FoldedImageEncoder, batch: int = 2) -> tuple[Tensor, Tensor]:
+    s = int(encoder.backbone.preprocess.image_size)
+    if encoder.pixels.input_dtype == "uint8":
+        px = torch.randint(0, 256, (batch, 3, s, s), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    else:
+        px = torch.randn(batch, 3, s, s, generator=torch.Generator().manual_seed(0))
+    ti = torch.arange(batch, dtype=torch.int64) % max(1, encoder.bank_size)
+    return px, ti
+
+
+def export_image_graph(encoder: FoldedImageEncoder, path: str | Path, opset: int = DEFAULT_OPSET,
+                       exporter: str = "torchscript") -> Path:
+    """pixels (N,3,S,S), task_index (N,) -> logits (N, K), features (N, E)."""
+    path = export_module(encoder, example_pixels(encoder), path, ["pixels", "task_index"], ["logits", "features"],
+                         opset, exporter)
+    k, e = encoder.class_matrix.shape
+    set_static_dims(path, {"logits": (None, k), "features": (None, e)})
+    check_graph(path)
+    return path
+
+
+def export_text_graph(text: TextEncoder, path: str | Path, opset: int = DEFAULT_OPSET,
+                      exporter: str = "torchscript") -> Path:
+    """tokens (N, L) int64 -> features (N, E) normalised."""
+    tokens = text.backbone.tokenize(["a photo of a thing.", "a sketch of two small things."]).cpu()
+    path = export_module(text, (tokens,), path, ["tokens"], ["features"], opset, exporter)
+    set_static_dims(path, {"features": (None, text.backbone.embed_dim)})
+    check_graph(path)
+    return path
