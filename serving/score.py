@@ -312,8 +312,8 @@ class DecodePipeline:
     def _load(self, item: InputItem):
         try:
             px = self._loader(item.location, self.spec)
-        except ImageRejected as err:
-            return err
+        except ImageRejected as err:  # a fresh copy: no traceback/context pinning frames (and bytes) until gc
+            return ImageRejected(err.kind, err.detail, err.http_status)
         except Exception as err:  # noqa: BLE001 - a decoder bug must not kill the job
             return ImageRejected("invalid_image", f"{type(err).__name__}: {err}")
         self._track(1)

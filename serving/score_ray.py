@@ -58,8 +58,8 @@ class RayScorer:
     def _load(self, loc: str):
         try:
             return load_item(loc, self.spec)
-        except ImageRejected as err:
-            return err
+        except ImageRejected as err:  # a fresh copy: no traceback/context pinning frames (and bytes) until gc
+            return ImageRejected(err.kind, err.detail, err.http_status)
         except Exception as err:  # noqa: BLE001 - a decoder bug rejects one image, not the job
             return ImageRejected("invalid_image", f"{type(err).__name__}: {err}")
 

@@ -146,10 +146,10 @@ class InputListing:
         if self.kind == "dir":
             yield from self._walk(self.source, "")
             return
-        base = self.source.parent
-        for p in self._rows():
-            loc = Path(p).expanduser()
-            yield p, str(loc if loc.is_absolute() else base / loc)
+        base = str(self.source.parent)
+        for p in self._rows():  # os.path, not pathlib: pathlib interns every path part
+            loc = os.path.expanduser(p) if p.startswith("~") else p
+            yield p, loc if os.path.isabs(loc) else os.path.join(base, loc)
 
     def count(self) -> int:
         """Number of inputs (a cheap pass: names only, nothing is opened)."""
@@ -334,19 +334,32 @@ class ShardStore:
                             yield json.loads(line)
 
     def write_errors_file(self, dest: Path) -> int:
-        """All committed shards' errors in input order: JSONL, or CSV when `dest` ends in .csv."""
-        rows = list(self.iter_errors())
+        """All committed shards' errors in input order, streamed (never all held in memory):
+        JSONL, or CSV (index,path,kind,detail) when `dest` ends in .csv."""
+        import io
+
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.suffix.lower() == ".csv":
-            import io
+        as_csv = dest.suffix.lower() == ".csv"
+        n = 0
 
+        def write(f) -> None:
+            nonlocal n
             buf = io.StringIO()
             w = csv.DictWriter(buf, fieldnames=["index", "path", "kind", "detail"], lineterminator="\n")
-            w.writeheader()
-            w.writerows(rows)
-            data = buf.getvalue().encode("utf-8")
-        else:
-            data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-        atomic_write(dest, lambda f: f.write(data))
-        return len(rows)
+            if as_csv:
+                w.writeheader()
+            for row in self.iter_errors():
+                n += 1
+                if as_csv:
+                    w.writerow(row)
+                else:
+                    buf.write(json.dumps(row, ensure_ascii=False) + "\n")
+                if buf.tell() > 1 << 16:
+                    f.write(buf.getvalue().encode("utf-8"))
+                    buf.seek(0)
+                    buf.truncate()
+            f.write(buf.getvalue().encode("utf-8"))
+
+        atomic_write(dest, write)
+        return n

@@ -537,3 +537,32 @@ def test_onnx_bundle_scores_match_numpy_reference(corpus, small, tmp_path):
     (bundle / "image_0.onnx").write_bytes((bundle / "image_0.onnx").read_bytes() + b"\0")
     assert main([str(bundle), "--input", str(lst), "--output", str(tmp_path / "x.parquet"), "--no-progress"]) == 2
     assert not (tmp_path / "x.parquet").exists()
+
+
+def test_memory_stays_flat_on_a_large_listing(head_file, tmp_path):
+    """Listed files that all fail (missing): listing, shards, error records and the errors file
+    are streamed, so Python's peak allocation for 40,000 inputs is that for 4,000 (not 10x)."""
+    import tracemalloc
+
+    import pyarrow as pa
+
+    from serving.runtime import open_runtime
+    from serving.score import score
+
+    rt = open_runtime(head_file, "torch")  # model + imports are outside the measurement
+    peaks = {}
+    for n in (4_000, 40_000):
+        lst = tmp_path / f"many{n}.parquet"
+        pq.write_table(pa.table({"path": [f"missing/dir{i % 100:03d}/file{i:07d}.jpg" for i in range(n)]}), lst)
+        out = tmp_path / f"o{n}.parquet"
+        tracemalloc.start()
+        try:
+            s = score(_job(head_file, lst, out, shard_size=1024, workers=2), runtime=rt)
+            peaks[n] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert (s.scored, s.failed, s.errors_total) == (0, n, n)
+        with open(out / "_errors.jsonl") as f:
+            assert sum(1 for _ in f) == n
+    # holding 36,000 more error records and names alone would add > 15 MB of Python objects
+    assert peaks[40_000] < peaks[4_000] + 4 * 2**20, {k: f"{v / 2**20:.1f} MiB" for k, v in peaks.items()}
