@@ -566,3 +566,27 @@ def test_memory_stays_flat_on_a_large_listing(head_file, tmp_path):
             assert sum(1 for _ in f) == n
     # holding 36,000 more error records and names alone would add > 15 MB of Python objects
     assert peaks[40_000] < peaks[4_000] + 4 * 2**20, {k: f"{v / 2**20:.1f} MiB" for k, v in peaks.items()}
+
+
+def test_crash_between_part_and_manifest_is_recomputed_once(head_file, corpus, small, tmp_path):
+    """A crash after a part's rename but before the manifest lists it (and a stray temp file) must
+    not leave that part counted twice: the resume sweeps and recomputes exactly that shard."""
+    from serving.score import score
+
+    root = corpus[0]
+    lst = tmp_path / "l.csv"
+    lst.write_text("path\n" + "".join(f"{root / p}\n" for p in small))
+    out = tmp_path / "o.parquet"
+    score(_job(head_file, lst, out, shard_size=6))  # shards of 6, 6, 6, 2
+    m = json.loads((out / "_manifest.json").read_text())
+    dropped = m["shards"].pop("00002")
+    m["complete"] = False
+    (out / "_manifest.json").write_text(json.dumps(m))
+    (out / ".part-00003.parquet.tmp-4242").write_bytes(b"half a file")
+    kept = {k: (out / v["file"]).stat().st_mtime_ns for k, v in m["shards"].items()}
+    s = score(_job(head_file, lst, out, shard_size=6))
+    assert (s.shards_committed, s.shards_skipped, s.scored) == (1, 3, dropped["rows"])
+    assert {k: (out / v["file"]).stat().st_mtime_ns for k, v in m["shards"].items()} == kept
+    t = _read(out)
+    assert t.column("index").to_pylist() == list(range(len(small)))
+    assert not list(out.glob(".*tmp-*"))
