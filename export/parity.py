@@ -1,0 +1,203 @@
+"""The parity gate: eager PyTorch (the head's own `logits`) vs the exported graphs in ONNX Runtime.
+
+It can fail, and a failure stops the bundle (exit 1 in the CLI). Gates by precision:
+
+| precision | logits                         | top-1 agreement | features cosine |
+|-----------|--------------------------------|-----------------|-----------------|
+| fp32      | max abs delta <= 1e-3          | 100 %           | -               |
+| fp16      | -                              | >= 99.5 %       | >= 0.999 (min)  |
+| int8      | -                              | >= 99 %         | -               |
+
+The probe set is fixed and seeded: images rendered from the synthetic world (when
+`training.data.synth` is importable), structured images (gradients, shapes drawn with PIL) and
+uniform noise. Every task is checked on its own path, every multi-task graph also on a
+mixed-task batch (rows must equal the per-task calls), and the text graph against
+`Backbone.encode_text` on the tasks' prompts.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Mapping, Optional
+
+import numpy as np
+import torch
+
+from .fold import FoldPlan
+
+
+@dataclass(frozen=True)
+class Gate:
+    precision: str
+    max_abs_logit: Optional[float]  # None: not gated
+    min_top1: float
+    min_cosine: Optional[float]
+
+
+GATES = {
+    "fp32": Gate("fp32", 1e-3, 1.0, None),
+    "fp16": Gate("fp16", None, 0.995, 0.999),
+    "int8": Gate("int8", None, 0.99, None),
+}
+# the mixed-task batch must reproduce the per-task calls of the *same* graph
+MIXED_BATCH_TOL = {"fp32": 1e-4, "fp16": 2e-2, "int8": 5e-2}
+
+
+# ---- probe images ---------------------------------------------------------------------------
+def _structured(size: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    from PIL import Image, ImageDraw
+
+    out = []
+    for i in range(n):
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(1, size - 1)
+        c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        t = [xx, yy, (xx + yy) / 2, np.hypot(xx - 0.5, yy - 0.5) * 1.4][i % 4]
+        arr = (c0[None, None] * (1 - t[..., None]) + c1[None, None] * t[..., None]).astype(np.uint8)
+        img = Image.fromarray(arr, "RGB")
+        d = ImageDraw.Draw(img)
+        for _ in range(1 + i % 3):
+            x0, y0 = rng.integers(0, size // 2, 2)
+            x1, y1 = x0 + rng.integers(size // 6, size // 2 + 1), y0 + rng.integers(size // 6, size // 2 + 1)
+            fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+            [d.ellipse, d.rectangle, lambda b, fill: d.polygon([(b[0], b[3]), ((b[0] + b[2]) // 2, b[1]), (b[2], b[3])], fill=fill)][
+                int(rng.integers(3))]([int(x0), int(y0), int(x1), int(y1)], fill=fill)
+        out.append(np.asarray(img))
+    return out
+
+
+def _synthetic_world(size: int, n: int, seed: int) -> list[np.ndarray]:
+    try:
+        from training.data import synth
+    except Exception:  # noqa: BLE001 - the world is optional; structured images stand in
+        return []
+    out = []
+    for i in range(n):
+        domain = synth.DOMAINS[i % len(synth.DOMAINS)]
+        cls = synth.CLASSES[(i * 7) % len(synth.CLASSES)]
+        inst = synth.sample_instance(domain, cls, (seed, 77, i))
+        out.append(np.asarray(synth.render(inst, size).convert("RGB")))
+    return out
+
+
+def probe_images(image_size: int, n: int = 24, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """uint8 (n, 3, S, S) probe images and a description for the manifest (about half from the
+    synthetic world when available, a quarter structured, the rest uniform noise)."""
+    rng = np.random.default_rng(seed)
+    n_noise = max(1, n // 4)
+    world = _synthetic_world(image_size, (n - n_noise) // 2 + (n - n_noise) % 2, seed)
+    n_struct = n - n_noise - len(world)
+    imgs = world + _structured(image_size, n_struct, rng)
+    imgs += [rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8) for _ in range(n_noise)]
+    arr = np.stack(imgs).transpose(0, 3, 1, 2).copy()  # (n, 3, S, S)
+    desc = {"n": n, "seed": seed, "synthetic_world": len(world), "structured": n_struct, "noise": n_noise,
+            "image_size": image_size}
+    return arr, desc
+
+
+# ---- comparison -----------------------------------------------------------------------------
+def _cos_min(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=-1, keepdims=True).clip(1e-12)
+    b = b / np.linalg.norm(b, axis=-1, keepdims=True).clip(1e-12)
+    return float((a * b).sum(-1).min())
+
+
+def _session(path: str):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def check_parity(
+    plan: FoldPlan,
+    graph_paths: Mapping[str, str],
+    precision: str = "fp32",
+    text_path: Optional[str] = None,
+    probes: Optional[np.ndarray] = None,
+    probe_desc: Optional[dict] = None,
+    batch: int = 8,
+) -> dict:
+    """Run every task's eager head and its exported graph on the probes. Returns the report
+    (JSON-ready) with `passed`; nothing is raised on a failed gate (the caller decides)."""
+    gate = GATES[precision]
+    size = plan.preprocess.image_size
+    if probes is None:
+        probes, probe_desc = probe_images(size)
+    mean = torch.tensor(plan.preprocess.mean).view(1, 3, 1, 1)
+    std = torch.tensor(plan.preprocess.std).view(1, 3, 1, 1)
+    x = (torch.from_numpy(probes).float() / 255.0 - mean) / std  # what eager sees
+    feed_px = probes if plan.input_dtype == "uint8" else x.numpy().astype(np.float32)
+    sessions = {g: _session(p) for g, p in graph_paths.items()}
+
+    def run(graph: str, px: np.ndarray, ti: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        outs = [sessions[graph].run(["logits", "features"], {"pixels": px[i:i + batch], "task_index": ti[i:i + batch]})
+                for i in range(0, len(px), batch)]
+        return (np.concatenate([o[0] for o in outs]).astype(np.float32),
+                np.concatenate([o[1] for o in outs]).astype(np.float32))
+
+    tasks, failures = {}, []
+    graph_outputs: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+    for t in plan.tasks:
+        key = (t.graph, t.task_index)
+        if key not in graph_outputs:
+            graph_outputs[key] = run(t.graph, feed_px, np.full(len(probes), t.task_index, np.int64))
+        logits, feats = graph_outputs[key]
+        a, b = t.logit_slice
+        got = logits[:, a:b]
+        h = plan.heads[t.head]
+        with torch.no_grad():
+            ref = torch.cat([h.logits(x[i:i + batch], t.head_task) for i in range(0, len(x), batch)]).float().numpy()
+            ref_f = torch.cat([h.image_features(x[i:i + batch], t.head_task)
+                               for i in range(0, len(x), batch)]).float().numpy()
+        r = {
+            "max_abs_logit_diff": float(np.abs(got - ref).max()),
+            "top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
+            "min_feature_cosine": _cos_min(feats, ref_f),
+            "graph": t.graph, "task_index": t.task_index,
+        }
+        tasks[t.name] = r
+        if gate.max_abs_logit is not None and r["max_abs_logit_diff"] > gate.max_abs_logit:
+            failures.append(f"{t.name}: max |delta logit| {r['max_abs_logit_diff']:.3g} > {gate.max_abs_logit:g}")
+        if r["top1_agreement"] < gate.min_top1:
+            failures.append(f"{t.name}: top-1 agreement {r['top1_agreement']:.2%} < {gate.min_top1:.1%}")
+        if gate.min_cosine is not None and r["min_feature_cosine"] < gate.min_cosine:
+            failures.append(f"{t.name}: min feature cosine {r['min_feature_cosine']:.5f} < {gate.min_cosine}")
+
+    # mixed-task batches: one call with task_index varying per row == the per-task calls
+    mixed = {}
+    for g in plan.graphs:
+        rows = sorted({t.task_index for t in g.tasks})
+        if len(rows) < 2:
+            continue
+        ti = np.asarray([rows[i % len(rows)] for i in range(len(probes))], np.int64)
+        logits, _ = run(g.name, feed_px, ti)
+        want = np.stack([graph_outputs[(g.name, int(k))][0][i] for i, k in enumerate(ti)])
+        diff = float(np.abs(logits - want).max())
+        mixed[g.name] = {"rows": rows, "max_abs_diff_vs_per_task": diff}
+        if diff > MIXED_BATCH_TOL[precision]:
+            failures.append(f"{g.name}: mixed-task batch differs from per-task calls by {diff:.3g}")
+
+    text = None
+    if text_path is not None:
+        texts = [tpl.format(c.replace("_", " ")) for t in plan.tasks for c in t.classnames for tpl in t.templates[:2]]
+        texts = texts[:64] or ["a photo of a thing."]
+        tokens = plan.backbone.tokenize(texts).cpu()
+        with torch.no_grad():
+            ref_t = plan.backbone.encode_text(tokens).float().numpy()
+        (got_t,) = _session(text_path).run(["features"], {"tokens": tokens.numpy().astype(np.int64)})
+        text = {"n": len(texts), "max_abs_diff": float(np.abs(got_t - ref_t).max()), "min_cosine": _cos_min(got_t, ref_t)}
+        min_cos = gate.min_cosine if gate.min_cosine is not None else (0.9999 if precision == "fp32" else 0.99)
+        if text["min_cosine"] < min_cos:
+            failures.append(f"text graph: min cosine {text['min_cosine']:.5f} < {min_cos}")
+
+    worst = {
+        "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in tasks.values()),
+        "min_top1_agreement": min(r["top1_agreement"] for r in tasks.values()),
+        "min_feature_cosine": min(r["min_feature_cosine"] for r in tasks.values()),
+    }
+    return {
+        "precision": precision, "gate": asdict(gate), "passed": not failures, "failures": failures,
+        "reference": "eager PyTorch (HeadMethod.logits / image_features), fp32, CPU",
+        "runtime": "onnxruntime CPUExecutionProvider",
+        "probe": probe_desc or {"n": len(probes)}, "worst": worst, "tasks": tasks, "mixed_batch": mixed, "text": text,
+    }
