@@ -518,7 +518,8 @@ def score(job: ScoreJob, runtime=None) -> ScoreSummary:
     t0 = time.perf_counter()
     info = source_info(job.source)
     out = Path(job.output).expanduser().resolve()
-    listing = InputListing(job.input, job.path_column, exclude=[out])
+    errors_file = Path(job.errors).expanduser().resolve() if job.errors else out / "_errors.jsonl"
+    listing = InputListing(job.input, job.path_column, exclude=[out, errors_file])
     identity = job_identity(job, info, listing)
     if job.engine == "local" and runtime is None:  # a broken bundle fails before OUT is touched
         from .runtime import open_runtime
@@ -526,7 +527,6 @@ def score(job: ScoreJob, runtime=None) -> ScoreSummary:
         set_runtime_threads(job.runtime_threads)
         runtime = open_runtime(job.source, job.runtime, device=job.device)
     store = ShardStore(out, identity, overwrite=job.overwrite)
-    errors_file = Path(job.errors).expanduser().resolve() if job.errors else out / "_errors.jsonl"
     total = listing.count()
     summary = ScoreSummary(output=str(out), errors_file=str(errors_file), engine=job.engine, runtime=job.runtime,
                            total=total)

@@ -80,7 +80,7 @@ class InputListing:
             raise InputError(f"input not found: {src}")
         self.source = src.resolve()
         self.path_column = path_column
-        self._exclude = {Path(p).resolve() for p in exclude}
+        self._exclude = {str(Path(p).resolve()) for p in exclude}  # compared with scandir paths under the resolved root
         if src.is_dir():
             self.kind = "dir"
         elif src.suffix.lower() == ".csv":
@@ -122,10 +122,12 @@ class InputListing:
             key = f"{rel}{e.name}"
             try:
                 if e.is_dir(follow_symlinks=False):
-                    if Path(e.path).resolve() in self._exclude:
+                    if e.path in self._exclude:
                         continue
                     yield from self._walk(Path(e.path), key + "/")
                 elif e.is_file(follow_symlinks=True) or e.is_symlink():
+                    if e.path in self._exclude:
+                        continue
                     yield key, e.path  # a dangling link is listed and reported as unreadable
             except OSError:
                 yield key, e.path

@@ -308,6 +308,20 @@ def test_csv_and_parquet_listings_with_missing_files(head_file, corpus, small, t
     assert outs[0].equals(outs[1])
 
 
+def test_output_and_errors_inside_the_input_dir_are_not_inputs(head_file, corpus, small, tmp_path):
+    import shutil
+
+    from serving.score import score
+
+    inp = tmp_path / "imgs"
+    inp.mkdir()
+    for p in small[:5]:
+        shutil.copy(corpus[0] / p, inp / Path(p).name)
+    for _ in range(2):  # the second run resumes: the outputs written by the first must not count as inputs
+        s = score(_job(head_file, inp, inp / "preds.parquet", errors=str(inp / "errors.jsonl")))
+        assert s.total == 5 and s.rows_total == 5 and s.errors_total == 0
+
+
 def test_task_subset_top1_only(head_file, corpus, small, tmp_path):
     from serving.score import main
 
