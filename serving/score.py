@@ -462,6 +462,8 @@ def _run_local(job: ScoreJob, info: dict, listing: InputListing, store: ShardSto
                     busy["runtime_s"] += time.perf_counter() - t1
                     cols.add(obj.indices, obj.keys, logits, feats)
                 errors.extend(obj.errors)
+                if obj.errors:
+                    bar.set_postfix(failed=summary.failed + len(errors), refresh=False)
                 bar.update(len(obj.indices) + len(obj.errors))
             t_wait = time.perf_counter()
         if counts["skipped"] > shown_skipped:
