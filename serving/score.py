@@ -84,6 +84,7 @@ class ScoreJob:
     ray_address: Optional[str] = None
     ray_num_gpus: float = 0.0  # per scoring actor
     ray_num_cpus: float = 1.0  # per scoring actor
+    ray_decode: str = "actor"  # "actor": each scoring actor decodes its batches; "tasks": a CPU decode stage
 
     def resolved_workers(self) -> int:
         if self.workers > 0:
@@ -508,6 +509,8 @@ def validate(job: ScoreJob) -> None:
     for name in ("top_k", "batch_size", "shard_size"):
         if getattr(job, name) < 1:
             raise UsageError(f"{name.replace('_', '-')} must be >= 1")
+    if job.ray_decode not in ("actor", "tasks"):
+        raise UsageError(f"unknown ray decode mode {job.ray_decode!r}; choose actor or tasks")
     if job.workers < 0 or job.runtime_threads < 0:
         raise UsageError("workers and threads must be >= 0")
 
@@ -585,6 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
     p.add_argument("--ray-num-gpus", type=float, default=0.0, help="GPUs per Ray scoring actor")
     p.add_argument("--ray-num-cpus", type=float, default=1.0, help="CPUs per Ray scoring actor")
+    p.add_argument("--ray-decode", choices=("actor", "tasks"), default="actor",
+                   help="ray: decode inside the scoring actors, or in a separate CPU task stage (for GPU actors)")
     p.add_argument("--model-configs", default=None, help="extra open_clip model-config directory (custom archs)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     p.add_argument("--no-progress", action="store_true")
@@ -599,7 +604,7 @@ def job_from_args(args: argparse.Namespace) -> ScoreJob:
         errors=args.errors, runtime=args.runtime, shard_size=args.shard_size, path_column=args.path_column,
         overwrite=args.overwrite, progress=not args.no_progress, max_bytes=args.max_bytes,
         max_pixels=args.max_pixels, device=args.device, runtime_threads=args.threads, ray_address=args.ray_address,
-        ray_num_gpus=args.ray_num_gpus, ray_num_cpus=args.ray_num_cpus,
+        ray_num_gpus=args.ray_num_gpus, ray_num_cpus=args.ray_num_cpus, ray_decode=args.ray_decode,
     )
 
 

@@ -1,9 +1,11 @@
 """`clipheads score --engine ray`: the same scoring on Ray Data, same output and errors file.
 
     listing (driver, names only) -> ray.data.from_arrow(blocks of batch_size names)
-        -> map_batches(RayScorer, concurrency=workers, num_cpus/num_gpus per actor)
-           (each actor opens the Runtime once, reads + decodes its batch in a small thread pool
-            with serving.images, runs the encoder, returns predictions or error records)
+        [-> map_batches(decode_batch) as CPU tasks, with --ray-decode tasks (GPU actors)]
+        -> map_batches(RayScorer, ActorPoolStrategy(size=workers), num_cpus/num_gpus per actor)
+           (each actor opens the Runtime once; with the default --ray-decode actor it reads +
+            decodes its batch in a thread pool of its CPU share with serving.images; it runs the
+            encoder and returns predictions or error records, one row per input)
         -> driver iterates the results in input order (preserve_order) and commits each shard
            with the same ShardStore as the local engine.
 
@@ -29,8 +31,46 @@ ERROR_KIND = "_error_kind"
 ERROR_DETAIL = "_error_detail"
 
 
+def decode_batch(batch, info: dict, max_bytes: Optional[int], max_pixels: Optional[int], threads: int = 1) -> dict:
+    """The optional CPU decode stage (`ray_decode="tasks"`, run as Ray tasks): names -> uint8
+    pixels + error columns, so GPU actors only run the encoder."""
+    from .score import ScoreJob as _Job
+
+    spec = decode_spec(info, _Job(source="", input="", output="", max_bytes=max_bytes, max_pixels=max_pixels))
+    locs = batch.column("location").to_pylist()
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        results = list(pool.map(lambda loc: _safe_load(loc, spec), locs))
+    s = spec.image_size
+    pixels = np.zeros((len(locs), 3, s, s), np.uint8)
+    kinds, details = [], []
+    for i, r in enumerate(results):
+        if isinstance(r, ImageRejected):
+            kinds.append(r.kind)
+            details.append(r.detail)
+        else:
+            pixels[i] = r
+            kinds.append("")
+            details.append("")
+    return {"index": batch.column("index").to_numpy(), "path": np.asarray(batch.column("path").to_pylist(), object),
+            "pixels": pixels, ERROR_KIND: np.asarray(kinds, object), ERROR_DETAIL: np.asarray(details, object)}
+
+
+def _no_extra_remote_args() -> dict:
+    return {}
+
+
+def _safe_load(loc: str, spec):
+    try:
+        return load_item(loc, spec)
+    except ImageRejected as err:  # a fresh copy: no traceback pinning frames
+        return ImageRejected(err.kind, err.detail, err.http_status)
+    except Exception as err:  # noqa: BLE001 - a decoder bug rejects one image, not the job
+        return ImageRejected("invalid_image", f"{type(err).__name__}: {err}")
+
+
 class RayScorer:
-    """A stateful Ray Data actor: one Runtime per actor (CPU or GPU slot)."""
+    """A stateful Ray Data actor: one Runtime per actor (CPU or GPU slot). Takes either names
+    (decodes them itself, in a thread pool of its CPU share) or batches from `decode_batch`."""
 
     def __init__(self, source: str, runtime: str, device: Optional[str], tasks: dict, top_k: int, embeddings: bool,
                  info: dict, max_bytes: Optional[int], max_pixels: Optional[int], env: dict, decode_threads: int):
@@ -56,24 +96,28 @@ class RayScorer:
         self.pool = ThreadPoolExecutor(max_workers=max(1, decode_threads), thread_name_prefix="ray-decode")
 
     def _load(self, loc: str):
-        try:
-            return load_item(loc, self.spec)
-        except ImageRejected as err:  # a fresh copy: no traceback/context pinning frames (and bytes) until gc
-            return ImageRejected(err.kind, err.detail, err.http_status)
-        except Exception as err:  # noqa: BLE001 - a decoder bug rejects one image, not the job
-            return ImageRejected("invalid_image", f"{type(err).__name__}: {err}")
+        return _safe_load(loc, self.spec)
 
     def __call__(self, batch):
         import pyarrow as pa
 
-        index = batch.column("index").to_pylist()
-        keys = batch.column("path").to_pylist()
-        results = list(self.pool.map(self._load, batch.column("location").to_pylist()))
-        ok = [i for i, r in enumerate(results) if not isinstance(r, ImageRejected)]
+        if isinstance(batch, dict):  # from decode_batch (numpy batch format)
+            index = batch["index"].tolist()
+            keys = [str(k) for k in batch["path"]]
+            kinds = batch[ERROR_KIND]
+            results = [ImageRejected(str(k), str(d)) if k else None for k, d in zip(kinds, batch[ERROR_DETAIL])]
+            ok = [i for i, r in enumerate(results) if r is None]
+            pixels = batch["pixels"][ok] if ok else None
+        else:  # names: decode here
+            index = batch.column("index").to_pylist()
+            keys = batch.column("path").to_pylist()
+            results = list(self.pool.map(self._load, batch.column("location").to_pylist()))
+            ok = [i for i, r in enumerate(results) if not isinstance(r, ImageRejected)]
+            pixels = np.stack([results[i] for i in ok]) if ok else None
         bad = [i for i, r in enumerate(results) if isinstance(r, ImageRejected)]
         self.cols.reset()
         if ok:
-            logits, feats = run_batch(self.runtime, np.stack([results[i] for i in ok]), list(self.tasks), self.embeddings)
+            logits, feats = run_batch(self.runtime, pixels, list(self.tasks), self.embeddings)
             self.cols.add([index[i] for i in ok], [keys[i] for i in ok], logits, feats)
         scored = self.cols.table()
         scored = scored.append_column(ERROR_KIND, pa.nulls(len(ok), pa.string()))
@@ -142,7 +186,17 @@ def run_ray(job: ScoreJob, info: dict, listing: InputListing, store: ShardStore,
                 }))
         env = {k: v for k, v in os.environ.items() if k.startswith("CLIPHEADS_") or k == "HF_HUB_OFFLINE"}
         workers = job.resolved_workers()
-        ds = ray.data.from_arrow(blocks).map_batches(
+        ds = ray.data.from_arrow(blocks)
+        decode_stage = job.ray_decode == "tasks"
+        if decode_stage:  # CPU tasks decode, actors only encode (the GPU-cluster layout)
+            ds = ds.map_batches(
+                decode_batch, fn_kwargs=dict(info=info, max_bytes=job.max_bytes, max_pixels=job.max_pixels),
+                batch_size=job.batch_size, batch_format="pyarrow", num_cpus=1,
+                # a remote-args fn keeps Ray from fusing this stage into the actors (the point is to move
+                # decoding off them); it returns nothing extra
+                ray_remote_args_fn=_no_extra_remote_args,
+            )
+        ds = ds.map_batches(
             RayScorer,
             fn_constructor_kwargs=dict(
                 source=info["path"], runtime=job.runtime, device=job.device, tasks=tasks, top_k=job.top_k,
@@ -150,7 +204,7 @@ def run_ray(job: ScoreJob, info: dict, listing: InputListing, store: ShardStore,
                 env=env, decode_threads=max(1, int(job.ray_num_cpus)),
             ),
             batch_size=job.batch_size,
-            batch_format="pyarrow",
+            batch_format="numpy" if decode_stage else "pyarrow",
             compute=ray.data.ActorPoolStrategy(size=workers),  # one Runtime per actor, fixed pool
             num_cpus=job.ray_num_cpus,
             num_gpus=job.ray_num_gpus or None,

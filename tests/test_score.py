@@ -394,6 +394,9 @@ def test_ray_engine_matches_local_engine(head_file, corpus, local_run, small, tm
         # the ONNX runtime in Ray actors, with embeddings, equals the local engine too
         onnx_kw = dict(runtime="onnx-cpu", embeddings=True, batch_size=8, shard_size=6)
         score(_job(bundle, lst, tmp_path / "onnx-ray.parquet", engine="ray", workers=2, **onnx_kw))
+        # decoding in a separate CPU task stage (the GPU-actor layout) gives the same rows
+        score(_job(bundle, lst, tmp_path / "onnx-ray-tasks.parquet", engine="ray", workers=1, ray_decode="tasks",
+                   **onnx_kw))
     finally:
         ray.shutdown()
     score(_job(bundle, lst, tmp_path / "onnx-local.parquet", **onnx_kw))
@@ -402,6 +405,9 @@ def test_ray_engine_matches_local_engine(head_file, corpus, local_run, small, tm
     np.testing.assert_allclose(np.asarray(a.column("embedding").to_pylist()),
                                np.asarray(b.column("embedding").to_pylist()), atol=1e-6)
     assert a.column("shape.top_labels").equals(b.column("shape.top_labels"))
+    assert _read(tmp_path / "onnx-ray-tasks.parquet").equals(b)
+    assert (_errors(tmp_path / "onnx-ray-tasks.parquet" / "_errors.jsonl")
+            == _errors(tmp_path / "onnx-ray.parquet" / "_errors.jsonl"))
     assert (_errors(tmp_path / "onnx-ray.parquet" / "_errors.jsonl")
             == _errors(tmp_path / "onnx-local.parquet" / "_errors.jsonl") != [])
     assert (s.scored, s.failed) == (N_GOOD, N_BAD)
