@@ -150,13 +150,13 @@ def _errors(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _reference(head_file, corpus_root: Path, rel_paths: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+def _reference(source, corpus_root: Path, rel_paths: list[str], kind: str = "torch") -> dict[str, dict[str, dict[str, float]]]:
     """What /classify computes: serving.images decode + Runtime logits + softmax, per image,
     here in batches of 7 (the service's adaptive batcher picks its own sizes)."""
     from serving.images import DecodeSpec, decode_image
     from serving.runtime import open_runtime, softmax
 
-    rt = open_runtime(head_file, "torch")
+    rt = open_runtime(source, kind)
     spec = DecodeSpec.from_preprocess(rt.preprocess)
     ref = {}
     for a in range(0, len(rel_paths), 7):
@@ -207,6 +207,44 @@ def test_predictions_match_the_classify_path(local_run, corpus, head_file):
             assert r[f"{task}.score"] == pytest.approx(max(want.values()), abs=1e-5)
             scores = r[f"{task}.top_scores"]
             assert scores == sorted(scores, reverse=True)
+
+
+@pytest.fixture(scope="module")
+def real_bundle(head_file, tmp_path_factory) -> Path:
+    """The head exported by the real exporter (export/), fp32 ONNX, parity-gated."""
+    try:
+        from export.cli import load_heads
+        from export.pipeline import ExportOptions, export_heads
+    except ImportError as err:
+        pytest.skip(f"the exporter is not available in this checkout: {err}")
+    heads, meta, pre = load_heads([str(head_file)])
+    out = tmp_path_factory.mktemp("bundle") / "zs.bundle"
+    res = export_heads(heads, out, ExportOptions(probes=8, text=False), meta, pre)
+    assert res.passed and res.bundle is not None, res.parity.get("failures")
+    return Path(res.bundle)
+
+
+def test_real_onnx_bundle_scores_like_its_head_and_its_runtime(real_bundle, local_run, corpus, tmp_path):
+    """`clipheads score BUNDLE` (ONNX Runtime) on the 1,020 files: the same rows and errors as the
+    head in eager PyTorch, and exactly what the bundle's own Runtime gives per image."""
+    from serving.score import score
+
+    out = tmp_path / "onnx.parquet"
+    s = score(_job(real_bundle, corpus[0], out, runtime="onnx-cpu"))
+    assert (s.scored, s.failed) == (N_GOOD, N_BAD) and s.runtime == "onnx-cpu"
+    t, eager = _read(out), _read(local_run[0])
+    assert t.column("path").equals(eager.column("path"))
+    assert (out / "_errors.jsonl").read_text() == (local_run[0] / "_errors.jsonl").read_text()
+    for task in TASKS:  # ONNX vs eager: fp32 parity
+        np.testing.assert_allclose(np.asarray(t.column(f"{task}.top_scores").to_pylist()),
+                                   np.asarray(eager.column(f"{task}.top_scores").to_pylist()), atol=1e-4)
+        assert t.column(f"{task}.label").equals(eager.column(f"{task}.label"))
+    rows = t.to_pylist()[::10]
+    ref = _reference(real_bundle, corpus[0], [r["path"] for r in rows], kind="onnx-cpu")
+    for r in rows:
+        for task in TASKS:
+            got = dict(zip(r[f"{task}.top_labels"], r[f"{task}.top_scores"]))
+            assert max(abs(got[c] - ref[r["path"]][task][c]) for c in TASKS[task]) < 1e-5
 
 
 def test_rerun_of_a_finished_job_rescores_nothing(local_run, head_file, corpus):
