@@ -1,0 +1,252 @@
+"""One export run: fold -> ONNX -> optimise / convert -> parity gate -> bundle (or nothing).
+
+`export_heads` is the library call behind `clipheads export`; it never sees argparse.
+"""
+from __future__ import annotations
+
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from training.backbone import PreprocessSpec
+from training.methods.base import HeadMethod
+
+from . import bundle as bundle_io
+from .fold import FoldPlan, fold_heads
+from .onnx_export import DEFAULT_OPSET, export_image_graph, export_text_graph
+from .parity import check_parity, probe_images
+
+TARGETS = ("onnx", "tensorrt")
+# The text graph stays fp32 in fp16 bundles: label embeddings are computed once per label set and
+# cached, and ORT 1.32's CPU provider crashes (SIGSEGV) on the fp16-converted text tower.
+TEXT_STAYS_FP32 = True
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+class ExportUsageError(ValueError):
+    """An option combination this exporter refuses (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    target: str = "onnx"  # onnx: ORT-fused graphs | tensorrt: plain opset-17 graphs for trt
+    precision: str = "fp32"
+    max_batch: int = 64  # recorded for runtimes; TensorRT profile max
+    opt_batch: Optional[int] = None  # TensorRT profile opt (default: max_batch // 2, >= 1)
+    input_dtype: str = "uint8"
+    opset: int = DEFAULT_OPSET
+    exporter: str = "torchscript"
+    fuse: bool = True  # ORT transformer fusions (target onnx only)
+    int8_mode: str = "dynamic"  # dynamic | static (QDQ)
+    text: bool = True
+    probes: int = 24
+    probe_seed: int = 0
+
+    def validate(self) -> None:
+        if self.target not in TARGETS:
+            raise ExportUsageError(f"--target must be one of {TARGETS}, got {self.target!r}")
+        if self.precision not in PRECISIONS:
+            raise ExportUsageError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.target == "tensorrt" and self.precision == "int8":
+            raise ExportUsageError("TensorRT int8 needs explicit Q/DQ calibration (TRT >= 10.1 deprecates "
+                                   "implicit int8); export --target tensorrt --precision fp16 or fp32")
+        if self.int8_mode not in ("dynamic", "static"):
+            raise ExportUsageError(f"int8 mode must be dynamic or static, got {self.int8_mode!r}")
+        if not 1 <= self.max_batch <= 65536:
+            raise ExportUsageError(f"--max-batch must be in 1..65536, got {self.max_batch}")
+        if self.probes < 4:
+            raise ExportUsageError("the parity gate needs at least 4 probe images")
+
+
+@dataclass
+class ExportResult:
+    passed: bool
+    bundle: Optional[Path]
+    manifest: dict
+    parity: dict
+    timings: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        w = self.parity.get("worst", {})
+        where = str(self.bundle) if self.bundle else "no bundle written"
+        return (f"{'PASS' if self.passed else 'FAIL'} {self.manifest.get('precision')} "
+                f"{len(self.manifest.get('tasks', []))} task(s), {len(self.manifest.get('graphs', {}))} file(s): "
+                f"max|dlogit| {w.get('max_abs_logit_diff', float('nan')):.2e}, "
+                f"top-1 {w.get('min_top1_agreement', float('nan')):.2%}, "
+                f"cos {w.get('min_feature_cosine', float('nan')):.5f} -> {where}")
+
+
+def runtime_versions() -> dict:
+    import numpy
+    import onnx
+    import onnxruntime
+    import open_clip
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "open_clip": open_clip.__version__, "numpy": numpy.__version__}
+
+
+def _package_version() -> str:
+    try:
+        from training import __version__
+
+        return str(__version__)
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def build_manifest(plan: FoldPlan, options: ExportOptions, heads_meta: Sequence[dict]) -> dict:
+    bb = plan.backbone
+    pre = plan.preprocess.to_json()
+    pre["input_dtype"] = options.input_dtype
+    opt = options.opt_batch or max(1, options.max_batch // 2)
+    return {
+        "format": bundle_io.FORMAT, "format_version": bundle_io.FORMAT_VERSION,
+        "package_version": _package_version(),
+        "created_unix": int(time.time()),
+        "target": options.target, "precision": options.precision, "opset": options.opset,
+        "exporter": options.exporter, "max_batch": options.max_batch,
+        "runtime_versions": runtime_versions(),
+        "preprocess": pre,
+        "backbone": {"arch": bb.arch, "pretrained": bb.pretrained, "weights_sha256": bb.weights_sha256},
+        "logit_scale": plan.logit_scale,
+        "heads": list(heads_meta),
+        "tasks": [t.to_json() for t in plan.tasks],
+        "image_graphs": {g.name: {"kind": g.kind, "bank_size": g.encoder.bank_size,
+                                  "num_logits": int(g.encoder.class_matrix.shape[0])} for g in plan.graphs},
+        "text": ({"graph": "text.onnx", "context_length": bb.context_length, "tokenizer": bb.arch}
+                 if options.text else {}),
+        "tensorrt": {"profile": {"min": 1, "opt": min(opt, options.max_batch), "max": options.max_batch},
+                     "engines": {}},
+    }
+
+
+def export_heads(
+    heads: Sequence[HeadMethod],
+    out: Optional[str | Path],
+    options: ExportOptions = ExportOptions(),
+    heads_meta: Optional[Sequence[dict]] = None,
+    preprocess: Optional[PreprocessSpec] = None,
+    allow_parity_failure: bool = False,
+    log: Callable[[str], None] = lambda msg: None,
+    workdir: Optional[str | Path] = None,
+) -> ExportResult:
+    """Fold `heads`, export, optimise, gate, and write the bundle to `out` when the gate passes
+    (or `allow_parity_failure`). `out=None` runs everything but writes nothing."""
+    options.validate()
+    timings: dict = {}
+    t0 = time.perf_counter()
+    plan = fold_heads(heads, options.input_dtype, preprocess)
+    timings["fold_s"] = time.perf_counter() - t0
+    log(f"folded {len(heads)} head(s), {len(plan.tasks)} task(s) into {len(plan.graphs)} image graph(s)")
+    heads_meta = list(heads_meta or [{"method": h.name, "config": h.config.to_dict(),
+                                      "tasks": [t.name for t in h.tasks]} for h in heads])
+    manifest = build_manifest(plan, options, heads_meta)
+
+    tmp_ctx = tempfile.TemporaryDirectory(prefix="clipheads-export-") if workdir is None else None
+    work = Path(workdir or tmp_ctx.name)
+    try:
+        t0 = time.perf_counter()
+        plain = {}
+        for g in plan.graphs:
+            plain[g.name] = export_image_graph(g.encoder, work / f"plain_{g.name}", options.opset, options.exporter)
+            log(f"exported {g.name} ({g.kind}, {len(g.tasks)} task(s))")
+        text_plain = None
+        if options.text:
+            text_plain = export_text_graph(plan.text, work / "plain_text.onnx", options.opset, options.exporter)
+            log("exported text.onnx")
+        timings["export_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        gated, shipped, extra, fused_ops = _optimise(plan, plain, text_plain, options, work, log)
+        timings["optimise_s"] = time.perf_counter() - t0
+        manifest["fused_ops"] = fused_ops
+
+        t0 = time.perf_counter()
+        probes, desc = probe_images(plan.preprocess.image_size, options.probes, options.probe_seed)
+        gated = dict(gated)
+        text_gated = gated.pop("text.onnx", None)
+        parity = check_parity(plan, {k: str(v) for k, v in gated.items()}, options.precision,
+                              str(text_gated) if text_gated else None, probes, desc)
+        timings["parity_s"] = time.perf_counter() - t0
+        if options.precision != "fp32":  # the fp32 graphs' own gate, for the record
+            parity["fp32_reference_graphs"] = {
+                k: v for k, v in check_parity(plan, {k: str(v) for k, v in plain.items()}, "fp32", None, probes,
+                                              desc).items() if k in ("passed", "worst", "failures")}
+        manifest["parity"] = parity
+        log(f"parity ({options.precision}): {'passed' if parity['passed'] else 'FAILED'}"
+            + ("" if parity["passed"] else ": " + "; ".join(parity["failures"][:5])))
+        manifest["timings"] = {k: round(v, 3) for k, v in timings.items()}
+        written = None
+        if out is not None and (parity["passed"] or allow_parity_failure):
+            files = {**shipped, **extra}
+            ship_precision = "fp32" if options.target == "tensorrt" else options.precision
+            meta = {g.name: {"kind": "image", "precision": ship_precision} for g in plan.graphs}
+            meta["text.onnx"] = {"kind": "text", "precision": "fp32" if options.precision == "fp16" else ship_precision}
+            meta.update({k: {"kind": "image-fp16" if k != "text.fp16.onnx" else "text-fp16", "precision": "fp16"}
+                         for k in extra})
+            written = bundle_io.write_bundle(out, manifest, files, meta)
+            manifest = bundle_io.load_bundle(written).manifest
+            log(f"wrote {written}")
+        return ExportResult(parity["passed"], written, manifest, parity, timings)
+    finally:
+        if tmp_ctx is not None:
+            tmp_ctx.cleanup()
+
+
+def _optimise(plan: FoldPlan, plain: dict, text_plain: Optional[Path], options: ExportOptions, work: Path,
+              log: Callable[[str], None]) -> tuple[dict, dict, dict, dict]:
+    """-> (graphs to gate, graphs to ship, extra files to ship, fused-op report); keys are bundle
+    names ("image_0.onnx", "text.onnx")."""
+    from .optimize import fuse_transformer, to_fp16, tower_geometry
+    from .quantize import quantize_dynamic_int8, quantize_static_qdq
+
+    sources = dict(plain)
+    if text_plain is not None:
+        sources["text.onnx"] = text_plain
+    fused_ops: dict = {}
+    current = dict(sources)
+    if options.target == "onnx" and options.fuse and options.precision != "int8":
+        for name, src in sources.items():
+            tower = "text" if name == "text.onnx" else "vision"
+            try:
+                heads_, width = tower_geometry(plan.backbone, tower)
+                rep = fuse_transformer(src, work / f"fused_{name}", heads_, width,
+                                       use_gpu=options.precision == "fp16")
+                current[name] = work / f"fused_{name}"
+                fused_ops[name] = rep
+            except Exception as err:  # noqa: BLE001 - fusion is optional; the plain graph still works
+                fused_ops[name] = {"error": f"{type(err).__name__}: {err}"}
+        log("fusions: " + ", ".join(f"{k}: {v.get('fused', v.get('error'))}" for k, v in fused_ops.items()))
+    if options.precision == "fp16" and options.target == "onnx":
+        for name, src in list(current.items()):
+            if name != "text.onnx":  # see TEXT_STAYS_FP32
+                current[name] = to_fp16(src, work / f"fp16_{name}")
+        log("converted image graphs to fp16 (fp32 IO); text graph stays fp32")
+    elif options.precision == "fp16":  # tensorrt: fp32 ONNX (TRT 10 FP16 flag) + fp16 ONNX (TRT 11 strong typing)
+        fused_ops["note"] = "tensorrt target: fp32 graphs for the TRT 10 FP16 builder flag, *.fp16.onnx for TRT >= 11"
+        fp16 = {name: src if name == "text.onnx" else to_fp16(src, work / f"fp16_{name}") for name, src in current.items()}
+        extra = {name.replace(".onnx", ".fp16.onnx"): path for name, path in fp16.items() if name != "text.onnx"}
+        log("tensorrt fp16: gate runs the fp16 ONNX variants (what a strongly typed TRT 11 build compiles)")
+        return fp16, current, extra, fused_ops
+    elif options.precision == "int8":
+        for name, src in list(current.items()):
+            if name == "text.onnx" or options.int8_mode == "dynamic":
+                current[name] = quantize_dynamic_int8(src, work / f"int8_{name}")
+            else:
+                g = next(g for g in plan.graphs if g.name == name)
+                calib, _ = probe_images(plan.preprocess.image_size, 16, seed=options.probe_seed + 1)
+                if options.input_dtype == "float32":
+                    import numpy as np
+
+                    m = np.asarray(plan.preprocess.mean, np.float32).reshape(1, 3, 1, 1)
+                    s = np.asarray(plan.preprocess.std, np.float32).reshape(1, 3, 1, 1)
+                    calib = ((calib.astype(np.float32) / 255.0 - m) / s).astype(np.float32)
+                current[name] = quantize_static_qdq(src, work / f"int8_{name}", calib,
+                                                    sorted({t.task_index for t in g.tasks}))
+        log(f"quantized to int8 ({options.int8_mode})")
+    return current, current, {}, fused_ops

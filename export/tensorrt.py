@@ -1,0 +1,223 @@
+"""TensorRT engines for a bundle, built on the machine that runs them (ECOSYSTEM.md 3.3, 3.4).
+
+`tensorrt` (and CUDA) are imported lazily: everything above `build_engine` is pure logic and is
+unit-tested without a GPU. The engine build follows the TensorRT 10/11 Python API:
+
+    builder.create_network(flags)               # explicit batch is the only mode in TRT 10+
+    OnnxParser(network, logger).parse(bytes)
+    config.set_memory_pool_limit(WORKSPACE, ...)
+    profile.set_shape(name, min, opt, max)       # one profile spanning 1..max_batch
+    config.set_timing_cache(cache)              # persisted next to the bundle, reused across builds
+    FP16: TRT 10 -> BuilderFlag.FP16 on the fp32 graph (weak typing)
+          TRT 11 -> the bundle's *.fp16.onnx built with NetworkDefinitionCreationFlag.STRONGLY_TYPED
+                    (TRT 11 removed BuilderFlag.FP16)
+    builder.build_serialized_network(network, config)
+
+Each engine is tagged with (GPU name, compute capability, TensorRT version, precision, profile,
+sha256 of the ONNX it came from); `engine_compatible(tag, current)` decides whether an engine
+found in a bundle may run here. Incompatible engines are rebuilt by `build-engine`; a runtime
+that cannot rebuild must refuse them with the reason.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Optional
+
+from . import bundle as bundle_io
+
+
+class TensorRTUnavailable(RuntimeError):
+    """`tensorrt` or a CUDA GPU is not available on this machine."""
+
+
+# ---- pure logic -----------------------------------------------------------------------------
+def parse_version(v: str) -> tuple[int, ...]:
+    out = []
+    for part in str(v).split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out + [0] * (3 - len(out)))
+
+
+def build_strategy(trt_version: str, precision: str) -> dict:
+    """How to build `precision` with this TensorRT: which ONNX variant, strong typing, FP16 flag."""
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"TensorRT engines are built as fp32 or fp16, not {precision!r}")
+    major = parse_version(trt_version)[0]
+    if major < 10:
+        raise ValueError(f"TensorRT {trt_version} is too old: bundles need TensorRT >= 10 (JetPack 6 ships 10.3)")
+    if precision == "fp32":
+        return {"onnx": "fp32", "strongly_typed": major >= 11, "fp16_flag": False}
+    if major >= 11:  # BuilderFlag.FP16 is gone: the graph's own types decide
+        return {"onnx": "fp16", "strongly_typed": True, "fp16_flag": False}
+    return {"onnx": "fp32", "strongly_typed": False, "fp16_flag": True}
+
+
+def profile_shapes(inputs: list[dict], min_batch: int, opt_batch: int, max_batch: int) -> dict:
+    """{input: (min, opt, max)} shapes from a manifest graph's inputs; the batch dim is dynamic."""
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise ValueError(f"need 1 <= min <= opt <= max batch, got {min_batch}, {opt_batch}, {max_batch}")
+    out = {}
+    for inp in inputs:
+        dims = list(inp["shape"])
+        rest = []
+        for d in dims[1:]:
+            if not isinstance(d, int):
+                raise ValueError(f"input {inp['name']!r} has a dynamic non-batch dim {d!r}; engines need static ones")
+            rest.append(d)
+        out[inp["name"]] = tuple(tuple([b] + rest) for b in (min_batch, opt_batch, max_batch))
+    return out
+
+
+def engine_tag(gpu_name: str, compute_capability: tuple[int, int] | str, trt_version: str, precision: str,
+               profile: Mapping[str, int], onnx_sha256: str, version_compatible: bool = False) -> dict:
+    cc = compute_capability if isinstance(compute_capability, str) else f"{compute_capability[0]}.{compute_capability[1]}"
+    return {"gpu_name": gpu_name, "compute_capability": cc, "tensorrt_version": str(trt_version),
+            "precision": precision, "profile": dict(profile), "onnx_sha256": onnx_sha256,
+            "version_compatible": bool(version_compatible)}
+
+
+def engine_compatible(tag: Mapping, current: Mapping) -> tuple[bool, str]:
+    """Can an engine tagged `tag` run where `current` describes (same keys as engine_tag)?
+
+    Engines are tied to the GPU model and the exact TensorRT version (unless built
+    version-compatible, then any newer TRT of the same major runs them). The ONNX it was built
+    from, the precision and the batch profile must match what the bundle asks for now."""
+    for key in ("gpu_name", "compute_capability", "tensorrt_version", "precision", "onnx_sha256"):
+        if key not in tag:
+            return False, f"engine tag has no {key!r}"
+    if tag["compute_capability"] != current.get("compute_capability"):
+        return False, (f"built for compute capability {tag['compute_capability']} ({tag['gpu_name']}), "
+                       f"this GPU is {current.get('compute_capability')} ({current.get('gpu_name')})")
+    if tag["gpu_name"] != current.get("gpu_name"):
+        return False, f"built on {tag['gpu_name']!r}, this GPU is {current.get('gpu_name')!r}"
+    built, now = parse_version(tag["tensorrt_version"]), parse_version(current.get("tensorrt_version", "0"))
+    if tag.get("version_compatible"):
+        if built[0] != now[0] or now < built:
+            return False, f"version-compatible engine from TensorRT {tag['tensorrt_version']} cannot run on {current.get('tensorrt_version')}"
+    elif built != now:
+        return False, f"built with TensorRT {tag['tensorrt_version']}, this machine has {current.get('tensorrt_version')}"
+    if tag["onnx_sha256"] != current.get("onnx_sha256"):
+        return False, "the ONNX graph changed since the engine was built"
+    if "precision" in current and tag["precision"] != current["precision"]:
+        return False, f"engine is {tag['precision']}, {current['precision']} requested"
+    if "profile" in current and dict(tag.get("profile") or {}) != dict(current["profile"]):
+        return False, f"engine batch profile {tag.get('profile')} != requested {current['profile']}"
+    return True, "compatible"
+
+
+def engine_name(graph: str, precision: str) -> str:
+    return graph.replace(".onnx", f".{precision}.plan")
+
+
+# ---- TensorRT / CUDA ------------------------------------------------------------------------
+def _import_trt():
+    try:
+        import tensorrt as trt
+    except Exception as err:  # noqa: BLE001
+        raise TensorRTUnavailable(
+            f"the `tensorrt` Python package is not importable here ({type(err).__name__}: {err}); "
+            "build engines on the target GPU / Jetson (JetPack ships TensorRT), e.g. pip install tensorrt"
+        ) from None
+    return trt
+
+
+def current_device(trt_version: Optional[str] = None) -> dict:
+    """GPU name, compute capability and TensorRT version of this machine."""
+    trt = _import_trt()
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TensorRTUnavailable("no CUDA GPU visible (torch.cuda.is_available() is False)")
+        name = torch.cuda.get_device_name(0)
+        cc = torch.cuda.get_device_capability(0)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        raise TensorRTUnavailable("cannot query the GPU without torch.cuda") from None
+    return {"gpu_name": name, "compute_capability": f"{cc[0]}.{cc[1]}", "tensorrt_version": trt_version or trt.__version__}
+
+
+def build_engine(onnx_path: str | Path, engine_path: str | Path, shapes: Mapping[str, tuple], precision: str = "fp16",
+                 workspace_gb: float = 2.0, timing_cache: Optional[str | Path] = None,
+                 log: Callable[[str], None] = lambda m: None) -> dict:
+    """Build and serialise one engine. Returns build info (strategy, seconds)."""
+    trt = _import_trt()
+    strategy = build_strategy(trt.__version__, precision)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if strategy["strongly_typed"]:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(Path(onnx_path).read_bytes()):
+        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errs}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if strategy["fp16_flag"]:
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    for name, (mn, opt, mx) in shapes.items():
+        profile.set_shape(name, mn, opt, mx)
+    config.add_optimization_profile(profile)
+    cache = None
+    if timing_cache is not None:
+        blob = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
+        cache = config.create_timing_cache(blob)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    t0 = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
+    Path(engine_path).write_bytes(bytes(serialized))
+    if cache is not None:
+        Path(timing_cache).write_bytes(bytes(cache.serialize()))
+    return {"strategy": strategy, "build_s": round(time.perf_counter() - t0, 2)}
+
+
+def build_bundle_engines(root: str | Path, workspace_gb: float = 2.0, timing_cache: Optional[str | Path] = None,
+                         precision: Optional[str] = None, force: bool = False,
+                         log: Callable[[str], None] = lambda m: None) -> dict:
+    """Build (or keep, when compatible) one engine per graph of the bundle, on this machine."""
+    b = bundle_io.load_bundle(root)
+    m = dict(b.manifest)
+    precision = precision or ("fp16" if m.get("precision") == "fp16" else "fp32")
+    trt = _import_trt()
+    here = current_device(trt.__version__)
+    prof = (m.get("tensorrt") or {}).get("profile") or {"min": 1, "opt": 32, "max": int(m.get("max_batch", 64))}
+    engines = dict((m.get("tensorrt") or {}).get("engines") or {})
+    cache = Path(timing_cache) if timing_cache else b.root / "trt.timing.cache"
+    report = {}
+    for graph in b.image_graphs() + ([b.text_graph] if b.text_graph else []):
+        gprec = precision
+        if graph == b.text_graph and precision == "fp16" and graph.replace(".onnx", ".fp16.onnx") not in m["graphs"]:
+            gprec = "fp32" if build_strategy(here["tensorrt_version"], "fp16")["strongly_typed"] else "fp16"
+        strategy = build_strategy(here["tensorrt_version"], gprec)
+        src = graph.replace(".onnx", ".fp16.onnx") if strategy["onnx"] == "fp16" else graph
+        if src not in m["graphs"]:
+            raise ValueError(f"{graph}: TensorRT {here['tensorrt_version']} builds fp16 strongly typed from {src}, "
+                             "which this bundle lacks; re-export with --target tensorrt --precision fp16")
+        want = {**here, "precision": gprec, "profile": prof, "onnx_sha256": m["graphs"][src]["sha256"]}
+        old = engines.get(graph)
+        if old and not force and (b.root / old["engine"]).is_file():
+            ok, why = engine_compatible(old["tag"], want)
+            if ok:
+                report[graph] = {"status": "kept", "engine": old["engine"]}
+                continue
+            log(f"{graph}: existing engine not usable here ({why}); rebuilding")
+        shapes = profile_shapes(m["graphs"][src]["inputs"], prof["min"], prof["opt"], prof["max"])
+        out = b.root / f".{engine_name(graph, gprec)}.build"
+        log(f"{graph}: building {gprec} engine from {src} ({strategy})")
+        info = build_engine(b.root / src, out, shapes, gprec, workspace_gb, cache, log)
+        tag = engine_tag(here["gpu_name"], here["compute_capability"], here["tensorrt_version"], gprec, prof,
+                         m["graphs"][src]["sha256"])
+        name = engine_name(graph, gprec)
+        m = bundle_io.add_file(b.root, m, name, out, kind="engine", precision=gprec, tag=tag, source=src)
+        out.unlink(missing_ok=True)
+        engines[graph] = {"engine": name, "tag": tag, **info}
+        m["tensorrt"] = {**(m.get("tensorrt") or {}), "engines": engines}
+        bundle_io.update_manifest(b.root, m)
+        report[graph] = {"status": "built", "engine": name, **info}
+    return {"bundle": str(b.root), "device": here, "engines": report}
