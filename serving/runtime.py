@@ -62,6 +62,7 @@ class Runtime(ABC):
     identity: str  # backbone fingerprint: few-shot tasks persisted under one identity only
     base_path: int = 0
     logit_scale: float = 100.0
+    has_text: bool = True  # False: a bundle without a text graph (no request-time labels)
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # sessions/modules are driven from one thread at a time
@@ -102,13 +103,15 @@ class Runtime(ABC):
             logits, feats = self.run_path(p, x)
             if not (np.isfinite(logits).all() and np.isfinite(feats).all()):
                 raise RuntimeError_(f"warm-up produced non-finite outputs on path {self.paths[p]}")
-        self.encode_texts(["a photo of a thing."])
+        if self.has_text:
+            self.encode_texts(["a photo of a thing."])
 
     def describe(self) -> dict:
         return {
             "runtime": self.name,
             "identity": self.identity,
             "image_size": int(self.preprocess["image_size"]),
+            "has_text": self.has_text,
             "paths": list(self.paths),
             "tasks": [{"name": t.name, "labels": list(t.classnames), "path": t.path} for t in self.tasks.values()],
         }
@@ -255,6 +258,9 @@ class OnnxRuntime(Runtime):
         threads = int(os.environ.get("CLIPHEADS_ORT_THREADS", "0"))
         if threads:
             opts.intra_op_num_threads = threads
+        spin = os.environ.get("CLIPHEADS_ORT_SPIN", "")
+        if spin in ("0", "1"):  # "0": idle intra-op threads sleep instead of spinning (shared cores)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
         self._sessions: dict[str, "ort.InferenceSession"] = {}
 
         def session(fname: str):
@@ -283,6 +289,7 @@ class OnnxRuntime(Runtime):
         self._inputs = {f: {i.name for i in s.get_inputs()} for f, s in self._sessions.items()}
         text = m.get("text") or {}
         self._text = session(text["graph"]) if text.get("graph") else None
+        self.has_text = self._text is not None
         self._ctx_len = int(text.get("context_length", 77))
         self._tokenizer = None
         self._tokenizer_name = text.get("tokenizer") or bb.get("arch")

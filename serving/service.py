@@ -4,7 +4,7 @@
                                          zero-shot label cache, response shaping)
                                            | bentoml.depends (local unix socket)
                                            v
-                                         Encoder (Runtime: ORT / torch; adaptive batching)
+                                         Encoder (Runtime: ORT / torch; continuous batching)
 
 Start it with `clipheads serve BUNDLE|HEAD` (serving/cli.py) or
 `CLIPHEADS_SOURCE=... bentoml serve serving.service:ClipHeads`. Everything is configured from
@@ -36,6 +36,7 @@ from typing import Any, Optional
 from urllib.parse import unquote
 
 import bentoml
+from bentoml.exceptions import ServiceUnavailable
 import numpy as np
 
 from .images import DEFAULT_MAX_PIXELS, DecodeSpec, ImageRejected, decode_image
@@ -66,8 +67,8 @@ class ServeConfig:
     max_templates: int = 16  # CLIPHEADS_MAX_TEMPLATES
     max_concurrency: int = 64  # CLIPHEADS_MAX_CONCURRENCY in-flight API requests, then 429
     timeout_s: int = 30  # CLIPHEADS_TIMEOUT_S per request, then 504
-    max_batch_size: int = 64  # CLIPHEADS_MAX_BATCH_SIZE encoder adaptive batching
-    max_latency_ms: int = 10_000  # CLIPHEADS_MAX_LATENCY_MS (small values cause 503s)
+    max_batch_size: int = 64  # CLIPHEADS_MAX_BATCH_SIZE images per encoder pass
+    batch_wait_ms: int = 0  # CLIPHEADS_BATCH_WAIT_MS extra wait for more images before a pass (GPU: 2-5)
     decode_threads: int = 2  # CLIPHEADS_DECODE_THREADS
     auth_token: str = field(default="", repr=False)  # CLIPHEADS_AUTH_TOKEN: bearer token; "" = no auth
 
@@ -89,7 +90,7 @@ class ServeConfig:
             max_concurrency=_env_int("CLIPHEADS_MAX_CONCURRENCY", d.max_concurrency),
             timeout_s=_env_int("CLIPHEADS_TIMEOUT_S", d.timeout_s),
             max_batch_size=_env_int("CLIPHEADS_MAX_BATCH_SIZE", d.max_batch_size),
-            max_latency_ms=_env_int("CLIPHEADS_MAX_LATENCY_MS", d.max_latency_ms),
+            batch_wait_ms=_env_int("CLIPHEADS_BATCH_WAIT_MS", d.batch_wait_ms),
             decode_threads=_env_int("CLIPHEADS_DECODE_THREADS", d.decode_threads),
             auth_token=e("CLIPHEADS_AUTH_TOKEN", ""),
         )
@@ -115,12 +116,17 @@ IN_FLIGHT = bentoml.metrics.Gauge(
     name="clipheads_in_flight", documentation="API requests being processed (admitted by the guard)",
     multiprocess_mode="livesum",
 )
+ENCODER_BATCH = bentoml.metrics.Histogram(
+    name="clipheads_encoder_batch_size", documentation="Images per encoder pass (continuous batching)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+ENCODER_QUEUE = bentoml.metrics.Gauge(
+    name="clipheads_encoder_queue_images", documentation="Images waiting for an encoder pass",
+    multiprocess_mode="livesum",
+)
 RUNTIME_ERRORS = bentoml.metrics.Counter(
     name="clipheads_runtime_errors_total", documentation="Unexpected runtime failures", labelnames=["runtime"],
 )
-
-
-WARM_CALLS = 12  # > the number of calls BentoML's CorkDispatcher spends training (2 + 6 + 1 + 1 + 1)
 
 
 class EncoderFailure(RuntimeError):
@@ -400,6 +406,12 @@ class Encoder:
             self.runtime = getattr(importlib.import_module(mod), fn)(self.runtime)
             log.warning("runtime wrapped by CLIPHEADS_RUNTIME_HOOK=%s", hook)
         self.error: Optional[str] = None
+        import collections
+
+        self._queue: collections.deque = collections.deque()
+        self._wake = asyncio.Event()
+        self._runner: Optional[asyncio.Future] = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
         try:
             self.runtime.warmup()
         except Exception as err:  # noqa: BLE001 - reported through readiness, not a crash loop
@@ -407,18 +419,67 @@ class Encoder:
             log.exception("runtime warm-up failed")
         log.info("encoder ready: %s on %s", self.runtime.name, CONFIG.source)
 
-    @bentoml.api(batchable=True, max_batch_size=CONFIG.max_batch_size, max_latency_ms=CONFIG.max_latency_ms)
-    def encode(self, jobs: list[Any]) -> list[Any]:
-        """jobs: one per image, {"paths": [int], "pixels": (3, S, S) uint8} ->
-        [{"logits": {path: (C_path,)}, "features": {path: (E,)}}] or {"error": "internal"}.
+    @bentoml.api
+    async def encode(self, jobs: list[Any], deadline: float = 0.0) -> list[Any]:
+        """jobs: one per image of ONE request, {"paths": [int], "pixels": (3, S, S) uint8} ->
+        per image {"logits": {path: (C_path,)}, "features": {path: (E,)}} or {"error": kind}.
+        `deadline` (epoch seconds, 0 = none): the front has given up after it; the pass skips it.
 
-        Adaptive batching collects images from concurrent requests (max_batch_size counts images);
-        the encoder runs one runtime pass per distinct path over every image that needs it, so an
-        image asked for by several tasks on one path is encoded once. If a batched pass raises,
-        each image is retried alone, so a failure fails only the request(s) that cause it."""
+        Continuous batching (instead of BentoML's adaptive batching, whose latency model sheds
+        queued requests with 503s when one pass takes seconds on a CPU): requests queue here; one
+        runner thread takes everything queued (up to CLIPHEADS_MAX_BATCH_SIZE images) as soon as
+        the previous pass ends, so the batch grows with the load and an idle server adds no wait.
+        One runtime pass per distinct path; if it raises, each image is retried alone, so a failure
+        fails only the request(s) that cause it."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._queue.append((jobs, float(deadline or 0.0), fut))
+        ENCODER_QUEUE.inc(len(jobs))
+        self._wake.set()
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.ensure_future(self._run_batches())
+        return await fut
+
+    async def _run_batches(self) -> None:
+        loop = asyncio.get_running_loop()
+        cap = max(1, CONFIG.max_batch_size)
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if CONFIG.batch_wait_ms > 0 and sum(len(q[0]) for q in self._queue) < cap:
+                await asyncio.sleep(CONFIG.batch_wait_ms / 1000)
+            take, n, now = [], 0, time.time()
+            while self._queue and (n == 0 or n + len(self._queue[0][0]) <= cap):
+                jobs, deadline, fut = self._queue.popleft()
+                ENCODER_QUEUE.dec(len(jobs))
+                if fut.done():
+                    continue
+                if deadline and now > deadline:  # the front already answered 504: skip the work
+                    fut.set_result([{"error": "timeout"}] * len(jobs))
+                    continue
+                take.append((jobs, fut))
+                n += len(jobs)
+            if not take:
+                continue
+            flat = [j for jobs, _ in take for j in jobs]
+            ENCODER_BATCH.observe(len(flat))
+            try:
+                res = await loop.run_in_executor(self._pool, self._encode_isolated, flat)
+            except Exception:  # noqa: BLE001 - never let the runner die
+                log.exception("encoder pass failed")
+                res = [{"error": "internal"}] * len(flat)
+            i = 0
+            for jobs, fut in take:
+                if not fut.done():
+                    fut.set_result(res[i:i + len(jobs)])
+                i += len(jobs)
+
+    def _encode_isolated(self, jobs: list[Any]) -> list[Any]:
         try:
             return self._encode_batch(jobs)
-        except Exception:  # noqa: BLE001 - isolate: find the failing request(s)
+        except Exception:  # noqa: BLE001 - isolate: find the failing image(s)
             if len(jobs) == 1:
                 log.exception("runtime failure")
                 return [{"error": "internal"}]
@@ -522,11 +583,8 @@ class ClipHeads:
                 s = int(self.info["image_size"])
                 px = np.full((1, 3, s, s), 127, np.uint8)
                 await self._encode(px, list(range(len(self.info["paths"]))), count=False)
-                # BentoML's adaptive batcher "trains" on its first ~11 calls, dispatching them one at
-                # a time; spend that phase here (tiny passes) rather than on the first real traffic.
-                for _ in range(WARM_CALLS):
-                    await self._encode(px, [self.info["base_path"]], count=False)
-                await self.encoder.to_async.encode_texts(["a photo of a thing."])
+                if self.info.get("has_text", True):
+                    await self.encoder.to_async.encode_texts(["a photo of a thing."])
                 self.encoder_pid = ping["pid"]
                 self.ready, self.failures = True, 0
             except Exception as err:  # noqa: BLE001
@@ -597,7 +655,7 @@ class ClipHeads:
         except TaskStoreError as err:
             return self._error(ctx, endpoint, ApiError(err.http_status, err.kind, err.detail))
         except Exception as err:  # noqa: BLE001 - a runtime failure: generic body, no internals
-            if "overloaded" in str(err).lower():
+            if isinstance(err, ServiceUnavailable) or "overloaded" in str(err).lower():
                 return self._error(ctx, endpoint, ApiError(503, "overloaded", "encoder queue is full; retry shortly"))
             log.exception("internal error in %s", endpoint)
             RUNTIME_ERRORS.labels(runtime=(self.info or {}).get("runtime", "?")).inc()
@@ -671,6 +729,10 @@ class ClipHeads:
     async def _text_weights(self, labels: list[str], templates: tuple[str, ...]) -> np.ndarray:
         key = (tuple(labels), templates)
 
+        if not self.info.get("has_text", True):
+            raise ApiError(422, "text_unavailable", "this bundle has no text graph: request-time labels and "
+                           "few-shot tasks are unavailable; classify with the bundle's tasks")
+
         async def compute() -> np.ndarray:
             texts = [t.format(lab.replace("_", " ")) for lab in labels for t in templates]
             f = np.asarray(await self._call_encoder("encode_texts", texts), np.float32)
@@ -683,14 +745,14 @@ class ClipHeads:
             self.text_cache.put(key, cached)
         return cached
 
-    async def _call_encoder(self, method: str, arg):
+    async def _call_encoder(self, method: str, arg, **kw):
         """Encoder calls are idempotent: retry when a pooled keep-alive connection to the encoder's
         socket was closed under us (aiohttp ServerDisconnected / reset under load)."""
         import aiohttp
 
         for attempt in range(3):
             try:
-                return await getattr(self.encoder.to_async, method)(arg)
+                return await getattr(self.encoder.to_async, method)(arg, **kw)
             except aiohttp.ClientConnectionError:
                 if attempt == 2:
                     raise
@@ -701,8 +763,10 @@ class ClipHeads:
         """One encoder call per request: one job per image (uint8), each naming every path it
         needs, so an image is sent once and encoded once per distinct path."""
         jobs = [{"paths": paths, "pixels": px} for px in pixels]
-        res = await self._call_encoder("encode", jobs)
+        res = await self._call_encoder("encode", jobs, deadline=time.time() + self.cfg.timeout_s)
         if len(res) != len(jobs) or any("error" in r for r in res):
+            if any(r.get("error") == "timeout" for r in res):
+                raise ApiError(504, "timeout", f"not processed within {self.cfg.timeout_s} s")
             raise EncoderFailure("the encoder failed on this request")
         if count:
             IMAGES.labels(runtime=self.info["runtime"]).inc(len(pixels))

@@ -340,7 +340,7 @@ def test_metrics_count_requests_rejections_and_tasks(server):
     assert 'clipheads_rejections_total{kind="unsupported_media_type"}' in text
     assert 'clipheads_task_predictions_total{task="color"}' in text
     assert 'clipheads_images_total{runtime="torch-cpu"}' in text
-    assert "bentoml_service_adaptive_batch_size" in text
+    assert "clipheads_encoder_batch_size_bucket" in text
 
 
 def test_openapi_schema_lists_endpoints(server):

@@ -61,27 +61,70 @@ def jpeg(seed: int, size=(320, 240)) -> bytes:
     return buf.getvalue()
 
 
-def raw_bench(source: str, runtime: str, blobs: list[bytes], duration: float) -> dict:
-    from serving.images import DecodeSpec, decode_image
-    from serving.runtime import open_runtime, register_extra_model_configs
+class Raw:
+    """The runtime in this process, no HTTP: images/s on pre-decoded pixels (batch 32), measured
+    right before and after every service level so both see the same machine load."""
 
-    register_extra_model_configs()
-    rt = open_runtime(source, runtime)
-    spec = DecodeSpec.from_preprocess(rt.preprocess)
-    px = np.stack([decode_image(b, spec) for b in blobs[:32]])
-    rt.classify(px)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < duration:
-        rt.classify(px)
-        n += len(px)
-    model_ips = n / (time.perf_counter() - t0)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < duration:
-        rt.classify(np.stack([decode_image(b, spec) for b in blobs[:32]]))
-        n += 32
-    e2e_ips = n / (time.perf_counter() - t0)
-    return {"runtime": rt.name, "batch": 32, "images_per_s": round(model_ips, 1),
-            "decode_plus_runtime_images_per_s": round(e2e_ips, 1)}
+    def __init__(self, source: str, runtime: str, blobs: list[bytes]):
+        from serving.images import DecodeSpec, decode_image
+        from serving.runtime import open_runtime, register_extra_model_configs
+
+        register_extra_model_configs()
+        self.rt = open_runtime(source, runtime)
+        self.spec = DecodeSpec.from_preprocess(self.rt.preprocess)
+        self.blobs = blobs[:32]
+        self.decode = lambda: np.stack([decode_image(b, self.spec) for b in self.blobs])
+        self.px = self.decode()
+        self.rt.classify(self.px)
+
+    def model_ips(self, duration: float) -> float:
+        n, t0 = 0, time.perf_counter()
+        while n == 0 or time.perf_counter() - t0 < duration:
+            self.rt.classify(self.px)
+            n += len(self.px)
+        return n / (time.perf_counter() - t0)
+
+    def decode_plus_model_ips(self, duration: float) -> float:
+        n, t0 = 0, time.perf_counter()
+        while n == 0 or time.perf_counter() - t0 < duration:
+            self.rt.classify(self.decode())
+            n += len(self.px)
+        return n / (time.perf_counter() - t0)
+
+
+def server_procs(proc) -> dict:
+    """{'front': psutil.Process, 'encoder': ...} of a `clipheads serve` started by this script."""
+    import psutil
+
+    out = {}
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        cmd = " ".join(p.cmdline())
+        if "_bentoml_impl.worker.service" in cmd:
+            out["encoder" if "clipheads_encoder" in cmd else "front"] = p
+    return out
+
+
+def cpu_seconds(procs: dict) -> dict:
+    out = {}
+    for k, p in procs.items():
+        t = p.cpu_times()
+        out[k] = t.user + t.system
+    t = os.times()
+    out["client"] = t.user + t.system
+    return out
+
+
+def batch_stats(url: str) -> tuple[float, float]:
+    """(sum, count) of BentoML's adaptive batch size histogram on the encoder."""
+    import httpx
+
+    s = c = 0.0
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("bentoml_service_adaptive_batch_size_sum"):
+            s += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("bentoml_service_adaptive_batch_size_count"):
+            c += float(line.rsplit(" ", 1)[1])
+    return s, c
 
 
 async def drive(url: str, blobs: list[bytes], concurrency: int, duration: float, token: str | None) -> dict:
@@ -119,7 +162,7 @@ async def drive(url: str, blobs: list[bytes], concurrency: int, duration: float,
             "p95_ms": round(float(np.percentile(ms, 95)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1)}
 
 
-def start_server(source: str, runtime: str, workdir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(source: str, runtime: str, workdir: Path, extra_env: list[str]) -> tuple[subprocess.Popen, str]:
     import httpx
 
     with socket.socket() as s:
@@ -127,6 +170,7 @@ def start_server(source: str, runtime: str, workdir: Path) -> tuple[subprocess.P
         port = s.getsockname()[1]
     env = dict(os.environ, BENTOML_DO_NOT_TRACK="true", BENTOML_HOME=str(workdir / "bentoml-home"),
                CLIPHEADS_MODEL_CONFIGS=str(REPO / "tests" / "model_configs"), CLIPHEADS_MAX_CONCURRENCY="256")
+    env.update(kv.split("=", 1) for kv in extra_env)
     log = open(workdir / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "serving.cli", source, "--port", str(port), "--runtime", runtime],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -172,6 +216,8 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--out", default=str(REPO / "bench" / "serving" / "results"))
     ap.add_argument("--tag", default=None)
+    ap.add_argument("--note", default="", help="free text recorded with the results")
+    ap.add_argument("--server-env", nargs="*", default=[], help="KEY=VALUE settings for the server (CLIPHEADS_*)")
     args = ap.parse_args(argv)
     os.environ.setdefault("CLIPHEADS_MODEL_CONFIGS", str(REPO / "tests" / "model_configs"))
     work = Path(tempfile.mkdtemp(prefix="clipheads-load-"))
@@ -179,18 +225,31 @@ def main(argv=None) -> int:
     blobs = [jpeg(i) for i in range(64)]
     info = machine()
     print("raw runtime ...", file=sys.stderr)
-    raw = raw_bench(source, args.runtime, blobs, args.duration)
+    raw = Raw(source, args.runtime, blobs)
+    raw_decode = raw.decode_plus_model_ips(args.duration)
     proc = None
     url = args.url
     if url is None:
-        proc, url = start_server(source, args.runtime, work)
+        proc, url = start_server(source, args.runtime, work, args.server_env)
+    procs = server_procs(proc) if proc is not None else {}
+    levels = []
+    raw_runs = [raw.model_ips(args.duration)]
     try:
-        levels = []
         for c in args.concurrency:
-            asyncio.run(drive(url, blobs, c, min(2.0, args.duration), args.token))  # warm
+            asyncio.run(drive(url, blobs, c, min(3.0, args.duration), args.token))  # warm
+            b0, cpu0, t0 = batch_stats(url), cpu_seconds(procs), time.perf_counter()
             r = asyncio.run(drive(url, blobs, c, args.duration, args.token))
-            r["fraction_of_raw"] = round(r["images_per_s"] / raw["images_per_s"], 3)
-            r["fraction_of_raw_decode"] = round(r["images_per_s"] / raw["decode_plus_runtime_images_per_s"], 3)
+            wall = time.perf_counter() - t0
+            b1, cpu1 = batch_stats(url), cpu_seconds(procs)
+            raw_runs.append(raw.model_ips(args.duration))
+            ref = (raw_runs[-2] + raw_runs[-1]) / 2
+            r["raw_before_after"] = [round(raw_runs[-2], 1), round(raw_runs[-1], 1)]
+            r["fraction_of_raw"] = round(r["images_per_s"] / ref, 3)
+            r["fraction_of_raw_decode"] = round(r["images_per_s"] / raw_decode, 3)
+            r["mean_encoder_batch"] = round((b1[0] - b0[0]) / max(1.0, b1[1] - b0[1]), 1)
+            n = max(1, r["requests_ok"])
+            r["cpu_ms_per_image"] = {k: round(1000 * (cpu1[k] - cpu0[k]) / n, 2) for k in cpu1}
+            r["cpu_busy_fraction_of_2_cores"] = round(sum(cpu1[k] - cpu0[k] for k in cpu1) / (wall * (os.cpu_count() or 1)), 2)
             levels.append(r)
             print(json.dumps(r), file=sys.stderr)
     finally:
@@ -198,8 +257,12 @@ def main(argv=None) -> int:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(30)
     info["loadavg_after"] = os.getloadavg()
-    tag = args.tag or (Path(source).name.split(".")[0] + f"-{raw['runtime']}")
-    result = {"tag": tag, "source": Path(source).name, "machine": info, "raw": raw, "service": levels,
+    raw_summary = {"runtime": raw.rt.name, "batch": 32, "images_per_s_runs": [round(x, 1) for x in raw_runs],
+                   "images_per_s": round(float(np.mean(raw_runs)), 1),
+                   "decode_plus_runtime_images_per_s": round(raw_decode, 1)}
+    tag = args.tag or (Path(source).name.split(".")[0] + f"-{raw.rt.name}")
+    result = {"tag": tag, "source": Path(source).name, "machine": info, "raw": raw_summary, "service": levels,
+              "server_env": args.server_env, "note": args.note,
               "request": "POST /classify, 1 JPEG 320x240 per request, all tasks", "duration_s": args.duration}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -208,14 +271,21 @@ def main(argv=None) -> int:
           f"Machine: {info['cpu']}, {info['cores']} cores; load average before {info['loadavg_before']}, after "
           f"{info['loadavg_after']} (shared with other jobs: numbers are contended).",
           f"Versions: python {info['python']}, torch {info['torch']}, onnxruntime {info['onnxruntime']}, bentoml {info['bentoml']}.",
-          f"Request: {result['request']}; {args.duration:g} s per level.", "",
-          f"Raw runtime ({raw['runtime']}, batch 32, no HTTP): **{raw['images_per_s']} images/s**; "
-          f"with JPEG decode+resize in the loop: {raw['decode_plus_runtime_images_per_s']} images/s.", "",
-          "| concurrency | images/s | p50 ms | p95 ms | p99 ms | errors | vs raw | vs raw decode+runtime |",
-          "|---:|---:|---:|---:|---:|---|---:|---:|"]
+          f"Request: {result['request']}; {args.duration:g} s per level. Server env: {args.server_env or 'defaults'}.",
+          *( [f"Note: {args.note}"] if args.note else []), "",
+          f"Raw runtime ({raw.rt.name}, batch 32, pre-decoded pixels, no HTTP), measured before the first level "
+          f"and after each one: {raw_summary['images_per_s_runs']} images/s; with JPEG decode+resize in the loop: "
+          f"{raw_summary['decode_plus_runtime_images_per_s']} images/s. Each level is compared with the mean of "
+          "the raw runs just before and after it.", "",
+          "| concurrency | images/s | p50 ms | p95 ms | p99 ms | errors | raw before/after | **vs raw** | vs raw decode+runtime "
+          "| mean encoder batch | CPU ms/image front / encoder / client | CPU busy (of all cores) |",
+          "|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---|---:|"]
     for r in levels:
+        cpu = r["cpu_ms_per_image"]
         md.append(f"| {r['concurrency']} | {r['images_per_s']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | "
-                  f"{r['errors'] or '-'} | {r['fraction_of_raw']:.0%} | {r['fraction_of_raw_decode']:.0%} |")
+                  f"{r['errors'] or '-'} | {r['raw_before_after']} | **{r['fraction_of_raw']:.0%}** | "
+                  f"{r['fraction_of_raw_decode']:.0%} | {r['mean_encoder_batch']} | "
+                  f"{cpu.get('front', '-')} / {cpu.get('encoder', '-')} / {cpu['client']} | {r['cpu_busy_fraction_of_2_cores']:.0%} |")
     (out / f"{tag}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
