@@ -77,6 +77,18 @@ def make_head(arch: str, configs: Path | None, d: Path) -> Path:
     return save_head(head, d / f"{arch}.head.safetensors")
 
 
+def make_bundle(head: Path, d: Path) -> Path:
+    """Export the head with the real exporter (fp32 ONNX, ORT fusions, parity-gated)."""
+    from export.cli import load_heads
+    from export.pipeline import ExportOptions, export_heads
+
+    heads, meta, pre = load_heads([str(head)])
+    res = export_heads(heads, d / (head.name.split(".")[0] + ".bundle"), ExportOptions(probes=8, text=False), meta, pre)
+    if not res.passed or res.bundle is None:
+        raise SystemExit(f"export parity gate failed: {res.parity.get('failures')}")
+    return Path(res.bundle)
+
+
 def make_images(d: Path, n: int) -> None:
     """Photo-like JPEGs (smooth gradients + noise), 320x240 and 240x320, quality 90."""
     from PIL import Image
@@ -111,13 +123,14 @@ def bench_raw(rt, images: Path, batch: int, repeats: int = 2) -> dict:
     return {"images_per_s": best, "decode_only_images_per_s_1_thread": len(px) / decode_s, "n": len(px)}
 
 
-def bench_engine(head: Path, images: Path, out: Path, batch: int, engine: str, workers: int, runtime=None) -> dict:
+def bench_engine(head: Path, images: Path, out: Path, batch: int, engine: str, workers: int, runtime=None,
+                 kind: str = "torch") -> dict:
     from serving.score import ScoreJob, score
 
     if out.exists():
         shutil.rmtree(out)
     s = score(ScoreJob(source=str(head), input=str(images), output=str(out), batch_size=batch, workers=workers,
-                       engine=engine, runtime="torch", progress=False, shard_size=1024), runtime=runtime)
+                       engine=engine, runtime=kind, progress=False, shard_size=1024), runtime=runtime)
     return {"images_per_s": s.images_per_s, "seconds": s.seconds, "scored": s.scored,
             "peak_buffered_images": s.peak_buffered_images, **s.extra}
 
@@ -129,11 +142,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--decode-workers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved raw/local rounds (medians reported)")
+    ap.add_argument("--runtime", choices=("onnx-cpu", "torch"), default="onnx-cpu",
+                    help="onnx-cpu: export each head with export/ and score the bundle (the production path)")
     ap.add_argument("--no-ray", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent))
     args = ap.parse_args(argv)
     res = {"machine": machine(), "batch_size": args.batch_size, "images": args.images, "rounds": args.rounds,
-           "decode_workers": args.decode_workers, "models": {}}
+           "decode_workers": args.decode_workers, "runtime": args.runtime, "models": {}}
     work = Path(tempfile.mkdtemp(prefix="bench-score-"))
     try:
         imgs = work / "images"
@@ -141,16 +156,20 @@ def main(argv=None) -> int:
         for name in args.models.split(","):
             arch, cfg = MODELS[name]
             head = make_head(arch, cfg, work)
-            r: dict = {"arch": arch}
+            kind = args.runtime
+            if kind == "onnx-cpu":
+                print(f"[{name}] exporting an ONNX bundle ...", file=sys.stderr)
+                head = make_bundle(head, work)
+            r: dict = {"arch": arch, "runtime": args.runtime}
             from serving.runtime import open_runtime
 
-            rt = open_runtime(head, "torch")  # one warm runtime for raw and local: same weights, same state
+            rt = open_runtime(head, kind)  # one warm runtime for raw and local: same weights, same state
             raws, locs = [], []
             for rnd in range(args.rounds):  # interleaved rounds: colleagues' load drifts over minutes
                 print(f"[{name}] round {rnd + 1}/{args.rounds}: raw runtime, local engine ...", file=sys.stderr)
                 raws.append(bench_raw(rt, imgs, args.batch_size, repeats=1))
                 locs.append(bench_engine(head, imgs, work / "local.parquet", args.batch_size, "local",
-                                         args.decode_workers, runtime=rt))
+                                         args.decode_workers, runtime=rt, kind=kind))
             r["raw_rounds"] = [x["images_per_s"] for x in raws]
             r["local_rounds"] = [x["images_per_s"] for x in locs]
             r["raw"] = {"images_per_s": float(np.median(r["raw_rounds"])),
@@ -169,7 +188,8 @@ def main(argv=None) -> int:
                     try:
                         for w in (1, 2):
                             print(f"[{name}] ray engine, {w} worker(s) ...", file=sys.stderr)
-                            r[f"ray_{w}"] = bench_engine(head, imgs, work / f"ray{w}.parquet", args.batch_size, "ray", w)
+                            r[f"ray_{w}"] = bench_engine(head, imgs, work / f"ray{w}.parquet", args.batch_size, "ray", w,
+                                                         kind=kind)
                     finally:
                         ray.shutdown()
                     r["ray_scaling_2_over_1"] = r["ray_2"]["images_per_s"] / r["ray_1"]["images_per_s"]
@@ -196,10 +216,11 @@ def markdown(res: dict) -> str:
         f"Python {m['python']}, Ray {m['ray']}. Load average before/after: "
         f"{', '.join(f'{x:.2f}' for x in m['loadavg_before'])} / {', '.join(f'{x:.2f}' for x in m['loadavg_after'])} "
         "(the 2 cores are shared with colleagues' jobs: numbers are noisy and pessimistic).", "",
-        f"{res['images']} JPEG images 320x240 (photo-like), batch {res['batch_size']}, PyTorch eager runtime "
-        "(random weights), zero-shot head with 2 tasks. `raw` = the runtime on pre-decoded uint8 tensors; "
+        f"{res['images']} JPEG images 320x240 (photo-like), batch {res['batch_size']}, runtime {res['runtime']} "
+        "(random weights; onnx-cpu = the head exported by export/ to an fp32 ONNX bundle), zero-shot head with 2 tasks, "
+        f"{res['decode_workers']} decode threads. `raw` = the runtime on pre-decoded uint8 tensors; "
         "`local` = `clipheads score` end to end (read + decode pool + runtime + Parquet); Ray timed from dataset "
-        "start (actor start-up included), `ray.init(num_cpus=2)`, 1 CPU (1 torch thread) per actor; in parentheses: steady state after the first batch is back. raw and local are "
+        "start (actor start-up included), `ray.init(num_cpus=2)`, 1 CPU (1 runtime thread) per actor; in parentheses: steady state after the first batch is back. raw and local are "
         f"medians of {res['rounds']} interleaved rounds on one warm runtime.", "",
         "| model | raw img/s | local img/s | local / raw (per round) | ray 1 worker | ray 2 workers | ray 2/1 |",
         "|---|---:|---:|---:|---:|---:|---:|",
