@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from pathlib import Path
 from typing import Optional
@@ -39,9 +41,10 @@ def fuse_transformer(src: str | Path, dst: str | Path, num_heads: int, hidden_si
     levels = [lg.level for lg in quiet]
     for lg in quiet:
         lg.setLevel(logging.ERROR)
-    try:
-        m = optimizer.optimize_model(str(src), model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
-                                     optimization_options=opts, opt_level=0, use_gpu=use_gpu)
+    try:  # the optimizer print()s shape-inference chatter; stdout belongs to --json
+        with contextlib.redirect_stdout(io.StringIO()):
+            m = optimizer.optimize_model(str(src), model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
+                                         optimization_options=opts, opt_level=0, use_gpu=use_gpu)
     finally:
         for lg, lv in zip(quiet, levels):
             lg.setLevel(lv)
@@ -75,7 +78,8 @@ def to_fp16(src: str | Path, dst: str | Path) -> Path:
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     m = OnnxModel(onnx.load(str(src)))
-    m.convert_float_to_float16(keep_io_types=True)
+    with contextlib.redirect_stdout(io.StringIO()):
+        m.convert_float_to_float16(keep_io_types=True)
     m.save_model_to_file(str(dst))
     return Path(dst)
 
