@@ -1,0 +1,121 @@
+"""The synthetic world: deterministic bytes, the DESIGN.md layout, split_zhou format, counts."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from training.data import synth
+from training.data.records import DatasetSplits
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    return synth.generate_world(tmp_path_factory.mktemp("w0"), seed=0, size="small", image_size=32, workers=1)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_vocabulary_sizes_and_names():
+    assert len(synth.CLASSES) >= 30 and len(set(synth.CLASSES)) == len(synth.CLASSES)
+    assert len(synth.COLOURS) >= 8
+    assert synth.DOMAINS == ("photo", "clipart", "sketch", "painting")
+    for name in synth.CLASSES:  # natural words a text encoder can read; underscores only between words
+        assert name.replace("_", "").isalpha() and name.islower() and not name.startswith("_") and not name.endswith("_")
+
+
+def test_same_seed_gives_identical_bytes_and_other_seed_differs(world, tmp_path):
+    again = synth.generate_world(tmp_path / "again", seed=0, size="small", image_size=32, workers=2)
+    a, b = _tree(world), _tree(again)
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
+    other = _tree(synth.generate_world(tmp_path / "other", seed=1, size="small", image_size=32, workers=2))
+    pngs = [k for k in a if k.endswith(".png")]
+    differing = sum(a[k] != other[k] for k in pngs)
+    assert differing > 0.95 * len(pngs)
+    assert a["world.json"] != other["world.json"]
+
+
+def test_layout_world_json_and_counts(world):
+    desc = json.loads((world / "world.json").read_text())
+    ws = synth.WORLD_SIZES["small"]
+    assert desc["domains"] == list(synth.DOMAINS)
+    assert desc["classes"] == list(synth.CLASSES)
+    assert desc["colours"] == list(synth.COLOURS) and desc["sizes"] == list(synth.SIZES)
+    assert desc["seed"] == 0 and desc["image_size"] == 32 and desc["generator_version"] == synth.GENERATOR_VERSION
+    n = len(synth.CLASSES)
+    for domain in synth.DOMAINS:
+        class_dirs = sorted(p.name for p in (world / domain).iterdir())
+        assert class_dirs == sorted(synth.CLASSES)
+        assert len(list((world / domain).rglob("*.png"))) == ws.per_class * n
+        assert desc["counts"][domain] == {"train": ws.train * n, "val": ws.val * n, "test": ws.test * n}
+    img = Image.open(next((world / "sketch" / "star").glob("*.png")))
+    assert img.size == (32, 32) and img.mode == "RGB"
+
+
+def test_split_json_is_split_zhou(world):
+    for domain in synth.DOMAINS:
+        text = (world / "splits" / f"{domain}.json").read_text()
+        assert text.startswith('{\n    "train": [\n')  # indent=4, CoOp's own formatting
+        split = json.loads(text)
+        assert list(split) == ["train", "val", "test"]
+        rels = []
+        for name, entries in split.items():
+            for rel, label, classname in entries:
+                assert isinstance(rel, str) and isinstance(label, int) and isinstance(classname, str)
+                assert synth.CLASSES[label] == classname
+                assert (world / domain / rel).is_file()
+                rels.append(rel)
+        assert len(rels) == len(set(rels)) == len(list((world / domain).rglob("*.png")))
+        per_label = [sum(1 for _, y, _ in split["train"] if y == k) for k in range(len(synth.CLASSES))]
+        assert set(per_label) == {synth.WORLD_SIZES["small"].train}
+
+
+def test_captions_cover_every_image_and_name_its_attributes(world):
+    rows = [json.loads(line) for line in (world / "captions.jsonl").read_text().splitlines()]
+    assert len(rows) == len(list(world.rglob("*.png")))
+    assert {r["domain"] for r in rows} == set(synth.DOMAINS)
+    assert {r["colour"] for r in rows} == set(synth.COLOURS)  # every colour appears in a small world
+    for r in rows[:: 97]:
+        assert (world / r["path"]).is_file()
+        assert r["path"].startswith(f"{r['domain']}/{r['class']}/")
+        cap = r["caption"]
+        assert r["class"].replace("_", " ") in cap and r["colour"] in cap and r["size"] in cap
+        assert synth.DOMAIN_WORDS[r["domain"]] in cap
+
+
+def test_load_world_splits(world):
+    ds = synth.load_world_splits(world, "painting")
+    assert isinstance(ds, DatasetSplits)
+    assert ds.classnames == synth.CLASSES and ds.templates == ("a photo of a {}.",)
+    ws = synth.WORLD_SIZES["small"]
+    assert (len(ds.train), len(ds.val), len(ds.test)) == tuple(n * len(synth.CLASSES) for n in (ws.train, ws.val, ws.test))
+    s = ds.test[0]
+    assert Path(s.path).is_absolute() and Path(s.path).is_file() and s.domain == "painting"
+    assert ds.classnames[s.label] == s.classname
+    with pytest.raises(ValueError, match="unknown domain"):
+        synth.load_world_splits(world, "cartoon")
+
+
+def test_domains_render_differently():
+    """The same instance drawn in each domain gives four clearly different images."""
+    import numpy as np
+
+    arrays = {d: np.asarray(synth.render(synth.sample_instance(d, "umbrella", (7, 0, 0, 0)), 48), np.float32) for d in synth.DOMAINS}
+    sketch = arrays["sketch"]
+    assert sketch.mean() > 180  # mostly paper
+    for a in synth.DOMAINS:
+        for b in synth.DOMAINS:
+            if a < b:
+                assert np.abs(arrays[a] - arrays[b]).mean() > 10, (a, b)
+
+
+def test_cli_main_writes_world(tmp_path, capsys):
+    assert synth.main([str(tmp_path / "cli"), "--seed", "3", "--size", "small", "--image-size", "24"]) == 0
+    desc = json.loads((tmp_path / "cli" / "world.json").read_text())
+    assert desc["seed"] == 3 and desc["image_size"] == 24
+    assert "wrote" in capsys.readouterr().out
