@@ -33,10 +33,12 @@ class TensorRTUnavailable(RuntimeError):
 
 # ---- pure logic -----------------------------------------------------------------------------
 def parse_version(v: str) -> tuple[int, ...]:
+    import re
+
     out = []
     for part in str(v).split(".")[:3]:
-        digits = "".join(ch for ch in part if ch.isdigit())
-        out.append(int(digits) if digits else 0)
+        lead = re.match(r"\d*", part).group(0)  # "0rc1" -> 0
+        out.append(int(lead) if lead else 0)
     return tuple(out + [0] * (3 - len(out)))
 
 

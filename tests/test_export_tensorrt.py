@@ -1,0 +1,131 @@
+"""export/tensorrt.py: the pure logic everywhere; real engine builds only where TensorRT + CUDA exist."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from export.tensorrt import (
+    build_strategy,
+    engine_compatible,
+    engine_name,
+    engine_tag,
+    parse_version,
+    profile_shapes,
+)
+
+INPUTS = [{"name": "pixels", "dtype": "uint8", "shape": ["batch", 3, 224, 224]},
+          {"name": "task_index", "dtype": "int64", "shape": ["batch"]}]
+PROFILE = {"min": 1, "opt": 32, "max": 64}
+
+
+def _tag(**kw):
+    base = dict(gpu_name="Orin", compute_capability=(8, 7), trt_version="10.3.0", precision="fp16",
+                profile=PROFILE, onnx_sha256="ab" * 32)
+    base.update(kw)
+    return engine_tag(**base)
+
+
+def _here(**kw):
+    d = {"gpu_name": "Orin", "compute_capability": "8.7", "tensorrt_version": "10.3.0", "precision": "fp16",
+         "profile": PROFILE, "onnx_sha256": "ab" * 32}
+    d.update(kw)
+    return d
+
+
+def test_parse_version():
+    assert parse_version("10.3.0.30") == (10, 3, 0)
+    assert parse_version("11.0") == (11, 0, 0)
+    assert parse_version("10.12.0rc1") == (10, 12, 0)
+
+
+def test_build_strategy_fp16_flag_on_trt10_strong_typing_on_trt11():
+    assert build_strategy("10.3.0", "fp16") == {"onnx": "fp32", "strongly_typed": False, "fp16_flag": True}
+    assert build_strategy("11.1.0", "fp16") == {"onnx": "fp16", "strongly_typed": True, "fp16_flag": False}
+    assert build_strategy("10.3.0", "fp32")["fp16_flag"] is False
+    with pytest.raises(ValueError, match="too old"):
+        build_strategy("8.6.1", "fp16")
+    with pytest.raises(ValueError, match="int8"):
+        build_strategy("10.3.0", "int8")
+
+
+def test_profile_shapes_replace_only_the_batch_dim():
+    shapes = profile_shapes(INPUTS, 1, 32, 64)
+    assert shapes["pixels"] == ((1, 3, 224, 224), (32, 3, 224, 224), (64, 3, 224, 224))
+    assert shapes["task_index"] == ((1,), (32,), (64,))
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        profile_shapes(INPUTS, 4, 2, 64)
+    with pytest.raises(ValueError, match="non-batch"):
+        profile_shapes([{"name": "tokens", "shape": ["batch", "len"]}], 1, 1, 2)
+
+
+def test_engine_compatible_same_everything():
+    assert engine_compatible(_tag(), _here()) == (True, "compatible")
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(compute_capability="8.6", gpu_name="NVIDIA A10"), "compute capability"),
+    (dict(gpu_name="Orin Nano"), "built on"),
+    (dict(tensorrt_version="10.4.0"), "TensorRT 10.3.0"),
+    (dict(onnx_sha256="cd" * 32), "ONNX graph changed"),
+    (dict(precision="fp32"), "fp16"),
+    (dict(profile={"min": 1, "opt": 8, "max": 16}), "profile"),
+])
+def test_engine_refused_on_mismatch(change, reason):
+    ok, why = engine_compatible(_tag(), _here(**change))
+    assert not ok and reason in why
+
+
+def test_version_compatible_engines_run_on_newer_trt_of_the_same_major():
+    tag = _tag(version_compatible=True)
+    assert engine_compatible(tag, _here(tensorrt_version="10.8.0"))[0]
+    assert not engine_compatible(tag, _here(tensorrt_version="10.2.0"))[0]
+    assert not engine_compatible(tag, _here(tensorrt_version="11.0.0"))[0]
+
+
+def test_engine_tag_is_json_and_names_are_plain():
+    json.dumps(_tag())
+    assert engine_name("image_0.onnx", "fp16") == "image_0.fp16.plan"
+
+
+def test_build_engine_command_without_tensorrt_exits_2_with_reason(micro_backbone, tmp_path, capsys):
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed here: the refusal path does not apply")
+    from training.methods import TaskSpec, build_method
+
+    from export.cli import main
+    from export.pipeline import ExportOptions, export_heads
+
+    head = build_method("zeroshot", micro_backbone, (TaskSpec("t", ("a", "b")),))
+    res = export_heads([head], tmp_path / "b", ExportOptions(target="tensorrt", probes=8, text=False))
+    assert res.passed
+    assert not any(k for k in res.manifest["fused_ops"] if k.endswith(".onnx"))  # no ORT contrib ops for TRT
+    assert main(["build-engine", str(tmp_path / "b")]) == 2
+    assert "tensorrt" in capsys.readouterr().err.lower()
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_build_engine_on_this_gpu(micro_backbone, tmp_path):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (engines are built on the target GPU)")
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    from training.methods import TaskSpec, build_method
+
+    from export.bundle import load_bundle
+    from export.pipeline import ExportOptions, export_heads
+    from export.tensorrt import build_bundle_engines
+
+    head = build_method("zeroshot", micro_backbone, (TaskSpec("t", ("a", "b")),))
+    res = export_heads([head], tmp_path / "b", ExportOptions(target="tensorrt", precision="fp16", probes=8,
+                                                              max_batch=8), allow_parity_failure=True)
+    rep = build_bundle_engines(tmp_path / "b")
+    assert all(v["status"] == "built" for v in rep["engines"].values())
+    again = build_bundle_engines(tmp_path / "b")
+    assert all(v["status"] == "kept" for v in again["engines"].values())
+    m = load_bundle(tmp_path / "b").manifest
+    assert m["tensorrt"]["engines"]["image_0.onnx"]["tag"]["gpu_name"] == torch.cuda.get_device_name(0)
+    assert res.bundle is not None
