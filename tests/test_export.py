@@ -284,3 +284,25 @@ def test_vit_b32_random_init_zero_shot_passes_fp32_gate(tmp_path):
     assert m["graphs"]["image_0.onnx"]["inputs"][0]["shape"] == ["batch", 3, 224, 224]
     assert m["fused_ops"]["image_0.onnx"]["fused"].get("LayerNormalization", 0) >= 24
     assert res.parity["text"]["min_cosine"] > 0.9999
+
+
+def test_bundle_is_served_by_serving_onnx_runtime(micro_backbone, tmp_path):
+    """The seam with serving/: its OnnxRuntime opens our bundle and classifies like the eager heads."""
+    runtime = pytest.importorskip("serving.runtime")
+    zs = _head("zeroshot", micro_backbone, (TASKS[0],))
+    mm = _head("mmap", micro_backbone, (TASKS[1], TaskSpec("shapes", ("circle", "square"))))
+    res = export_heads([zs, mm], tmp_path / "b", ExportOptions(**FAST))
+    assert res.passed, res.parity["failures"]
+    rt = runtime.OnnxRuntime(tmp_path / "b", providers=["CPUExecutionProvider"])
+    px = _pixels(micro_backbone, n=4)
+    x = _normalised(micro_backbone, px)
+    out = rt.classify(px)
+    with torch.no_grad():
+        want = {"animals": zs.logits(x, 0), "vehicles": mm.logits(x, 0), "shapes": mm.logits(x, 1)}
+    assert set(out) == set(want)
+    for name, ref in want.items():
+        np.testing.assert_allclose(out[name], ref.numpy(), atol=1e-3, rtol=0)
+    feats = rt.encode_texts(["a photo of a cat."])
+    with torch.no_grad():
+        ref = micro_backbone.encode_text(micro_backbone.tokenize(["a photo of a cat."])).numpy()
+    np.testing.assert_allclose(feats, ref, atol=1e-4)
