@@ -84,7 +84,8 @@ class PretrainConfig:
     eval_every: int = 250
     eval_per_combo: int = 4       # eval images per (domain, class), from a disjoint seed
     minutes: float = 0.0          # wall-clock guard (0 = none); stops early and still saves
-    threads: int = 2
+    threads: int = 2              # with OMP_WAIT_POLICY=PASSIVE: busy-waiting threads collapse on shared cores
+    captions_per_batch: int = 48  # image captions encoded per step, besides the class prompts (text cost)
 
 
 # ----------------------------------------------------------------------------- image pool
@@ -297,11 +298,22 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_at(step: int, cfg: PretrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+def progress(step: int, elapsed_s: float, cfg: PretrainConfig) -> float:
+    """Fraction of the run done: by steps, or by wall clock when a `minutes` budget ends it sooner.
+
+    With a time budget the cosine still anneals to zero when the budget ends, at the cost of the
+    exact step count depending on the machine (it is logged; rerun with `--steps N --minutes 0`).
+    """
+    frac = step / max(1, cfg.steps)
+    if cfg.minutes > 0:
+        frac = max(frac, elapsed_s / (60 * cfg.minutes))
+    return min(1.0, frac)
+
+
+def lr_at(step: int, cfg: PretrainConfig, elapsed_s: float = 0.0) -> float:
+    """Linear warm-up times a cosine over `progress`."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup))
+    return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * progress(step, elapsed_s, cfg)))
 
 
 def save_weights(model: nn.Module, path: Path, meta: dict, half: bool = False) -> None:
@@ -373,17 +385,19 @@ def pretrain(cfg: PretrainConfig, out: Path, pool_cache: Path | None = None) -> 
 
     bar = tqdm(total=cfg.steps, desc="pretrain", unit="step", mininterval=10)
     for step in range(cfg.steps):
+        lr = lr_at(step, cfg, time.time() - t_start)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = lr
         idx = sampler()
         keys = train_pool.attrs[idx]
         images = normalize(augment(train_pool.images[idx], gen))
-        caps = _dedupe([sample_caption(k, crng) for k in keys.tolist()] + prompts)
+        chosen = crng.sample(keys.tolist(), min(cfg.captions_per_batch, len(keys)))
+        caps = _dedupe([sample_caption(k, crng) for k in chosen] + prompts)
         tokens = _tokens(tokenizer, [c.text for c in caps], token_cache)
         img = model.encode_image(images, normalize=True)
         txt = model.encode_text(tokens, normalize=True)
         pos = positives(keys, caps)
-        assert bool(pos.any(1).all()), "every image must have a positive caption"
+        assert bool(pos.any(1).all()), "every image must have a positive caption"  # its class prompt at least
         loss = multi_positive_clip_loss(img, txt, pos, model.logit_scale)
         if cfg.aux_class_weight > 0:
             aux_logits = 16.0 * img @ F.normalize(aux.weight, dim=-1).t()   # (N, C) cosine classifier
@@ -398,10 +412,10 @@ def pretrain(cfg: PretrainConfig, out: Path, pool_cache: Path | None = None) -> 
         bar.update()
         bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
         done = step + 1 == cfg.steps
-        over_time = cfg.minutes > 0 and (time.time() - t_start) / 60 > cfg.minutes
+        over_time = cfg.minutes > 0 and progress(step + 1, time.time() - t_start, cfg) >= 1.0 and not done
         if (step + 1) % cfg.eval_every == 0 or done or over_time:
             acc = zero_shot_by_group(model, tokenizer, eval_pool)
-            rec = {"step": step + 1, "loss_ema": round(ema, 4), "lr": lr_at(step, cfg), "logit_scale": round(model.logit_scale.exp().item(), 2),
+            rec = {"step": step + 1, "loss_ema": round(ema, 4), "lr": lr, "logit_scale": round(model.logit_scale.exp().item(), 2),
                    "elapsed_s": round(time.time() - t_start, 1), "zero_shot": acc}
             log.write(json.dumps(rec) + "\n")
             log.flush()
