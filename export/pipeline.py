@@ -118,7 +118,9 @@ def build_manifest(plan: FoldPlan, options: ExportOptions, heads_meta: Sequence[
         "tasks": [t.to_json() for t in plan.tasks],
         "image_graphs": {g.name: {"kind": g.kind, "bank_size": g.encoder.bank_size,
                                   "num_logits": int(g.encoder.class_matrix.shape[0])} for g in plan.graphs},
-        "text": ({"graph": "text.onnx", "context_length": bb.context_length, "tokenizer": bb.arch}
+        "text": ({"graph": "text.onnx", "context_length": bb.context_length, "tokenizer": bb.arch,
+                  # the image graph whose features live in the plain text tower's space (None: no plain path)
+                  "image_graph": next((g.name for g in plan.graphs if g.kind == "plain"), None)}
                  if options.text else {}),
         "tensorrt": {"profile": {"min": 1, "opt": min(opt, options.max_batch), "max": options.max_batch},
                      "engines": {}},
