@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import platform
 import tempfile
 import time
@@ -15,6 +16,7 @@ from training.backbone import PreprocessSpec
 from training.methods.base import HeadMethod
 
 from . import bundle as bundle_io
+from .attention import fused_attention
 from .fold import FoldPlan, fold_heads
 from .onnx_export import DEFAULT_OPSET, export_image_graph, export_text_graph
 from .parity import check_parity, probe_images
@@ -40,6 +42,9 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     exporter: str = "torchscript"
     fuse: bool = True  # ORT transformer fusions (target onnx only)
+    # vision attention as one com.microsoft.MultiHeadAttention node (target onnx, fp32/int8 only:
+    # ORT's CPU provider has no fp16 kernel for it, and the fp16 gate runs on CPU)
+    fused_attention: bool = True
     int8_mode: str = "dynamic"  # dynamic | static (QDQ)
     text: bool = True
     probes: int = 24
@@ -73,7 +78,7 @@ class ExportResult:
         w = self.parity.get("worst", {})
         where = str(self.bundle) if self.bundle else "no bundle written"
         return (f"{'PASS' if self.passed else 'FAIL'} {self.manifest.get('precision')} "
-                f"{len(self.manifest.get('tasks', []))} task(s), {len(self.manifest.get('graphs', {}))} file(s): "
+                f"{len(self.manifest.get('tasks', []))} task(s), {len(self.manifest.get('image_graphs', {}))} image graph(s): "
                 f"max|dlogit| {w.get('max_abs_logit_diff', float('nan')):.2e}, "
                 f"top-1 {w.get('min_top1_agreement', float('nan')):.2%}, "
                 f"cos {w.get('min_feature_cosine', float('nan')):.5f} -> {where}")
@@ -154,9 +159,13 @@ def export_heads(
     try:
         t0 = time.perf_counter()
         plain = {}
-        for g in plan.graphs:
-            plain[g.name] = export_image_graph(g.encoder, work / f"plain_{g.name}", options.opset, options.exporter)
-            log(f"exported {g.name} ({g.kind}, {len(g.tasks)} task(s))")
+        use_mha = options.fused_attention and options.target == "onnx" and options.precision != "fp16"
+        with (fused_attention(plan.backbone) if use_mha else contextlib.nullcontext(0)) as n_mha:
+            for g in plan.graphs:
+                plain[g.name] = export_image_graph(g.encoder, work / f"plain_{g.name}", options.opset,
+                                                   options.exporter)
+                log(f"exported {g.name} ({g.kind}, {len(g.tasks)} task(s))"
+                    + (f", {n_mha} attention blocks as com.microsoft.MultiHeadAttention" if n_mha else ""))
         text_plain = None
         if options.text:
             text_plain = export_text_graph(plan.text, work / "plain_text.onnx", options.opset, options.exporter)
@@ -166,6 +175,14 @@ def export_heads(
         t0 = time.perf_counter()
         gated, shipped, extra, fused_ops = _optimise(plan, plain, text_plain, options, work, log)
         timings["optimise_s"] = time.perf_counter() - t0
+        from .optimize import op_counts
+
+        for name, path in shipped.items():
+            counts = op_counts(path)
+            entry = fused_ops.setdefault(name, {})
+            if isinstance(entry, dict):
+                entry["attention_nodes"] = sum(v for k, v in counts.items() if k.endswith("Attention"))
+                entry["nodes"] = sum(counts.values())
         manifest["fused_ops"] = fused_ops
 
         t0 = time.perf_counter()

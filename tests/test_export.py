@@ -282,7 +282,9 @@ def test_vit_b32_random_init_zero_shot_passes_fp32_gate(tmp_path):
     m = res.manifest
     assert m["graphs"]["image_0.onnx"]["outputs"][0]["shape"] == ["batch", 5]
     assert m["graphs"]["image_0.onnx"]["inputs"][0]["shape"] == ["batch", 3, 224, 224]
-    assert m["fused_ops"]["image_0.onnx"]["fused"].get("LayerNormalization", 0) >= 24
+    fused = m["fused_ops"]["image_0.onnx"]
+    assert fused["attention_nodes"] == 12  # one com.microsoft.MultiHeadAttention per block
+    assert fused["fused"].get("LayerNormalization", 0) + fused["fused"].get("SkipLayerNormalization", 0) >= 24
     assert res.parity["text"]["min_cosine"] > 0.9999
 
 
@@ -306,3 +308,18 @@ def test_bundle_is_served_by_serving_onnx_runtime(micro_backbone, tmp_path):
     with torch.no_grad():
         ref = micro_backbone.encode_text(micro_backbone.tokenize(["a photo of a cat."])).numpy()
     np.testing.assert_allclose(feats, ref, atol=1e-4)
+
+
+def test_fused_attention_is_one_contrib_node_per_block_and_exact(micro_backbone, tmp_path):
+    from export.optimize import op_counts
+
+    head = _head("ivlp", micro_backbone)
+    fused = export_heads([head], tmp_path / "f", ExportOptions(text=False, **FAST))
+    plain = export_heads([head], tmp_path / "p", ExportOptions(text=False, fused_attention=False, fuse=False, **FAST))
+    assert fused.passed and plain.passed
+    n_blocks = len(micro_backbone.vision_blocks)
+    assert op_counts(tmp_path / "f" / "image_0.onnx").get("com.microsoft.MultiHeadAttention") == n_blocks
+    assert not any(k.startswith("com.microsoft") for k in op_counts(tmp_path / "p" / "image_0.onnx"))
+    assert fused.parity["worst"]["max_abs_logit_diff"] <= 1e-4
+    # the backbone is restored after export: eager reference unchanged
+    assert all(type(b.attn).__name__ == "MultiheadAttention" for b in micro_backbone.vision_blocks)
