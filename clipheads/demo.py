@@ -94,10 +94,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--shots", type=int, default=16)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--no-serve", action="store_true", help="stop after the export step")
+    p.add_argument("--backbone", default=None, help="default: the packaged clipheads-tiny")
+    p.add_argument("--pretrained", default=None, help="default: the backbone's default weights")
     args = p.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from training.backbone import load_backbone
+    from training.backbone import PACKAGED_ARCH, load_backbone
     from training.data.fewshot import few_shot_splits
     from training.data.synth import generate_world, load_world_splits
     from training.artifact import save_head
@@ -110,7 +112,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     world = json.loads((world_dir / "world.json").read_text())
     domains = [d if isinstance(d, str) else d["name"] for d in world["domains"]]
     held = _held_out_domain(world)
-    backbone = steps.run("load the packaged tiny CLIP", lambda: (lambda b: (b, f"{b.arch} / {b.pretrained}, sha256 {str(b.weights_sha256)[:12]}…"))(load_backbone()))
+    backbone = steps.run("load the packaged tiny CLIP", lambda: (lambda b: (b, f"{b.arch} / {b.pretrained}, sha256 {str(b.weights_sha256)[:12]}…"))(
+        load_backbone(args.backbone or PACKAGED_ARCH, args.pretrained)))
     splits = {d: load_world_splits(world_dir, d) for d in domains}
 
     def zero_shot():
