@@ -11,9 +11,14 @@ from training.data import synth
 from training.data.records import DatasetSplits
 
 
+# A few images per (domain, class) keep every test fast; the presets only change these counts.
+COUNTS = synth.WorldSize(train=2, val=1, test=1)
+SIZE = 24
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    return synth.generate_world(tmp_path_factory.mktemp("w0"), seed=0, size="small", image_size=32, workers=1)
+    return synth.generate_world(tmp_path_factory.mktemp("w0"), seed=0, size=COUNTS, image_size=SIZE, workers=1)
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -29,11 +34,11 @@ def test_vocabulary_sizes_and_names():
 
 
 def test_same_seed_gives_identical_bytes_and_other_seed_differs(world, tmp_path):
-    again = synth.generate_world(tmp_path / "again", seed=0, size="small", image_size=32, workers=2)
+    again = synth.generate_world(tmp_path / "again", seed=0, size=COUNTS, image_size=SIZE, workers=2)
     a, b = _tree(world), _tree(again)
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
-    other = _tree(synth.generate_world(tmp_path / "other", seed=1, size="small", image_size=32, workers=2))
+    other = _tree(synth.generate_world(tmp_path / "other", seed=1, size=COUNTS, image_size=SIZE, workers=2))
     pngs = [k for k in a if k.endswith(".png")]
     differing = sum(a[k] != other[k] for k in pngs)
     assert differing > 0.95 * len(pngs)
@@ -42,11 +47,11 @@ def test_same_seed_gives_identical_bytes_and_other_seed_differs(world, tmp_path)
 
 def test_layout_world_json_and_counts(world):
     desc = json.loads((world / "world.json").read_text())
-    ws = synth.WORLD_SIZES["small"]
+    ws = COUNTS
     assert desc["domains"] == list(synth.DOMAINS)
     assert desc["classes"] == list(synth.CLASSES)
     assert desc["colours"] == list(synth.COLOURS) and desc["sizes"] == list(synth.SIZES)
-    assert desc["seed"] == 0 and desc["image_size"] == 32 and desc["generator_version"] == synth.GENERATOR_VERSION
+    assert desc["seed"] == 0 and desc["image_size"] == SIZE and desc["generator_version"] == synth.GENERATOR_VERSION
     n = len(synth.CLASSES)
     for domain in synth.DOMAINS:
         class_dirs = sorted(p.name for p in (world / domain).iterdir())
@@ -54,7 +59,7 @@ def test_layout_world_json_and_counts(world):
         assert len(list((world / domain).rglob("*.png"))) == ws.per_class * n
         assert desc["counts"][domain] == {"train": ws.train * n, "val": ws.val * n, "test": ws.test * n}
     img = Image.open(next((world / "sketch" / "star").glob("*.png")))
-    assert img.size == (32, 32) and img.mode == "RGB"
+    assert img.size == (SIZE, SIZE) and img.mode == "RGB"
 
 
 def test_split_json_is_split_zhou(world):
@@ -72,15 +77,16 @@ def test_split_json_is_split_zhou(world):
                 rels.append(rel)
         assert len(rels) == len(set(rels)) == len(list((world / domain).rglob("*.png")))
         per_label = [sum(1 for _, y, _ in split["train"] if y == k) for k in range(len(synth.CLASSES))]
-        assert set(per_label) == {synth.WORLD_SIZES["small"].train}
+        assert set(per_label) == {COUNTS.train}
 
 
 def test_captions_cover_every_image_and_name_its_attributes(world):
     rows = [json.loads(line) for line in (world / "captions.jsonl").read_text().splitlines()]
     assert len(rows) == len(list(world.rglob("*.png")))
     assert {r["domain"] for r in rows} == set(synth.DOMAINS)
-    assert {r["colour"] for r in rows} == set(synth.COLOURS)  # every colour appears in a small world
-    for r in rows[:: 97]:
+    assert len({r["colour"] for r in rows}) == len(synth.COLOURS)  # 512 draws cover all 10 colours
+    assert {r["size"] for r in rows} == set(synth.SIZES)
+    for r in rows[::37]:
         assert (world / r["path"]).is_file()
         assert r["path"].startswith(f"{r['domain']}/{r['class']}/")
         cap = r["caption"]
@@ -92,7 +98,7 @@ def test_load_world_splits(world):
     ds = synth.load_world_splits(world, "painting")
     assert isinstance(ds, DatasetSplits)
     assert ds.classnames == synth.CLASSES and ds.templates == ("a photo of a {}.",)
-    ws = synth.WORLD_SIZES["small"]
+    ws = COUNTS
     assert (len(ds.train), len(ds.val), len(ds.test)) == tuple(n * len(synth.CLASSES) for n in (ws.train, ws.val, ws.test))
     s = ds.test[0]
     assert Path(s.path).is_absolute() and Path(s.path).is_file() and s.domain == "painting"
@@ -114,8 +120,19 @@ def test_domains_render_differently():
                 assert np.abs(arrays[a] - arrays[b]).mean() > 10, (a, b)
 
 
+def test_presets():
+    small, full = synth.WORLD_SIZES["small"], synth.WORLD_SIZES["full"]
+    assert small.train >= 16 and full.train >= 16  # enough for 16-shot protocols
+    desc = synth.world_description(0, "small", 64)
+    assert desc["total_images"] == small.per_class * len(synth.CLASSES) * len(synth.DOMAINS)
+    with pytest.raises(ValueError, match="size must be one of"):
+        synth.generate_world("/nonexistent-never-written", size="huge")
+
+
 def test_cli_main_writes_world(tmp_path, capsys):
-    assert synth.main([str(tmp_path / "cli"), "--seed", "3", "--size", "small", "--image-size", "24"]) == 0
+    assert synth.main([str(tmp_path / "cli"), "--seed", "3", "--per-class", "1,0,1", "--image-size", "16", "--workers", "1"]) == 0
     desc = json.loads((tmp_path / "cli" / "world.json").read_text())
-    assert desc["seed"] == 3 and desc["image_size"] == 24
-    assert "wrote" in capsys.readouterr().out
+    assert desc["seed"] == 3 and desc["image_size"] == 16 and desc["total_images"] == 2 * len(synth.CLASSES) * len(synth.DOMAINS)
+    assert "wrote 256 images" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        synth.main([str(tmp_path / "bad"), "--per-class", "1,2"])

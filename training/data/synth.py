@@ -391,12 +391,13 @@ def _jobs(seed: int, ws: WorldSize, image_size: int) -> Iterator[tuple[str, int,
                 yield domain, label, index, seed, image_size
 
 
-def generate_world(out_dir: str | os.PathLike, seed: int = 0, size: str = "small", image_size: int = 64,
+def generate_world(out_dir: str | os.PathLike, seed: int = 0, size: str | WorldSize = "small", image_size: int = 64,
                    workers: int | None = None, progress: bool = False) -> Path:
-    """Write the world (layout in the module docstring) and return its root."""
-    if size not in WORLD_SIZES:
-        raise ValueError(f"size must be one of {', '.join(WORLD_SIZES)}; got {size!r}")
-    ws = WORLD_SIZES[size]
+    """Write the world (layout in the module docstring) and return its root.
+
+    `size` is a preset name or explicit per-(domain, class) counts (tests use a few images each).
+    """
+    ws = _world_size(size)
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     jobs = list(_jobs(seed, ws, image_size))
@@ -444,14 +445,22 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="img", desc="synth", disable=not enabled)
 
 
-def world_description(seed: int, size: str, image_size: int) -> dict:
-    ws = WORLD_SIZES[size]
+def _world_size(size: str | WorldSize) -> WorldSize:
+    if isinstance(size, WorldSize):
+        return size
+    if size not in WORLD_SIZES:
+        raise ValueError(f"size must be one of {', '.join(WORLD_SIZES)}; got {size!r}")
+    return WORLD_SIZES[size]
+
+
+def world_description(seed: int, size: str | WorldSize, image_size: int) -> dict:
+    ws = _world_size(size)
     n = len(CLASSES)
     return {
         "name": "clipheads-synthetic-world",
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
-        "size": size,
+        "size": size if isinstance(size, str) else "custom",
         "image_size": image_size,
         "domains": list(DOMAINS),
         "classes": list(CLASSES),
@@ -487,10 +496,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", choices=sorted(WORLD_SIZES), default="small")
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--per-class", default=None, metavar="TRAIN,VAL,TEST",
+                   help="explicit images per (domain, class) and split, instead of --size")
     p.add_argument("--workers", type=int, default=None, help="render processes (default: up to 2)")
     args = p.parse_args(argv)
+    size: str | WorldSize = args.size
+    if args.per_class:
+        try:
+            size = WorldSize(*(int(v) for v in args.per_class.split(",")))
+        except (TypeError, ValueError):
+            p.error(f"--per-class wants three integers TRAIN,VAL,TEST; got {args.per_class!r}")
     t0 = time.perf_counter()
-    root = generate_world(args.out, seed=args.seed, size=args.size, image_size=args.image_size, workers=args.workers, progress=True)
+    root = generate_world(args.out, seed=args.seed, size=size, image_size=args.image_size, workers=args.workers, progress=True)
     desc = json.loads((root / "world.json").read_text())
     print(f"wrote {desc['total_images']} images ({len(DOMAINS)} domains x {len(CLASSES)} classes, "
           f"{args.image_size}px, seed {args.seed}) to {root} in {time.perf_counter() - t0:.1f}s")
