@@ -25,8 +25,21 @@ error records: see serving/shards.py. Columns of each `part-*.parquet`:
     embedding            list<float32>  L2-normalized image features (only with --embeddings)
 
 Scores are the softmax of each task's logits, the same numbers the HTTP `/classify` returns
-(there rounded to 6 decimals). Exit codes: 0 ok (also when some images were rejected), 2 bad
-usage or bad input (missing bundle/input, unknown task, OUT holds another job), 1 failure.
+(there rounded to 6 decimals). Batches hold `batch_size` decoded images; only the last batch of
+each shard can be smaller (a batch never spans two shards).
+
+Rejected inputs (unreadable, over the byte or pixel cap, not JPEG/PNG/WEBP by their bytes, corrupt)
+are not rows: they are listed in the errors file (`--errors`, default `OUT/_errors.jsonl`; CSV
+when the name ends in .csv) as {index, path, kind, detail}, `kind` being `serving.images`'
+ImageRejected kind (`invalid_image`, `unsupported_format`, `too_many_bytes`, `image_too_large`,
+`bad_aspect_ratio`) or `unreadable`. Every input is either a row or an error record, once.
+
+A run ends with one summary line on stderr (scored, failed, skipped, images/s) and, with
+`--json`, the ScoreSummary as JSON on stdout. images/s is counted from the first decode
+(start-up excluded); `seconds` is the whole wall time. `--engine ray`: serving/score_ray.py.
+Exit codes: 0 ok (also when some images were rejected), 2 bad usage or bad input (missing
+bundle/input, unknown task, OUT holds another job or its committed inputs changed), 1 failure,
+130 interrupted (committed shards are kept; the same command resumes).
 """
 from __future__ import annotations
 
@@ -68,7 +81,7 @@ class ScoreJob:
     tasks: Optional[tuple[str, ...]] = None  # None: all of the source's tasks
     top_k: int = 5
     batch_size: int = 64
-    workers: int = 0  # local: decode threads; ray: scoring actors. 0: pick from the CPU count
+    workers: int = 0  # local: decode threads; ray: scoring actors. 0: from the CPU count / the cluster's slots
     engine: str = "local"
     embeddings: bool = False
     errors: Optional[str] = None  # default OUT/_errors.jsonl
@@ -87,10 +100,10 @@ class ScoreJob:
     ray_decode: str = "actor"  # "actor": each scoring actor decodes its batches; "tasks": a CPU decode stage
 
     def resolved_workers(self) -> int:
+        """Decode threads of the local engine (the Ray engine sizes its actor pool from the cluster)."""
         if self.workers > 0:
             return self.workers
-        n = os.cpu_count() or 1
-        return max(1, min(8, n)) if self.engine == "local" else max(1, n // 2)
+        return max(1, min(8, os.cpu_count() or 1))
 
 
 @dataclass

@@ -139,6 +139,18 @@ class RayScorer:
         return pa.concat_tables([scored, errors]).sort_by("index")
 
 
+def _default_workers(job: ScoreJob) -> int:
+    """As many scoring actors as the cluster has slots: GPUs / num_gpus per actor, or CPUs /
+    num_cpus per actor (one CPU left to the decode stage with ray_decode="tasks")."""
+    import ray
+
+    res = ray.cluster_resources()
+    if job.ray_num_gpus > 0:
+        return max(1, int(res.get("GPU", 0) / job.ray_num_gpus))
+    cpus = float(res.get("CPU", 1)) - (1 if job.ray_decode == "tasks" else 0)
+    return max(1, int(cpus / max(job.ray_num_cpus, 0.01)))
+
+
 def _init_ray(job: ScoreJob) -> bool:
     import ray
 
@@ -185,7 +197,8 @@ def run_ray(job: ScoreJob, info: dict, listing: InputListing, store: ShardStore,
                     "location": pa.array([it.location for it in chunk], pa.string()),
                 }))
         env = {k: v for k, v in os.environ.items() if k.startswith("CLIPHEADS_") or k == "HF_HUB_OFFLINE"}
-        workers = job.resolved_workers()
+        workers = job.workers if job.workers > 0 else _default_workers(job)
+        summary.extra["ray_workers"] = workers
         ds = ray.data.from_arrow(blocks)
         decode_stage = job.ray_decode == "tasks"
         if decode_stage:  # CPU tasks decode, actors only encode (the GPU-cluster layout)

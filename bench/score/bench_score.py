@@ -146,7 +146,13 @@ def main(argv=None) -> int:
                     help="onnx-cpu: export each head with export/ and score the bundle (the production path)")
     ap.add_argument("--no-ray", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent))
+    ap.add_argument("--render", action="store_true", help="only re-render RESULTS.md from results.json")
     args = ap.parse_args(argv)
+    if args.render:
+        res = json.loads((Path(args.out) / "results.json").read_text())
+        (Path(args.out) / "RESULTS.md").write_text(markdown(res))
+        print((Path(args.out) / "RESULTS.md").read_text())
+        return 0
     res = {"machine": machine(), "batch_size": args.batch_size, "images": args.images, "rounds": args.rounds,
            "decode_workers": args.decode_workers, "runtime": args.runtime, "models": {}}
     work = Path(tempfile.mkdtemp(prefix="bench-score-"))
@@ -222,20 +228,29 @@ def markdown(res: dict) -> str:
         "`local` = `clipheads score` end to end (read + decode pool + runtime + Parquet); Ray timed from dataset "
         "start (actor start-up included), `ray.init(num_cpus=2)`, 1 CPU (1 runtime thread) per actor; in parentheses: steady state after the first batch is back. raw and local are "
         f"medians of {res['rounds']} interleaved rounds on one warm runtime.", "",
-        "| model | raw img/s | local img/s | local / raw (per round) | ray 1 worker | ray 2 workers | ray 2/1 |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| model | raw img/s | local img/s | local / raw (of medians) | local / raw per round, % | "
+        "runtime idle, waiting for decode | ray 1 worker | ray 2 workers | ray 2/1 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in res["models"].items():
         r1, r2 = r.get("ray_1"), r.get("ray_2")
         per_round = ", ".join(f"{100 * x:.0f}" for x in r["local_vs_raw_per_round"])
+        loc = r["local"]
+        busy = loc.get("runtime_s", 0) + loc.get("write_s", 0) + loc.get("wait_for_decode_s", 0)
+        idle = f"{100 * loc.get('wait_for_decode_s', 0) / busy:.1f} %" if busy else "n/a"
         ray_cells = (f"{r1['images_per_s']:.1f} ({r1.get('steady_images_per_s', 0):.1f}) | "
                      f"{r2['images_per_s']:.1f} ({r2.get('steady_images_per_s', 0):.1f}) | "
                      f"{r['ray_scaling_2_over_1']:.2f}x ({r.get('ray_steady_scaling_2_over_1', 0):.2f}x) |"
                      if isinstance(r1, dict) else "n/a | n/a | n/a |")
         lines.append(
             f"| {name} ({r['arch']}) | {r['raw']['images_per_s']:.1f} | {r['local']['images_per_s']:.1f} | "
-            f"{100 * r['local_vs_raw']:.0f} % ({per_round}) | {ray_cells}"
+            f"{100 * r['local_vs_raw']:.0f} % | {per_round} (median {100 * float(np.median(r['local_vs_raw_per_round'])):.0f} %) "
+            f"| {idle} | {ray_cells}"
         )
+    lines += ["", "`runtime idle` is the share of the last local round the runtime spent waiting for decoded batches: "
+              "near 0 means decoding kept up and the gap to raw is the runtime itself running slower next to the "
+              "decode threads (and other jobs) on the same cores. The Ray steady-state figure starts when the first "
+              "batch is back; with few batches per actor it is indicative only."]
     lines += ["", "Decode alone (one thread, serving.images): "
               + ", ".join(f"{n}: {r['raw']['decode_only_images_per_s_1_thread']:.0f} img/s" for n, r in res["models"].items())
               + ".", ""]
