@@ -14,11 +14,13 @@ import numpy as np
 
 
 def quantize_dynamic_int8(src: str | Path, dst: str | Path, per_channel: bool = True, reduce_range: bool = True) -> Path:
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(
+    quantize_dynamic(  # DefaultTensorType: shape inference cannot type outputs of contrib ops (fused graphs)
         str(src), str(dst), per_channel=per_channel, reduce_range=reduce_range, weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul", "Gemm"], extra_options={"MatMulConstBOnly": True},
+        op_types_to_quantize=["MatMul", "Gemm"],
+        extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
     )
     return Path(dst)
 
