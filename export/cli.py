@@ -18,7 +18,11 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clipheads export", description="Fold trained heads into a parity-gated bundle.")
+    p = argparse.ArgumentParser(
+        prog="clipheads export", description="Fold trained heads into a parity-gated bundle.",
+        epilog="Also: clipheads export build-engine BUNDLE (TensorRT engines, run on the target GPU). "
+               "Exit codes: 0 ok, 1 parity gate failed, 2 bad input. Extra open_clip configs: "
+               "CLIPHEADS_MODEL_CONFIGS=DIR[:DIR].")
     p.add_argument("heads", nargs="+", metavar="HEAD", help="head files (NAME.head.safetensors) on one backbone")
     p.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
     p.add_argument("--target", default="onnx", choices=("onnx", "tensorrt"))
@@ -55,6 +59,20 @@ def _say(msg: str) -> None:
     print(f"[export] {msg}", file=sys.stderr, flush=True)
 
 
+def _register_extra_model_configs() -> None:
+    """`CLIPHEADS_MODEL_CONFIGS=DIR[:DIR]`: extra open_clip architecture JSONs (as serving/ reads them)."""
+    import os
+    from pathlib import Path
+
+    extra = os.environ.get("CLIPHEADS_MODEL_CONFIGS")
+    if extra:
+        import open_clip
+
+        for d in extra.split(os.pathsep):
+            if d and Path(d).is_dir():
+                open_clip.add_model_config(d)
+
+
 def load_heads(paths: Sequence[str], backbone_weights: Optional[str] = None):
     """Read head files and build them on one shared backbone -> (heads, heads_meta, preprocess)."""
     from training.artifact import load_head
@@ -62,6 +80,7 @@ def load_heads(paths: Sequence[str], backbone_weights: Optional[str] = None):
 
     from .fold import FoldError
 
+    _register_extra_model_configs()
     arts = [load_head(p) for p in paths]
     first = arts[0]
     for p, a in zip(paths[1:], arts[1:]):
