@@ -277,7 +277,7 @@ def test_vit_b32_random_init_zero_shot_passes_fp32_gate(tmp_path):
 
     bb = make_backbone("ViT-B-32")
     head = build_method("zeroshot", bb, (TaskSpec("pets", ("cat", "dog", "hamster", "parrot", "goldfish")),))
-    res = export_heads([head], tmp_path / "b", ExportOptions(probes=8))
+    res = export_heads([head], tmp_path / "b", ExportOptions(probes=8, text=False))  # text: covered on micro
     assert res.passed, res.parity["failures"]
     m = res.manifest
     assert m["graphs"]["image_0.onnx"]["outputs"][0]["shape"] == ["batch", 5]
@@ -285,7 +285,7 @@ def test_vit_b32_random_init_zero_shot_passes_fp32_gate(tmp_path):
     fused = m["fused_ops"]["image_0.onnx"]
     assert fused["attention_nodes"] == 12  # one com.microsoft.MultiHeadAttention per block
     assert fused["fused"].get("LayerNormalization", 0) + fused["fused"].get("SkipLayerNormalization", 0) >= 24
-    assert res.parity["text"]["min_cosine"] > 0.9999
+    assert res.parity["worst"]["max_abs_logit_diff"] <= 1e-3
 
 
 def test_bundle_is_served_by_serving_onnx_runtime(micro_backbone, tmp_path):
