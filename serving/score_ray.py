@@ -55,10 +55,6 @@ def decode_batch(batch, info: dict, max_bytes: Optional[int], max_pixels: Option
             "pixels": pixels, ERROR_KIND: np.asarray(kinds, object), ERROR_DETAIL: np.asarray(details, object)}
 
 
-def _no_extra_remote_args() -> dict:
-    return {}
-
-
 def _safe_load(loc: str, spec):
     try:
         return load_item(loc, spec)
@@ -205,10 +201,8 @@ def run_ray(job: ScoreJob, info: dict, listing: InputListing, store: ShardStore,
             ds = ds.map_batches(
                 decode_batch, fn_kwargs=dict(info=info, max_bytes=job.max_bytes, max_pixels=job.max_pixels),
                 batch_size=job.batch_size, batch_format="pyarrow", num_cpus=1,
-                # a remote-args fn keeps Ray from fusing this stage into the actors (the point is to move
-                # decoding off them); it returns nothing extra
-                ray_remote_args_fn=_no_extra_remote_args,
-            )
+            )  # with GPU actors the stages stay apart; with CPU-only actors of 1 CPU (equal remote args)
+            # Ray's optimizer fuses them into the actors, which is what --ray-decode actor does anyway
         ds = ds.map_batches(
             RayScorer,
             fn_constructor_kwargs=dict(

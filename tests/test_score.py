@@ -432,7 +432,8 @@ def test_ray_engine_matches_local_engine(head_file, corpus, local_run, small, tm
         # the ONNX runtime in Ray actors, with embeddings, equals the local engine too
         onnx_kw = dict(runtime="onnx-cpu", embeddings=True, batch_size=8, shard_size=6)
         score(_job(bundle, lst, tmp_path / "onnx-ray.parquet", engine="ray", workers=2, **onnx_kw))
-        # decoding in a separate CPU task stage (the GPU-actor layout) gives the same rows
+        # the decode-stage layout for GPU actors (decode_batch -> numpy pixels -> actors) gives the same
+        # rows (on these CPU-only actors Ray fuses the two stages; the data path is the same)
         score(_job(bundle, lst, tmp_path / "onnx-ray-tasks.parquet", engine="ray", workers=1, ray_decode="tasks",
                    **onnx_kw))
     finally:
