@@ -323,3 +323,15 @@ def test_fused_attention_is_one_contrib_node_per_block_and_exact(micro_backbone,
     assert fused.parity["worst"]["max_abs_logit_diff"] <= 1e-4
     # the backbone is restored after export: eager reference unchanged
     assert all(type(b.attn).__name__ == "MultiheadAttention" for b in micro_backbone.vision_blocks)
+
+
+def test_int8_static_qdq_is_calibrated_and_gated(micro_backbone, tmp_path):
+    from export.optimize import op_counts
+
+    head = _head("vpt", micro_backbone)
+    res = export_heads([head], tmp_path / "b", ExportOptions(precision="int8", int8_mode="static", text=False, **FAST),
+                       allow_parity_failure=True)
+    ops = op_counts(tmp_path / "b" / "image_0.onnx")
+    assert ops.get("QuantizeLinear", 0) > 0 and ops.get("DequantizeLinear", 0) > 0
+    assert res.parity["precision"] == "int8" and 0.0 <= res.parity["worst"]["min_top1_agreement"] <= 1.0
+    assert res.parity["worst"]["min_feature_cosine"] > 0.9  # quantized, not broken
