@@ -14,7 +14,10 @@ unit-tested without a GPU. The engine build follows the TensorRT 10/11 Python AP
     builder.build_serialized_network(network, config)
 
 Each engine is tagged with (GPU name, compute capability, TensorRT version, precision, profile,
-sha256 of the ONNX it came from); `engine_compatible(tag, current)` decides whether an engine
+sha256 of the ONNX it came from) and gated like the export: each new engine runs the seeded probes
+against ONNX Runtime on the bundle's fp32 graph (fp32: |delta logit| <= 1e-3, TF32 off; fp16:
+cosine >= 0.999, top-1 >= 99.5 %); a failing engine is discarded and the command exits 1.
+`engine_compatible(tag, current)` decides whether an engine
 found in a bundle may run here. Incompatible engines are rebuilt by `build-engine`; a runtime
 that cannot rebuild must refuse them with the reason.
 """
@@ -22,9 +25,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
 from . import bundle as bundle_io
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -160,6 +166,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, shapes: Mapping
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     if strategy["fp16_flag"]:
         config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # TF32 matmuls would miss the fp32 gate (1e-3 logits)
     profile = builder.create_optimization_profile()
     for name, (mn, opt, mx) in shapes.items():
         profile.set_shape(name, mn, opt, mx)
@@ -177,6 +185,98 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, shapes: Mapping
     if cache is not None:
         Path(timing_cache).write_bytes(bytes(cache.serialize()))
     return {"strategy": strategy, "build_s": round(time.perf_counter() - t0, 2)}
+
+
+def run_engine(engine_path: str | Path, feeds: Mapping[str, "np.ndarray"], outputs: list[str],
+               max_batch: int) -> dict:
+    """Run a serialized engine on CUDA (torch tensors as device buffers), in chunks <= max_batch."""
+    import numpy as np
+    import torch
+
+    trt = _import_trt()
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+    if engine is None:
+        raise RuntimeError(f"{engine_path}: TensorRT could not deserialize the engine")
+    ctx = engine.create_execution_context()
+    n = len(next(iter(feeds.values())))
+    chunks: dict[str, list] = {o: [] for o in outputs}
+    stream = torch.cuda.Stream()
+    for i in range(0, n, max_batch):
+        bufs = {}
+        for name, arr in feeds.items():
+            t = torch.from_numpy(np.ascontiguousarray(arr[i:i + max_batch])).cuda()
+            ctx.set_input_shape(name, tuple(t.shape))
+            ctx.set_tensor_address(name, t.data_ptr())
+            bufs[name] = t
+        for name in outputs:
+            dtype = torch.from_numpy(np.empty(0, trt.nptype(engine.get_tensor_dtype(name)))).dtype
+            t = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            ctx.set_tensor_address(name, t.data_ptr())
+            bufs[name] = t
+        if not ctx.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"{engine_path}: execute_async_v3 failed")
+        stream.synchronize()
+        for name in outputs:
+            chunks[name].append(bufs[name].float().cpu().numpy())
+    return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+def engine_parity(b: "bundle_io.Bundle", graph: str, engine_path: str | Path, precision: str, max_batch: int) -> dict:
+    """The engine vs ONNX Runtime (CPU, the bundle's fp32 graph) on seeded probes; same gates as export."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from .parity import GATES, probe_images
+
+    m = b.manifest
+    sess = ort.InferenceSession(str(b.path(graph)), providers=["CPUExecutionProvider"])
+    gate = GATES[precision]
+    failures, report = [], {"precision": precision, "reference": "onnxruntime CPU on " + graph}
+    if graph == b.text_graph:
+        import open_clip
+
+        texts = [tpl.format(c) for t in m["tasks"] for c in t["classnames"] for tpl in t["templates"][:1]][:64]
+        tok = open_clip.get_tokenizer(m["text"]["tokenizer"], context_length=m["text"]["context_length"])
+        feeds = {"tokens": tok(texts).numpy().astype(np.int64)}
+        outs = ["features"]
+    else:
+        pre = m["preprocess"]
+        px, _ = probe_images(int(pre["image_size"]), 16, seed=7)
+        if pre.get("input_dtype") == "float32":
+            mean = np.asarray(pre["mean"], np.float32).reshape(1, 3, 1, 1)
+            std = np.asarray(pre["std"], np.float32).reshape(1, 3, 1, 1)
+            px = ((px.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+        rows = sorted({t["task_index"] for t in m["tasks"] if t["graph"] == graph})
+        px = np.concatenate([px] * len(rows))
+        feeds = {"pixels": px, "task_index": np.repeat(np.asarray(rows, np.int64), 16)}
+        outs = ["logits", "features"]
+    want = dict(zip(outs, sess.run(outs, feeds)))
+    got = run_engine(engine_path, feeds, outs, max_batch)
+    f_w, f_g = want["features"], got["features"]
+    cos = float(((f_w * f_g).sum(1) / (np.linalg.norm(f_w, axis=1) * np.linalg.norm(f_g, axis=1))).min())
+    report["min_feature_cosine"] = cos
+    if "logits" in outs:
+        report["max_abs_logit_diff"] = float(np.abs(want["logits"] - got["logits"]).max())
+        top1 = []
+        for t in (t for t in m["tasks"] if t["graph"] == graph):
+            a, z = t["logit_slice"]
+            sel = feeds["task_index"] == t["task_index"]
+            top1.append(float((want["logits"][sel, a:z].argmax(1) == got["logits"][sel, a:z].argmax(1)).mean()))
+        report["min_top1_agreement"] = min(top1)
+        if gate.max_abs_logit is not None and report["max_abs_logit_diff"] > gate.max_abs_logit:
+            failures.append(f"max |delta logit| {report['max_abs_logit_diff']:.3g} > {gate.max_abs_logit}")
+        if report["min_top1_agreement"] < gate.min_top1:
+            failures.append(f"top-1 agreement {report['min_top1_agreement']:.2%} < {gate.min_top1:.1%}")
+    min_cos = gate.min_cosine if gate.min_cosine is not None else 0.9999
+    if cos < min_cos:
+        failures.append(f"min feature cosine {cos:.5f} < {min_cos}")
+    report.update(passed=not failures, failures=failures)
+    return report
+
+
+class EngineParityError(RuntimeError):
+    """A freshly built engine failed its parity gate (it was not added to the bundle)."""
 
 
 def build_bundle_engines(root: str | Path, workspace_gb: float = 2.0, timing_cache: Optional[str | Path] = None,
@@ -213,6 +313,12 @@ def build_bundle_engines(root: str | Path, workspace_gb: float = 2.0, timing_cac
         out = b.root / f".{engine_name(graph, gprec)}.build"
         log(f"{graph}: building {gprec} engine from {src} ({strategy})")
         info = build_engine(b.root / src, out, shapes, gprec, workspace_gb, cache, log)
+        info["parity"] = engine_parity(b, graph, out, gprec, prof["max"])
+        if not info["parity"]["passed"]:
+            out.unlink(missing_ok=True)
+            report[graph] = {"status": "parity-failed", **info}
+            log(f"{graph}: engine parity FAILED ({'; '.join(info['parity']['failures'])}); engine discarded")
+            continue
         tag = engine_tag(here["gpu_name"], here["compute_capability"], here["tensorrt_version"], gprec, prof,
                          m["graphs"][src]["sha256"])
         name = engine_name(graph, gprec)
@@ -222,4 +328,8 @@ def build_bundle_engines(root: str | Path, workspace_gb: float = 2.0, timing_cac
         m["tensorrt"] = {**(m.get("tensorrt") or {}), "engines": engines}
         bundle_io.update_manifest(b.root, m)
         report[graph] = {"status": "built", "engine": name, **info}
+    failed = [g for g, r in report.items() if r["status"] == "parity-failed"]
+    if failed:
+        raise EngineParityError(f"engine parity failed for {', '.join(failed)}: "
+                                + "; ".join(f"{g}: {report[g]['parity']['failures']}" for g in failed))
     return {"bundle": str(b.root), "device": here, "engines": report}
