@@ -1,8 +1,9 @@
 """Contrastive pretraining of `clipheads-tiny` on the synthetic world, and its report.
 
-    python -m training.pretrain --out runs/tiny --seed 0 --steps 3000 --minutes 85      # train
-    python -m training.pretrain finalize --ckpt runs/tiny/last.safetensors              # ship weights
-    python -m training.pretrain report --weights training/weights/clipheads-tiny.safetensors --out bench/tiny_clip
+    OMP_WAIT_POLICY=PASSIVE python -m training.pretrain --out runs/tiny-s0 --pool-cache runs/pool-cache --seed 0
+    python -m training.pretrain finalize --ckpt runs/tiny-s0/last.safetensors        # fp16 weights + sha256
+    python -m training.pretrain report --weights training/weights/clipheads-tiny.safetensors \
+        --out bench/tiny_clip --run runs/tiny-s0 --card training/weights/MODEL_CARD.md
 
 Why it is built this way (a first try with plain CLIP batches learned colour and style but not
 shape, because random in-batch negatives almost never differ by shape alone):
@@ -71,19 +72,19 @@ def holdout_combos() -> frozenset[tuple[str, str]]:
 @dataclass(frozen=True)
 class PretrainConfig:
     seed: int = 0
-    steps: int = 3000
+    steps: int = 6000
     batch_size: int = 128
     group_size: int = 32          # images per (domain, colour) group; every one a different class
     mixed_groups: float = 0.25    # fraction of groups drawn at random instead (nuisance diversity)
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup: int = 150
-    per_combo: int = 28           # pool images per allowed (domain, class, colour)
+    per_combo: int = 36           # pool images per allowed (domain, class, colour)
     world_image_size: int = 64    # rendered like the on-disk world, then resized like open_clip preprocess
     aux_class_weight: float = 1.0  # auxiliary cosine classifier on image features (discarded after)
     eval_every: int = 250
     eval_per_combo: int = 4       # eval images per (domain, class), from a disjoint seed
-    minutes: float = 0.0          # wall-clock guard (0 = none); stops early and still saves
+    minutes: float = 65.0         # wall-clock budget (0 = none): the cosine anneals to 0 when it ends
     threads: int = 2              # with OMP_WAIT_POLICY=PASSIVE: busy-waiting threads collapse on shared cores
     captions_per_batch: int = 48  # image captions encoded per step, besides the class prompts (text cost)
 
@@ -322,6 +323,7 @@ def save_weights(model: nn.Module, path: Path, meta: dict, half: bool = False) -
     sd = {k: (v.half() if half and v.is_floating_point() else v).contiguous().clone() for k, v in model.state_dict().items()}
     tmp = path.with_suffix(".tmp")
     save_file(sd, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
 
 
@@ -595,15 +597,95 @@ def report(weights: Path, out: Path, world: Path | None = None, world_seed: int 
 
     model, tokenizer, preprocess = load_tiny(weights)
     with tempfile.TemporaryDirectory() as tmp:
-        root = world or synth.generate_world(Path(tmp) / "world", seed=world_seed, size=world_size, progress=True)
-        result = evaluate_world(model, tokenizer, preprocess, Path(root))
-    cmd = f"python -m training.pretrain report --weights {weights} --out {out}" + (f" --run {run_dir}" if run_dir else "")
+        root = Path(world or synth.generate_world(Path(tmp) / "world", seed=world_seed, size=world_size, progress=True))
+        desc = json.loads((root / "world.json").read_text())
+        world_seed, world_size = desc["seed"], desc["size"]
+        result = evaluate_world(model, tokenizer, preprocess, root)
+    cmd = (f"python -m training.pretrain report --weights {weights} --out {out}" + (f" --world {world}" if world else "")
+           + (f" --run {run_dir}" if run_dir else ""))
     result.update({"weights": str(weights), "sha256": file_sha256(weights), "world_seed": world_seed, "world_size": world_size,
                    "command": cmd, "holdout_text": holdout_text(), "holdout": sorted(map(list, holdout_combos()))})
     if run_dir and (run_dir / "summary.json").exists():
         result["training"] = json.loads((run_dir / "summary.json").read_text())
     write_report(result, out)
     return result
+
+
+def model_card(r: dict, run: dict | None) -> str:
+    """MODEL_CARD.md from a report (and the pretraining run's config/summary when given)."""
+    import open_clip
+
+    register_tiny_config()
+    arch = json.loads((CONFIG_DIR / f"{ARCH}.json").read_text())
+    n_params = sum(p.numel() for p in open_clip.create_model(ARCH, pretrained=None).parameters())
+    zs = r["zero_shot"]
+    cfg = (run or {}).get("config", {}).get("config", {})
+    summ = (run or {}).get("summary", {})
+    lines = [
+        f"# {ARCH}: a tiny CLIP pretrained on the synthetic world",
+        "",
+        "A from-scratch open_clip CLIP (standard ViT image tower of `ResidualAttentionBlock`s, standard CLIP text",
+        f"transformer, open_clip tokenizer, vocabulary 49408, context {arch['text_cfg']['context_length']}) with "
+        f"{n_params / 1e6:.2f} M parameters, shipped so that demos and tests show real learning offline.",
+        "It has never seen a real image: it knows the 32 drawn object classes, 10 colours, 3 sizes and 4 styles of",
+        "`training/data/synth.py` and nothing else. Do not use it for anything but this package's demos and tests.",
+        "",
+        "## Files",
+        "",
+        f"* `{ARCH}.safetensors` — the full open_clip state dict, float16 (loads into fp32 models), sha256 in `{ARCH}.sha256`:",
+        f"  `{r['sha256']}`.",
+        f"* architecture `training/model_configs/{ARCH}.json`: `{json.dumps(arch)}`",
+        "",
+        "```python",
+        "from training.pretrain import register_tiny_config  # or training.backbone.load_backbone()",
+        "register_tiny_config()",
+        f"model = open_clip.create_model(\"{ARCH}\", pretrained=\"training/weights/{ARCH}.safetensors\")  # no network",
+        "```",
+        "",
+        "Preprocessing is open_clip's default for the config: resize to 48 px (bicubic), centre crop, CLIP mean/std.",
+        "",
+        "## How it was made",
+        "",
+        "```",
+        "OMP_WAIT_POLICY=PASSIVE python -m training.pretrain --out runs/tiny-s0 --pool-cache runs/pool-cache --seed 0",
+        "python -m training.pretrain finalize --ckpt runs/tiny-s0/last.safetensors",
+        f"python -m training.pretrain report --weights training/weights/{ARCH}.safetensors --out bench/tiny_clip \\",
+        f"    --run runs/tiny-s0 --card training/weights/MODEL_CARD.md",
+        "```",
+        "",
+        "* Data: images rendered on the fly by `synth.render` (generator version "
+        f"{synth.GENERATOR_VERSION}) at 64 px and resized to 48 px, {cfg.get('per_combo', '?')} per allowed "
+        "(domain, class, colour), seed space `(1000 + seed, …)` disjoint from the on-disk worlds; random flips and ±3 px shifts.",
+        "* Held out (never rendered for pretraining): " + holdout_text(),
+        "* Batches: groups of 32 images sharing one (domain, colour), every image a different class, so negatives",
+        f"  differ by shape; {cfg.get('mixed_groups', 0.25):.0%} of groups drawn at random. Batch {cfg.get('batch_size', '?')}.",
+        "* Captions: 40 % class-only templates (`a photo of a star.`), 15 % colour + class, 15 % style + class,",
+        "  30 % full (`a sketch of a small red star.`); plus the class prompt of every class in every batch.",
+        "* Loss: symmetric multi-positive InfoNCE (a caption is a positive for every image it truly describes) plus",
+        f"  an auxiliary cosine classifier on image features (weight {cfg.get('aux_class_weight', '?')}, discarded).",
+        f"* AdamW lr {cfg.get('lr', '?')}, wd {cfg.get('weight_decay', '?')}, betas (0.9, 0.98), warm-up {cfg.get('warmup', '?')} steps, "
+        f"cosine to 0 over min({cfg.get('steps', '?')} steps, {cfg.get('minutes', '?')} min).",
+    ]
+    if summ:
+        lines.append(f"* Ran {summ.get('steps_done')} steps in {summ.get('wall_s', 0) / 60:.1f} min (+{summ.get('pool_s', 0) / 60:.1f} min "
+                     "rendering the image pool) on 2 CPU cores shared with other jobs; torch threads 2. The wall-clock budget "
+                     "decided the step count, so an exact rerun is `--steps "
+                     f"{summ.get('steps_done')} --minutes 0` (same data, init and batches; a slightly different lr curve).")
+    lines += ["", "## Zero-shot accuracy", "",
+              f"World seed {r['world_seed']} ({r['world_size']}), `{r['split']}` split, {r['n_images']} images, "
+              f"template `{ZS_TEMPLATE}`, {len(synth.CLASSES)}-way, chance {r['chance']:.1%}.", "",
+              "| domain | all | seen combos | held-out combos |", "|---|---|---|---|"]
+    for d in synth.DOMAINS:
+        row = zs[d]
+        lines.append(f"| {d} | {row['all']:.1%} | {row.get('seen', row['all']):.1%} | "
+                     + (f"{row['held_out']:.1%}" if "held_out" in row else "–") + " |")
+    lines += [f"| **all** | {zs['all']:.1%} | {zs['seen']:.1%} | {zs['held_out']:.1%} |", "",
+              "Attribute diagnosis and the full table: `bench/tiny_clip/README.md`.", "",
+              "## Limitations", "",
+              "* Synthetic, low-resolution, 32 classes: features are useful only inside this world.",
+              "* The held-out combinations are deliberately weaker: that gap is what few-shot heads are meant to close.",
+              ]
+    return "\n".join(lines) + "\n"
 
 
 def report_main(argv: Sequence[str]) -> int:
@@ -614,8 +696,14 @@ def report_main(argv: Sequence[str]) -> int:
     p.add_argument("--world-seed", type=int, default=0)
     p.add_argument("--world-size", choices=sorted(synth.WORLD_SIZES), default="full")
     p.add_argument("--run", type=Path, default=None, help="pretraining run directory (adds its summary)")
+    p.add_argument("--card", type=Path, default=None, help="also write the model card here")
     a = p.parse_args(argv)
     r = report(a.weights, a.out, a.world, a.world_seed, a.world_size, a.run)
+    if a.card:
+        run = None
+        if a.run:
+            run = {name: json.loads((a.run / f"{name}.json").read_text()) for name in ("config", "summary") if (a.run / f"{name}.json").exists()}
+        a.card.write_text(model_card(r, run))
     zs = r["zero_shot"]
     print(f"zero-shot top-1: seen {zs['seen']:.1%}, held-out {zs['held_out']:.1%} (chance {r['chance']:.1%}); "
           + ", ".join(f"{d} {zs[d]['all']:.1%}" for d in synth.DOMAINS) + f"; wrote {a.out}/README.md and report.json")
