@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 
 $(STAMP):
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet -r requirements/base.txt -r requirements/onnx.txt -r requirements/serve.txt -r requirements/score.txt -r requirements/dev.txt
+	$(BIN)/pip install --quiet -r requirements/base.txt -r requirements/onnx.txt -r requirements/serve.txt -r requirements/score.txt -r requirements/ray.txt -r requirements/dev.txt
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
