@@ -31,6 +31,7 @@ OPERATIONS = ["POST /classify", "POST /zero_shot", "POST /tasks", "POST /tasks/l
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
+    saved = {k: os.environ.get(k) for k in ("CLIPHEADS_MODEL_CONFIGS", "CLIPHEADS_ORT_SPIN")}
     os.environ["CLIPHEADS_MODEL_CONFIGS"] = str(REPO / "tests" / "model_configs")
     import serving.service as svc
     from starlette.testclient import TestClient
@@ -48,6 +49,11 @@ def api(tmp_path_factory):
         yield schema, {f"{op.method.upper()} {op.path}": op for op in (r.ok() for r in schema.get_all_operations())}
     finally:
         svc.CONFIG = old
+        for k, v in saved.items():  # the in-process Encoder sets defaults; keep other tests clean
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.mark.parametrize("label", OPERATIONS)
