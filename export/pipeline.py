@@ -42,8 +42,8 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     exporter: str = "torchscript"
     fuse: bool = True  # ORT transformer fusions (target onnx only)
-    # vision attention as one com.microsoft.MultiHeadAttention node (target onnx, fp32/int8 only:
-    # ORT's CPU provider has no fp16 kernel for it, and the fp16 gate runs on CPU)
+    # vision attention as one com.microsoft.MultiHeadAttention node (target onnx; ORT CPU and CUDA
+    # providers run it in fp32 and fp16)
     fused_attention: bool = True
     int8_mode: str = "dynamic"  # dynamic | static (QDQ)
     text: bool = True
@@ -159,7 +159,7 @@ def export_heads(
     try:
         t0 = time.perf_counter()
         plain = {}
-        use_mha = options.fused_attention and options.target == "onnx" and options.precision != "fp16"
+        use_mha = options.fused_attention and options.target == "onnx"
         with (fused_attention(plan.backbone) if use_mha else contextlib.nullcontext(0)) as n_mha:
             for g in plan.graphs:
                 plain[g.name] = export_image_graph(g.encoder, work / f"plain_{g.name}", options.opset,

@@ -155,6 +155,7 @@ def test_fp16_gate_passes_and_text_graph_stays_fp32(micro_backbone, tmp_path):
     assert res.passed == all(t["top1_agreement"] >= 0.995 for t in res.parity["tasks"].values())
     m = load_bundle(tmp_path / "b").manifest
     assert m["graphs"]["image_0.onnx"]["precision"] == "fp16" and m["graphs"]["text.onnx"]["precision"] == "fp32"
+    assert m["fused_ops"]["image_0.onnx"]["attention_nodes"] == len(micro_backbone.vision_blocks)
     assert m["parity"]["fp32_reference_graphs"]["passed"]
 
 
