@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -68,7 +69,8 @@ def export_module(
         kw["dynamo"] = True
         kw["external_data"] = False
     try:
-        with mha_fastpath_disabled(), torch.no_grad(), warnings.catch_warnings():
+        with mha_fastpath_disabled(), torch.no_grad(), warnings.catch_warnings(), \
+                contextlib.redirect_stdout(io.StringIO()):  # the dynamo exporter print()s progress; stdout is --json's
             warnings.simplefilter("ignore")  # TracerWarnings / legacy-exporter deprecation chatter
             torch.onnx.export(module, args, str(path), **kw)
     except Exception as err:  # noqa: BLE001 - report any exporter failure as one clear error
@@ -112,9 +114,12 @@ def graph_io(path: str | Path) -> dict:
         shape = [d.dim_param if d.dim_param else (d.dim_value if d.HasField("dim_value") else None) for d in t.shape.dim]
         return {"name": vi.name, "dtype": _ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), "shape": shape}
 
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), None)
     return {
         "inputs": [desc(v) for v in m.graph.input if v.name not in inits],
         "outputs": [desc(v) for v in m.graph.output],
+        "opset": opset,  # what the file declares (the dynamo exporter may not reach the requested one)
+        "domains": sorted(o.domain for o in m.opset_import if o.domain not in ("", "ai.onnx")),
     }
 
 

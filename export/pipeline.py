@@ -208,6 +208,11 @@ def export_heads(
             meta["text.onnx"] = {"kind": "text", "precision": "fp32" if options.precision == "fp16" else ship_precision}
             meta.update({k: {"kind": "image-fp16" if k != "text.fp16.onnx" else "text-fp16", "precision": "fp16"}
                          for k in extra})
+            opsets = [e for e in (_declared_opset(f) for f in files.values()) if e is not None]
+            if opsets and max(opsets) != options.opset:
+                manifest["opset_requested"] = options.opset
+                manifest["opset"] = max(opsets)
+                log(f"note: the graphs declare opset {max(opsets)} (requested {options.opset})")
             written = bundle_io.write_bundle(out, manifest, files, meta)
             manifest = bundle_io.load_bundle(written).manifest
             log(f"wrote {written}")
@@ -215,6 +220,12 @@ def export_heads(
     finally:
         if tmp_ctx is not None:
             tmp_ctx.cleanup()
+
+
+def _declared_opset(path) -> Optional[int]:
+    from .onnx_export import graph_io
+
+    return graph_io(path).get("opset")
 
 
 def _optimise(plan: FoldPlan, plain: dict, text_plain: Optional[Path], options: ExportOptions, work: Path,

@@ -336,3 +336,15 @@ def test_int8_static_qdq_is_calibrated_and_gated(micro_backbone, tmp_path):
     assert ops.get("QuantizeLinear", 0) > 0 and ops.get("DequantizeLinear", 0) > 0
     assert res.parity["precision"] == "int8" and 0.0 <= res.parity["worst"]["min_top1_agreement"] <= 1.0
     assert res.parity["worst"]["min_feature_cosine"] > 0.9  # quantized, not broken
+
+
+def test_dynamo_exporter_passes_the_gate_and_records_its_opset(micro_backbone, tmp_path):
+    """Both exporters are exercised (ECOSYSTEM 3.1); dynamo graphs may declare a newer opset."""
+    head = _head("vpt", micro_backbone)
+    res = export_heads([head], tmp_path / "b", ExportOptions(exporter="dynamo", text=False, **FAST))
+    assert res.passed, res.parity["failures"]
+    m = load_bundle(tmp_path / "b").manifest
+    declared = m["graphs"]["image_0.onnx"]["opset"]
+    assert m["exporter"] == "dynamo" and m["opset"] == declared and declared >= 17
+    assert [i["name"] for i in m["graphs"]["image_0.onnx"]["inputs"]] == ["pixels", "task_index"]
+    assert m["graphs"]["image_0.onnx"]["inputs"][0]["shape"][0] == "batch"
