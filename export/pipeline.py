@@ -243,6 +243,10 @@ def _optimise(plan: FoldPlan, plain: dict, text_plain: Optional[Path], options: 
     if options.target == "onnx" and options.fuse and options.precision != "int8":
         for name, src in sources.items():
             tower = "text" if name == "text.onnx" else "vision"
+            if tower == "vision" and not plan.backbone.vision_is_vit:
+                fused_ops[name] = {"skipped": f"transformer fusions need a ViT image tower "
+                                              f"({type(plan.backbone.model.visual).__name__})"}
+                continue
             try:
                 heads_, width = tower_geometry(plan.backbone, tower)
                 rep = fuse_transformer(src, work / f"fused_{name}", heads_, width,

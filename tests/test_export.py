@@ -348,3 +348,13 @@ def test_dynamo_exporter_passes_the_gate_and_records_its_opset(micro_backbone, t
     assert m["exporter"] == "dynamo" and m["opset"] == declared and declared >= 17
     assert [i["name"] for i in m["graphs"]["image_0.onnx"]["inputs"]] == ["pixels", "task_index"]
     assert m["graphs"]["image_0.onnx"]["inputs"][0]["shape"][0] == "batch"
+
+
+@pytest.mark.parametrize("method", ["zeroshot", "coop"])
+def test_text_only_heads_on_a_resnet_backbone_export(method, rn_backbone, tmp_path):
+    """DESIGN: any open_clip image tower works for text-only methods; fusions are skipped, not failed."""
+    head = _head(method, rn_backbone, (TASKS[0],))
+    res = export_heads([head], tmp_path / "b", ExportOptions(**FAST))
+    assert res.passed, res.parity["failures"]
+    assert "skipped" in res.manifest["fused_ops"]["image_0.onnx"]
+    assert load_bundle(tmp_path / "b").manifest["tasks"][0]["graph"] == "image_0.onnx"
