@@ -255,7 +255,7 @@ def _optimise(plan: FoldPlan, plain: dict, text_plain: Optional[Path], options: 
                 fused_ops[name] = rep
             except Exception as err:  # noqa: BLE001 - fusion is optional; the plain graph still works
                 fused_ops[name] = {"error": f"{type(err).__name__}: {err}"}
-        log("fusions: " + ", ".join(f"{k}: {v.get('fused', v.get('error'))}" for k, v in fused_ops.items()))
+        log("fusions: " + ", ".join(f"{k}: {v.get('fused') or v.get('error') or v.get('skipped')}" for k, v in fused_ops.items()))
     if options.precision == "fp16" and options.target == "onnx":
         for name, src in list(current.items()):
             if name != "text.onnx":  # see TEXT_STAYS_FP32
