@@ -71,8 +71,9 @@ class _Pixels(nn.Module):
 
     def forward(self, pixels: Tensor) -> Tensor:
         if self.input_dtype == "float32":
-            return pixels
-        return (pixels.float() * (1.0 / 255.0) - self.mean) * self.inv_std
+            return pixels.to(self.mean.dtype)
+        # the buffers' dtype is the module's compute dtype (float32, or float16 after .half())
+        return (pixels.to(self.mean.dtype) * (1.0 / 255.0) - self.mean) * self.inv_std
 
 
 class FoldedImageEncoder(nn.Module):

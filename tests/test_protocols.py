@@ -72,3 +72,23 @@ def test_runner_resumes_without_rerunning_finished_units(folders, tmp_path):
     again = run_recipe(recipe, folders, out, backbone=bb, progress=False, log=logs.append)
     assert sum("done earlier" in line for line in logs) == 1
     assert again[0] == first[0]
+
+
+def test_recipe_patterns_expand_to_packaged_names_and_unmatched_ones_fail_clearly():
+    from training.protocols.recipes import RecipeError, expand_recipe_refs
+
+    names = expand_recipe_refs(["synth_*_multitask", "coop_few_shot"])
+    assert names[-1] == "coop_few_shot"
+    assert "synth_mmap_multitask" in names and all(n.endswith("_multitask") for n in names[:-1])
+    with pytest.raises(RecipeError, match="no recipe 'nosuch_\\*'"):
+        load_recipe(expand_recipe_refs(["nosuch_*"])[0])
+
+
+def test_cli_pretrained_override_reaches_the_backbone(tmp_path, capsys):
+    """`--pretrained PATH` alone replaces the recipe's weights (keeping its arch)."""
+    from training.protocols.cli import main
+
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(Exception, match="nope.safetensors"):
+        main(["protocol", "synth_zeroshot_base2novel", "--data-root", str(tmp_path), "--out", str(tmp_path / "o"),
+              "--pretrained", str(missing), "--quiet"])

@@ -13,7 +13,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="clipheads bench")
     sub = p.add_subparsers(dest="what", required=True)
     run = sub.add_parser("protocol", help="run (or resume) recipes and write the report")
-    run.add_argument("recipes", nargs="+", help="recipe files or packaged recipe names (`clipheads bench list`)")
+    run.add_argument("recipes", nargs="+", help="recipe files, packaged recipe names (`clipheads bench list`) or patterns such as 'synth_*'")
     run.add_argument("--data-root", required=True, help="folder the recipes' dataset paths are relative to")
     run.add_argument("--out", default="runs/bench", help="results folder (resumable)")
     run.add_argument("--seeds", default=None, help="comma list overriding the recipes' seeds, e.g. 1")
@@ -27,7 +27,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub.add_parser("list", help="list packaged recipes")
     args = p.parse_args(argv)
 
-    from .recipes import RecipeError, list_recipes, load_recipe
+    from .recipes import RecipeError, expand_recipe_refs, list_recipes, load_recipe
     from .report import write_report
 
     if args.what == "list":
@@ -41,7 +41,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .runner import run_recipe
 
     try:
-        recipes = [load_recipe(r) for r in args.recipes]
+        recipes = [load_recipe(r) for r in expand_recipe_refs(args.recipes)]
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -51,8 +51,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             changes["seeds"] = tuple(int(s) for s in args.seeds.split(","))
         if args.epochs is not None:
             changes["train"] = {**r.train, "epochs": args.epochs}
-        if args.backbone:
-            changes["backbone"] = {"arch": args.backbone, "pretrained": args.pretrained}
+        if args.backbone or args.pretrained:
+            changes["backbone"] = {"arch": args.backbone or r.backbone.get("arch"),
+                                   "pretrained": args.pretrained or (None if args.backbone else r.backbone.get("pretrained"))}
         r = replace(r, **changes)
         run_recipe(r, args.data_root, args.out, device=args.device, progress=not args.quiet)
     cmd = "clipheads bench " + " ".join(shlex.quote(a) for a in argv)

@@ -11,6 +11,7 @@ registered reader and a path relative to `--data-root`:
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -112,3 +113,15 @@ def load_recipe(ref: str) -> Recipe:
 
 def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.json"))
+
+
+def expand_recipe_refs(refs: list[str]) -> list[str]:
+    """Shell-style patterns over packaged names (`'synth_*'`) expand in sorted order; files and
+    plain names pass through (an unmatched pattern is kept, so load_recipe names the problem)."""
+    out: list[str] = []
+    for ref in refs:
+        if any(c in ref for c in "*?[") and not Path(ref).is_file():
+            out += fnmatch.filter(list_recipes(), ref) or [ref]
+        else:
+            out.append(ref)
+    return out
