@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed-$(shell cat requirements/*.txt pyproject.toml | sh
 export BENTOML_DO_NOT_TRACK := true
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast install clean bench-methods
 
 $(STAMP):
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,15 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not integration"
+
+# The synthetic-world results table of every method (issue 4/5): world seed 1 (full), all
+# synth_* recipes, 3 seeds; resumable. DEVICE=cuda JOBS=4 on a GPU machine.
+WORLD  ?= runs/world-s1
+DEVICE ?= cpu
+JOBS   ?= 1
+bench-methods: $(STAMP)
+	test -f $(WORLD)/world.json || $(BIN)/clipheads data synth $(WORLD) --seed 1 --size full
+	$(BIN)/clipheads bench protocol 'synth_*' --data-root $(WORLD) --out bench/methods_synthetic --device $(DEVICE) --jobs $(JOBS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -92,3 +92,22 @@ def test_cli_pretrained_override_reaches_the_backbone(tmp_path, capsys):
     with pytest.raises(Exception, match="nope.safetensors"):
         main(["protocol", "synth_zeroshot_base2novel", "--data-root", str(tmp_path), "--out", str(tmp_path / "o"),
               "--pretrained", str(missing), "--quiet"])
+
+
+def test_cli_runs_recipes_in_parallel_processes_and_reports_with_the_command(tmp_path):
+    """`--jobs 2`: two recipes in two spawned processes write one report; the command is kept for
+    later re-renders (`clipheads bench report`)."""
+    from training.data import synth
+    from training.protocols.cli import main
+
+    world = synth.generate_world(tmp_path / "w", seed=0, size=synth.WorldSize(train=2, val=1, test=1),
+                                 image_size=48, workers=1)
+    out = tmp_path / "o"
+    argv = ["protocol", "synth_zeroshot_b*", "synth_zeroshot_heldout", "--data-root", str(world), "--out", str(out),
+            "--pretrained", "none", "--seeds", "1", "--jobs", "2", "--quiet"]
+    assert main(argv) == 0
+    assert {p.parent.name for p in out.glob("runs/*/*.json") if p.name != "recipe.json"} == {
+        "synth_zeroshot_base2novel", "synth_zeroshot_heldout"}
+    (out / "report.md").unlink()
+    assert main(["report", str(out)]) == 0
+    assert "synth_zeroshot_b*" in (out / "report.md").read_text()

@@ -8,6 +8,31 @@ from dataclasses import replace
 from typing import Optional, Sequence
 
 
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_parallel(recipes, args) -> None:
+    """Each recipe in its own process (spawned: safe with CUDA); results land in the same out dir,
+    one folder per recipe, so the processes never write the same file."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from .runner import run_recipe
+
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker, initargs=(threads,)) as pool:
+        futures = {pool.submit(run_recipe, r, args.data_root, args.out, args.device, None, False): r.name
+                   for r in recipes}
+        for fut in as_completed(futures):
+            fut.result()  # a failed recipe stops the run with its error; finished units are kept
+            print(f"finished {futures[fut]}", flush=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(argv or [])
     p = argparse.ArgumentParser(prog="clipheads bench")
@@ -21,6 +46,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run.add_argument("--backbone", default=None)
     run.add_argument("--pretrained", default=None)
     run.add_argument("--device", default="cpu")
+    run.add_argument("--jobs", type=int, default=1,
+                     help="recipes run in this many processes at once (CPU threads are split between them)")
     run.add_argument("--quiet", action="store_true")
     rep = sub.add_parser("report", help="re-render report.md/json/plots from finished runs")
     rep.add_argument("out")
@@ -28,7 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
 
     from .recipes import RecipeError, expand_recipe_refs, list_recipes, load_recipe
-    from .report import write_report
+    from .report import record_command, write_report
 
     if args.what == "list":
         for name in list_recipes():
@@ -45,7 +72,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for r in recipes:
+
+    def overridden(r):
         changes = {}
         if args.seeds:
             changes["seeds"] = tuple(int(s) for s in args.seeds.split(","))
@@ -54,9 +82,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.backbone or args.pretrained:
             changes["backbone"] = {"arch": args.backbone or r.backbone.get("arch"),
                                    "pretrained": args.pretrained or (None if args.backbone else r.backbone.get("pretrained"))}
-        r = replace(r, **changes)
-        run_recipe(r, args.data_root, args.out, device=args.device, progress=not args.quiet)
+        return replace(r, **changes)
+
+    recipes = [overridden(r) for r in recipes]
     cmd = "clipheads bench " + " ".join(shlex.quote(a) for a in argv)
-    path = write_report(args.out, commands=[cmd])
+    commands = record_command(args.out, cmd)  # before running: an interrupted run still says how to resume
+    if args.jobs > 1:
+        _run_parallel(recipes, args)
+    else:
+        for r in recipes:
+            run_recipe(r, args.data_root, args.out, device=args.device, progress=not args.quiet)
+    path = write_report(args.out, commands=commands)
     print(f"report: {path}")
     return 0

@@ -188,8 +188,25 @@ def render_plots(summary: dict, out_dir: Path) -> list[str]:
     return files
 
 
+COMMANDS_FILE = "commands.txt"
+
+
+def record_command(out_dir: str | Path, command: str) -> list[str]:
+    """Remember the commands that filled `out_dir` (one per line, first use kept), so a report
+    re-rendered later still says how to reproduce it; returns them all."""
+    path = Path(out_dir) / COMMANDS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    known = path.read_text().splitlines() if path.exists() else []
+    if command not in known:
+        known.append(command)
+        path.write_text("\n".join(known) + "\n")
+    return known
+
+
 def write_report(out_dir: str | Path, commands: Sequence[str] = (), title: str = "clipheads protocol report") -> Path:
     out_dir = Path(out_dir)
+    if not commands and (out_dir / COMMANDS_FILE).exists():
+        commands = (out_dir / COMMANDS_FILE).read_text().splitlines()
     summary = summarize(load_results(out_dir))
     recipes = load_recipes(out_dir)
     (out_dir / "report.json").write_text(json.dumps({"summary": summary, "recipes": recipes, "commands": list(commands)}, indent=2))
