@@ -39,16 +39,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _held_out_domain(world: dict) -> str:
-    for key in ("held_out_domain", "holdout_domain", "heldout_domain"):
-        if world.get(key):
-            return world[key]
-    hold = world.get("holdout") or world.get("held_out") or {}
-    if isinstance(hold, dict) and hold.get("domain"):
-        return hold["domain"]
-    return world["domains"][-1] if isinstance(world["domains"][-1], str) else world["domains"][-1]["name"]
-
-
 def _classify_over_http(bundle: Path, image: Path, port: int) -> dict:
     """Start `clipheads serve`, wait for /readyz, POST one image to /classify, stop the server."""
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true"}
@@ -96,6 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-serve", action="store_true", help="stop after the export step")
     p.add_argument("--backbone", default=None, help="default: the packaged clipheads-tiny")
     p.add_argument("--pretrained", default=None, help="default: the backbone's default weights")
+    p.add_argument("--domain", default=None, help="domain to tune on (default: the one the tiny CLIP saw least)")
     args = p.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -111,7 +102,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     world_dir = steps.run("generate the synthetic world (small)", lambda: (lambda d: (d, f"{d}"))(generate_world(out / "world", seed=0, size="small")))
     world = json.loads((world_dir / "world.json").read_text())
     domains = [d if isinstance(d, str) else d["name"] for d in world["domains"]]
-    held = _held_out_domain(world)
+    from training.pretrain import HELD_OUT_DOMAIN
+
+    held = args.domain or HELD_OUT_DOMAIN
+    if held not in domains:
+        raise SystemExit(f"--domain must be one of {', '.join(domains)}; got {held!r}")
     backbone = steps.run("load the packaged tiny CLIP", lambda: (lambda b: (b, f"{b.arch} / {b.pretrained}, sha256 {str(b.weights_sha256)[:12]}…"))(
         load_backbone(args.backbone or PACKAGED_ARCH, args.pretrained)))
     splits = {d: load_world_splits(world_dir, d) for d in domains}
