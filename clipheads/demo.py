@@ -121,9 +121,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     zs = steps.run("zero-shot top-1 per domain", zero_shot)
 
     def train():
+        # the same settings as the committed results table (recipe synth_coop_heldout)
+        from training.protocols.recipes import load_recipe
+
+        recipe = load_recipe("synth_coop_heldout")
         s = few_shot_splits(splits[held], args.shots, args.seed)
-        head = build_method("coop", backbone, [TaskSpec(held, s.classnames, s.templates)], {"n_ctx": 4, "ctx_init": "a photo of a"})
-        cfg = TrainConfig(epochs=args.epochs, batch_size=16, lr=0.01, warmup_epochs=1, seed=args.seed)
+        head = build_method("coop", backbone, [TaskSpec(held, s.classnames, s.templates)], recipe.method_config)
+        cfg = TrainConfig(**{**recipe.train, "epochs": args.epochs, "seed": args.seed})
         res = train_head(head, {0: s.train}, cfg)
         acc = evaluate(head, splits[held].test)["top1"]
         path = save_head(head, out / f"coop-{held}.head.safetensors", {**res.summary(), "shots": args.shots, "seed": args.seed,

@@ -200,3 +200,24 @@ def test_templates_for_other_kinds():
     assert templates_for("oxford_pets", "comma_teacher") == templates_for("oxford_pets")
     with pytest.raises(ValueError, match="unknown template kind"):
         templates_for("dtd", "fancy")
+
+
+def test_train_crop_scale_reaches_the_loader_transform():
+    """Dassl's RandomResizedCrop(0.08-1) by default; a recipe's `crop_scale` replaces it (the synthetic
+    world's small objects are cut out by tiny crops)."""
+    import torchvision.transforms as T
+
+    from training.backbone import PreprocessSpec
+    from training.data.loading import build_transform, make_loader
+    from training.loop import TrainConfig
+
+    spec = PreprocessSpec(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic", resize_mode="shortest")
+
+    def crop(transform):
+        return next(t for t in transform.transforms if isinstance(t, T.RandomResizedCrop))
+
+    assert crop(build_transform(spec, True)).scale == (0.08, 1.0)
+    cfg = TrainConfig(**{"crop_scale": [0.8, 1.0]})
+    loader = make_loader([None] * 8, spec, True, 4, crop_scale=tuple(cfg.crop_scale))  # never iterated
+    assert crop(loader.dataset.transform).scale == (0.8, 1.0)
+    assert not any(isinstance(t, T.RandomResizedCrop) for t in build_transform(spec, False).transforms)

@@ -38,6 +38,9 @@ class TrainConfig:
     device: str = "cpu"
     workers: int = 0
     max_steps_per_epoch: Optional[int] = None  # cap for smoke tests and demos
+    # RandomResizedCrop area range. Dassl's (0.08, 1) suits photos of whole scenes; on small
+    # rendered objects (the synthetic world) such crops cut the object out, so its recipes narrow it.
+    crop_scale: tuple[float, float] = (0.08, 1.0)
     progress: bool = True
 
     def to_dict(self) -> dict:
@@ -109,7 +112,8 @@ def train_head(head: HeadMethod, train_sets: Mapping[int, Sequence[Sample]], cfg
     head.backbone.to(device)
     spec = head.backbone.preprocess
     tasks = sorted(train_sets)
-    loaders = [make_loader(train_sets[t], spec, True, cfg.batch_size, seed=cfg.seed + t, workers=cfg.workers) for t in tasks]
+    loaders = [make_loader(train_sets[t], spec, True, cfg.batch_size, seed=cfg.seed + t, workers=cfg.workers,
+                           crop_scale=tuple(cfg.crop_scale)) for t in tasks]
     opt = _optimizer(head, cfg)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)

@@ -67,13 +67,14 @@ class SampleDataset(Dataset):
 
 
 def make_loader(
-    samples: Sequence[Sample], spec: PreprocessSpec, train: bool, batch_size: int, seed: int = 0, workers: int = 0
+    samples: Sequence[Sample], spec: PreprocessSpec, train: bool, batch_size: int, seed: int = 0, workers: int = 0,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
 ) -> DataLoader:
     gen = torch.Generator().manual_seed(seed)
     # Dassl drops the last partial batch in training when at least one full batch exists.
     drop_last = train and len(samples) >= batch_size
     return DataLoader(
-        SampleDataset(samples, build_transform(spec, train)),
+        SampleDataset(samples, build_transform(spec, train, crop_scale)),
         batch_size=batch_size,
         shuffle=train,
         drop_last=drop_last,

@@ -187,7 +187,9 @@ def _group_tasks(ctx: RunContext, tasks, splits, seed):
 
     cfg = dict(ctx.recipe.method_config)
     bs = int(ctx.recipe.train.get("batch_size", 4))
-    batches = [make_loader(s.train, ctx.backbone.preprocess, True, bs, seed=seed + i) for i, s in enumerate(splits)]
+    scale = tuple(ctx.recipe.train.get("crop_scale", (0.08, 1.0)))
+    batches = [make_loader(s.train, ctx.backbone.preprocess, True, bs, seed=seed + i, crop_scale=scale)
+               for i, s in enumerate(splits)]
     steps = max(5, min(50, 2 * min(len(b) for b in batches)))  # a short warm-up: two passes of the smallest task
     report = group_tasks(ctx.backbone, tasks, batches, steps, n_groups=cfg.get("n_groups"), method=ctx.recipe.method,
                          config=cfg, lr=float(ctx.recipe.train.get("lr", 0.002)), seed=seed)
