@@ -576,11 +576,24 @@ def report_markdown(r: dict) -> str:
     for name, row in diag.items():
         lines.append(f"| {name} | {row['chance']:.1%} | {row['all']:.1%} | {row['seen']:.1%} | {row['held_out']:.1%} | "
                      + " | ".join(f"{row[d]:.1%}" for d in synth.DOMAINS) + " |")
+    if r.get("coop_heldout"):
+        lines += ["", *coop_markdown(r["coop_heldout"])]
     if r.get("training"):
         t = r["training"]
         lines += ["", "## Training", "", f"{t.get('steps_done')} steps, {t.get('wall_s', 0) / 60:.1f} min wall "
                   f"(+{t.get('pool_s', 0) / 60:.1f} min rendering the image pool) on 2 shared CPU cores."]
     return "\n".join(lines) + "\n"
+
+
+def coop_markdown(c: dict) -> list[str]:
+    runs = ", ".join(f"seed {x['seed']}: {x['top1']:.1%}" for x in c["runs"])
+    return [f"## {c['shots']}-shot CoOp on the held-out domain `{c['domain']}`", "",
+            f"Recipe `{c['recipe']}` ({c['method_config']}, {c['train'].get('epochs')} epochs, lr {c['train'].get('lr')}, "
+            f"crop scale {c['train'].get('crop_scale')}); {c['n_test']} test images.", "",
+            "| | top-1 |", "|---|---|",
+            f"| zero-shot | {c['zero_shot']:.1%} |",
+            f"| CoOp, mean ± std over {len(c['runs'])} seeds | {c['mean']:.1%} ± {100 * c['std']:.1f} |",
+            f"| gain | **{c['gain_points']:+.1f} points** |", "", f"Per seed: {runs}."]
 
 
 def holdout_text() -> str:
@@ -591,8 +604,36 @@ def holdout_text() -> str:
             f"`painting` images of {', '.join(pa)}. Those (domain, class) combinations were never rendered for pretraining.")
 
 
+def coop_gain(weights: Path, world: Path, seeds: Sequence[int] = (1, 2, 3), shots: int = 16) -> dict:
+    """Few-shot CoOp on the held-out domain vs zero-shot, with the `synth_coop_heldout` recipe's
+    settings (the same numbers the methods table reports), one run per seed."""
+    from .backbone import load_backbone
+    from .data.fewshot import few_shot_splits
+    from .loop import TrainConfig, evaluate, train_head
+    from .methods import TaskSpec, build_method
+    from .protocols.recipes import load_recipe
+
+    recipe = load_recipe("synth_coop_heldout")
+    bb = load_backbone(ARCH, str(weights))
+    s = synth.load_world_splits(world, HELD_OUT_DOMAIN)
+    task = [TaskSpec(HELD_OUT_DOMAIN, s.classnames, s.templates)]
+    zs = evaluate(build_method("zeroshot", bb, task), s.test)["top1"]
+    runs = []
+    for seed in seeds:
+        head = build_method("coop", bb, task, recipe.method_config)
+        start = time.perf_counter()
+        train_head(head, {0: few_shot_splits(s, shots, seed).train}, TrainConfig(**{**recipe.train, "seed": seed}))
+        runs.append({"seed": seed, "top1": round(evaluate(head, s.test)["top1"], 4),
+                     "train_s": round(time.perf_counter() - start, 1)})
+    accs = np.array([r["top1"] for r in runs])
+    return {"domain": HELD_OUT_DOMAIN, "shots": shots, "recipe": recipe.name, "method_config": dict(recipe.method_config),
+            "train": dict(recipe.train), "n_test": len(s.test), "zero_shot": round(zs, 4), "runs": runs,
+            "mean": round(float(accs.mean()), 4), "std": round(float(accs.std()), 4),
+            "gain_points": round(100 * float(accs.mean() - zs), 1)}
+
+
 def report(weights: Path, out: Path, world: Path | None = None, world_seed: int = 0, world_size: str = "full",
-           run_dir: Path | None = None) -> dict:
+           run_dir: Path | None = None, coop_seeds: Sequence[int] = (1, 2, 3)) -> dict:
     import tempfile
 
     torch.set_num_threads(2)
@@ -604,8 +645,11 @@ def report(weights: Path, out: Path, world: Path | None = None, world_seed: int 
         desc = json.loads((root / "world.json").read_text())
         world_seed, world_size = desc["seed"], desc["size"]
         result = evaluate_world(model, tokenizer, preprocess, root)
+        if coop_seeds:
+            result["coop_heldout"] = coop_gain(weights, root, coop_seeds)
     cmd = (f"python -m training.pretrain report --weights {weights} --out {out}" + (f" --world {world}" if world else "")
-           + (f" --run {run_dir}" if run_dir else ""))
+           + (f" --run {run_dir}" if run_dir else "") + ("" if tuple(coop_seeds) == (1, 2, 3) else
+                                                          f" --coop-seeds '{','.join(map(str, coop_seeds))}'"))
     result.update({"weights": str(weights), "sha256": file_sha256(weights), "world_seed": world_seed, "world_size": world_size,
                    "command": cmd, "holdout_text": holdout_text(), "holdout": sorted(map(list, holdout_combos()))})
     if run_dir and (run_dir / "summary.json").exists():
@@ -684,6 +728,7 @@ def model_card(r: dict, run: dict | None) -> str:
                      + (f"{row['held_out']:.1%}" if "held_out" in row else "–") + " |")
     lines += [f"| **all** | {zs['all']:.1%} | {zs['seen']:.1%} | {zs['held_out']:.1%} |", "",
               "Attribute diagnosis and the full table: `bench/tiny_clip/README.md`.", "",
+              *(coop_markdown(r["coop_heldout"]) + [""] if r.get("coop_heldout") else []),
               "## Limitations", "",
               "* Synthetic, low-resolution, 32 classes: features are useful only inside this world.",
               "* The held-out combinations are deliberately weaker: that gap is what few-shot heads are meant to close.",
@@ -700,8 +745,10 @@ def report_main(argv: Sequence[str]) -> int:
     p.add_argument("--world-size", choices=sorted(synth.WORLD_SIZES), default="full")
     p.add_argument("--run", type=Path, default=None, help="pretraining run directory (adds its summary)")
     p.add_argument("--card", type=Path, default=None, help="also write the model card here")
+    p.add_argument("--coop-seeds", default="1,2,3", help="seeds of the held-out-domain CoOp runs ('' to skip)")
     a = p.parse_args(argv)
-    r = report(a.weights, a.out, a.world, a.world_seed, a.world_size, a.run)
+    seeds = tuple(int(x) for x in a.coop_seeds.split(",") if x.strip())
+    r = report(a.weights, a.out, a.world, a.world_seed, a.world_size, a.run, seeds)
     if a.card:
         run = None
         if a.run:
