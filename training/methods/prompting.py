@@ -37,7 +37,13 @@ class TextPromptBuilder:
     name goes relative to the context (CoOp's CLASS_TOKEN_POSITION).
     """
 
-    def __init__(self, backbone: Backbone, n_ctx: int, init_phrase: Optional[str] = None, position: str = "end"):
+    def __init__(self, backbone: Backbone, n_ctx: int, init_phrase: Optional[str] = None, position: str = "end",
+                 suffix_phrase: Optional[str] = None):
+        """suffix_phrase: frozen words kept between the learned slots and the class name
+        ("X X .. X a photo of a {class}."), so randomly initialised slots start next to a working
+        hand-crafted template instead of replacing it."""
+        if suffix_phrase and (init_phrase or position != "end"):
+            raise ValueError("a suffix phrase goes with random-init context at position 'end'")
         if position not in POSITIONS:
             raise ValueError(f"class token position must be one of {POSITIONS}, got {position!r}")
         if init_phrase and position != "end":
@@ -47,6 +53,7 @@ class TextPromptBuilder:
         self.n_ctx = n_ctx
         self.init_phrase = init_phrase.strip() if init_phrase else None
         self.position = position
+        self.suffix_phrase = suffix_phrase.strip() if suffix_phrase else None
         if self.init_phrase is not None:
             n_phrase = self._n_tokens(self.init_phrase)
             if n_ctx > n_phrase:
@@ -84,7 +91,8 @@ class TextPromptBuilder:
             n_name = self._n_tokens(name)
             x = lambda k: " ".join(["X"] * k)  # noqa: E731 - one placeholder word per slot
             if self.position == "end":
-                sentences.append(f"{x(m)} {name}.")
+                words = f"{self.suffix_phrase} {name}" if self.suffix_phrase else name
+                sentences.append(f"{x(m)} {words}.")
                 slots.append(list(range(1, 1 + m)))
             elif self.position == "front":
                 sentences.append(f"{name} {x(m)}.")
