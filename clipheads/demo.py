@@ -82,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", default="demo-out")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--shots", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=None, help="default: the synth_coop_heldout recipe's")
     p.add_argument("--no-serve", action="store_true", help="stop after the export step")
     p.add_argument("--backbone", default=None, help="default: the packaged clipheads-tiny")
     p.add_argument("--pretrained", default=None, help="default: the backbone's default weights")
@@ -127,7 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         recipe = load_recipe("synth_coop_heldout")
         s = few_shot_splits(splits[held], args.shots, args.seed)
         head = build_method("coop", backbone, [TaskSpec(held, s.classnames, s.templates)], recipe.method_config)
-        cfg = TrainConfig(**{**recipe.train, "epochs": args.epochs, "seed": args.seed})
+        cfg = TrainConfig(**{**recipe.train, "epochs": args.epochs or recipe.train["epochs"], "seed": args.seed})
         res = train_head(head, {0: s.train}, cfg)
         acc = evaluate(head, splits[held].test)["top1"]
         path = save_head(head, out / f"coop-{held}.head.safetensors", {**res.summary(), "shots": args.shots, "seed": args.seed,
