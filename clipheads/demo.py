@@ -153,7 +153,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if code != 0:
             raise SystemExit(f"export failed with exit code {code}")
         manifest = json.loads((bundle / "manifest.json").read_text())
-        return bundle, f"{bundle} (parity: {json.dumps(manifest.get('parity', {}))[:160]})"
+        parity = manifest.get("parity", {})
+        verdict = "passed" if parity.get("passed") else "FAILED"
+        return bundle, f"{bundle}: {len(manifest.get('graphs', []))} graph(s), {parity.get('precision', '?')} parity gate {verdict}"
 
     steps.run("export an ONNX bundle behind the parity gate", export)
     if args.no_serve:
