@@ -1,6 +1,6 @@
 """The `clipheads` entry point: dispatches to each part's own commands.
 
-training: train, eval, info, methods, data, bench   export: export   serving: serve, score
+training: train, eval, info, methods, data, bench   export: export   serving: serve, score, models
 `demo` runs the whole flow end to end.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ DELEGATED = {
     "export": ("export.cli", "fold heads into an ONNX/TensorRT bundle (parity-gated)"),
     "serve": ("serving.cli", "serve a bundle or head over HTTP (BentoML)"),
     "score": ("serving.score", "batch-score images with a bundle into Parquet"),
+    "models": ("serving.model_store", "save/list heads and bundles in BentoML's model store"),
     "bench": ("training.protocols.cli", "run a paper protocol recipe and write a report"),
     "demo": ("clipheads.demo", "offline end-to-end demo on the synthetic world"),
 }

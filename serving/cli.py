@@ -20,7 +20,8 @@ SERVICE = "serving.service:ClipHeads"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipheads serve", description="Serve a bundle or head over HTTP (BentoML).")
-    p.add_argument("source", help="export bundle directory, or a *.head.safetensors file (eager PyTorch)")
+    p.add_argument("source", help="export bundle directory, a *.head.safetensors file (eager PyTorch), or the tag "
+                                  "of a model saved with `clipheads models save` (name[:version])")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 to expose)")
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--runtime", default="auto", choices=["auto", "onnx", "onnx-cpu", "onnx-cuda", "torch", "tensorrt"])
@@ -62,10 +63,14 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    src = Path(args.source).expanduser()
-    if not src.exists():
-        print(f"clipheads serve: no such bundle or head: {src}", file=sys.stderr)
+    from .model_store import ModelStoreError, resolve_source
+
+    try:
+        src = resolve_source(args.source)
+    except ModelStoreError as err:
+        print(f"clipheads serve: no such bundle or head: {err}", file=sys.stderr)
         return 2
+    args.source = str(src)
     if src.is_file() and args.runtime not in ("auto", "torch"):
         print(f"clipheads serve: {src} is a head file; --runtime {args.runtime} needs a bundle", file=sys.stderr)
         return 2

@@ -393,14 +393,15 @@ class Encoder:
     """Holds the Runtime. Internal only: reached from ClipHeads over a local unix socket."""
 
     def __init__(self) -> None:
+        from .model_store import resolve_source
         from .runtime import open_runtime
 
         if not CONFIG.source:
-            raise RuntimeError("set CLIPHEADS_SOURCE to a bundle directory or a *.head.safetensors file")
+            raise RuntimeError("set CLIPHEADS_SOURCE to a bundle directory, a *.head.safetensors file or a model tag")
         # The front (HTTP, decode) shares the cores with ORT: idle intra-op threads must sleep, not
         # spin (ViT-B/32 on 2 busy cores: 207 -> 115 CPU ms per image at concurrency 1).
         os.environ.setdefault("CLIPHEADS_ORT_SPIN", "0")
-        self.runtime = open_runtime(CONFIG.source, CONFIG.runtime)
+        self.runtime = open_runtime(str(resolve_source(CONFIG.source)), CONFIG.runtime)  # path or store tag
         hook = os.environ.get("CLIPHEADS_RUNTIME_HOOK", "")
         if hook:  # diagnostics / fault-injection tests only: "module:callable", runtime -> runtime
             import importlib

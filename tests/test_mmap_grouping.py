@@ -296,3 +296,21 @@ def test_mmap_image_graph_exports_to_onnx_per_task(micro_backbone):
     head = build_method("mmap", micro_backbone, _tasks())
     for task in (0, 3):
         assert _onnx_image_graph_matches(head, task, _images(2)) < 1e-5
+
+
+def test_text_suffix_keeps_the_template_words_after_the_learned_tokens(micro_backbone):
+    """`text_suffix`: "X .. X a photo of a {class}." - the slots stay right after SOT, the words stay
+    frozen, and the class name still reaches the text features."""
+    tasks = (TaskSpec("a", ("cat", "dog"), group=0),)
+    plain = build_method("mmap", micro_backbone, tasks, {"n_ctx": 2})
+    suffixed = build_method("mmap", micro_backbone, tasks, {"n_ctx": 2, "text_suffix": "a photo of a"})
+    tok = micro_backbone.tokenize(["a photo of a cat."])[0]
+    words = tok[1 : int(tok.argmax())]  # "a photo of a cat ." without SOT/EOT
+    ph = suffixed.prompt_builder.placeholders(("cat",))
+    n = suffixed.tokens_per_layer
+    assert ph.slots[0].tolist() == list(range(1, 1 + n))
+    assert ph.tokens[0, 1 + n : 1 + n + len(words)].tolist() == words.tolist()
+    assert plain.prompt_builder.placeholders(("cat",)).tokens[0, 1 + n] != words[0]
+    with torch.no_grad():
+        f = suffixed.text_features(["cat", "dog"], 0)
+    assert not torch.allclose(f[0], f[1])

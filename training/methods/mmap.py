@@ -19,8 +19,8 @@ D_v (ViT-B/16: 256, 128, 64, ...; the default is 256 there).
 
 Task k of group g uses, per block and per branch, concat(P^{group g}, P^{task k}) along the token
 axis (`combine="concat"`, 2n tokens) or their sum (`combine="sum"`, n tokens). Placement is
-MaPLe/IVLP's (METHODS.md 0.2): text tokens sit right after SOT (placeholder "X .. X a photo of a
-{class}." by default, `text_suffix`; EOT never moves) and are overwritten at the input of blocks 1..J-1; visual tokens are appended after
+MaPLe/IVLP's (METHODS.md 0.2): text tokens sit right after SOT (placeholder "X .. X {class}.", or
+"X .. X a photo of a {class}." with `text_suffix`; EOT never moves) and are overwritten at the input of blocks 1..J-1; visual tokens are appended after
 the patches before `ln_pre` and overwritten at the input of blocks 1..J-1 (the last P tokens).
 J is clipped to the shallower tower's depth.
 
@@ -75,11 +75,11 @@ class MmAPConfig(MethodConfig):
     task_specific: bool = True  # one MmAP per task
     init_std: float = 0.02  # source prompts ~ N(0, init_std^2)
     factor_init: float = 1.0  # A_t and A_v start filled with this value
-    # Frozen words between the text prompt tokens and the class name ("X .. X a photo of a {class}.").
-    # The Kronecker-tied text prompt cannot start from a phrase's embeddings (MaPLe's init), so
-    # without these words it starts as near-zero tokens in place of any template; measured on the
-    # tiny CLIP that start cost 15-45 points below zero-shot after 16-shot training. None: "X .. X {class}."
-    text_suffix: Optional[str] = "a photo of a"
+    # Optional frozen words between the text prompt tokens and the class name ("X .. X a photo of a
+    # {class}."). The Kronecker-tied text prompt cannot start from a phrase's embeddings (MaPLe's
+    # init), so by default (None, METHODS.md 7.5: "X .. X {class}.") it starts as near-zero tokens in
+    # place of any template. The synthetic-world recipes set "a photo of a".
+    text_suffix: Optional[str] = None
 
 
 def _kron_features(source: Tensor, factor: Tensor) -> Tensor:
