@@ -75,7 +75,7 @@ def holdout_combos() -> frozenset[tuple[str, str]]:
 @dataclass(frozen=True)
 class PretrainConfig:
     seed: int = 0
-    steps: int = 6000
+    steps: int = 7000
     batch_size: int = 128
     group_size: int = 32          # images per (domain, colour) group; every one a different class
     mixed_groups: float = 0.25    # fraction of groups drawn at random instead (nuisance diversity)
@@ -87,7 +87,7 @@ class PretrainConfig:
     aux_class_weight: float = 1.0  # auxiliary cosine classifier on image features (discarded after)
     eval_every: int = 250
     eval_per_combo: int = 4       # eval images per (domain, class), from a disjoint seed
-    minutes: float = 65.0         # wall-clock budget (0 = none): the cosine anneals to 0 when it ends
+    minutes: float = 0.0          # wall-clock budget (0 = none): the cosine anneals to 0 when it ends
     threads: int = 2              # with OMP_WAIT_POLICY=PASSIVE: busy-waiting threads collapse on shared cores
     captions_per_batch: int = 48  # image captions encoded per step, besides the class prompts (text cost)
 
@@ -711,13 +711,20 @@ def model_card(r: dict, run: dict | None) -> str:
         "* Loss: symmetric multi-positive InfoNCE (a caption is a positive for every image it truly describes) plus",
         f"  an auxiliary cosine classifier on image features (weight {cfg.get('aux_class_weight', '?')}, discarded).",
         f"* AdamW lr {cfg.get('lr', '?')}, wd {cfg.get('weight_decay', '?')}, betas (0.9, 0.98), warm-up {cfg.get('warmup', '?')} steps, "
-        f"cosine to 0 over min({cfg.get('steps', '?')} steps, {cfg.get('minutes', '?')} min).",
+        + (f"cosine to 0 over {cfg.get('steps', '?')} steps." if not cfg.get("minutes") else
+           f"cosine to 0 over min({cfg.get('steps', '?')} steps, {cfg.get('minutes')} min)."),
     ]
     if summ:
-        lines.append(f"* Ran {summ.get('steps_done')} steps in {summ.get('wall_s', 0) / 60:.1f} min (+{summ.get('pool_s', 0) / 60:.1f} min "
-                     "rendering the image pool) on 2 CPU cores shared with other jobs; torch threads 2. The wall-clock budget "
-                     "decided the step count, so an exact rerun is `--steps "
-                     f"{summ.get('steps_done')} --minutes 0` (same data, init and batches; a slightly different lr curve).")
+        pool = summ.get("pool_s", 0) / 60
+        lines.append(f"* Ran {summ.get('steps_done')} steps in {summ.get('wall_s', 0) / 60:.1f} min "
+                     + (f"(+{pool:.1f} min rendering the image pool) " if pool >= 0.05 else "(image pool from the cache) ")
+                     + f"on 2 CPU cores; torch threads {cfg.get('threads', 2)}.")
+        if cfg.get("minutes"):
+            lines.append("  The wall-clock budget decided the step count, so an exact rerun is "
+                         f"`--steps {summ.get('steps_done')} --minutes 0` (a slightly different lr curve).")
+        else:
+            lines.append("  The step count is fixed (no wall-clock budget): the command above reruns it exactly "
+                         "(same data, init and batches; CPU float arithmetic may differ across machines).")
     lines += ["", "## Zero-shot accuracy", "",
               f"World seed {r['world_seed']} ({r['world_size']}), `{r['split']}` split, {r['n_images']} images, "
               f"template `{ZS_TEMPLATE}`, {len(synth.CLASSES)}-way, chance {r['chance']:.1%}.", "",
