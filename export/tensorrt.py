@@ -187,39 +187,78 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, shapes: Mapping
     return {"strategy": strategy, "build_s": round(time.perf_counter() - t0, 2)}
 
 
+def select_engines(manifest: Mapping, graphs: list[str], current: Mapping) -> tuple[dict, dict]:
+    """Which of `graphs` have an engine in the bundle that may run on `current` (gpu_name,
+    compute_capability, tensorrt_version)? Returns ({graph: engine file}, {graph: reason refused}).
+    The ONNX hash, precision and batch profile an engine must match are the ones its own tag records
+    against the manifest now (a re-exported graph invalidates its engine)."""
+    engines = (manifest.get("tensorrt") or {}).get("engines") or {}
+    usable, refused = {}, {}
+    for graph in graphs:
+        entry = engines.get(graph)
+        if not entry:
+            refused[graph] = "no engine built (run `clipheads export build-engine BUNDLE` on this device)"
+            continue
+        tag = entry.get("tag") or {}
+        source = (manifest.get("graphs", {}).get(entry.get("engine", ""), {}) or {}).get("source", graph)
+        want = {**current, "onnx_sha256": (manifest.get("graphs", {}).get(source) or {}).get("sha256"),
+                "precision": tag.get("precision"), "profile": tag.get("profile")}
+        ok, why = engine_compatible(tag, want)
+        if ok:
+            usable[graph] = entry["engine"]
+        else:
+            refused[graph] = why
+    return usable, refused
+
+
+class Engine:
+    """A deserialized engine with one execution context, run on CUDA in chunks <= max_batch
+    (torch tensors as device buffers). Not thread-safe: one caller at a time."""
+
+    def __init__(self, engine_path: str | Path, max_batch: int):
+        import torch
+
+        trt = _import_trt()
+        self._trt, self._torch, self.path, self.max_batch = trt, torch, Path(engine_path), int(max_batch)
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"{engine_path}: TensorRT could not deserialize the engine")
+        self.ctx = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        self.inputs = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)
+                       if self.engine.get_tensor_mode(self.engine.get_tensor_name(i)) == trt.TensorIOMode.INPUT}
+
+    def __call__(self, feeds: Mapping[str, "np.ndarray"], outputs: list[str]) -> dict:
+        import numpy as np
+
+        torch, trt, ctx = self._torch, self._trt, self.ctx
+        n = len(next(iter(feeds.values())))
+        chunks: dict[str, list] = {o: [] for o in outputs}
+        for i in range(0, n, self.max_batch):
+            bufs = {}
+            for name, arr in feeds.items():
+                t = torch.from_numpy(np.ascontiguousarray(arr[i:i + self.max_batch])).cuda()
+                ctx.set_input_shape(name, tuple(t.shape))
+                ctx.set_tensor_address(name, t.data_ptr())
+                bufs[name] = t
+            for name in outputs:
+                dtype = torch.from_numpy(np.empty(0, trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
+                t = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=dtype, device="cuda")
+                ctx.set_tensor_address(name, t.data_ptr())
+                bufs[name] = t
+            if not ctx.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError(f"{self.path}: execute_async_v3 failed")
+            self.stream.synchronize()
+            for name in outputs:
+                chunks[name].append(bufs[name].float().cpu().numpy())
+        return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
 def run_engine(engine_path: str | Path, feeds: Mapping[str, "np.ndarray"], outputs: list[str],
                max_batch: int) -> dict:
-    """Run a serialized engine on CUDA (torch tensors as device buffers), in chunks <= max_batch."""
-    import numpy as np
-    import torch
-
-    trt = _import_trt()
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
-    if engine is None:
-        raise RuntimeError(f"{engine_path}: TensorRT could not deserialize the engine")
-    ctx = engine.create_execution_context()
-    n = len(next(iter(feeds.values())))
-    chunks: dict[str, list] = {o: [] for o in outputs}
-    stream = torch.cuda.Stream()
-    for i in range(0, n, max_batch):
-        bufs = {}
-        for name, arr in feeds.items():
-            t = torch.from_numpy(np.ascontiguousarray(arr[i:i + max_batch])).cuda()
-            ctx.set_input_shape(name, tuple(t.shape))
-            ctx.set_tensor_address(name, t.data_ptr())
-            bufs[name] = t
-        for name in outputs:
-            dtype = torch.from_numpy(np.empty(0, trt.nptype(engine.get_tensor_dtype(name)))).dtype
-            t = torch.empty(tuple(ctx.get_tensor_shape(name)), dtype=dtype, device="cuda")
-            ctx.set_tensor_address(name, t.data_ptr())
-            bufs[name] = t
-        if not ctx.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError(f"{engine_path}: execute_async_v3 failed")
-        stream.synchronize()
-        for name in outputs:
-            chunks[name].append(bufs[name].float().cpu().numpy())
-    return {k: np.concatenate(v) for k, v in chunks.items()}
+    """Run a serialized engine once (deserialize, run in chunks <= max_batch)."""
+    return Engine(engine_path, max_batch)(feeds, outputs)
 
 
 def engine_parity(b: "bundle_io.Bundle", graph: str, engine_path: str | Path, precision: str, max_batch: int) -> dict:

@@ -235,7 +235,8 @@ def read_manifest(bundle: str | os.PathLike) -> dict:
 
 
 class OnnxRuntime(Runtime):
-    def __init__(self, bundle: str | os.PathLike, providers: Optional[Sequence[str]] = None, verify: bool = True):
+    def __init__(self, bundle: str | os.PathLike, providers: Optional[Sequence[str]] = None, verify: bool = True,
+                 image_sessions: bool = True):
         super().__init__()
         import onnxruntime as ort
 
@@ -280,7 +281,8 @@ class OnnxRuntime(Runtime):
             if key not in self._path_keys:
                 self._path_keys.append(key)
                 self.paths.append(f"{key[0]}#{key[1]}")
-                session(key[0])
+                if image_sessions:  # False: a subclass runs the image graphs (TensorRT engines)
+                    session(key[0])
             a, b = t["logit_slice"]
             self.tasks[t["name"]] = TaskInfo(
                 t["name"], tuple(t["classnames"]), self._path_keys.index(key), (int(a), int(b)),
@@ -335,6 +337,41 @@ def tensorrt_available(bundle: Path) -> bool:
     return any(bundle.glob("*.plan"))
 
 
+class TensorRTRuntime(OnnxRuntime):
+    """Image graphs through the bundle's TensorRT engines (built on this device by `clipheads export
+    build-engine`); the text graph stays on ONNX Runtime. Every engine must be compatible with this
+    GPU and TensorRT version (`export.tensorrt.select_engines`), else it refuses with the reasons.
+    UNVERIFIED ON HARDWARE: written against the TensorRT 10/11 Python API, not yet run on a GPU."""
+
+    def __init__(self, bundle: str | os.PathLike, verify: bool = True):
+        super().__init__(bundle, providers=["CPUExecutionProvider"], verify=verify, image_sessions=False)
+        from export.tensorrt import Engine, TensorRTUnavailable, current_device, select_engines
+
+        root = Path(bundle)
+        graphs = sorted({g for g, _ in self._path_keys})
+        try:
+            here = current_device()
+        except TensorRTUnavailable as err:
+            raise RuntimeError_(str(err)) from None
+        usable, refused = select_engines(self.manifest, graphs, here)
+        if refused:
+            raise RuntimeError_("TensorRT engines not usable here: " + "; ".join(f"{g}: {why}" for g, why in refused.items()))
+        prof = (self.manifest.get("tensorrt") or {}).get("profile") or {}
+        max_batch = int(prof.get("max") or self.manifest.get("max_batch", 64))
+        self._engines = {g: Engine(root / f, max_batch) for g, f in usable.items()}
+        self._engine_inputs = {g: e.inputs for g, e in self._engines.items()}
+        self.name = "tensorrt"
+
+    def run_path(self, path: int, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        fname, k = self._path_keys[path]
+        feed = {"pixels": self._feed_pixels(pixels)}
+        if "task_index" in self._engine_inputs[fname]:
+            feed["task_index"] = np.full((len(pixels),), k, np.int64)
+        with self._lock:  # one execution context per engine
+            out = self._engines[fname](feed, ["logits", "features"])
+        return out["logits"], out["features"]
+
+
 # ---- selection -------------------------------------------------------------------------------
 def register_extra_model_configs() -> None:
     """`CLIPHEADS_MODEL_CONFIGS=DIR[:DIR]`: extra open_clip architecture JSONs (custom/tiny models)."""
@@ -362,10 +399,16 @@ def open_runtime(source: str | os.PathLike, kind: str = "auto", device: Optional
         return TorchRuntime(src, device=device)
     if kind == "torch":
         raise RuntimeError_(f"{src} is a bundle; the torch runtime runs a head file (*.head.safetensors)")
-    if kind == "tensorrt" or (kind == "auto" and tensorrt_available(src)):
-        if kind == "tensorrt":
-            raise RuntimeError_("the TensorRT runtime is not implemented in this build; use --runtime onnx")
-        log.warning("TensorRT engines found but the TensorRT runtime is not implemented yet; using ONNX Runtime")
+    if kind == "tensorrt":
+        if not tensorrt_available(src):
+            raise RuntimeError_(f"{src}: --runtime tensorrt needs the `tensorrt` package and engines in the bundle "
+                                "(`clipheads export build-engine BUNDLE` on this device)")
+        return TensorRTRuntime(src)
+    if kind == "auto" and tensorrt_available(src):
+        try:
+            return TensorRTRuntime(src)
+        except RuntimeError_ as err:  # incompatible/missing engines: the next runtime in line
+            log.warning("TensorRT not used (%s); falling back to ONNX Runtime", err)
     import onnxruntime as ort
 
     providers = None

@@ -133,3 +133,54 @@ def test_build_engine_on_this_gpu(micro_backbone, tmp_path):
     m = load_bundle(tmp_path / "b").manifest
     assert m["tensorrt"]["engines"]["image_0.onnx"]["tag"]["gpu_name"] == torch.cuda.get_device_name(0)
     assert res.bundle is not None
+    # the serving runtime runs the engine and agrees with ONNX Runtime on the same pixels
+    import numpy as np
+
+    from serving.runtime import open_runtime
+
+    trt_rt, ort_rt = open_runtime(tmp_path / "b", "tensorrt"), open_runtime(tmp_path / "b", "onnx-cpu")
+    assert trt_rt.name == "tensorrt"
+    px = np.random.default_rng(0).integers(0, 256, (5, 3, 32, 32), dtype=np.uint8)
+    (lt, ft), (lo, fo) = trt_rt.run_path(0, px), ort_rt.run_path(0, px)
+    cos = (ft * fo).sum(1) / (np.linalg.norm(ft, axis=1) * np.linalg.norm(fo, axis=1))
+    assert cos.min() >= 0.999 and (lt.argmax(1) == lo.argmax(1)).all()
+
+
+def _manifest(engine_tag_kw=None, onnx_sha="ab" * 32):
+    tag = _tag(**(engine_tag_kw or {}))
+    return {"graphs": {"image_0.onnx": {"sha256": onnx_sha}, "image_1.onnx": {"sha256": "cd" * 32},
+                       "image_0.fp16.plan": {"kind": "engine", "source": "image_0.onnx", "tag": tag}},
+            "tensorrt": {"profile": PROFILE, "engines": {"image_0.onnx": {"engine": "image_0.fp16.plan", "tag": tag}}}}
+
+
+ORIN = {"gpu_name": "Orin", "compute_capability": "8.7", "tensorrt_version": "10.3.0"}
+
+
+def test_select_engines_takes_compatible_engines_and_names_every_refusal():
+    from export.tensorrt import select_engines
+
+    usable, refused = select_engines(_manifest(), ["image_0.onnx"], ORIN)
+    assert usable == {"image_0.onnx": "image_0.fp16.plan"} and refused == {}
+    usable, refused = select_engines(_manifest(), ["image_0.onnx", "image_1.onnx"], ORIN)
+    assert "build-engine" in refused["image_1.onnx"]
+    _, refused = select_engines(_manifest(), ["image_0.onnx"], {**ORIN, "gpu_name": "RTX 4090", "compute_capability": "8.9"})
+    assert "compute capability 8.7" in refused["image_0.onnx"]
+    _, refused = select_engines(_manifest(), ["image_0.onnx"], {**ORIN, "tensorrt_version": "10.4.0"})
+    assert "TensorRT 10.3.0" in refused["image_0.onnx"]
+    _, refused = select_engines(_manifest(onnx_sha="ef" * 32), ["image_0.onnx"], ORIN)  # graph re-exported
+    assert "ONNX graph changed" in refused["image_0.onnx"]
+
+
+def test_serving_tensorrt_runtime_refuses_clearly_without_tensorrt(micro_backbone, tmp_path):
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed here: the refusal path does not apply")
+    from export.pipeline import ExportOptions, export_heads
+    from serving.runtime import RuntimeError_, open_runtime
+    from training.methods import TaskSpec, build_method
+
+    head = build_method("zeroshot", micro_backbone, (TaskSpec("t", ("red", "blue")),))
+    export_heads([head], tmp_path / "b", ExportOptions(target="tensorrt", probes=8, text=False))
+    (tmp_path / "b" / "image_0.fp16.plan").write_bytes(b"not an engine")  # engines present, TensorRT absent
+    with pytest.raises(RuntimeError_, match="needs the `tensorrt` package"):
+        open_runtime(tmp_path / "b", "tensorrt")
+    assert open_runtime(tmp_path / "b", "auto").name == "onnx-cpu"  # auto falls through to ORT
