@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "of a model saved with `clipheads models save` (name[:version])")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 to expose)")
     p.add_argument("--port", type=int, default=3000)
-    p.add_argument("--runtime", default="auto", choices=["auto", "onnx", "onnx-cpu", "onnx-cuda", "torch", "tensorrt"])
+    p.add_argument("--runtime", default="auto", choices=["auto", "onnx", "onnx-cpu", "onnx-cuda", "torch", "torch-folded", "tensorrt"])
     p.add_argument("--tasks-dir", default=None, help="directory where registered few-shot tasks persist")
     p.add_argument("--auth-token", default=None, help="require 'Authorization: Bearer TOKEN' (or CLIPHEADS_AUTH_TOKEN)")
     p.add_argument("--max-concurrency", type=int, default=None)
@@ -71,7 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"clipheads serve: no such bundle or head: {err}", file=sys.stderr)
         return 2
     args.source = str(src)
-    if src.is_file() and args.runtime not in ("auto", "torch"):
+    if src.is_file() and args.runtime not in ("auto", "torch", "torch-folded"):
         print(f"clipheads serve: {src} is a head file; --runtime {args.runtime} needs a bundle", file=sys.stderr)
         return 2
     cmd, env = serve_command(args)

@@ -12,7 +12,8 @@ The service and batch scoring only see `Runtime`:
 
 `open_runtime(source, kind)` picks the implementation: a bundle directory tries TensorRT (only
 if importable and engines are present), then ONNX Runtime CUDA, then ONNX Runtime CPU; a head
-file (`*.head.safetensors`) runs eagerly in PyTorch. `kind` overrides ("onnx", "torch", ...).
+file (`*.head.safetensors`) runs in PyTorch: folded, fp16 with CUDA graphs on a GPU
+(`serving/torch_folded.py`), eagerly in fp32 otherwise. `kind` overrides ("onnx", "torch", ...).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import numpy as np
 
 log = logging.getLogger("clipheads.serving")
 
-RUNTIME_KINDS = ("auto", "tensorrt", "onnx", "onnx-cuda", "onnx-cpu", "torch")
+RUNTIME_KINDS = ("auto", "tensorrt", "onnx", "onnx-cuda", "onnx-cpu", "torch", "torch-folded")
 BUNDLE_FORMAT = "clipheads-bundle"
 BUNDLE_FORMAT_VERSION = 1
 
@@ -393,12 +394,24 @@ def open_runtime(source: str | os.PathLike, kind: str = "auto", device: Optional
     if not src.exists():
         raise RuntimeError_(f"no such bundle or head: {src}")
     if src.is_file():
-        if kind not in ("auto", "torch"):
+        if kind not in ("auto", "torch", "torch-folded"):
             raise RuntimeError_(f"{src} is a head file; runtime {kind!r} needs an exported bundle directory")
         register_extra_model_configs()
+        import torch
+
+        on_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        if kind == "torch-folded" or (kind == "auto" and on_cuda):
+            from .torch_folded import FoldedTorchRuntime
+
+            try:  # fp16 + CUDA graphs on a GPU (bench/gpu); refuses heads that do not fold (CoCoOp)
+                return FoldedTorchRuntime(src, device=device)
+            except RuntimeError_ as err:
+                if kind == "torch-folded":
+                    raise
+                log.warning("folded runtime not used (%s); running the head eagerly", err)
         return TorchRuntime(src, device=device)
-    if kind == "torch":
-        raise RuntimeError_(f"{src} is a bundle; the torch runtime runs a head file (*.head.safetensors)")
+    if kind in ("torch", "torch-folded"):
+        raise RuntimeError_(f"{src} is a bundle; the {kind} runtime runs a head file (*.head.safetensors)")
     if kind == "tensorrt":
         if not tensorrt_available(src):
             raise RuntimeError_(f"{src}: --runtime tensorrt needs the `tensorrt` package and engines in the bundle "
