@@ -63,7 +63,7 @@ from .images import DecodeSpec, ImageRejected, decode_image
 from .shards import InputError, InputItem, InputListing, OutputConflict, Shard, ShardStore, file_sha256
 
 ENGINES = ("local", "ray")
-RUNTIMES = ("auto", "onnx", "onnx-cpu", "onnx-cuda", "tensorrt", "torch")
+RUNTIMES = ("auto", "onnx", "onnx-cpu", "onnx-cuda", "tensorrt", "torch", "torch-folded")
 DEFAULT_SHARD_SIZE = 4096
 
 

@@ -73,7 +73,7 @@ class RayScorer:
         os.environ.update(env)
         threads = max(1, decode_threads)  # = the actor's CPU share: one slot, no oversubscription
         os.environ.setdefault("CLIPHEADS_ORT_THREADS", str(threads))
-        if runtime in ("auto", "torch"):
+        if runtime in ("auto", "torch", "torch-folded"):
             try:
                 import torch
 
