@@ -18,12 +18,18 @@ DELEGATED = {
     "bench": ("training.protocols.cli", "run a paper protocol recipe and write a report"),
     "demo": ("clipheads.demo", "offline end-to-end demo on the synthetic world"),
 }
-TRAINING_COMMANDS = ("train", "eval", "info", "methods", "data")
+TRAINING_COMMANDS = {
+    "train": "train a head (any method) on a dataset; writes a .head.safetensors",
+    "eval": "top-1 of a head, or of zero-shot CLIP without one",
+    "info": "what a head file holds (method, backbone, tasks, metrics)",
+    "methods": "list the methods with their trainable-parameter counts on a backbone",
+    "data": "generate the synthetic world (`clipheads data synth OUT`)",
+}
 
 
 def _usage() -> str:
     lines = ["usage: clipheads COMMAND [ARGS]", "", "commands:"]
-    lines += [f"  {c:<8} (training)" for c in TRAINING_COMMANDS]
+    lines += [f"  {c:<8} {h}" for c, h in TRAINING_COMMANDS.items()]
     lines += [f"  {c:<8} {h}" for c, (_, h) in DELEGATED.items()]
     lines += ["", "`clipheads COMMAND --help` for a command's options."]
     return "\n".join(lines)

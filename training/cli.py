@@ -251,8 +251,10 @@ def cmd_methods(args) -> int:
 
 # ---- data ----------------------------------------------------------------------------------
 def _data_parser(sub) -> None:
-    p = sub.add_parser("data", help="data utilities: `data synth OUT` writes the synthetic world")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = sub.add_parser("data", help="data utilities: `data synth OUT` writes the synthetic world",
+                       description="`clipheads data synth OUT [--seed S] [--size small|full] [--workers N]`: "
+                                   "render the synthetic world (`clipheads data synth --help` for every option)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="synth OUT [options]")
     p.set_defaults(func=cmd_data)
 
 
