@@ -6,7 +6,6 @@ that could leave the directory, and checks the sha256 of every listed file.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
+from training.files import file_sha256
+
 FORMAT = "clipheads-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -22,14 +23,6 @@ MANIFEST = "manifest.json"
 
 class BundleError(ValueError):
     """Not a readable clipheads bundle (format, version, missing or tampered files)."""
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def safe_name(name: str) -> str:
@@ -43,7 +36,7 @@ def safe_name(name: str) -> str:
 
 
 def _describe(path: Path) -> dict:
-    entry: dict = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    entry: dict = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
     if path.suffix == ".onnx":
         from .onnx_export import graph_io
 
@@ -155,7 +148,7 @@ def load_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
             want = entry.get("sha256")
             if not want:
                 raise BundleError(f"{mpath}: {name} has no sha256")
-            got = sha256_file(path)
+            got = file_sha256(path)
             if got != want:
                 raise BundleError(
                     f"{root}: {name} does not match its manifest sha256 (file {got[:12]}…, manifest {want[:12]}…): "

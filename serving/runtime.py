@@ -17,7 +17,6 @@ file (`*.head.safetensors`) runs in PyTorch: folded, fp16 with CUDA graphs on a 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+from training.files import file_sha256
 
 log = logging.getLogger("clipheads.serving")
 
@@ -201,14 +202,6 @@ class TorchRuntime(Runtime):
 
 
 # ---- ONNX Runtime (export bundle) ----------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_manifest(bundle: str | os.PathLike) -> dict:
     """Read and validate a bundle's manifest.json (the contract in DESIGN.md / issue 7)."""
     root = Path(bundle)
@@ -271,7 +264,7 @@ class OnnxRuntime(Runtime):
                 if not path.is_file():
                     raise RuntimeError_(f"{root}: graph {fname} listed in the manifest is missing")
                 want = (m["graphs"].get(fname) or {}).get("sha256")
-                if verify and want and _sha256(path) != want:
+                if verify and want and file_sha256(path) != want:
                     raise RuntimeError_(f"{root}: {fname} does not match its sha256 in the manifest")
                 self._sessions[fname] = ort.InferenceSession(str(path), opts, providers=list(providers))
             return self._sessions[fname]

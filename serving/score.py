@@ -60,7 +60,9 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from .images import DecodeSpec, ImageRejected, decode_image
-from .shards import InputError, InputItem, InputListing, OutputConflict, Shard, ShardStore, file_sha256
+from training.files import file_sha256
+
+from .shards import InputError, InputItem, InputListing, OutputConflict, Shard, ShardStore
 
 ENGINES = ("local", "ray")
 RUNTIMES = ("auto", "onnx", "onnx-cpu", "onnx-cuda", "tensorrt", "torch", "torch-folded")

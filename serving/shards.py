@@ -203,12 +203,6 @@ def atomic_write(path: Path, write) -> None:
     _fsync_dir(path.parent)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def part_name(shard_id: int) -> str:

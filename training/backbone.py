@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .files import file_sha256  # noqa: F401  (also imported from here: training.backbone.file_sha256)
+
 PACKAGED_ARCH = "clipheads-tiny"
 PACKAGED_TAG = "clipheads"
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -93,14 +95,6 @@ def default_pretrained(arch: str) -> str:
     if "openai" in tags:
         return "openai"
     return tags[0] if tags else "none"
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _weights_help(arch: str, pretrained: str, err: Exception) -> BackboneError:
