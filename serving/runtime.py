@@ -228,6 +228,21 @@ def read_manifest(bundle: str | os.PathLike) -> dict:
     return m
 
 
+def index_tasks(tasks: Sequence[dict]) -> tuple[list[tuple[str, int]], dict[str, TaskInfo]]:
+    """Manifest-style task entries ({name, classnames, graph, task_index, logit_slice, templates})
+    -> the distinct image paths (graph, task_index) in first-use order, and each task's TaskInfo."""
+    keys: list[tuple[str, int]] = []
+    infos: dict[str, TaskInfo] = {}
+    for t in tasks:
+        key = (t["graph"], int(t.get("task_index", 0)))
+        if key not in keys:
+            keys.append(key)
+        a, b = t["logit_slice"]
+        infos[t["name"]] = TaskInfo(t["name"], tuple(t["classnames"]), keys.index(key), (int(a), int(b)),
+                                    tuple(t.get("templates") or ("a photo of a {}.",)))
+    return keys, infos
+
+
 class OnnxRuntime(Runtime):
     def __init__(self, bundle: str | os.PathLike, providers: Optional[Sequence[str]] = None, verify: bool = True,
                  image_sessions: bool = True):
@@ -269,19 +284,11 @@ class OnnxRuntime(Runtime):
                 self._sessions[fname] = ort.InferenceSession(str(path), opts, providers=list(providers))
             return self._sessions[fname]
 
-        self.paths, self.tasks, self._path_keys = [], {}, []
-        for t in m["tasks"]:
-            key = (t["graph"], int(t.get("task_index", 0)))
-            if key not in self._path_keys:
-                self._path_keys.append(key)
-                self.paths.append(f"{key[0]}#{key[1]}")
-                if image_sessions:  # False: a subclass runs the image graphs (TensorRT engines)
-                    session(key[0])
-            a, b = t["logit_slice"]
-            self.tasks[t["name"]] = TaskInfo(
-                t["name"], tuple(t["classnames"]), self._path_keys.index(key), (int(a), int(b)),
-                tuple(t.get("templates") or ("a photo of a {}.",)),
-            )
+        self._path_keys, self.tasks = index_tasks(m["tasks"])
+        self.paths = [f"{g}#{k}" for g, k in self._path_keys]
+        if image_sessions:  # False: a subclass runs the image graphs (TensorRT engines)
+            for g in dict.fromkeys(g for g, _ in self._path_keys):
+                session(g)
         self._inputs = {f: {i.name for i in s.get_inputs()} for f, s in self._sessions.items()}
         text = m.get("text") or {}
         self._text = session(text["graph"]) if text.get("graph") else None
@@ -353,13 +360,12 @@ class TensorRTRuntime(OnnxRuntime):
         prof = (self.manifest.get("tensorrt") or {}).get("profile") or {}
         max_batch = int(prof.get("max") or self.manifest.get("max_batch", 64))
         self._engines = {g: Engine(root / f, max_batch) for g, f in usable.items()}
-        self._engine_inputs = {g: e.inputs for g, e in self._engines.items()}
         self.name = "tensorrt"
 
     def run_path(self, path: int, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         fname, k = self._path_keys[path]
         feed = {"pixels": self._feed_pixels(pixels)}
-        if "task_index" in self._engine_inputs[fname]:
+        if "task_index" in self._engines[fname].inputs:
             feed["task_index"] = np.full((len(pixels),), k, np.int64)
         with self._lock:  # one execution context per engine
             out = self._engines[fname](feed, ["logits", "features"])

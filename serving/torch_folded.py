@@ -9,13 +9,14 @@ CPU it runs the same modules in fp32 without graphs (the reference the tests com
 """
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-from .runtime import Runtime, RuntimeError_, TaskInfo
+from .runtime import Runtime, RuntimeError_, index_tasks
 
 
 class CudaGraphed:
@@ -90,18 +91,10 @@ class FoldedTorchRuntime(Runtime):
         for g in plan.graphs:
             enc = g.encoder.to(device).eval()
             if precision == "fp16":
-                import copy
-
                 enc = copy.deepcopy(enc).half()  # the text tower (shared backbone) stays fp32
             self._encoders[g.name] = CudaGraphed(enc) if self.cuda_graphs else enc
-        self.paths, self.tasks, self._path_keys = [], {}, []
-        for t in plan.tasks:
-            key = (t.graph, int(t.task_index))
-            if key not in self._path_keys:
-                self._path_keys.append(key)
-                self.paths.append(f"{key[0]}#{key[1]}")
-            self.tasks[t.name] = TaskInfo(t.name, tuple(t.classnames), self._path_keys.index(key),
-                                          tuple(t.logit_slice), tuple(t.templates) or ("a photo of a {}.",))
+        self._path_keys, self.tasks = index_tasks([t.to_json() for t in plan.tasks])  # as in a bundle
+        self.paths = [f"{g}#{k}" for g, k in self._path_keys]
         self.base_path = 0
 
     def run_path(self, path: int, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench" / "export"))
 
 from bench_cpu import vit_gflop  # noqa: E402  (analytic FLOPs per image, shared with the CPU bench)
+from serving.torch_folded import CudaGraphed  # noqa: E402  (the serving runtime's graph replay)
 
 VARIANTS = ("fp32-eager", "fp32-tf32-eager", "fp16-eager", "fp16-sdpa", "fp16-cudagraph", "fp16-compile",
             "fp16-compile-cudagraph")
@@ -79,36 +80,6 @@ def parity(ref: tuple, got: tuple) -> dict:
     return {"min_feature_cosine": float((rf_n * gf_n).sum(1).min()),
             "top1_agreement": float((rl.argmax(1) == gl.argmax(1)).mean()),
             "max_abs_logit_diff": float(np.abs(rl - gl).max())}
-
-
-class CudaGraphed:
-    """Replays one CUDA graph per batch size; inputs are copied into static buffers."""
-
-    def __init__(self, module):
-        self.module = module
-        self.graphs: dict[int, tuple] = {}
-
-    def __call__(self, pixels, task_index):
-        import torch
-
-        n = pixels.shape[0]
-        if n not in self.graphs:
-            sp, st = pixels.clone(), task_index.clone()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(3):  # warm-up on a side stream, as torch.cuda.graphs recommends
-                    self.module(sp, st)
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                out = self.module(sp, st)
-            self.graphs[n] = (g, sp, st, out)
-        g, sp, st, out = self.graphs[n]
-        sp.copy_(pixels)
-        st.copy_(task_index)
-        g.replay()
-        return out
 
 
 def build_encoder(arch: str, head_kind: str):
