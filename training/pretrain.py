@@ -604,32 +604,29 @@ def holdout_text() -> str:
             f"`painting` images of {', '.join(pa)}. Those (domain, class) combinations were never rendered for pretraining.")
 
 
-def coop_gain(weights: Path, world: Path, seeds: Sequence[int] = (1, 2, 3), shots: int = 16) -> dict:
-    """Few-shot CoOp on the held-out domain vs zero-shot, with the `synth_coop_heldout` recipe's
-    settings (the same numbers the methods table reports), one run per seed."""
-    from .backbone import load_backbone
-    from .data.fewshot import few_shot_splits
-    from .loop import TrainConfig, evaluate, train_head
-    from .methods import TaskSpec, build_method
-    from .protocols.recipes import load_recipe
+def coop_gain(weights: Path, world: Path, seeds: Sequence[int] = (1, 2, 3)) -> dict:
+    """Few-shot CoOp on the held-out domain vs zero-shot: the methods table's `synth_coop_heldout`
+    and `synth_zeroshot_heldout` recipes, run by the protocol runner on `world`, one run per seed."""
+    import tempfile
 
-    recipe = load_recipe("synth_coop_heldout")
+    from .backbone import load_backbone
+    from .protocols.recipes import load_recipe
+    from .protocols.runner import run_recipe
+
     bb = load_backbone(ARCH, str(weights))
-    s = synth.load_world_splits(world, HELD_OUT_DOMAIN)
-    task = [TaskSpec(HELD_OUT_DOMAIN, s.classnames, s.templates)]
-    zs = evaluate(build_method("zeroshot", bb, task), s.test)["top1"]
-    runs = []
-    for seed in seeds:
-        head = build_method("coop", bb, task, recipe.method_config)
-        start = time.perf_counter()
-        train_head(head, {0: few_shot_splits(s, shots, seed).train}, TrainConfig(**{**recipe.train, "seed": seed}))
-        runs.append({"seed": seed, "top1": round(evaluate(head, s.test)["top1"], 4),
-                     "train_s": round(time.perf_counter() - start, 1)})
+    coop = replace(load_recipe("synth_coop_heldout"), seeds=tuple(seeds))
+    zero = replace(load_recipe("synth_zeroshot_heldout"), seeds=tuple(seeds[:1]))
+    quiet = dict(backbone=bb, progress=False, log=lambda line: None)
+    with tempfile.TemporaryDirectory() as tmp:
+        zs = run_recipe(zero, world, tmp, **quiet)[0]["top1"]
+        results = run_recipe(coop, world, tmp, **quiet)
+    domain = coop.datasets[0].kwargs["domain"]
+    runs = [{"seed": r["seed"], "top1": round(r["top1"], 4), "train_s": r["train_time_s"]} for r in results]
     accs = np.array([r["top1"] for r in runs])
-    return {"domain": HELD_OUT_DOMAIN, "shots": shots, "recipe": recipe.name, "method_config": dict(recipe.method_config),
-            "train": dict(recipe.train), "n_test": len(s.test), "zero_shot": round(zs, 4), "runs": runs,
-            "mean": round(float(accs.mean()), 4), "std": round(float(accs.std()), 4),
-            "gain_points": round(100 * float(accs.mean() - zs), 1)}
+    return {"domain": domain, "shots": coop.shots[0], "recipe": coop.name, "method_config": dict(coop.method_config),
+            "train": dict(coop.train), "n_test": len(synth.load_world_splits(world, domain).test),
+            "zero_shot": round(zs, 4), "runs": runs, "mean": round(float(accs.mean()), 4),
+            "std": round(float(accs.std()), 4), "gain_points": round(100 * float(accs.mean() - zs), 1)}
 
 
 def report(weights: Path, out: Path, world: Path | None = None, world_seed: int = 0, world_size: str = "full",

@@ -186,13 +186,12 @@ def _group_tasks(ctx: RunContext, tasks, splits, seed):
     from ..grouping import assign_groups, group_tasks
 
     cfg = dict(ctx.recipe.method_config)
-    bs = int(ctx.recipe.train.get("batch_size", 4))
-    scale = tuple(ctx.recipe.train.get("crop_scale", (0.08, 1.0)))
-    batches = [make_loader(s.train, ctx.backbone.preprocess, True, bs, seed=seed + i, crop_scale=scale)
-               for i, s in enumerate(splits)]
+    train = ctx.train_config(seed)
+    batches = [make_loader(s.train, ctx.backbone.preprocess, True, train.batch_size, seed=seed + i,
+                           crop_scale=tuple(train.crop_scale)) for i, s in enumerate(splits)]
     steps = max(5, min(50, 2 * min(len(b) for b in batches)))  # a short warm-up: two passes of the smallest task
     report = group_tasks(ctx.backbone, tasks, batches, steps, n_groups=cfg.get("n_groups"), method=ctx.recipe.method,
-                         config=cfg, lr=float(ctx.recipe.train.get("lr", 0.002)), seed=seed)
+                         config=cfg, lr=train.lr, seed=seed)
     return list(assign_groups(tasks, report.groups)), report.to_dict()
 
 
