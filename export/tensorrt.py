@@ -190,8 +190,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, shapes: Mapping
 def select_engines(manifest: Mapping, graphs: list[str], current: Mapping) -> tuple[dict, dict]:
     """Which of `graphs` have an engine in the bundle that may run on `current` (gpu_name,
     compute_capability, tensorrt_version)? Returns ({graph: engine file}, {graph: reason refused}).
-    The ONNX hash, precision and batch profile an engine must match are the ones its own tag records
-    against the manifest now (a re-exported graph invalidates its engine)."""
+    Besides the device, the engine's tag must name the ONNX the manifest lists now (a re-exported
+    graph invalidates its engine); precision and profile are whatever the engine was built with."""
     engines = (manifest.get("tensorrt") or {}).get("engines") or {}
     usable, refused = {}, {}
     for graph in graphs:
@@ -201,9 +201,8 @@ def select_engines(manifest: Mapping, graphs: list[str], current: Mapping) -> tu
             continue
         tag = entry.get("tag") or {}
         source = (manifest.get("graphs", {}).get(entry.get("engine", ""), {}) or {}).get("source", graph)
-        want = {**current, "onnx_sha256": (manifest.get("graphs", {}).get(source) or {}).get("sha256"),
-                "precision": tag.get("precision"), "profile": tag.get("profile")}
-        ok, why = engine_compatible(tag, want)
+        onnx_sha = (manifest.get("graphs", {}).get(source) or {}).get("sha256")
+        ok, why = engine_compatible(tag, {**current, "onnx_sha256": onnx_sha})
         if ok:
             usable[graph] = entry["engine"]
         else:
