@@ -51,6 +51,7 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         env["CLIPHEADS_MAX_CONCURRENCY"] = str(args.max_concurrency)
     if args.timeout:
         env["CLIPHEADS_TIMEOUT_S"] = str(args.timeout)
+    env["CLIPHEADS_GRACE_S"] = str(args.grace)
     if args.model_configs:
         env["CLIPHEADS_MODEL_CONFIGS"] = str(Path(args.model_configs).expanduser().resolve())
     if not args.allow_tracking:

@@ -39,6 +39,7 @@ import bentoml
 from bentoml.exceptions import ServiceUnavailable
 import numpy as np
 
+from .drain import FrontRegistry, chain_exit_signals, pin_dependency
 from .images import DEFAULT_MAX_PIXELS, DecodeSpec, ImageRejected, decode_image
 from .runtime import softmax
 from .tasks_store import LRUCache, TaskStore, TaskStoreError, check_name
@@ -70,6 +71,7 @@ class ServeConfig:
     max_batch_size: int = 64  # CLIPHEADS_MAX_BATCH_SIZE images per encoder pass
     batch_wait_ms: int = 0  # CLIPHEADS_BATCH_WAIT_MS extra wait for more images before a pass (GPU: 2-5)
     decode_threads: int = 2  # CLIPHEADS_DECODE_THREADS
+    grace_s: int = 30  # CLIPHEADS_GRACE_S: after SIGTERM, how long in-flight requests get to finish
     auth_token: str = field(default="", repr=False)  # CLIPHEADS_AUTH_TOKEN: bearer token; "" = no auth
 
     @classmethod
@@ -92,6 +94,7 @@ class ServeConfig:
             max_batch_size=_env_int("CLIPHEADS_MAX_BATCH_SIZE", d.max_batch_size),
             batch_wait_ms=_env_int("CLIPHEADS_BATCH_WAIT_MS", d.batch_wait_ms),
             decode_threads=_env_int("CLIPHEADS_DECODE_THREADS", d.decode_threads),
+            grace_s=_env_int("CLIPHEADS_GRACE_S", d.grace_s),
             auth_token=e("CLIPHEADS_AUTH_TOKEN", ""),
         )
 
@@ -410,6 +413,7 @@ class Encoder:
             self.runtime = getattr(importlib.import_module(mod), fn)(self.runtime)
             log.warning("runtime wrapped by CLIPHEADS_RUNTIME_HOOK=%s", hook)
         self.error: Optional[str] = None
+        self.fronts = FrontRegistry(CONFIG.grace_s)
         import collections
 
         self._queue: collections.deque = collections.deque()
@@ -514,9 +518,15 @@ class Encoder:
         return out
 
     @bentoml.api
-    async def ping(self) -> dict:
-        """Cheap liveness of this process for the front's /readyz (pid changes on a restart)."""
+    async def ping(self, front_pid: int = 0) -> dict:
+        """Cheap liveness of this process for the front's /readyz (pid changes on a restart).
+        A front pings with its pid once warm: on SIGTERM this encoder outlives those fronts."""
+        self.fronts.register(int(front_pid))
         return {"pid": os.getpid(), "error": self.error}
+
+    @bentoml.on_startup
+    def _defer_exit_to_fronts(self) -> None:
+        chain_exit_signals(self.fronts.on_exit_signal)
 
     @bentoml.on_shutdown
     def _stop_runner(self) -> None:
@@ -573,13 +583,15 @@ class ClipHeads:
         self.encoder_pid: Optional[int] = None
         self._warm_lock = asyncio.Lock()
         self._warm_task: Optional[asyncio.Future] = None
+        # the encoder client, through a link to its socket that outlives BentoML's shutdown (drain.py)
+        self.enc, self._enc_link = pin_dependency(self, "encoder", Encoder)
 
     # ---- readiness ---------------------------------------------------------------------------
     async def _warm(self) -> bool:
         async with self._warm_lock:
             try:
                 if self.info is None:
-                    info = await asyncio.wait_for(self.encoder.to_async.info(), 30.0)
+                    info = await asyncio.wait_for(self.enc.to_async.info(), 30.0)
                     if info.get("error"):
                         raise RuntimeError(info["error"])
                     self.spec = DecodeSpec.from_preprocess(
@@ -587,14 +599,14 @@ class ClipHeads:
                     )
                     self.store = TaskStore(self.cfg.tasks_dir or None, identity=info["identity"])
                     self.info = info
-                ping = await asyncio.wait_for(self.encoder.to_async.ping(), 2.0)
+                ping = await asyncio.wait_for(self.enc.to_async.ping(front_pid=os.getpid()), 2.0)
                 if ping.get("error"):
                     raise RuntimeError(ping["error"])
                 s = int(self.info["image_size"])
                 px = np.full((1, 3, s, s), 127, np.uint8)
                 await self._encode(px, list(range(len(self.info["paths"]))), count=False)
                 if self.info.get("has_text", True):
-                    await self.encoder.to_async.encode_texts(["a photo of a thing."])
+                    await self.enc.to_async.encode_texts(["a photo of a thing."])
                 self.encoder_pid = ping["pid"]
                 self.ready, self.failures = True, 0
             except Exception as err:  # noqa: BLE001
@@ -610,7 +622,7 @@ class ClipHeads:
             return False
         if self.ready and self.failures < 3:
             try:
-                ping = await asyncio.wait_for(self.encoder.to_async.ping(), 1.0)
+                ping = await asyncio.wait_for(self.enc.to_async.ping(), 1.0)
             except Exception as err:  # noqa: BLE001 - dead/restarting encoder, socket gone, timeout
                 log.warning("encoder not answering: %s: %s", type(err).__name__, err)
                 ping = None
@@ -623,23 +635,24 @@ class ClipHeads:
 
     @bentoml.on_startup
     def _install_drain_handler(self) -> None:
-        """SIGTERM/SIGINT: flip /readyz to 503 at once, then let uvicorn drain in-flight requests
-        (installed at startup, i.e. inside uvicorn's own signal capture, and chained to it)."""
-        import signal
+        """SIGTERM/SIGINT: flip /readyz to 503 at once, then let uvicorn drain in-flight requests."""
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            prev = signal.getsignal(sig)
-            if not callable(prev):
-                continue
+        def on_signal(signum, prev):
+            self.draining = True
+            prev(signum, None)
 
-            def handler(signum, frame, prev=prev):
-                self.draining = True
-                prev(signum, frame)
+        chain_exit_signals(on_signal)
 
-            try:
-                signal.signal(sig, handler)
-            except ValueError:  # not the main thread (in-process test clients)
-                return
+    @bentoml.on_startup
+    async def _open_encoder_client(self) -> None:
+        if self._enc_link is not None:  # our own client: set up its endpoints as BentoML does for its own
+            await self.enc.__aenter__()
+
+    @bentoml.on_shutdown
+    async def _close_encoder_client(self) -> None:
+        if self._enc_link is not None:
+            await self.enc.close()
+            self._enc_link.remove()
 
     # ---- helpers -----------------------------------------------------------------------------
     def _error(self, ctx: bentoml.Context, endpoint: str, err: ApiError) -> dict:
@@ -762,7 +775,7 @@ class ClipHeads:
 
         for attempt in range(3):
             try:
-                return await getattr(self.encoder.to_async, method)(arg, **kw)
+                return await getattr(self.enc.to_async, method)(arg, **kw)
             except aiohttp.ClientConnectionError:
                 if attempt == 2:
                     raise
