@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=int, default=None, help="per-request timeout in seconds")
     p.add_argument("--grace", type=int, default=30,
                    help="seconds in-flight requests get to finish after SIGTERM/SIGINT (default 30)")
+    p.add_argument("--allow-reload", action="store_true",
+                   help="enable POST /admin/reload (swap the head under load; needs --auth-token)")
+    p.add_argument("--reload-root", default=None,
+                   help="reload paths must lie inside this folder (default: the served source's folder)")
     p.add_argument("--model-configs", default=None, help="extra open_clip model-config directory (custom archs)")
     p.add_argument("--allow-tracking", action="store_true", help="let BentoML send usage statistics")
     p.add_argument("--dry-run", action="store_true", help="print the command and environment, do not start")
@@ -52,6 +56,10 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     if args.timeout:
         env["CLIPHEADS_TIMEOUT_S"] = str(args.timeout)
     env["CLIPHEADS_GRACE_S"] = str(args.grace)
+    if args.allow_reload:
+        env["CLIPHEADS_ALLOW_RELOAD"] = "1"
+    if args.reload_root:
+        env["CLIPHEADS_RELOAD_ROOT"] = str(Path(args.reload_root).expanduser().resolve())
     if args.model_configs:
         env["CLIPHEADS_MODEL_CONFIGS"] = str(Path(args.model_configs).expanduser().resolve())
     if not args.allow_tracking:
@@ -74,6 +82,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.source = str(src)
     if src.is_file() and args.runtime not in ("auto", "torch", "torch-folded"):
         print(f"clipheads serve: {src} is a head file; --runtime {args.runtime} needs a bundle", file=sys.stderr)
+        return 2
+    if args.allow_reload and not (args.auth_token or os.environ.get("CLIPHEADS_AUTH_TOKEN")):
+        print("clipheads serve: --allow-reload needs --auth-token (or CLIPHEADS_AUTH_TOKEN): "
+              "admin routes are never open", file=sys.stderr)
         return 2
     cmd, env = serve_command(args)
     if args.dry_run:

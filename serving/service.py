@@ -40,8 +40,9 @@ from bentoml.exceptions import ServiceUnavailable
 import numpy as np
 
 from .drain import FrontRegistry, chain_exit_signals, pin_dependency
+from .heads import HeadIncompatible, HeadLoadError, HeadSlot, LoadedHead, head_version
 from .images import DEFAULT_MAX_PIXELS, DecodeSpec, ImageRejected, decode_image
-from .runtime import softmax
+from .runtime import Runtime, open_runtime, softmax
 from .tasks_store import LRUCache, TaskStore, TaskStoreError, check_name
 
 log = logging.getLogger("clipheads.serving")
@@ -72,7 +73,14 @@ class ServeConfig:
     batch_wait_ms: int = 0  # CLIPHEADS_BATCH_WAIT_MS extra wait for more images before a pass (GPU: 2-5)
     decode_threads: int = 2  # CLIPHEADS_DECODE_THREADS
     grace_s: int = 30  # CLIPHEADS_GRACE_S: after SIGTERM, how long in-flight requests get to finish
+    allow_reload: bool = False  # CLIPHEADS_ALLOW_RELOAD=1: POST /admin/reload (needs an auth token)
+    reload_root: str = ""  # CLIPHEADS_RELOAD_ROOT: reload paths must lie inside (default: the source's folder)
     auth_token: str = field(default="", repr=False)  # CLIPHEADS_AUTH_TOKEN: bearer token; "" = no auth
+
+    @property
+    def admin_enabled(self) -> bool:
+        """Admin routes exist only when asked for and protected by a token (B5 #20)."""
+        return self.allow_reload and bool(self.auth_token)
 
     @classmethod
     def from_env(cls) -> "ServeConfig":
@@ -95,11 +103,14 @@ class ServeConfig:
             batch_wait_ms=_env_int("CLIPHEADS_BATCH_WAIT_MS", d.batch_wait_ms),
             decode_threads=_env_int("CLIPHEADS_DECODE_THREADS", d.decode_threads),
             grace_s=_env_int("CLIPHEADS_GRACE_S", d.grace_s),
+            allow_reload=e("CLIPHEADS_ALLOW_RELOAD", "") in ("1", "true", "yes"),
+            reload_root=e("CLIPHEADS_RELOAD_ROOT", ""),
             auth_token=e("CLIPHEADS_AUTH_TOKEN", ""),
         )
 
 
 CONFIG = ServeConfig.from_env()
+ENCODER_TIMEOUT_S = max(CONFIG.timeout_s * 2, 60)  # encoder calls; also the admin routes' request timeout
 
 # ---- metrics (exposed on /metrics next to BentoML's own) --------------------------------------
 REQUESTS = bentoml.metrics.Counter(
@@ -127,6 +138,14 @@ ENCODER_QUEUE = bentoml.metrics.Gauge(
     name="clipheads_encoder_queue_images", documentation="Images waiting for an encoder pass",
     multiprocess_mode="livesum",
 )
+HEAD_INFO = bentoml.metrics.Gauge(
+    name="clipheads_head_info", documentation="1 for the head version being served", labelnames=["version"],
+    multiprocess_mode="livemax",
+)
+HEAD_LOAD_FAILURES = bentoml.metrics.Counter(
+    name="clipheads_head_load_failures_total", documentation="Refused head reloads by reason",
+    labelnames=["reason"],
+)
 RUNTIME_ERRORS = bentoml.metrics.Counter(
     name="clipheads_runtime_errors_total", documentation="Unexpected runtime failures", labelnames=["runtime"],
 )
@@ -143,6 +162,7 @@ class ApiError(Exception):
 
 
 API_ROUTES = {"/classify", "/zero_shot", "/tasks", "/tasks/list", "/tasks/delete"}
+ADMIN_ROUTES = {"/admin/reload"}
 OPEN_PATHS = {"/livez", "/readyz", "/healthz", "/metrics"}
 _DISPOSITION = re.compile(rb"(?im)^content-disposition:[^\r\n]*")
 _NAME_IMAGES = re.compile(rb"""(?i)[;\s]name=("images"|images\b)""")
@@ -150,21 +170,26 @@ _NAME_IMAGES = re.compile(rb"""(?i)[;\s]name=("images"|images\b)""")
 
 ERROR_CODES = {
     "400": "invalid_json / invalid_request / invalid_base64", "401": "unauthorized (when a token is set)",
-    "404": "not_found / unknown_task", "405": "method_not_allowed", "409": "task_exists / task_readonly",
+    "404": "not_found / unknown_task", "405": "method_not_allowed",
+    "409": "task_exists / task_readonly / incompatible_head",
     "413": "body_too_large / too_many_bytes", "415": "unsupported_media_type / unsupported_format",
     "422": "invalid input (image, labels, task, top_k, ...)", "429": "overloaded (Retry-After)",
     "500": "internal (generic body)", "503": "not_ready / overloaded (Retry-After)", "504": "timeout",
 }
 
 
-def patch_openapi(doc: dict) -> dict:
-    """Document our `{"error", "detail"}` bodies and status codes on every API route."""
+def patch_openapi(doc: dict, admin: bool = False) -> dict:
+    """Document our `{"error", "detail"}` bodies and status codes on every API route; admin routes
+    only when they are enabled."""
     doc.setdefault("components", {}).setdefault("schemas", {})["ClipheadsError"] = {
         "type": "object", "required": ["error", "detail"],
         "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
     }
     err = {"application/json": {"schema": {"$ref": "#/components/schemas/ClipheadsError"}}}
-    for route in API_ROUTES:
+    if not admin:
+        for route in ADMIN_ROUTES:
+            doc.get("paths", {}).pop(route, None)
+    for route in API_ROUTES | (ADMIN_ROUTES if admin else set()):
         op = doc.get("paths", {}).get(route, {}).get("post")
         if op is None:
             continue
@@ -217,6 +242,8 @@ class GuardMiddleware:
             return await self.app(scope, receive, send)
         if path == "/docs.json" and method == "GET":
             return await self._docs(scope, receive, send)
+        if path.startswith("/admin") and not self.cfg.admin_enabled:
+            return await self._reply(send, 404, "not_found", f"{path[:100]} does not exist")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if self.cfg.auth_token:
             got = headers.get("authorization", "")
@@ -232,7 +259,7 @@ class GuardMiddleware:
             raw = scope.get("raw_path") or path.encode()
             name = unquote(raw.decode("latin-1")[len("/tasks/"):])
             path, method, body_override = "/tasks/delete", "POST", json.dumps({"name": name}).encode()
-        if path not in API_ROUTES:
+        if path not in API_ROUTES and path not in ADMIN_ROUTES:
             return await self.app(scope, receive, send)  # docs, schema, UI, 404s: BentoML's business
         if method != "POST":
             return await self._reply(send, 405, "method_not_allowed", f"{method} {path} is not supported")
@@ -256,7 +283,8 @@ class GuardMiddleware:
         self.in_flight += 1
         IN_FLIGHT.inc()
         try:
-            await self._guarded(scope, receive, send, path, ctype, headers, body_override)
+            timeout = ENCODER_TIMEOUT_S if path in ADMIN_ROUTES else self.cfg.timeout_s
+            await self._guarded(scope, receive, send, path, ctype, headers, body_override, timeout)
         finally:
             self.in_flight -= 1
             IN_FLIGHT.dec()
@@ -277,7 +305,7 @@ class GuardMiddleware:
         body = b"".join(chunks)
         if start.get("status") == 200:
             try:
-                body = json.dumps(patch_openapi(json.loads(body))).encode()
+                body = json.dumps(patch_openapi(json.loads(body), self.cfg.admin_enabled)).encode()
             except (ValueError, KeyError, TypeError, AttributeError):
                 log.exception("could not patch the OpenAPI document; serving BentoML's")
         hdrs = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
@@ -285,7 +313,7 @@ class GuardMiddleware:
                     "headers": hdrs + [(b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-    async def _guarded(self, scope, receive, send, path, ctype, headers, body_override):
+    async def _guarded(self, scope, receive, send, path, ctype, headers, body_override, timeout):
         cap = self.cfg.max_body_bytes
         if body_override is not None:
             body = body_override
@@ -379,10 +407,10 @@ class GuardMiddleware:
             return await send(msg)
 
         try:
-            await asyncio.wait_for(self.app(scope, replay, send_wrapper), timeout=self.cfg.timeout_s)
+            await asyncio.wait_for(self.app(scope, replay, send_wrapper), timeout=timeout)
         except asyncio.TimeoutError:
             if not state["started"]:
-                await self._reply(send, 504, "timeout", f"not processed within {self.cfg.timeout_s} s")
+                await self._reply(send, 504, "timeout", f"not processed within {timeout} s")
 
 
 # ---- the encoder service ----------------------------------------------------------------------
@@ -390,28 +418,35 @@ class GuardMiddleware:
     name="clipheads_encoder",
     workers=1,
     threads=1,  # the runtime itself uses the cores (ORT intra-op / torch threads)
-    traffic={"timeout": max(CONFIG.timeout_s * 2, 60)},
+    traffic={"timeout": ENCODER_TIMEOUT_S},
+    # BentoML renews its client session to a dependency every 100 requests by closing the old one,
+    # which cuts the requests still in flight on it (aiohttp ServerDisconnected). A local socket
+    # needs no renewal: one session for the life of the front.
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
 )
 class Encoder:
     """Holds the Runtime. Internal only: reached from ClipHeads over a local unix socket."""
 
     def __init__(self) -> None:
         from .model_store import resolve_source
-        from .runtime import open_runtime
 
         if not CONFIG.source:
             raise RuntimeError("set CLIPHEADS_SOURCE to a bundle directory, a *.head.safetensors file or a model tag")
         # The front (HTTP, decode) shares the cores with ORT: idle intra-op threads must sleep, not
         # spin (ViT-B/32 on 2 busy cores: 207 -> 115 CPU ms per image at concurrency 1).
         os.environ.setdefault("CLIPHEADS_ORT_SPIN", "0")
-        self.runtime = open_runtime(str(resolve_source(CONFIG.source)), CONFIG.runtime)  # path or store tag
+        source = resolve_source(CONFIG.source)  # path or store tag
+        self._wrap = None
         hook = os.environ.get("CLIPHEADS_RUNTIME_HOOK", "")
         if hook:  # diagnostics / fault-injection tests only: "module:callable", runtime -> runtime
             import importlib
 
             mod, _, fn = hook.partition(":")
-            self.runtime = getattr(importlib.import_module(mod), fn)(self.runtime)
+            self._wrap = getattr(importlib.import_module(mod), fn)
             log.warning("runtime wrapped by CLIPHEADS_RUNTIME_HOOK=%s", hook)
+        runtime = open_runtime(str(source), CONFIG.runtime)
+        self.slot = HeadSlot(LoadedHead(self._wrap(runtime) if self._wrap else runtime, head_version(source), str(source)))
+        HEAD_INFO.labels(version=self.slot.current.version).set(1)
         self.error: Optional[str] = None
         self.fronts = FrontRegistry(CONFIG.grace_s)
         import collections
@@ -425,7 +460,11 @@ class Encoder:
         except Exception as err:  # noqa: BLE001 - reported through readiness, not a crash loop
             self.error = f"{type(err).__name__}: {err}"
             log.exception("runtime warm-up failed")
-        log.info("encoder ready: %s on %s", self.runtime.name, CONFIG.source)
+        log.info("encoder ready: %s on %s (head version %s)", self.runtime.name, CONFIG.source, self.slot.current.version)
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.slot.current.runtime
 
     @bentoml.api
     async def encode(self, jobs: list[Any], deadline: float = 0.0) -> list[Any]:
@@ -473,20 +512,23 @@ class Encoder:
                 continue
             flat = [j for jobs, _ in take for j in jobs]
             ENCODER_BATCH.observe(len(flat))
+            head = self.slot.current  # one version for the whole pass (a swap lands between passes)
             try:
-                res = await loop.run_in_executor(self._pool, self._encode_isolated, flat)
+                res = await loop.run_in_executor(self._pool, self._encode_isolated, head.runtime, flat)
             except Exception:  # noqa: BLE001 - never let the runner die
                 log.exception("encoder pass failed")
                 res = [{"error": "internal"}] * len(flat)
+            for r in res:
+                r.setdefault("version", head.version)
             i = 0
             for jobs, fut in take:
                 if not fut.done():
                     fut.set_result(res[i:i + len(jobs)])
                 i += len(jobs)
 
-    def _encode_isolated(self, jobs: list[Any]) -> list[Any]:
+    def _encode_isolated(self, runtime: Runtime, jobs: list[Any]) -> list[Any]:
         try:
-            return self._encode_batch(jobs)
+            return self._encode_batch(runtime, jobs)
         except Exception:  # noqa: BLE001 - isolate: find the failing image(s)
             if len(jobs) == 1:
                 log.exception("runtime failure")
@@ -495,13 +537,13 @@ class Encoder:
             out: list[Any] = []
             for job in jobs:
                 try:
-                    out.extend(self._encode_batch([job]))
+                    out.extend(self._encode_batch(runtime, [job]))
                 except Exception:  # noqa: BLE001
                     log.exception("runtime failure")
                     out.append({"error": "internal"})
             return out
 
-    def _encode_batch(self, jobs: list[Any]) -> list[Any]:
+    def _encode_batch(self, runtime: Runtime, jobs: list[Any]) -> list[Any]:
         out: list[Any] = [{"logits": {}, "features": {}} for _ in jobs]
         by_path: dict[int, list[int]] = {}
         for i, job in enumerate(jobs):
@@ -509,7 +551,7 @@ class Encoder:
                 by_path.setdefault(int(p), []).append(i)
         for p, idx in by_path.items():
             pixels = np.stack([jobs[i]["pixels"] for i in idx])
-            logits, feats = self.runtime.run_path(p, pixels)
+            logits, feats = runtime.run_path(p, pixels)
             if not (np.isfinite(logits).all() and np.isfinite(feats).all()):
                 raise FloatingPointError(f"non-finite outputs on path {p}")
             for j, i in enumerate(idx):
@@ -535,16 +577,35 @@ class Encoder:
         self._pool.shutdown(wait=False)
 
     @bentoml.api
-    def encode_texts(self, texts: list[str]) -> Any:
-        return self.runtime.encode_texts(texts)
+    def encode_texts(self, texts: list[str]) -> dict:
+        head = self.slot.current
+        return {"weights": head.runtime.encode_texts(texts), "version": head.version}
 
     @bentoml.api
     def info(self) -> dict:
-        d = self.runtime.describe()
-        d.update(preprocess=self.runtime.preprocess, base_path=self.runtime.base_path,
-                 logit_scale=self.runtime.logit_scale, error=self.error,
-                 slices={t.name: list(t.logit_slice) for t in self.runtime.tasks.values()})
+        head = self.slot.current
+        rt = head.runtime
+        d = rt.describe()
+        d.update(preprocess=rt.preprocess, base_path=rt.base_path, logit_scale=rt.logit_scale, error=self.error,
+                 slices={t.name: list(t.logit_slice) for t in rt.tasks.values()}, version=head.version)
         return d
+
+    @bentoml.api
+    async def reload(self, source: str) -> dict:
+        """Load, warm up and check `source` beside the serving head, then swap (serving/heads.py).
+        The serving head keeps answering meanwhile and stays if anything fails."""
+        loop = asyncio.get_running_loop()
+        try:
+            old, new = await loop.run_in_executor(None, self.slot.swap, source, CONFIG.runtime, self._wrap)
+        except (HeadLoadError, HeadIncompatible) as err:
+            reason = "incompatible_head" if isinstance(err, HeadIncompatible) else "head_load_failed"
+            HEAD_LOAD_FAILURES.labels(reason=reason).inc()
+            log.warning("reload of %s refused: %s", source, err)
+            return {"error": reason, "detail": str(err)[:1000]}
+        HEAD_INFO.labels(version=old.version).set(0)
+        HEAD_INFO.labels(version=new.version).set(1)
+        self.error = None
+        return {"version": new.version, "previous": old.version}
 
     @bentoml.api
     def check(self) -> dict:
@@ -581,8 +642,11 @@ class ClipHeads:
         self.failures = 0
         self.draining = False
         self.encoder_pid: Optional[int] = None
+        self.head_version: str = ""  # the version of the last result from the encoder
         self._warm_lock = asyncio.Lock()
         self._warm_task: Optional[asyncio.Future] = None
+        if self.cfg.allow_reload and not self.cfg.auth_token:
+            log.warning("CLIPHEADS_ALLOW_RELOAD ignored: admin routes need CLIPHEADS_AUTH_TOKEN")
         # the encoder client, through a link to its socket that outlives BentoML's shutdown (drain.py)
         self.enc, self._enc_link = pin_dependency(self, "encoder", Encoder)
 
@@ -599,6 +663,7 @@ class ClipHeads:
                     )
                     self.store = TaskStore(self.cfg.tasks_dir or None, identity=info["identity"])
                     self.info = info
+                    self.head_version = info.get("version", "")
                 ping = await asyncio.wait_for(self.enc.to_async.ping(front_pid=os.getpid()), 2.0)
                 if ping.get("error"):
                     raise RuntimeError(ping["error"])
@@ -749,24 +814,33 @@ class ClipHeads:
                 raise ApiError(422, "invalid_templates", "each template is a string with exactly one '{}'")
         return tuple(templates)
 
-    async def _text_weights(self, labels: list[str], templates: tuple[str, ...]) -> np.ndarray:
-        key = (tuple(labels), templates)
-
+    async def _text_weights(self, labels: list[str], templates: tuple[str, ...], version: str) -> tuple[np.ndarray, str]:
+        """(L, E) label embeddings and the head version that computed them (the text tower carries
+        a head's learned context): from the cache when `version` computed them before."""
         if not self.info.get("has_text", True):
             raise ApiError(422, "text_unavailable", "this bundle has no text graph: request-time labels and "
                            "few-shot tasks are unavailable; classify with the bundle's tasks")
 
-        async def compute() -> np.ndarray:
-            texts = [t.format(lab.replace("_", " ")) for lab in labels for t in templates]
-            f = np.asarray(await self._call_encoder("encode_texts", texts), np.float32)
-            f = f.reshape(len(labels), len(templates), -1).mean(axis=1)
-            return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+        cached = self.text_cache.get((version, tuple(labels), templates))
+        if cached is not None:
+            return cached, version
+        texts = [t.format(lab.replace("_", " ")) for lab in labels for t in templates]
+        res = await self._call_encoder("encode_texts", texts)
+        f = np.asarray(res["weights"], np.float32).reshape(len(labels), len(templates), -1).mean(axis=1)
+        f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+        self.text_cache.put((res["version"], tuple(labels), templates), f)
+        return f, res["version"]
 
-        cached = self.text_cache.get(key)
-        if cached is None:
-            cached = await compute()
-            self.text_cache.put(key, cached)
-        return cached
+    async def _features_and_text(self, pixels: np.ndarray, labels: list[str], templates: tuple[str, ...]):
+        """Base-path image features and label embeddings from ONE head version: recomputed in the
+        rare case a swap landed between the two calls."""
+        base = self.info["base_path"]
+        for _ in range(3):
+            enc, version = await self._encode(pixels, [base])
+            text, text_version = await self._text_weights(labels, templates, version)
+            if text_version == version:
+                return enc[base]["features"], text, version
+        raise ApiError(503, "head_swapping", "the head was swapped repeatedly during this request; retry")
 
     async def _call_encoder(self, method: str, arg, **kw):
         """Encoder calls are idempotent: retry when a pooled keep-alive connection to the encoder's
@@ -782,19 +856,24 @@ class ClipHeads:
                 log.info("encoder connection dropped; retrying %s", method)
                 await asyncio.sleep(0.01 * (attempt + 1))
 
-    async def _encode(self, pixels: np.ndarray, paths: list[int], count: bool = True) -> dict[int, dict[str, np.ndarray]]:
+    async def _encode(self, pixels: np.ndarray, paths: list[int], count: bool = True) -> tuple[dict, str]:
         """One encoder call per request: one job per image (uint8), each naming every path it
-        needs, so an image is sent once and encoded once per distinct path."""
+        needs, so an image is sent once and encoded once per distinct path. Returns
+        ({path: {"logits", "features"}}, head version): a request runs in one pass, one version."""
         jobs = [{"paths": paths, "pixels": px} for px in pixels]
         res = await self._call_encoder("encode", jobs, deadline=time.time() + self.cfg.timeout_s)
         if len(res) != len(jobs) or any("error" in r for r in res):
             if any(r.get("error") == "timeout" for r in res):
                 raise ApiError(504, "timeout", f"not processed within {self.cfg.timeout_s} s")
             raise EncoderFailure("the encoder failed on this request")
+        versions = {r.get("version", "") for r in res}
+        if len(versions) != 1:
+            raise EncoderFailure(f"one request came back from several head versions {sorted(versions)}")
+        self.head_version = version = versions.pop()
         if count:
             IMAGES.labels(runtime=self.info["runtime"]).inc(len(pixels))
         return {p: {"logits": np.stack([r["logits"][p] for r in res]),
-                    "features": np.stack([r["features"][p] for r in res])} for p in paths}
+                    "features": np.stack([r["features"][p] for r in res])} for p in paths}, version
 
     def _top_k(self, top_k: int) -> int:
         if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= 1000:
@@ -842,7 +921,7 @@ class ClipHeads:
             pixels = await self._decode(blobs)
             paths = sorted({bundle_tasks[n]["path"] for n in names if n in bundle_tasks}
                            | ({self.info["base_path"]} if few else set()))
-            enc = await self._encode(pixels, paths)
+            enc, version = await self._encode(pixels, paths)
             per_task: dict[str, list[list[dict]]] = {}
             for n in names:
                 if n in few:
@@ -856,7 +935,7 @@ class ClipHeads:
                 per_task[n] = [self._ranked(p, labels, k) for p in probs]
                 TASK_PREDICTIONS.labels(task=n if n in bundle_tasks else "few_shot").inc(len(pixels))
             preds = [{n: per_task[n][i] for n in names} for i in range(len(pixels))]
-            return {"predictions": preds, "runtime": self.info["runtime"]}
+            return {"predictions": preds, "runtime": self.info["runtime"], "head_version": version}
 
         return await self._run(ctx, "classify", run)
 
@@ -878,12 +957,11 @@ class ClipHeads:
             temps = self._check_templates(templates)
             blobs = self._read_images(images, images_b64, self.cfg.max_images)
             pixels = await self._decode(blobs)
-            w = await self._text_weights(labs, temps)
-            base = self.info["base_path"]
-            feats = (await self._encode(pixels, [base]))[base]["features"]
+            feats, w, version = await self._features_and_text(pixels, labs, temps)
             probs = softmax(self.info["logit_scale"] * feats @ w.T)
             TASK_PREDICTIONS.labels(task="zero_shot").inc(len(pixels))
-            return {"predictions": [self._ranked(p, labs, k) for p in probs], "runtime": self.info["runtime"]}
+            return {"predictions": [self._ranked(p, labs, k) for p in probs], "runtime": self.info["runtime"],
+                    "head_version": version}
 
         return await self._run(ctx, "zero_shot", run)
 
@@ -920,12 +998,10 @@ class ClipHeads:
             if missing:
                 raise ApiError(422, "missing_examples", f"no example image for label(s) {missing[:5]}")
             pixels = await self._decode(blobs)
-            base = self.info["base_path"]
-            keys = (await self._encode(pixels, [base]))[base]["features"]
-            text = await self._text_weights(labs, temps)
+            keys, text, version = await self._features_and_text(pixels, labs, temps)
             task = self.store.add(name, labs, keys, targets, text, replace=bool(replace))
             ctx.response.status_code = 201
-            return task.summary()
+            return {**task.summary(), "head_version": version}
 
         out = await self._run(ctx, "register_task", run)
         return out
@@ -936,7 +1012,8 @@ class ClipHeads:
 
         async def run():
             bundle = [{"name": t["name"], "kind": "bundle", "labels": t["labels"]} for t in self.info["tasks"]]
-            return {"tasks": bundle + self.store.list(), "runtime": self.info["runtime"]}
+            return {"tasks": bundle + self.store.list(), "runtime": self.info["runtime"],
+                    "head_version": self.head_version}
 
         return await self._run(ctx, "list_tasks", run)
 
@@ -953,6 +1030,40 @@ class ClipHeads:
             return {"deleted": name}
 
         return await self._run(ctx, "delete_task", run)
+
+    @bentoml.api(route="/admin/reload")
+    async def reload_head(self, ctx: bentoml.Context, source: str) -> dict:
+        """Swap the served head for `source` (a model-store tag, or a path inside the reload root)
+        without dropping requests: loaded and warmed up beside the serving head, which stays on any
+        failure. 404 unless the server runs with --allow-reload (and a token)."""
+
+        async def run():
+            path = self._reload_source(source)
+            res = await self.enc.to_async.reload(str(path))
+            if "error" in res:
+                raise ApiError(409 if res["error"] == "incompatible_head" else 422, res["error"], res["detail"])
+            self.head_version = res["version"]
+            return {"head_version": res["version"], "previous": res["previous"]}
+
+        return await self._run(ctx, "reload", run)
+
+    def _reload_source(self, source: Any) -> Path:
+        """A model-store tag, or an existing path inside the reload root (after resolving symlinks)."""
+        from .model_store import ModelStoreError, resolve_source
+
+        if not isinstance(source, str) or not source.strip() or len(source) > 512 or "\x00" in source:
+            raise ApiError(422, "invalid_source", "'source' is a model tag or a path (at most 512 characters)")
+        given = Path(source).expanduser()
+        if given.exists() or given.is_absolute() or os.sep in source:
+            root = Path(self.cfg.reload_root or Path(self.cfg.source).resolve().parent).resolve()
+            path = given.resolve()
+            if not path.is_relative_to(root) or not path.exists():
+                raise ApiError(422, "source_not_allowed", f"reload paths must be existing files or folders inside {root}")
+            return path
+        try:
+            return resolve_source(source)
+        except ModelStoreError as err:
+            raise ApiError(422, "unknown_source", str(err)[:300]) from None
 
 
 def _safe_decode(data: bytes, spec: DecodeSpec):

@@ -147,3 +147,41 @@ def test_openapi_patch_documents_our_errors_and_rest_aliases():
     assert "201" in out["paths"]["/tasks"]["post"]["responses"] and "200" not in out["paths"]["/tasks"]["post"]["responses"]
     assert "get" in out["paths"]["/tasks"] and "delete" in out["paths"]["/tasks/{name}"]
     assert out["components"]["schemas"]["ClipheadsError"]["required"] == ["error", "detail"]
+
+
+# ---- B5 #20: admin routes are 404 unless enabled, then 401 without the token ----------------------
+def test_admin_routes_hidden_unless_enabled_with_a_token():
+    async def go(**cfg):
+        async with client(stub_app(), **cfg) as c:
+            no_token = (await c.post("/admin/reload", json={"source": "x"})).status_code
+            with_token = (await c.post("/admin/reload", json={"source": "x"},
+                                       headers={"authorization": "Bearer s3cret"})).status_code
+            return no_token, with_token
+
+    assert run(go()) == (404, 404)  # default: off
+    assert run(go(allow_reload=True)) == (404, 404)  # asked for, but no token configured: still off
+    assert run(go(auth_token="s3cret")) == (404, 404)  # not enabled: absent, token or not
+    assert run(go(auth_token="s3cret", allow_reload=True)) == (401, 200)
+
+
+def test_openapi_lists_admin_routes_only_when_enabled():
+    from serving.service import patch_openapi
+
+    def doc():
+        return {"paths": {r: {"post": {"responses": {"200": {"content": {}}}}} for r in ("/classify", "/admin/reload")}}
+
+    assert "/admin/reload" not in patch_openapi(doc())["paths"]
+    shown = patch_openapi(doc(), admin=True)["paths"]["/admin/reload"]["post"]["responses"]
+    assert {"401", "409", "422"} <= set(shown)
+
+
+def test_cli_refuses_reload_without_a_token(tmp_path, monkeypatch, capsys):
+    from serving.cli import main
+
+    monkeypatch.delenv("CLIPHEADS_AUTH_TOKEN", raising=False)
+    head = tmp_path / "h.head.safetensors"
+    head.write_bytes(b"{}")
+    assert main([str(head), "--allow-reload", "--dry-run"]) == 2
+    assert "--allow-reload needs --auth-token" in capsys.readouterr().err
+    assert main([str(head), "--allow-reload", "--auth-token", "t", "--dry-run"]) == 0
+    assert "CLIPHEADS_ALLOW_RELOAD=1" in capsys.readouterr().out
