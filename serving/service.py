@@ -1055,7 +1055,10 @@ class ClipHeads:
             raise ApiError(422, "invalid_source", "'source' is a model tag or a path (at most 512 characters)")
         given = Path(source).expanduser()
         if given.exists() or given.is_absolute() or os.sep in source:
-            root = Path(self.cfg.reload_root or Path(self.cfg.source).resolve().parent).resolve()
+            served = Path(self.cfg.source)  # a path, or a model-store tag (then only --reload-root allows paths)
+            if not self.cfg.reload_root and not served.exists():
+                raise ApiError(422, "source_not_allowed", "reloading from a path needs --reload-root; or give a model tag")
+            root = Path(self.cfg.reload_root or served.resolve().parent).resolve()
             path = given.resolve()
             if not path.is_relative_to(root) or not path.exists():
                 raise ApiError(422, "source_not_allowed", f"reload paths must be existing files or folders inside {root}")
