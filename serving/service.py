@@ -336,12 +336,13 @@ class GuardMiddleware:
                 if not msg.get("more_body", False):
                     break
             body = b"".join(chunks)
+            del chunks  # one copy of the body per request, not two (memory under bursts of large uploads)
         if ctype == "application/json":
             try:
-                obj = json.loads(body or b"{}")
+                is_object = isinstance(json.loads(body or b"{}"), dict)  # not kept: the app parses it again
             except (ValueError, UnicodeDecodeError):
                 return await self._reply(send, 400, "invalid_json", "request body is not valid JSON")
-            if not isinstance(obj, dict):
+            if not is_object:
                 return await self._reply(send, 400, "invalid_json", "request body must be a JSON object")
         else:
             for m in _DISPOSITION.finditer(body):
@@ -352,13 +353,12 @@ class GuardMiddleware:
                         "'images' fields must be uploaded files; URLs and strings are not fetched",
                     )
 
-        sent = False
+        pending = [body]  # handed to the app once and dropped here: the app holds the only copy
+        del body
 
         async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
+            if pending:
+                return {"type": "http.request", "body": pending.pop(), "more_body": False}
             return await receive()
 
         state = {"started": False, "rewrite": False, "status": 200, "headers": [], "buf": []}
