@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .runtime import RUNTIME_KINDS  # a light import: torch/ORT load only when a runtime opens
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVICE = "serving.service:ClipHeads"
 
@@ -24,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "of a model saved with `clipheads models save` (name[:version])")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 to expose)")
     p.add_argument("--port", type=int, default=3000)
-    p.add_argument("--runtime", default="auto", choices=["auto", "onnx", "onnx-cpu", "onnx-cuda", "torch", "torch-folded", "tensorrt"])
+    p.add_argument("--runtime", default="auto", choices=RUNTIME_KINDS)
     p.add_argument("--tasks-dir", default=None, help="directory where registered few-shot tasks persist")
     p.add_argument("--auth-token", default=None, help="require 'Authorization: Bearer TOKEN' (or CLIPHEADS_AUTH_TOKEN)")
     p.add_argument("--max-concurrency", type=int, default=None)

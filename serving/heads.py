@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from training.files import file_sha256
-
-from .runtime import Runtime, open_runtime
+from .runtime import Runtime, open_runtime, source_sha256
 
 log = logging.getLogger("clipheads.serving")
 
@@ -38,9 +35,7 @@ class HeadIncompatible(RuntimeError):
 
 def head_version(source: str | Path) -> str:
     """12 hex digits naming the content of a head file or bundle directory."""
-    src = Path(source)
-    target = src / "manifest.json" if src.is_dir() else src
-    return file_sha256(target)[:12]
+    return source_sha256(source)[:12]
 
 
 def layout(runtime: Runtime) -> dict[str, Any]:
@@ -72,18 +67,19 @@ class LoadedHead:
     runtime: Runtime
     version: str
     source: str
-    loaded_at: float = field(default_factory=time.time)
 
 
 def load_head(source: str | Path, kind: str = "auto",
-              wrap: Optional[Callable[[Runtime], Runtime]] = None) -> LoadedHead:
-    """Open and warm up a head; HeadLoadError (with the reason) if either fails."""
+              wrap: Optional[Callable[[Runtime], Runtime]] = None, warm: bool = True) -> LoadedHead:
+    """Open (and unless `warm=False` warm up) a head; HeadLoadError with the reason if that fails.
+    `wrap` (runtime -> runtime) is the fault-injection hook of the serving tests."""
     try:
         version = head_version(source)
         runtime = open_runtime(str(source), kind)
         if wrap is not None:
             runtime = wrap(runtime)
-        runtime.warmup()
+        if warm:
+            runtime.warmup()
     except Exception as err:  # noqa: BLE001 - any failure means: do not serve this head
         raise HeadLoadError(f"{type(err).__name__}: {err}") from err
     return LoadedHead(runtime, version, str(source))

@@ -142,8 +142,7 @@ class TorchRuntime(Runtime):
         self._mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
         self.logit_scale = float(bb.logit_scale.detach().cpu())
-        sha = art.backbone.get("weights_sha256") or ""
-        self.identity = f"{art.backbone.get('arch')}:{art.backbone.get('pretrained')}:{sha[:16]}"
+        self.identity = backbone_identity(art.backbone)
         has_vision = "vision" in type(head).towers or not head.foldable
         self.paths, self.tasks, self._path_task = [], {}, []
         self._class_w: dict[int, "torch.Tensor"] = {}
@@ -202,6 +201,20 @@ class TorchRuntime(Runtime):
 
 
 # ---- ONNX Runtime (export bundle) ----------------------------------------------------------
+def source_sha256(source: str | os.PathLike) -> str:
+    """The content fingerprint of a bundle (its manifest.json, which holds the sha256 of every
+    graph) or of a head file."""
+    src = Path(source)
+    return file_sha256(src / "manifest.json" if src.is_dir() else src)
+
+
+def backbone_identity(backbone: dict) -> str:
+    """arch:pretrained:weights-sha prefix, from a head's or manifest's `backbone` entry: few-shot
+    tasks are persisted under it, and a head swap must keep it."""
+    sha = str(backbone.get("weights_sha256") or "")
+    return f"{backbone.get('arch')}:{backbone.get('pretrained')}:{sha[:16]}"
+
+
 def read_manifest(bundle: str | os.PathLike) -> dict:
     """Read and validate a bundle's manifest.json (the contract in DESIGN.md / issue 7)."""
     root = Path(bundle)
@@ -262,7 +275,7 @@ class OnnxRuntime(Runtime):
         self._mean = np.asarray(pre["mean"], np.float32).reshape(1, 3, 1, 1)
         self._std = np.asarray(pre["std"], np.float32).reshape(1, 3, 1, 1)
         bb = m.get("backbone") or {}
-        self.identity = f"{bb.get('arch')}:{bb.get('pretrained')}:{str(bb.get('weights_sha256') or '')[:16]}"
+        self.identity = backbone_identity(bb)
         self.logit_scale = float(m.get("logit_scale", 100.0))
         opts = ort.SessionOptions()
         threads = int(os.environ.get("CLIPHEADS_ORT_THREADS", "0"))

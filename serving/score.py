@@ -60,12 +60,10 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from .images import DecodeSpec, ImageRejected, decode_image
-from training.files import file_sha256
-
+from .runtime import RUNTIME_KINDS as RUNTIMES, source_sha256
 from .shards import InputError, InputItem, InputListing, OutputConflict, Shard, ShardStore
 
 ENGINES = ("local", "ray")
-RUNTIMES = ("auto", "onnx", "onnx-cpu", "onnx-cuda", "tensorrt", "torch", "torch-folded")
 DEFAULT_SHARD_SIZE = 4096
 
 
@@ -150,7 +148,7 @@ def source_info(source: str) -> dict:
         except RuntimeError_ as err:
             raise UsageError(str(err)) from None
         tasks = {t["name"]: list(t["classnames"]) for t in m["tasks"]}
-        return {"kind": "bundle", "path": str(src.resolve()), "sha256": file_sha256(src / "manifest.json"),
+        return {"kind": "bundle", "path": str(src.resolve()), "sha256": source_sha256(src),
                 "tasks": tasks, "preprocess": dict(m["preprocess"])}
     from training.artifact import ArtifactError, load_head
 
@@ -158,7 +156,7 @@ def source_info(source: str) -> dict:
         art = load_head(src)
     except (ArtifactError, OSError, ValueError) as err:
         raise UsageError(f"{src}: {err}") from None
-    return {"kind": "head", "path": str(src.resolve()), "sha256": file_sha256(src),
+    return {"kind": "head", "path": str(src.resolve()), "sha256": source_sha256(src),
             "tasks": {t.name: list(t.classnames) for t in art.tasks}, "preprocess": art.preprocess.to_json()}
 
 

@@ -40,9 +40,9 @@ from bentoml.exceptions import ServiceUnavailable
 import numpy as np
 
 from .drain import FrontRegistry, chain_exit_signals, pin_dependency
-from .heads import HeadIncompatible, HeadLoadError, HeadSlot, LoadedHead, head_version
+from .heads import HeadIncompatible, HeadLoadError, HeadSlot, load_head
 from .images import DEFAULT_MAX_PIXELS, DecodeSpec, ImageRejected, decode_image
-from .runtime import Runtime, open_runtime, softmax
+from .runtime import Runtime, softmax
 from .tasks_store import LRUCache, TaskStore, TaskStoreError, check_name
 
 log = logging.getLogger("clipheads.serving")
@@ -444,8 +444,8 @@ class Encoder:
             mod, _, fn = hook.partition(":")
             self._wrap = getattr(importlib.import_module(mod), fn)
             log.warning("runtime wrapped by CLIPHEADS_RUNTIME_HOOK=%s", hook)
-        runtime = open_runtime(str(source), CONFIG.runtime)
-        self.slot = HeadSlot(LoadedHead(self._wrap(runtime) if self._wrap else runtime, head_version(source), str(source)))
+        # warmed below: a failing warm-up is reported through readiness, not a crash loop
+        self.slot = HeadSlot(load_head(source, CONFIG.runtime, self._wrap, warm=False))
         HEAD_INFO.labels(version=self.slot.current.version).set(1)
         self.error: Optional[str] = None
         self.fronts = FrontRegistry(CONFIG.grace_s)
@@ -1054,15 +1054,14 @@ class ClipHeads:
         if not isinstance(source, str) or not source.strip() or len(source) > 512 or "\x00" in source:
             raise ApiError(422, "invalid_source", "'source' is a model tag or a path (at most 512 characters)")
         given = Path(source).expanduser()
-        if given.exists() or given.is_absolute() or os.sep in source:
+        if given.exists():  # as in resolve_source: an existing path wins over a tag
             served = Path(self.cfg.source)  # a path, or a model-store tag (then only --reload-root allows paths)
             if not self.cfg.reload_root and not served.exists():
                 raise ApiError(422, "source_not_allowed", "reloading from a path needs --reload-root; or give a model tag")
             root = Path(self.cfg.reload_root or served.resolve().parent).resolve()
-            path = given.resolve()
-            if not path.is_relative_to(root) or not path.exists():
-                raise ApiError(422, "source_not_allowed", f"reload paths must be existing files or folders inside {root}")
-            return path
+            if not given.resolve().is_relative_to(root):
+                raise ApiError(422, "source_not_allowed", f"reload paths must lie inside {root}")
+            return given.resolve()
         try:
             return resolve_source(source)
         except ModelStoreError as err:

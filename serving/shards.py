@@ -203,8 +203,6 @@ def atomic_write(path: Path, write) -> None:
     _fsync_dir(path.parent)
 
 
-
-
 def part_name(shard_id: int) -> str:
     return f"part-{shard_id:05d}.parquet"
 

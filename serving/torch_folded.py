@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .runtime import Runtime, RuntimeError_, index_tasks
+from .runtime import Runtime, RuntimeError_, backbone_identity, index_tasks
 
 
 class CudaGraphed:
@@ -85,8 +85,7 @@ class FoldedTorchRuntime(Runtime):
         self._text = plan.text.eval()
         self.preprocess = plan.preprocess.to_json()
         self.logit_scale = float(plan.logit_scale)
-        sha = art.backbone.get("weights_sha256") or ""
-        self.identity = f"{art.backbone.get('arch')}:{art.backbone.get('pretrained')}:{sha[:16]}"
+        self.identity = backbone_identity(art.backbone)
         self._encoders = {}
         for g in plan.graphs:
             enc = g.encoder.to(device).eval()
@@ -95,7 +94,6 @@ class FoldedTorchRuntime(Runtime):
             self._encoders[g.name] = CudaGraphed(enc) if self.cuda_graphs else enc
         self._path_keys, self.tasks = index_tasks([t.to_json() for t in plan.tasks])  # as in a bundle
         self.paths = [f"{g}#{k}" for g, k in self._path_keys]
-        self.base_path = 0
 
     def run_path(self, path: int, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         torch = self._torch

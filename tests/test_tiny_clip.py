@@ -36,7 +36,7 @@ def test_config_is_a_standard_open_clip_vit():
 
 @needs_weights
 def test_packaged_weights_match_recorded_sha256():
-    from training.backbone import file_sha256
+    from training.files import file_sha256
 
     recorded = SHA_FILE.read_text().split()[0]
     assert len(recorded) == 64

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .files import file_sha256  # noqa: F401  (also imported from here: training.backbone.file_sha256)
+from .files import file_sha256
 
 PACKAGED_ARCH = "clipheads-tiny"
 PACKAGED_TAG = "clipheads"

@@ -482,7 +482,7 @@ def finalize(ckpt: Path, weights_dir: Path = WEIGHTS_DIR, half: bool = True) -> 
     out = weights_dir / f"{ARCH}.safetensors"
     save_weights(model, out, {"arch": ARCH, "dtype": "float16" if half else "float32", "step": meta.get("step"),
                               "config": meta.get("config"), "zero_shot_eval_pool": meta.get("zero_shot")}, half=half)
-    from .backbone import file_sha256
+    from .files import file_sha256
 
     sha = file_sha256(out)
     (weights_dir / f"{ARCH}.sha256").write_text(f"{sha}  {out.name}\n")
@@ -634,7 +634,7 @@ def report(weights: Path, out: Path, world: Path | None = None, world_seed: int 
     import tempfile
 
     torch.set_num_threads(2)
-    from .backbone import file_sha256
+    from .files import file_sha256
 
     model, tokenizer, preprocess = load_tiny(weights)
     with tempfile.TemporaryDirectory() as tmp:
