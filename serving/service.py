@@ -843,8 +843,9 @@ class ClipHeads:
         raise ApiError(503, "head_swapping", "the head was swapped repeatedly during this request; retry")
 
     async def _call_encoder(self, method: str, arg, **kw):
-        """Encoder calls are idempotent: retry when a pooled keep-alive connection to the encoder's
-        socket was closed under us (aiohttp ServerDisconnected / reset under load)."""
+        """Encoder calls are idempotent: retry when the connection to the encoder's socket was
+        closed under us (aiohttp ServerDisconnected). Rare since the session is never renewed
+        (`runner_connection`); a retried `encode` costs the encoder a second pass."""
         import aiohttp
 
         for attempt in range(3):
