@@ -41,6 +41,7 @@ import numpy as np
 
 from .drain import FrontRegistry, chain_exit_signals, pin_dependency
 from .heads import HeadIncompatible, HeadLoadError, HeadSlot, load_head
+from . import metric_labels
 from .images import DEFAULT_MAX_PIXELS, DecodeSpec, ImageRejected, decode_image
 from .runtime import Runtime, softmax
 from .tasks_store import LRUCache, TaskStore, TaskStoreError, check_name
@@ -113,6 +114,7 @@ CONFIG = ServeConfig.from_env()
 ENCODER_TIMEOUT_S = max(CONFIG.timeout_s * 2, 60)  # encoder calls; also the admin routes' request timeout
 
 # ---- metrics (exposed on /metrics next to BentoML's own) --------------------------------------
+metric_labels.install()  # BentoML's request metrics: one series per route, not per client-sent path
 REQUESTS = bentoml.metrics.Counter(
     name="clipheads_requests_total", documentation="API requests by endpoint and status",
     labelnames=["endpoint", "status"],

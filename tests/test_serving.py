@@ -343,6 +343,29 @@ def test_metrics_count_requests_rejections_and_tasks(server):
     assert "clipheads_encoder_batch_size_bucket" in text
 
 
+def test_metrics_label_routes_not_client_paths(server):
+    """BentoML labels its request metrics by raw path: without serving/metric_labels.py every
+    distinct `DELETE /tasks/<name>` or random 404 path added series forever (front memory, /metrics size)."""
+    for i in range(20):
+        assert httpx.delete(f"{server.url}/tasks/gone-{i}", timeout=10).status_code == 404
+        assert httpx.get(f"{server.url}/scan-{i}", timeout=10).status_code == 404
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    assert "gone-" not in text and "scan-" not in text
+    assert 'endpoint="/tasks/{name}"' in text and 'endpoint="(unmatched)"' in text
+    assert 'endpoint="/classify"' in text  # real routes keep their own label
+
+
+def test_endpoint_label_is_bounded():
+    from serving.metric_labels import UNMATCHED, endpoint_label
+
+    routes = frozenset({"/classify", "/tasks", "/tasks/list"})
+    assert endpoint_label("/classify", routes) == "/classify"
+    assert endpoint_label("/tasks/list", routes) == "/tasks/list"
+    assert endpoint_label("/tasks/anything%2F..", routes) == "/tasks/{name}"
+    assert endpoint_label("/livez", routes) == "/livez"
+    assert {endpoint_label(f"/x{i}/y", routes) for i in range(100)} == {UNMATCHED}
+
+
 def test_openapi_schema_lists_endpoints(server):
     paths = httpx.get(server.url + "/docs.json", timeout=10).json()["paths"]
     assert {"/classify", "/zero_shot", "/tasks", "/tasks/list", "/tasks/delete"} <= set(paths)
