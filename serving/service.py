@@ -689,7 +689,7 @@ class ClipHeads:
             return False
         if self.ready and self.failures < 3:
             try:
-                ping = await asyncio.wait_for(self.enc.to_async.ping(), 1.0)
+                ping = await asyncio.wait_for(self._call_encoder("ping"), 1.0)
             except Exception as err:  # noqa: BLE001 - dead/restarting encoder, socket gone, timeout
                 log.warning("encoder not answering: %s: %s", type(err).__name__, err)
                 ping = None
@@ -844,15 +844,16 @@ class ClipHeads:
                 return enc[base]["features"], text, version
         raise ApiError(503, "head_swapping", "the head was swapped repeatedly during this request; retry")
 
-    async def _call_encoder(self, method: str, arg, **kw):
-        """Encoder calls are idempotent: retry when the connection to the encoder's socket was
-        closed under us (aiohttp ServerDisconnected). Rare since the session is never renewed
+    async def _call_encoder(self, method: str, *args, **kw):
+        """Encoder calls are idempotent (a repeated reload loads the same file again): retry when
+        the connection to the encoder's socket was closed under us (aiohttp ServerDisconnected, e.g.
+        a pooled connection the encoder closed as idle). Rare since the session is never renewed
         (`runner_connection`); a retried `encode` costs the encoder a second pass."""
         import aiohttp
 
         for attempt in range(3):
             try:
-                return await getattr(self.enc.to_async, method)(arg, **kw)
+                return await getattr(self.enc.to_async, method)(*args, **kw)
             except aiohttp.ClientConnectionError:
                 if attempt == 2:
                     raise
@@ -1042,7 +1043,7 @@ class ClipHeads:
 
         async def run():
             path = self._reload_source(source)
-            res = await self.enc.to_async.reload(str(path))
+            res = await self._call_encoder("reload", str(path))
             if "error" in res:
                 raise ApiError(409 if res["error"] == "incompatible_head" else 422, res["error"], res["detail"])
             self.head_version = res["version"]
