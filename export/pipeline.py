@@ -41,7 +41,10 @@ class ExportOptions:
     input_dtype: str = "uint8"
     opset: int = DEFAULT_OPSET
     exporter: str = "torchscript"
-    fuse: bool = True  # ORT transformer fusions (target onnx only)
+    # Offline onnxruntime.transformers fusions (target onnx). None = for fp16 only: their contrib
+    # kernels pay off on GPUs, while on the CPU ORT's own load-time fusions of the plain graph ran
+    # faster (bench/export/results.md); fp32/int8 manifests then report those load-time fusions.
+    fuse: Optional[bool] = None
     # vision attention as one com.microsoft.MultiHeadAttention node (target onnx; ORT CPU and CUDA
     # providers run it in fp32 and fp16)
     fused_attention: bool = True
@@ -222,6 +225,25 @@ def export_heads(
             tmp_ctx.cleanup()
 
 
+FUSED_OP_TYPES = ("Attention", "MultiHeadAttention", "LayerNormalization", "SkipLayerNormalization",
+                  "SimplifiedLayerNormalization", "BiasGelu", "FastGelu", "Gelu", "QuickGelu", "FusedMatMul",
+                  "FusedGemm", "FusedConv", "Gemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+
+
+def _load_time_fusions(src: Path, dst: Path) -> dict:
+    """What ONNX Runtime's CPU optimiser (ORT_ENABLE_ALL) makes of `src` when a session loads it:
+    fused-op counts for the manifest (the optimised copy is CPU-specific and not shipped)."""
+    from .optimize import op_counts, ort_offline
+
+    try:
+        counts = op_counts(ort_offline(src, dst))
+    except Exception as err:  # noqa: BLE001 - a report, not a requirement
+        return {"error": f"{type(err).__name__}: {err}"}
+    fused = {k.rsplit(".", 1)[-1]: v for k, v in counts.items() if k.rsplit(".", 1)[-1] in FUSED_OP_TYPES}
+    return {"model_type": "onnxruntime CPU load-time (ORT_ENABLE_ALL)", "fused": fused,
+            "attention_fused": sum(v for k, v in fused.items() if k.endswith("Attention"))}
+
+
 def _declared_opset(path) -> Optional[int]:
     from .onnx_export import graph_io
 
@@ -240,7 +262,8 @@ def _optimise(plan: FoldPlan, plain: dict, text_plain: Optional[Path], options: 
         sources["text.onnx"] = text_plain
     fused_ops: dict = {}
     current = dict(sources)
-    if options.target == "onnx" and options.fuse and options.precision != "int8":
+    offline_fusions = options.precision == "fp16" if options.fuse is None else options.fuse
+    if options.target == "onnx" and offline_fusions and options.precision != "int8":
         for name, src in sources.items():
             tower = "text" if name == "text.onnx" else "vision"
             if tower == "vision" and not plan.backbone.vision_is_vit:
@@ -256,6 +279,7 @@ def _optimise(plan: FoldPlan, plain: dict, text_plain: Optional[Path], options: 
             except Exception as err:  # noqa: BLE001 - fusion is optional; the plain graph still works
                 fused_ops[name] = {"error": f"{type(err).__name__}: {err}"}
         log("fusions: " + ", ".join(f"{k}: {v.get('fused') or v.get('error') or v.get('skipped')}" for k, v in fused_ops.items()))
+
     if options.precision == "fp16" and options.target == "onnx":
         for name, src in list(current.items()):
             if name != "text.onnx":  # see TEXT_STAYS_FP32
@@ -283,4 +307,10 @@ def _optimise(plan: FoldPlan, plain: dict, text_plain: Optional[Path], options: 
                 current[name] = quantize_static_qdq(src, work / f"int8_{name}", calib,
                                                     sorted({t.task_index for t in g.tasks}))
         log(f"quantized to int8 ({options.int8_mode})")
+    if options.target == "onnx" and not offline_fusions:
+        for name, path in current.items():
+            if name not in fused_ops:  # (skipped towers keep their reason)
+                fused_ops[name] = _load_time_fusions(path, work / f"ort_cpu_{name}")
+        log("fusions: left to ONNX Runtime at load time; on the CPU: "
+            + ", ".join(f"{k}: {v.get('fused') or v.get('error')}" for k, v in fused_ops.items()))
     return current, current, {}, fused_ops

@@ -144,6 +144,20 @@ def test_float32_input_graph(micro_backbone, tmp_path):
     assert g["inputs"][0]["dtype"] == "float32"
 
 
+def test_cpu_precisions_report_ort_load_time_fusions(micro_backbone, tmp_path):
+    """fp32 ships the plain graph (+ attention as one contrib node) and reports what ORT's CPU
+    optimiser fuses when it loads it; forcing the offline transformer fusions reports those."""
+    head = _head("vpt", micro_backbone)
+    n = len(micro_backbone.vision_blocks)
+    for fuse, kind in ((None, "onnxruntime CPU load-time"), (True, "clip")):
+        res = export_heads([head], tmp_path / f"b{fuse}", ExportOptions(text=False, fuse=fuse, **FAST))
+        assert res.passed, res.parity["failures"]
+        rep = res.manifest["fused_ops"]["image_0.onnx"]
+        assert rep["model_type"].startswith(kind), rep
+        assert rep["attention_nodes"] == n, rep
+        assert rep["fused"].get("LayerNormalization", 0) + rep["fused"].get("SkipLayerNormalization", 0) >= 2 * n
+
+
 def test_fp16_gate_passes_and_text_graph_stays_fp32(micro_backbone, tmp_path):
     head = _head("maple", micro_backbone)
     res = export_heads([head], tmp_path / "b", ExportOptions(precision="fp16", **FAST), allow_parity_failure=True)
@@ -352,9 +366,10 @@ def test_dynamo_exporter_passes_the_gate_and_records_its_opset(micro_backbone, t
 
 @pytest.mark.parametrize("method", ["zeroshot", "coop"])
 def test_text_only_heads_on_a_resnet_backbone_export(method, rn_backbone, tmp_path):
-    """DESIGN: any open_clip image tower works for text-only methods; fusions are skipped, not failed."""
+    """DESIGN: any open_clip image tower works for text-only methods; the (forced) transformer
+    fusions are skipped on it, not failed."""
     head = _head(method, rn_backbone, (TASKS[0],))
-    res = export_heads([head], tmp_path / "b", ExportOptions(**FAST))
+    res = export_heads([head], tmp_path / "b", ExportOptions(fuse=True, **FAST))
     assert res.passed, res.parity["failures"]
     assert "skipped" in res.manifest["fused_ops"]["image_0.onnx"]
     assert load_bundle(tmp_path / "b").manifest["tasks"][0]["graph"] == "image_0.onnx"
