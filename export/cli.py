@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
                    help="onnxruntime.transformers offline fusions (default: for fp16 only; fp32/int8 graphs "
                         "are left to ORT's load-time CPU fusions, which ran faster there)")
+    p.add_argument("--fused-attention", action=argparse.BooleanOptionalAction, default=None,
+                   help="vision attention as one com.microsoft.MultiHeadAttention node (default: for fp16 only; "
+                        "slower than the plain graph on the CPU)")
     p.add_argument("--no-text", action="store_true", help="no text graph (no request-time labels)")
     p.add_argument("--backbone-weights", default=None,
                    help="open_clip weights to load instead of the heads' recorded --pretrained (tag, path or none)")
@@ -123,7 +126,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     options = ExportOptions(
         target=args.target, precision=args.precision, max_batch=args.max_batch, input_dtype=args.input_dtype,
-        opset=args.opset, exporter=args.exporter, fuse=args.fuse, int8_mode=args.int8_mode,
+        opset=args.opset, exporter=args.exporter, fuse=args.fuse, fused_attention=args.fused_attention,
+        int8_mode=args.int8_mode,
         text=not args.no_text, probes=args.probes,
     )
     try:

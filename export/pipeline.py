@@ -41,13 +41,18 @@ class ExportOptions:
     input_dtype: str = "uint8"
     opset: int = DEFAULT_OPSET
     exporter: str = "torchscript"
-    # Offline onnxruntime.transformers fusions (target onnx). None = for fp16 only: their contrib
-    # kernels pay off on GPUs, while on the CPU ORT's own load-time fusions of the plain graph ran
-    # faster (bench/export/results.md); fp32/int8 manifests then report those load-time fusions.
+    # Offline onnxruntime.transformers fusions and vision attention as one
+    # com.microsoft.MultiHeadAttention node (target onnx). None = for fp16 only: those contrib
+    # kernels are for GPUs; on the CPU the plain graph with ORT's own load-time fusions ran faster
+    # (bench/export/results.md: ViT-B/32 16.3 vs 12.0 img/s at batch 1), and fp32/int8 manifests
+    # report those load-time fusions instead.
     fuse: Optional[bool] = None
-    # vision attention as one com.microsoft.MultiHeadAttention node (target onnx; ORT CPU and CUDA
-    # providers run it in fp32 and fp16)
-    fused_attention: bool = True
+    fused_attention: Optional[bool] = None
+
+    @property
+    def gpu_kernels(self) -> bool:
+        """The default for `fuse` and `fused_attention`: fp16 is the GPU precision."""
+        return self.target == "onnx" and self.precision == "fp16"
     int8_mode: str = "dynamic"  # dynamic | static (QDQ)
     text: bool = True
     probes: int = 24
@@ -162,7 +167,8 @@ def export_heads(
     try:
         t0 = time.perf_counter()
         plain = {}
-        use_mha = options.fused_attention and options.target == "onnx"
+        use_mha = options.target == "onnx" and (
+            options.gpu_kernels if options.fused_attention is None else options.fused_attention)
         with (fused_attention(plan.backbone) if use_mha else contextlib.nullcontext(0)) as n_mha:
             for g in plan.graphs:
                 plain[g.name] = export_image_graph(g.encoder, work / f"plain_{g.name}", options.opset,
@@ -262,7 +268,7 @@ def _optimise(plan: FoldPlan, plain: dict, text_plain: Optional[Path], options: 
         sources["text.onnx"] = text_plain
     fused_ops: dict = {}
     current = dict(sources)
-    offline_fusions = options.precision == "fp16" if options.fuse is None else options.fuse
+    offline_fusions = options.gpu_kernels if options.fuse is None else options.fuse
     if options.target == "onnx" and offline_fusions and options.precision != "int8":
         for name, src in sources.items():
             tower = "text" if name == "text.onnx" else "vision"

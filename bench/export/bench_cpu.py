@@ -8,12 +8,13 @@ graph, i.e. the default bundle graph) and batch size, measures images/s and achi
 
   torch-eager       the folded module (FoldedImageEncoder) in PyTorch, inference_mode
   torch-compile     torch.compile of the same module (compile time reported separately)
-  ort-plain         the plain TorchScript-exported opset-17 graph, ORT defaults (ORT_ENABLE_ALL)
-  ort-ours          what `clipheads export --target onnx --precision fp32` ships: attention as
-                    com.microsoft.MultiHeadAttention, other fusions left to ORT at load time
-  ort-offline-fused ort-ours + onnxruntime.transformers' offline fusions (SkipLayerNorm, BiasGelu):
-                    the fp16/GPU recipe, measured here to show why CPU precisions skip it
-  ort-int8-dynamic  ort-ours + dynamic per-channel int8 (MatMul/Gemm): what --precision int8 ships
+  ort-plain         the plain TorchScript-exported opset-17 graph, ORT defaults (ORT_ENABLE_ALL):
+                    what `clipheads export --target onnx --precision fp32` ships (ORT fuses at load)
+  ort-mha           attention exported as one com.microsoft.MultiHeadAttention node per block
+  ort-gpu-recipe    ort-mha + onnxruntime.transformers' offline fusions (SkipLayerNorm, BiasGelu):
+                    what fp16 bundles get, measured here in fp32 to show why CPU precisions skip it
+  ort-int8-dynamic  ort-plain + dynamic per-channel int8 (MatMul/Gemm): what --precision int8 ships
+  ort-int8-dynamic-mha  the same on ort-mha
   ort-int8-qdq      plain graph + static QDQ int8 (MinMax calibration on 16 seeded probes)
 
 plus the fp32 GEMM peak of this machine measured in the same run (torch.mm 2048^3, same threads),
@@ -130,15 +131,16 @@ def bench_arch(arch: str, batches: list[int], threads: int, min_seconds: float, 
     with fused_attention(bb):
         mha = export_image_graph(enc, work / f"{arch}_mha.onnx")
     heads_, width = tower_geometry(bb, "vision")
-    ours = mha
-    offline = work / f"{arch}_offline_fused.onnx"
-    fusion = fuse_transformer(mha, offline, heads_, width)
+    gpu_recipe = work / f"{arch}_gpu_recipe.onnx"
+    fusion = fuse_transformer(mha, gpu_recipe, heads_, width)
     res["export_s"] = time.perf_counter() - t0
     res["fusion"] = fusion
-    res["ours_ops"] = {k: v for k, v in op_counts(ours).items() if "." in k or k in ("MatMul", "LayerNormalization")}
+    res["gpu_recipe_ops"] = {k: v for k, v in op_counts(gpu_recipe).items()
+                             if "." in k or k in ("MatMul", "LayerNormalization")}
     log(f"{arch}: exported ({res['export_s']:.0f} s), offline fusions {fusion['fused']}")
     t0 = time.perf_counter()
-    int8_dyn = quantize_dynamic_int8(ours, work / f"{arch}_int8_dyn.onnx")
+    int8_dyn = quantize_dynamic_int8(plain, work / f"{arch}_int8_dyn.onnx")
+    int8_dyn_mha = quantize_dynamic_int8(mha, work / f"{arch}_int8_dyn_mha.onnx")
     res["quantize_dynamic_s"] = time.perf_counter() - t0
     int8_qdq = None
     try:
@@ -182,9 +184,10 @@ def bench_arch(arch: str, batches: list[int], threads: int, min_seconds: float, 
         except Exception as err:  # noqa: BLE001
             res["torch_compile_error"] = f"{type(err).__name__}: {str(err)[:300]}"
     runners["ort-plain"] = ort_runner(plain)
-    runners["ort-ours"] = ort_runner(ours)
-    runners["ort-offline-fused"] = ort_runner(offline)
+    runners["ort-mha"] = ort_runner(mha)
+    runners["ort-gpu-recipe"] = ort_runner(gpu_recipe)
     runners["ort-int8-dynamic"] = ort_runner(int8_dyn)
+    runners["ort-int8-dynamic-mha"] = ort_runner(int8_dyn_mha)
     if int8_qdq is not None:
         runners["ort-int8-qdq"] = ort_runner(int8_qdq)
 
@@ -244,8 +247,8 @@ def write_md(results: dict, path: Path) -> None:
     for a in results["archs"]:
         extra = {k: round(v, 1) if isinstance(v, float) else v for k, v in a.items()
                  if k.endswith("_s") or k.endswith("_error")}
-        lines.append(f"- {a['arch']}: offline fusions (ort-offline-fused) {a['fusion']['fused']}; ort-ours "
-                     f"contrib/key ops {a['ours_ops']}; {extra}")
+        lines.append(f"- {a['arch']}: ort-gpu-recipe offline fusions {a['fusion']['fused']}, contrib/key ops "
+                     f"{a['gpu_recipe_ops']}; {extra}")
     lines.append("- Parity is vs torch-eager on 16 seeded probes (random-init weights: near-tied logits make "
                  "int8 top-1 a harsh test).")
     path.write_text("\n".join(lines) + "\n")
