@@ -41,18 +41,23 @@ class ExportOptions:
     input_dtype: str = "uint8"
     opset: int = DEFAULT_OPSET
     exporter: str = "torchscript"
-    # Offline onnxruntime.transformers fusions and vision attention as one
-    # com.microsoft.MultiHeadAttention node (target onnx). None = for fp16 only: those contrib
-    # kernels are for GPUs; on the CPU the plain graph with ORT's own load-time fusions ran faster
-    # (bench/export/results.md: ViT-B/32 16.3 vs 12.0 img/s at batch 1), and fp32/int8 manifests
-    # report those load-time fusions instead.
+    # Target onnx; None = chosen per precision from CPU measurements (bench/export/results.md):
+    # * fuse: onnxruntime.transformers' offline fusions, for fp16 (the GPU precision) only; on the
+    #   CPU ORT's own load-time fusions were as fast or faster, and fp32/int8 manifests report those.
+    # * fused_attention: vision attention as one com.microsoft.MultiHeadAttention node, for fp16 and
+    #   int8 (int8 at batch 16: +16% on ViT-B/16 and B/32); fp32 keeps the plain attention, which
+    #   was faster at batch 1 (+7% ViT-B/16, +36% ViT-B/32) and within 6% at batch 16.
     fuse: Optional[bool] = None
     fused_attention: Optional[bool] = None
 
     @property
-    def gpu_kernels(self) -> bool:
-        """The default for `fuse` and `fused_attention`: fp16 is the GPU precision."""
-        return self.target == "onnx" and self.precision == "fp16"
+    def offline_fusions(self) -> bool:
+        return self.target == "onnx" and (self.precision == "fp16" if self.fuse is None else self.fuse)
+
+    @property
+    def attention_op(self) -> bool:
+        return self.target == "onnx" and (
+            self.precision in ("fp16", "int8") if self.fused_attention is None else self.fused_attention)
     int8_mode: str = "dynamic"  # dynamic | static (QDQ)
     text: bool = True
     probes: int = 24
@@ -167,9 +172,7 @@ def export_heads(
     try:
         t0 = time.perf_counter()
         plain = {}
-        use_mha = options.target == "onnx" and (
-            options.gpu_kernels if options.fused_attention is None else options.fused_attention)
-        with (fused_attention(plan.backbone) if use_mha else contextlib.nullcontext(0)) as n_mha:
+        with (fused_attention(plan.backbone) if options.attention_op else contextlib.nullcontext(0)) as n_mha:
             for g in plan.graphs:
                 plain[g.name] = export_image_graph(g.encoder, work / f"plain_{g.name}", options.opset,
                                                    options.exporter)
@@ -268,8 +271,7 @@ def _optimise(plan: FoldPlan, plain: dict, text_plain: Optional[Path], options: 
         sources["text.onnx"] = text_plain
     fused_ops: dict = {}
     current = dict(sources)
-    offline_fusions = options.gpu_kernels if options.fuse is None else options.fuse
-    if options.target == "onnx" and offline_fusions and options.precision != "int8":
+    if options.offline_fusions and options.precision != "int8":
         for name, src in sources.items():
             tower = "text" if name == "text.onnx" else "vision"
             if tower == "vision" and not plan.backbone.vision_is_vit:
@@ -313,7 +315,7 @@ def _optimise(plan: FoldPlan, plain: dict, text_plain: Optional[Path], options: 
                 current[name] = quantize_static_qdq(src, work / f"int8_{name}", calib,
                                                     sorted({t.task_index for t in g.tasks}))
         log(f"quantized to int8 ({options.int8_mode})")
-    if options.target == "onnx" and not offline_fusions:
+    if options.target == "onnx" and not options.offline_fusions:
         for name, path in current.items():
             if name not in fused_ops:  # (skipped towers keep their reason)
                 fused_ops[name] = _load_time_fusions(path, work / f"ort_cpu_{name}")

@@ -13,8 +13,8 @@ graph, i.e. the default bundle graph) and batch size, measures images/s and achi
   ort-mha           attention exported as one com.microsoft.MultiHeadAttention node per block
   ort-gpu-recipe    ort-mha + onnxruntime.transformers' offline fusions (SkipLayerNorm, BiasGelu):
                     what fp16 bundles get, measured here in fp32 to show why CPU precisions skip it
-  ort-int8-dynamic  ort-plain + dynamic per-channel int8 (MatMul/Gemm): what --precision int8 ships
-  ort-int8-dynamic-mha  the same on ort-mha
+  ort-int8-dynamic  ort-plain + dynamic per-channel int8 (MatMul/Gemm)
+  ort-int8-dynamic-mha  the same on ort-mha: what --precision int8 ships
   ort-int8-qdq      plain graph + static QDQ int8 (MinMax calibration on 16 seeded probes)
 
 plus the fp32 GEMM peak of this machine measured in the same run (torch.mm 2048^3, same threads),
