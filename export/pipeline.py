@@ -49,19 +49,21 @@ class ExportOptions:
     #   was faster at batch 1 (+7% ViT-B/16, +36% ViT-B/32) and within 6% at batch 16.
     fuse: Optional[bool] = None
     fused_attention: Optional[bool] = None
+    int8_mode: str = "dynamic"  # dynamic | static (QDQ)
+    text: bool = True
+    probes: int = 24
+    probe_seed: int = 0
 
     @property
     def offline_fusions(self) -> bool:
-        return self.target == "onnx" and (self.precision == "fp16" if self.fuse is None else self.fuse)
+        """Offline transformer fusions (never on int8 graphs: quantization comes first)."""
+        return (self.target == "onnx" and self.precision != "int8"
+                and (self.precision == "fp16" if self.fuse is None else self.fuse))
 
     @property
     def attention_op(self) -> bool:
         return self.target == "onnx" and (
             self.precision in ("fp16", "int8") if self.fused_attention is None else self.fused_attention)
-    int8_mode: str = "dynamic"  # dynamic | static (QDQ)
-    text: bool = True
-    probes: int = 24
-    probe_seed: int = 0
 
     def validate(self) -> None:
         if self.target not in TARGETS:
@@ -271,7 +273,7 @@ def _optimise(plan: FoldPlan, plain: dict, text_plain: Optional[Path], options: 
         sources["text.onnx"] = text_plain
     fused_ops: dict = {}
     current = dict(sources)
-    if options.offline_fusions and options.precision != "int8":
+    if options.offline_fusions:
         for name, src in sources.items():
             tower = "text" if name == "text.onnx" else "vision"
             if tower == "vision" and not plan.backbone.vision_is_vit:
@@ -287,7 +289,6 @@ def _optimise(plan: FoldPlan, plain: dict, text_plain: Optional[Path], options: 
             except Exception as err:  # noqa: BLE001 - fusion is optional; the plain graph still works
                 fused_ops[name] = {"error": f"{type(err).__name__}: {err}"}
         log("fusions: " + ", ".join(f"{k}: {v.get('fused') or v.get('error') or v.get('skipped')}" for k, v in fused_ops.items()))
-
     if options.precision == "fp16" and options.target == "onnx":
         for name, src in list(current.items()):
             if name != "text.onnx":  # see TEXT_STAYS_FP32
