@@ -230,7 +230,15 @@ HOSTILE = {
     "boundary_padded_with_dashes": lambda port: _req(
         port, b"multipart/form-data; boundary=zz", b"-" * 1_000_000 + b"\r\n--zz--\r\n"),
     "huge_boundary_parameter": lambda port: _req(port, b"multipart/form-data; boundary=" + b"-" * 100_000, b"x"),
+    "hundred_thousand_tiny_chunks": lambda port: _chunked(port, [b"x"] * 100_000),
 }
+
+
+def _chunked(port: int, chunks: list[bytes]) -> bytes:
+    head = (b"POST /classify HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nAuthorization: Bearer %s\r\n"
+            b"Content-Type: multipart/form-data; boundary=zz\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n") % (port, TOKEN.encode())
+    return head + b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
 
 
 def _req(port: int, ctype: bytes, body: bytes) -> bytes:
@@ -253,6 +261,32 @@ def test_hostile_http_leaves_server_responsive(server, case):
     assert time.perf_counter() - t < 1.0  # 100 ms in B5; slack for a shared, loaded 2-core CI box
     assert {k: p.pid for k, p in workers(server).items()} == pids  # no worker restarted
     assert classify(server).status_code == 200
+
+
+def test_slow_loris_headers_leave_server_responsive(server):
+    """B5 #19: 100 connections that dribble their headers a line at a time do not starve others."""
+    pids = {k: p.pid for k, p in workers(server).items()}
+    socks = []
+    try:
+        for _ in range(100):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            s.sendall(b"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            socks.append(s)
+        for i in range(4):
+            for s in socks:
+                try:
+                    s.sendall(b"X-Slow-%d: 1\r\n" % i)
+                except OSError:
+                    pass  # the server may close them: that is allowed too
+            t = time.perf_counter()
+            assert httpx.get(server.url + "/livez", timeout=5).status_code == 200
+            assert time.perf_counter() - t < 1.0
+            time.sleep(0.5)
+        assert classify(server).status_code == 200
+    finally:
+        for s in socks:
+            s.close()
+    assert {k: p.pid for k, p in workers(server).items()} == pids
 
 
 # ---- B5 #13: /readyz follows the encoder process (the 1 s ping timeout bounds the flip) ------------
