@@ -36,9 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
                    help="onnxruntime.transformers offline fusions (default: for fp16 only; fp32/int8 graphs "
                         "are left to ORT's load-time CPU fusions, which ran faster there)")
-    p.add_argument("--fused-attention", action=argparse.BooleanOptionalAction, default=None,
-                   help="vision attention as one com.microsoft.MultiHeadAttention node (default: for fp16 and "
-                        "int8; fp32 keeps the plain attention, faster on the CPU at small batches)")
+    p.add_argument("--fused-attention", action=argparse.BooleanOptionalAction, default=True,
+                   help="vision attention as one com.microsoft.MultiHeadAttention node (default; faster at batch "
+                        ">= 16, slower at batch 1 on the CPU: --no-fused-attention for single-image latency)")
     p.add_argument("--no-text", action="store_true", help="no text graph (no request-time labels)")
     p.add_argument("--backbone-weights", default=None,
                    help="open_clip weights to load instead of the heads' recorded --pretrained (tag, path or none)")

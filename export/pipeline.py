@@ -41,14 +41,14 @@ class ExportOptions:
     input_dtype: str = "uint8"
     opset: int = DEFAULT_OPSET
     exporter: str = "torchscript"
-    # Target onnx; None = chosen per precision from CPU measurements (bench/export/results.md):
-    # * fuse: onnxruntime.transformers' offline fusions, for fp16 (the GPU precision) only; on the
-    #   CPU ORT's own load-time fusions were as fast or faster, and fp32/int8 manifests report those.
-    # * fused_attention: vision attention as one com.microsoft.MultiHeadAttention node, for fp16 and
-    #   int8 (int8 at batch 16: +16% on ViT-B/16 and B/32); fp32 keeps the plain attention, which
-    #   was faster at batch 1 (+7% ViT-B/16, +36% ViT-B/32) and within 6% at batch 16.
+    # Target onnx, from CPU measurements (bench/export/results.md, bench/serving/results):
+    # * fuse: onnxruntime.transformers' offline fusions; None = for fp16 (the GPU precision) only: on
+    #   the CPU ORT's own load-time fusions were as fast or faster, and fp32/int8 manifests report those.
+    # * fused_attention: vision attention as one com.microsoft.MultiHeadAttention node. Faster at
+    #   batch >= 16 (fp32 +4-6%, int8 +16%; served at concurrency 32: 18.5 vs 17.0 images/s), slower
+    #   at batch 1 (ViT-B/32 10.4 vs 16.9 images/s): turn it off for single-image, latency-bound use.
     fuse: Optional[bool] = None
-    fused_attention: Optional[bool] = None
+    fused_attention: bool = True
     int8_mode: str = "dynamic"  # dynamic | static (QDQ)
     text: bool = True
     probes: int = 24
@@ -62,8 +62,7 @@ class ExportOptions:
 
     @property
     def attention_op(self) -> bool:
-        return self.target == "onnx" and (
-            self.precision in ("fp16", "int8") if self.fused_attention is None else self.fused_attention)
+        return self.target == "onnx" and self.fused_attention
 
     def validate(self) -> None:
         if self.target not in TARGETS:

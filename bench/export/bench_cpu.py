@@ -9,8 +9,9 @@ graph, i.e. the default bundle graph) and batch size, measures images/s and achi
   torch-eager       the folded module (FoldedImageEncoder) in PyTorch, inference_mode
   torch-compile     torch.compile of the same module (compile time reported separately)
   ort-plain         the plain TorchScript-exported opset-17 graph, ORT defaults (ORT_ENABLE_ALL):
-                    what `clipheads export --target onnx --precision fp32` ships (ORT fuses at load)
-  ort-mha           attention exported as one com.microsoft.MultiHeadAttention node per block
+                    what `clipheads export --no-fused-attention` ships
+  ort-mha           attention exported as one com.microsoft.MultiHeadAttention node per block: what
+                    `clipheads export --target onnx --precision fp32` ships (ORT fuses the rest at load)
   ort-gpu-recipe    ort-mha + onnxruntime.transformers' offline fusions (SkipLayerNorm, BiasGelu):
                     what fp16 bundles get, measured here in fp32 to show why CPU precisions skip it
   ort-int8-dynamic  ort-plain + dynamic per-channel int8 (MatMul/Gemm)

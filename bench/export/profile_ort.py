@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/export/profile_ort.py [--arch ViT-B-32] [--batch 16] [--out bench/export/profile.md]
 
-Same graphs as bench_cpu.py (random-init zero-shot head, uint8 input): the plain export (what fp32
-bundles ship), attention as com.microsoft.MultiHeadAttention, that plus the offline transformer
+Same graphs as bench_cpu.py (random-init zero-shot head, uint8 input): the plain export, attention
+as com.microsoft.MultiHeadAttention (what fp32 bundles ship), that plus the offline transformer
 fusions (the fp16/GPU recipe), and dynamic int8 of the attention-op graph (what int8 bundles ship). For each: best wall time of 5 runs, then 4 profiled
 runs, summed kernel time per op type. For the int8 graph it also derives the throughput of its
 int8 GEMMs (DynamicQuantizeMatMul) in GOP/s, to compare with the fp32 GEMM peak measured here.
@@ -53,13 +53,13 @@ def build(arch: str, work: Path) -> tuple[dict[str, Path], float, float, int]:
     bb = Backbone(open_clip.create_model(arch, pretrained=None), open_clip.get_tokenizer(arch), arch=arch,
                   pretrained="none")
     enc = fold_heads([build_method("zeroshot", bb, (TaskSpec("world", tuple(CLASSES[:10])),))]).graphs[0].encoder
-    g = {"plain (fp32 bundles)": export_image_graph(enc, work / "plain.onnx")}
+    g = {"plain (--no-fused-attention)": export_image_graph(enc, work / "plain.onnx")}
     with fused_attention(bb):
-        g["mha"] = export_image_graph(enc, work / "mha.onnx")
+        mha = g["mha (fp32 bundles)"] = export_image_graph(enc, work / "mha.onnx")
     heads, width = tower_geometry(bb, "vision")
     g["gpu recipe (mha + offline fusions)"] = work / "gpu_recipe.onnx"
-    fuse_transformer(g["mha"], g["gpu recipe (mha + offline fusions)"], heads, width)
-    g["int8 dynamic of mha (int8 bundles)"] = quantize_dynamic_int8(g["mha"], work / "int8.onnx")
+    fuse_transformer(mha, g["gpu recipe (mha + offline fusions)"], heads, width)
+    g["int8 dynamic of mha (int8 bundles)"] = quantize_dynamic_int8(mha, work / "int8.onnx")
     return g, vit_gflop(bb), linear_gflop(bb), int(bb.preprocess.image_size)
 
 
