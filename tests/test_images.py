@@ -117,6 +117,54 @@ def test_random_garbage_never_raises_anything_else():
             pass
 
 
+_SEEDS = [encode(Image.new("RGB", (24, 17), (9, 80, 200)), f) for f in ("PNG", "JPEG", "WEBP")]
+
+
+def _mutated():
+    """Hypothesis inputs for B5 #4: real PNG/JPEG/WEBP files with bytes overwritten, cut, or
+    inserted (so headers parse and decoders go deep), plus raw binary."""
+    from hypothesis import strategies as st
+
+    edits = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 10_000), st.binary(min_size=1, max_size=16)),
+                     min_size=1, max_size=6)
+
+    def apply(seed_and_edits):
+        k, ops = seed_and_edits
+        data = bytearray(_SEEDS[k])
+        for kind, pos, blob in ops:
+            pos %= len(data) + 1
+            if kind == 0:
+                data[pos:pos + len(blob)] = blob  # overwrite
+            elif kind == 1:
+                del data[pos:]  # truncate
+            else:
+                data[pos:pos] = blob  # insert
+            if not data:
+                data = bytearray(blob)
+        return bytes(data)
+
+    return st.one_of(st.tuples(st.integers(0, 2), edits).map(apply), st.binary(max_size=2048))
+
+
+def test_hypothesis_decoder_only_ever_rejects_cleanly():
+    """B5 #4 fast version (1,000 cases): any input either decodes to (3, S, S) uint8 or raises
+    ImageRejected (a 4xx); nothing else escapes."""
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=1000, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(_mutated())
+    def check(data):
+        try:
+            out = decode_image(data, SPEC)
+        except ImageRejected as err:
+            assert 400 <= err.http_status < 500
+        else:
+            assert out.shape == (3, 32, 32) and out.dtype == np.uint8
+
+    check()
+
+
 def test_decoder_parallel_keeps_order_and_per_item_errors():
     good = [encode(Image.new("RGB", (40, 40), (i * 20, 0, 0)), "PNG") for i in range(6)]
     dec = ImageDecoder(SPEC, workers=2)
