@@ -235,9 +235,10 @@ def export_heads(
             tmp_ctx.cleanup()
 
 
+# Ops that stand for several exported nodes (Gemm is left out: the exporter emits it itself).
 FUSED_OP_TYPES = ("Attention", "MultiHeadAttention", "LayerNormalization", "SkipLayerNormalization",
                   "SimplifiedLayerNormalization", "BiasGelu", "FastGelu", "Gelu", "QuickGelu", "FusedMatMul",
-                  "FusedGemm", "FusedConv", "Gemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+                  "FusedGemm", "FusedConv", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
 
 
 def _load_time_fusions(src: Path, dst: Path) -> dict:

@@ -87,6 +87,19 @@ def scores(body: dict) -> dict[str, float]:
     return {f"{task}/{p['label']}": p["score"] for task, ranked in pred.items() for p in ranked}
 
 
+def reference_scores(srv, versions: dict, ids: dict) -> dict[str, dict[str, float]]:
+    """{version: {task/label: score}} of v2, v3, v4, v1, each served alone (ends on v1)."""
+    reference: dict[str, dict[str, float]] = {}
+    for name in ("v2", "v3", "v4", "v1"):
+        r = reload(srv, versions[name])
+        assert r.status_code == 200, r.text
+        assert r.json()["head_version"] == ids[name]
+        c, z = classify(httpx, srv), zero_shot(httpx, srv)
+        assert c.json()["head_version"] == z.json()["head_version"] == ids[name]
+        reference[ids[name]] = {**scores(c.json()), **scores(z.json())}
+    return reference
+
+
 def test_admin_route_needs_the_token(served):
     srv, versions = served
     r = httpx.post(srv.url + "/admin/reload", json={"source": str(versions["v2"])}, timeout=10)
@@ -111,15 +124,7 @@ def test_swap_under_load_is_atomic_and_refused_heads_never_serve(served):
     ids = {name: head_version(p) for name, p in versions.items() if name not in ("corrupt", "other_tasks")}
     assert len(set(ids.values())) == 4
 
-    # reference scores of every version, each measured alone
-    reference: dict[str, dict[str, float]] = {}
-    for name in ("v2", "v3", "v4", "v1"):
-        r = reload(srv, versions[name])
-        assert r.status_code == 200, r.text
-        assert r.json()["head_version"] == ids[name]
-        c, z = classify(httpx, srv), zero_shot(httpx, srv)
-        assert c.json()["head_version"] == z.json()["head_version"] == ids[name]
-        reference[ids[name]] = {**scores(c.json()), **scores(z.json())}
+    reference = reference_scores(srv, versions, ids)  # every version, each measured alone
     assert len({json.dumps(v, sort_keys=True) for v in reference.values()}) == 4, "versions must score differently"
 
     # swaps under load: (request sent, response received, version) per swap

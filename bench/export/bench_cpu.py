@@ -41,19 +41,27 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 
-def vit_gflop(backbone) -> float:
+def _vit_dims(backbone) -> tuple[int, int, int, int, int]:
+    """(patch grid cells, patch size, width, MLP width, layers) of a ViT image tower."""
     v = backbone.model.visual
-    s = int(backbone.preprocess.image_size)
     p = int(v.conv1.kernel_size[0])
-    d = int(v.class_embedding.shape[-1])
-    layers = len(v.transformer.resblocks)
-    mlp = int(v.transformer.resblocks[0].mlp.c_fc.out_features)
-    g = (s // p) ** 2
+    return ((int(backbone.preprocess.image_size) // p) ** 2, p, int(v.class_embedding.shape[-1]),
+            int(v.transformer.resblocks[0].mlp.c_fc.out_features), len(v.transformer.resblocks))
+
+
+def linear_gflop(backbone) -> float:
+    """GFLOP per image of the transformer's Linear layers (qkv, out, MLP): what int8 quantizes."""
+    g, _, d, mlp, layers = _vit_dims(backbone)
+    return 2 * layers * (g + 1) * (4 * d * d + 2 * d * mlp) / 1e9
+
+
+def vit_gflop(backbone) -> float:
+    g, p, d, mlp, layers = _vit_dims(backbone)
     t = g + 1
     macs = g * 3 * p * p * d  # patch embedding
-    macs += layers * (t * 4 * d * d + t * 2 * d * mlp + 2 * t * t * d)  # qkv+out, mlp, QK^T and AV
-    macs += d * int(v.output_dim)  # projection of the pooled token
-    return 2 * macs / 1e9
+    macs += layers * 2 * t * t * d  # QK^T and AV
+    macs += d * int(backbone.model.visual.output_dim)  # projection of the pooled token
+    return linear_gflop(backbone) + 2 * macs / 1e9
 
 
 def machine() -> dict:

@@ -24,16 +24,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE))
-from bench_cpu import gemm_peak, vit_gflop  # noqa: E402
-
-
-def linear_gflop(bb) -> float:
-    """GFLOP per image of the transformer's Linear layers (qkv, out, MLP): what int8 quantizes."""
-    v = bb.model.visual
-    s, p = int(bb.preprocess.image_size), int(v.conv1.kernel_size[0])
-    d, mlp = int(v.class_embedding.shape[-1]), int(v.transformer.resblocks[0].mlp.c_fc.out_features)
-    t = (s // p) ** 2 + 1
-    return 2 * len(v.transformer.resblocks) * (t * 4 * d * d + t * 2 * d * mlp) / 1e9
+from bench_cpu import gemm_peak, linear_gflop, vit_gflop  # noqa: E402
 
 
 def build(arch: str, work: Path) -> tuple[dict[str, Path], float, float, int]:

@@ -34,17 +34,7 @@ REPO = HERE.parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from load_test import machine  # noqa: E402
 from test_serving import Server  # noqa: E402
-from test_serving_reload import AUTH, LABELS, PROBE, TOKEN, classify, make_versions, reload, scores, zero_shot  # noqa: E402
-
-
-def references(srv, versions: dict, ids: dict) -> dict[str, dict[str, float]]:
-    import httpx
-
-    ref = {}
-    for name in ("v2", "v3", "v4", "v1"):  # ends on v1, the version traffic starts with
-        assert reload(srv, versions[name]).status_code == 200
-        ref[ids[name]] = {**scores(classify(httpx, srv).json()), **scores(zero_shot(httpx, srv).json())}
-    return ref
+from test_serving_reload import AUTH, LABELS, PROBE, TOKEN, make_versions, reference_scores, scores  # noqa: E402
 
 
 async def run(srv, versions: dict, ids: dict, rate: float, duration: float, n_swaps: int, workers: int) -> dict:
@@ -197,7 +187,7 @@ def main(argv=None) -> int:
         srv = Server(versions["v1"], d / "tasks", d / "server.log", args=("--auth-token", TOKEN, "--allow-reload"),
                      env_extra={"CLIPHEADS_MAX_CONCURRENCY": "1024"})
         try:
-            reference = references(srv, versions, ids)
+            reference = reference_scores(srv, versions, ids)  # ends on v1, where traffic starts
             info = machine()
             out = asyncio.run(run(srv, versions, ids, args.rate, args.duration, args.swaps, args.workers))
             out["n_swaps"] = args.swaps
