@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed-$(shell cat requirements/*.txt pyproject.toml | sh
 export BENTOML_DO_NOT_TRACK := true
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-fast install clean bench-methods
+.PHONY: demo test test-fast install clean bench-methods bento
 
 $(STAMP):
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,5 +35,11 @@ bench-methods: $(STAMP)
 	test -f $(WORLD)/world.json || $(BIN)/clipheads data synth $(WORLD) --seed 1 --size full
 	$(BIN)/clipheads bench protocol 'synth_*' --data-root $(WORLD) --out bench/methods_synthetic --device $(DEVICE) --jobs $(JOBS)
 
+# A Bento (bentofile.yaml): the code travels as the clipheads wheel, so the Bento imports the
+# same `clipheads.*` namespace as an install. Offline: no locking against an index.
+bento: $(STAMP)
+	rm -rf dist && $(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w dist .
+	$(BIN)/bentoml build
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

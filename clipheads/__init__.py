@@ -1,8 +1,10 @@
 """clipheads: train tiny heads for CLIP, fold them into ONNX/TensorRT graphs, serve them.
 
-This top-level package only holds the `clipheads` entry point; the work lives in the
-`training`, `export` and `serving` packages (data flows one way between them).
+One installed namespace: `clipheads.training` (backbones, methods, data, the loop, head
+artifacts), `clipheads.export` (fold, ONNX/TensorRT, parity gate, bundles) and
+`clipheads.serving` (runtimes, HTTP service, batch scoring); data flows one way between them.
+This module stays import-light (no torch): the entry point and `--version` load fast.
 """
-from training import __version__
+__version__ = "0.1.0"
 
 __all__ = ["__version__"]

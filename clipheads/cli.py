@@ -11,11 +11,11 @@ from typing import Optional, Sequence
 
 # Commands owned by another part: name -> (module with `main(argv)`, one-line help).
 DELEGATED = {
-    "export": ("export.cli", "fold heads into an ONNX/TensorRT bundle (parity-gated)"),
-    "serve": ("serving.cli", "serve a bundle or head over HTTP (BentoML)"),
-    "score": ("serving.score", "batch-score images with a bundle into Parquet"),
-    "models": ("serving.model_store", "save/list heads and bundles in BentoML's model store"),
-    "bench": ("training.protocols.cli", "run a paper protocol recipe and write a report"),
+    "export": ("clipheads.export.cli", "fold heads into an ONNX/TensorRT bundle (parity-gated)"),
+    "serve": ("clipheads.serving.cli", "serve a bundle or head over HTTP (BentoML)"),
+    "score": ("clipheads.serving.score", "batch-score images with a bundle into Parquet"),
+    "models": ("clipheads.serving.model_store", "save/list heads and bundles in BentoML's model store"),
+    "bench": ("clipheads.training.protocols.cli", "run a paper protocol recipe and write a report"),
     "demo": ("clipheads.demo", "offline end-to-end demo on the synthetic world"),
 }
 TRAINING_COMMANDS = {
@@ -41,7 +41,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(_usage())
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
-        from training import __version__
+        from clipheads.training import __version__
 
         print(f"clipheads {__version__}")
         return 0
@@ -50,7 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         module = importlib.import_module(DELEGATED[command][0])
         return int(module.main(rest) or 0)
     if command in TRAINING_COMMANDS:
-        from training import cli
+        from clipheads.training import cli
 
         return cli.main(argv)
     print(f"clipheads: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)

@@ -90,19 +90,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from training.backbone import PACKAGED_ARCH, load_backbone
-    from training.data.fewshot import few_shot_splits
-    from training.data.synth import generate_world, load_world_splits
-    from training.artifact import save_head
-    from training.loop import TrainConfig, evaluate, train_head
-    from training.methods import TaskSpec, build_method
+    from clipheads.training.backbone import PACKAGED_ARCH, load_backbone
+    from clipheads.training.data.fewshot import few_shot_splits
+    from clipheads.training.data.synth import generate_world, load_world_splits
+    from clipheads.training.artifact import save_head
+    from clipheads.training.loop import TrainConfig, evaluate, train_head
+    from clipheads.training.methods import TaskSpec, build_method
 
     out = Path(args.out)
     steps = Steps(6 if args.no_serve else 7)
     world_dir = steps.run("generate the synthetic world (small)", lambda: (lambda d: (d, f"{d}"))(generate_world(out / "world", seed=0, size="small")))
     world = json.loads((world_dir / "world.json").read_text())
     domains = [d if isinstance(d, str) else d["name"] for d in world["domains"]]
-    from training.pretrain import HELD_OUT_DOMAIN
+    from clipheads.training.pretrain import HELD_OUT_DOMAIN
 
     held = args.domain or HELD_OUT_DOMAIN
     if held not in domains:
@@ -122,7 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def train():
         # the same settings as the committed results table (recipe synth_coop_heldout)
-        from training.protocols.recipes import load_recipe
+        from clipheads.training.protocols.recipes import load_recipe
 
         recipe = load_recipe("synth_coop_heldout")
         s = few_shot_splits(splits[held], args.shots, args.seed)
@@ -147,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bundle = out / "bundle"
 
     def export():
-        from export.cli import main as export_main
+        from clipheads.export.cli import main as export_main
 
         code = export_main([str(head_path), "--out", str(bundle), "--target", "onnx", "--precision", "fp32"])
         if code != 0:

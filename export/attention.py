@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.backbone import Backbone
+from clipheads.training.backbone import Backbone
 
 
 class _MultiHeadAttentionOp(torch.autograd.Function):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-from training.files import file_sha256
+from clipheads.training.files import file_sha256
 
 FORMAT = "clipheads-bundle"
 FORMAT_VERSION = 1

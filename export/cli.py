@@ -80,8 +80,8 @@ def _register_extra_model_configs() -> None:
 
 def load_heads(paths: Sequence[str], backbone_weights: Optional[str] = None):
     """Read head files and build them on one shared backbone -> (heads, heads_meta, preprocess)."""
-    from training.artifact import load_head
-    from training.backbone import load_backbone
+    from clipheads.training.artifact import load_head
+    from clipheads.training.backbone import load_backbone
 
     from .fold import FoldError
 
@@ -94,7 +94,7 @@ def load_heads(paths: Sequence[str], backbone_weights: Optional[str] = None):
                             "one bundle holds heads of one backbone")
         if a.preprocess != first.preprocess:
             raise FoldError(f"{p}: preprocessing differs from {paths[0]}'s")
-    from training.methods import get_method
+    from clipheads.training.methods import get_method
 
     for p, a in zip(paths, arts):  # refuse before paying for the backbone
         cls = get_method(a.method)
@@ -117,9 +117,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _build_engine(argv[1:])
     args = _parser().parse_args(argv)
 
-    from training.artifact import ArtifactError
-    from training.backbone import BackboneError
-    from training.methods.base import MethodError
+    from clipheads.training.artifact import ArtifactError
+    from clipheads.training.backbone import BackboneError
+    from clipheads.training.methods.base import MethodError
 
     from .fold import FoldError
     from .pipeline import ExportOptions, ExportUsageError, export_heads

@@ -27,9 +27,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from training.backbone import NO_HOOKS, Backbone, PreprocessSpec, TowerHooks
-from training.hooks import PromptHooks
-from training.methods.base import HeadMethod
+from clipheads.training.backbone import NO_HOOKS, Backbone, PreprocessSpec, TowerHooks
+from clipheads.training.hooks import PromptHooks
+from clipheads.training.methods.base import HeadMethod
 
 INPUT_DTYPES = ("uint8", "float32")
 

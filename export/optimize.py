@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from training.backbone import Backbone
+from clipheads.training.backbone import Backbone
 
 log = logging.getLogger(__name__)
 

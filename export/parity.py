@@ -70,7 +70,7 @@ def _structured(size: int, n: int, rng: np.random.Generator) -> list[np.ndarray]
 
 def _synthetic_world(size: int, n: int, seed: int) -> list[np.ndarray]:
     try:
-        from training.data import synth
+        from clipheads.training.data import synth
     except Exception:  # noqa: BLE001 - the world is optional; structured images stand in
         return []
     out = []

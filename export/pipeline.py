@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from training.backbone import PreprocessSpec
-from training.methods.base import HeadMethod
+from clipheads.training.backbone import PreprocessSpec
+from clipheads.training.methods.base import HeadMethod
 
 from . import bundle as bundle_io
 from .attention import fused_attention
@@ -111,7 +111,7 @@ def runtime_versions() -> dict:
 
 def _package_version() -> str:
     try:
-        from training import __version__
+        from clipheads.training import __version__
 
         return str(__version__)
     except Exception:  # noqa: BLE001

@@ -1,4 +1,4 @@
-"""`clipheads serve BUNDLE|HEAD`: a thin wrapper over `bentoml serve serving.service:ClipHeads`.
+"""`clipheads serve BUNDLE|HEAD`: a thin wrapper over `bentoml serve clipheads.serving.service:ClipHeads`.
 
 The service reads its configuration from `CLIPHEADS_*` environment variables (serving/service.py
 `ServeConfig`); this command sets them from flags, binds loopback by default and turns BentoML's
@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 from .runtime import RUNTIME_KINDS  # a light import: torch/ORT load only when a runtime opens
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SERVICE = "serving.service:ClipHeads"
+SERVICE = "clipheads.serving.service:ClipHeads"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,7 +46,7 @@ def _describe(source: Path) -> tuple[str, dict]:
         return "bundle", {"tasks": [t["name"] for t in m["tasks"]], "target": m.get("target"),
                           "precision": m.get("precision")}
     if source.is_file() and source.name.endswith(HEAD_SUFFIX):
-        from training.artifact import ArtifactError, load_head
+        from clipheads.training.artifact import ArtifactError, load_head
 
         try:
             art = load_head(source)

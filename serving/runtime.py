@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from training.files import file_sha256
+from clipheads.training.files import file_sha256
 
 log = logging.getLogger("clipheads.serving")
 
@@ -127,7 +127,7 @@ class TorchRuntime(Runtime):
         super().__init__()
         import torch
 
-        from training.artifact import load_head
+        from clipheads.training.artifact import load_head
 
         self._torch = torch
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -329,7 +329,7 @@ class OnnxRuntime(Runtime):
         if self._tokenizer is None:
             import open_clip
 
-            from training.backbone import register_packaged_configs
+            from clipheads.training.backbone import register_packaged_configs
 
             register_packaged_configs()
             self._tokenizer = open_clip.get_tokenizer(self._tokenizer_name, context_length=self._ctx_len)
@@ -359,7 +359,7 @@ class TensorRTRuntime(OnnxRuntime):
 
     def __init__(self, bundle: str | os.PathLike, verify: bool = True):
         super().__init__(bundle, providers=["CPUExecutionProvider"], verify=verify, image_sessions=False)
-        from export.tensorrt import Engine, TensorRTUnavailable, current_device, select_engines
+        from clipheads.export.tensorrt import Engine, TensorRTUnavailable, current_device, select_engines
 
         root = Path(bundle)
         graphs = sorted({g for g, _ in self._path_keys})

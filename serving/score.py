@@ -150,7 +150,7 @@ def source_info(source: str) -> dict:
         tasks = {t["name"]: list(t["classnames"]) for t in m["tasks"]}
         return {"kind": "bundle", "path": str(src.resolve()), "sha256": source_sha256(src),
                 "tasks": tasks, "preprocess": dict(m["preprocess"])}
-    from training.artifact import ArtifactError, load_head
+    from clipheads.training.artifact import ArtifactError, load_head
 
     try:
         art = load_head(src)

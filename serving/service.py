@@ -7,7 +7,7 @@
                                          Encoder (Runtime: ORT / torch; continuous batching)
 
 Start it with `clipheads serve BUNDLE|HEAD` (serving/cli.py) or
-`CLIPHEADS_SOURCE=... bentoml serve serving.service:ClipHeads`. Everything is configured from
+`CLIPHEADS_SOURCE=... bentoml serve clipheads.serving.service:ClipHeads`. Everything is configured from
 environment variables (`ServeConfig`), read once at import because BentoML's service decorators
 take their limits at class-definition time.
 

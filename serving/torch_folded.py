@@ -61,8 +61,8 @@ class FoldedTorchRuntime(Runtime):
         super().__init__()
         import torch
 
-        from export.fold import FoldError, fold_heads
-        from training.artifact import load_head
+        from clipheads.export.fold import FoldError, fold_heads
+        from clipheads.training.artifact import load_head
 
         self._torch = torch
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -24,7 +24,7 @@ def make_backbone(arch: str, seed: int = 0):
     import open_clip
     import torch
 
-    from training.backbone import Backbone
+    from clipheads.training.backbone import Backbone
 
     _register_test_configs()
     torch.manual_seed(seed)

@@ -5,7 +5,7 @@ import json
 
 from conftest import _register_test_configs
 from test_foundation import make_colour_folder
-from training.cli import main
+from clipheads.training.cli import main
 
 
 def test_train_eval_info_round_trip(tmp_path, capsys):
@@ -38,7 +38,7 @@ def test_bad_inputs_exit_2(tmp_path, capsys):
 
 
 def test_methods_lists_every_registered_method(capsys):
-    from training.methods import list_methods
+    from clipheads.training.methods import list_methods
 
     _register_test_configs()
     assert main(["methods", "--backbone", "test-vit-micro", "--json"]) == 0

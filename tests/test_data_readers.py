@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from conftest_data import make_synthetic_world, wnids, write_classnames, write_image, write_images, write_split_zhou
-from training.data import readers as R
-from training.data.readers import DatasetLayoutError
-from training.data.readers.coop import SPLIT_JSON_DATASETS, SplitJsonDataset
-from training.data.templates import templates_for
+from clipheads.training.data import readers as R
+from clipheads.training.data.readers import DatasetLayoutError
+from clipheads.training.data.readers.coop import SPLIT_JSON_DATASETS, SplitJsonDataset
+from clipheads.training.data.templates import templates_for
 
 COOP_READERS = {
     "oxford_pets", "caltech101", "stanford_cars", "oxford_flowers", "food101", "sun397", "dtd", "eurosat",
@@ -425,7 +425,7 @@ def test_synthetic_wrong_root(tmp_path):
 
 
 def test_cli_data_specs_resolve_through_the_readers(tmp_path):
-    from training.data.sources import resolve_spec
+    from clipheads.training.data.sources import resolve_spec
 
     world = make_synthetic_world(tmp_path / "world", ["photo"], ["a", "b"])
     assert resolve_spec(str(world / "photo"))["photo"].num_classes == 2
@@ -439,6 +439,6 @@ def test_readers_import_without_torch():
     import subprocess
     import sys
 
-    code = ("import sys, training.data.readers, training.data.fewshot, training.data.templates, "
-            "training.protocols.splits; sys.exit('torch' in sys.modules)")
+    code = ("import sys, clipheads.training.data.readers, clipheads.training.data.fewshot, clipheads.training.data.templates, "
+            "clipheads.training.protocols.splits; sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0

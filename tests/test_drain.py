@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from serving.drain import FrontRegistry, PinnedSocket
+from clipheads.serving.drain import FrontRegistry, PinnedSocket
 
 pytest.importorskip("psutil")
 

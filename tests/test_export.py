@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from training.methods import TaskSpec, build_method, get_method, list_methods
+from clipheads.training.methods import TaskSpec, build_method, get_method, list_methods
 
 ort = pytest.importorskip("onnxruntime")
 
-from export.bundle import BundleError, load_bundle  # noqa: E402
-from export.fold import FoldError, fold_heads  # noqa: E402
-from export.pipeline import ExportOptions, export_heads  # noqa: E402
+from clipheads.export.bundle import BundleError, load_bundle  # noqa: E402
+from clipheads.export.fold import FoldError, fold_heads  # noqa: E402
+from clipheads.export.pipeline import ExportOptions, export_heads  # noqa: E402
 
 TASKS = (TaskSpec("animals", ("cat", "dog", "bird")), TaskSpec("vehicles", ("car", "bus", "boat", "bike")))
 FAST = dict(probes=12)
@@ -186,7 +186,7 @@ def test_int8_gate_is_measured_and_enforced(micro_backbone, tmp_path):
     m = load_bundle(tmp_path / "b").manifest  # written despite a failure: allow_parity_failure
     assert m["parity"]["precision"] == "int8" and m["precision"] == "int8"
     # a failing gate writes nothing without allow_parity_failure (forced: an impossible gate)
-    from export import parity
+    from clipheads.export import parity
 
     strict = dict(parity.GATES)
     strict["int8"] = parity.Gate("int8", 0.0, 1.01, None)
@@ -230,7 +230,7 @@ def test_corrupt_bundles_are_refused(micro_backbone, tmp_path):
 
 
 def test_write_refuses_to_replace_a_foreign_directory(micro_backbone, tmp_path):
-    from export.bundle import write_bundle
+    from clipheads.export.bundle import write_bundle
 
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "thesis.tex").write_text("x")
@@ -241,13 +241,13 @@ def test_write_refuses_to_replace_a_foreign_directory(micro_backbone, tmp_path):
 
 # ---- CLI -----------------------------------------------------------------------------------
 def _save(head, path):
-    from training.artifact import save_head
+    from clipheads.training.artifact import save_head
 
     return str(save_head(head, path))
 
 
 def test_cli_exports_heads_and_reports_json(micro_backbone, tmp_path, capsys):
-    from export.cli import main
+    from clipheads.export.cli import main
 
     a = _save(_head("coop", micro_backbone, (TASKS[0],)), tmp_path / "coop.head.safetensors")
     b = _save(_head("vpt", micro_backbone, (TASKS[1],)), tmp_path / "vpt.head.safetensors")
@@ -268,7 +268,7 @@ def test_cli_exports_heads_and_reports_json(micro_backbone, tmp_path, capsys):
 def test_cli_refuses_non_foldable_heads_with_exit_2(method, micro_backbone, tmp_path, capsys):
     if method == "<none registered>":
         pytest.skip("no non-foldable method registered")
-    from export.cli import main
+    from clipheads.export.cli import main
 
     h = _save(build_method(method, micro_backbone, TASKS), tmp_path / f"{method}.head.safetensors")
     code = main([h, "--out", str(tmp_path / "bundle")])
@@ -278,7 +278,7 @@ def test_cli_refuses_non_foldable_heads_with_exit_2(method, micro_backbone, tmp_
 
 
 def test_cli_bad_input_exit_2(tmp_path, capsys):
-    from export.cli import main
+    from clipheads.export.cli import main
 
     bogus = tmp_path / "x.head.safetensors"
     bogus.write_bytes(b"not a head")
@@ -308,7 +308,7 @@ def test_vit_b32_random_init_zero_shot_passes_fp32_gate(tmp_path):
 
 def test_bundle_is_served_by_serving_onnx_runtime(micro_backbone, tmp_path):
     """The seam with serving/: its OnnxRuntime opens our bundle and classifies like the eager heads."""
-    runtime = pytest.importorskip("serving.runtime")
+    runtime = pytest.importorskip("clipheads.serving.runtime")
     zs = _head("zeroshot", micro_backbone, (TASKS[0],))
     mm = _head("mmap", micro_backbone, (TASKS[1], TaskSpec("shapes", ("circle", "square"))))
     res = export_heads([zs, mm], tmp_path / "b", ExportOptions(**FAST))
@@ -329,7 +329,7 @@ def test_bundle_is_served_by_serving_onnx_runtime(micro_backbone, tmp_path):
 
 
 def test_fused_attention_is_one_contrib_node_per_block_and_exact(micro_backbone, tmp_path):
-    from export.optimize import op_counts
+    from clipheads.export.optimize import op_counts
 
     head = _head("ivlp", micro_backbone)
     fused = export_heads([head], tmp_path / "f", ExportOptions(text=False, **FAST))
@@ -344,7 +344,7 @@ def test_fused_attention_is_one_contrib_node_per_block_and_exact(micro_backbone,
 
 
 def test_int8_static_qdq_is_calibrated_and_gated(micro_backbone, tmp_path):
-    from export.optimize import op_counts
+    from clipheads.export.optimize import op_counts
 
     head = _head("vpt", micro_backbone)
     res = export_heads([head], tmp_path / "b", ExportOptions(precision="int8", int8_mode="static", text=False, **FAST),

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from export.tensorrt import (
+from clipheads.export.tensorrt import (
     build_strategy,
     engine_compatible,
     engine_name,
@@ -92,15 +92,15 @@ def test_engine_tag_is_json_and_names_are_plain():
 def test_build_engine_command_without_tensorrt_exits_2_with_reason(micro_backbone, tmp_path, capsys):
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("tensorrt is installed here: the refusal path does not apply")
-    from training.methods import TaskSpec, build_method
+    from clipheads.training.methods import TaskSpec, build_method
 
-    from export.cli import main
-    from export.pipeline import ExportOptions, export_heads
+    from clipheads.export.cli import main
+    from clipheads.export.pipeline import ExportOptions, export_heads
 
     head = build_method("zeroshot", micro_backbone, (TaskSpec("t", ("a", "b")),))
     res = export_heads([head], tmp_path / "b", ExportOptions(target="tensorrt", probes=8, text=False))
     assert res.passed
-    from export.optimize import op_counts
+    from clipheads.export.optimize import op_counts
 
     assert not any(k for k in res.manifest["fused_ops"].values() if isinstance(k, dict) and "fused" in k)
     for name in res.manifest["graphs"]:  # TensorRT parses standard ONNX only: no com.microsoft ops
@@ -117,11 +117,11 @@ def test_build_engine_on_this_gpu(micro_backbone, tmp_path):
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    from training.methods import TaskSpec, build_method
+    from clipheads.training.methods import TaskSpec, build_method
 
-    from export.bundle import load_bundle
-    from export.pipeline import ExportOptions, export_heads
-    from export.tensorrt import build_bundle_engines
+    from clipheads.export.bundle import load_bundle
+    from clipheads.export.pipeline import ExportOptions, export_heads
+    from clipheads.export.tensorrt import build_bundle_engines
 
     head = build_method("zeroshot", micro_backbone, (TaskSpec("t", ("a", "b")),))
     res = export_heads([head], tmp_path / "b", ExportOptions(target="tensorrt", precision="fp16", probes=8,
@@ -136,7 +136,7 @@ def test_build_engine_on_this_gpu(micro_backbone, tmp_path):
     # the serving runtime runs the engine and agrees with ONNX Runtime on the same pixels
     import numpy as np
 
-    from serving.runtime import open_runtime
+    from clipheads.serving.runtime import open_runtime
 
     trt_rt, ort_rt = open_runtime(tmp_path / "b", "tensorrt"), open_runtime(tmp_path / "b", "onnx-cpu")
     assert trt_rt.name == "tensorrt"
@@ -157,7 +157,7 @@ ORIN = {"gpu_name": "Orin", "compute_capability": "8.7", "tensorrt_version": "10
 
 
 def test_select_engines_takes_compatible_engines_and_names_every_refusal():
-    from export.tensorrt import select_engines
+    from clipheads.export.tensorrt import select_engines
 
     usable, refused = select_engines(_manifest(), ["image_0.onnx"], ORIN)
     assert usable == {"image_0.onnx": "image_0.fp16.plan"} and refused == {}
@@ -174,9 +174,9 @@ def test_select_engines_takes_compatible_engines_and_names_every_refusal():
 def test_serving_tensorrt_runtime_refuses_clearly_without_tensorrt(micro_backbone, tmp_path):
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("tensorrt is installed here: the refusal path does not apply")
-    from export.pipeline import ExportOptions, export_heads
-    from serving.runtime import RuntimeError_, open_runtime
-    from training.methods import TaskSpec, build_method
+    from clipheads.export.pipeline import ExportOptions, export_heads
+    from clipheads.serving.runtime import RuntimeError_, open_runtime
+    from clipheads.training.methods import TaskSpec, build_method
 
     head = build_method("zeroshot", micro_backbone, (TaskSpec("t", ("red", "blue")),))
     export_heads([head], tmp_path / "b", ExportOptions(target="tensorrt", probes=8, text=False))

@@ -6,16 +6,16 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from training.data.fewshot import few_shot_splits, sample_few_shot
-from training.data.records import DatasetSplits, Sample
-from training.data.templates import (
+from clipheads.training.data.fewshot import few_shot_splits, sample_few_shot
+from clipheads.training.data.records import DatasetSplits, Sample
+from clipheads.training.data.templates import (
     COMMA_TEACHER_TEMPLATES,
     COOP_TEMPLATES,
     IMAGENET_TEMPLATES,
     IMAGENET_TEMPLATES_SELECT,
     templates_for,
 )
-from training.protocols.splits import (
+from clipheads.training.protocols.splits import (
     base_novel_average,
     base_novel_split,
     harmonic_mean,
@@ -207,9 +207,9 @@ def test_train_crop_scale_reaches_the_loader_transform():
     world's small objects are cut out by tiny crops)."""
     import torchvision.transforms as T
 
-    from training.backbone import PreprocessSpec
-    from training.data.loading import build_transform, make_loader
-    from training.loop import TrainConfig
+    from clipheads.training.backbone import PreprocessSpec
+    from clipheads.training.data.loading import build_transform, make_loader
+    from clipheads.training.loop import TrainConfig
 
     spec = PreprocessSpec(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic", resize_mode="shortest")
 

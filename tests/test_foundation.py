@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from conftest import make_backbone
-from training.artifact import ArtifactError, load_head, save_head
-from training.backbone import Backbone, BackboneError, TowerHooks, load_backbone
-from training.loop import TrainConfig, epoch_lr, evaluate, train_head
-from training.methods import MethodError, TaskSpec, build_method, list_methods
-from training.methods.base import template_class_embeddings
-from training.data.records import Sample
+from clipheads.training.artifact import ArtifactError, load_head, save_head
+from clipheads.training.backbone import Backbone, BackboneError, TowerHooks, load_backbone
+from clipheads.training.loop import TrainConfig, epoch_lr, evaluate, train_head
+from clipheads.training.methods import MethodError, TaskSpec, build_method, list_methods
+from clipheads.training.methods.base import template_class_embeddings
+from clipheads.training.data.records import Sample
 
 ROOT = Path(__file__).resolve().parents[1]
 ANY_HOOK = TowerHooks()  # identity hooks force the block-by-block path

@@ -1,4 +1,4 @@
-"""serving.images without a server: allow-list by magic bytes, caps before decoding, geometry."""
+"""clipheads.serving.images without a server: allow-list by magic bytes, caps before decoding, geometry."""
 from __future__ import annotations
 
 import io
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.images import DecodeSpec, ImageDecoder, ImageRejected, decode_image, sniff_format
+from clipheads.serving.images import DecodeSpec, ImageDecoder, ImageRejected, decode_image, sniff_format
 
 SPEC = DecodeSpec(image_size=32)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.backbone import BackboneError
-from training.methods import MethodError, TaskSpec, build_method
-from training.methods.mma import default_adapter_blocks
+from clipheads.training.backbone import BackboneError
+from clipheads.training.methods import MethodError, TaskSpec, build_method
+from clipheads.training.methods.mma import default_adapter_blocks
 
 NAMES = ("cat", "dog", "red car")
 TASKS = (TaskSpec("toy", NAMES),)
@@ -154,7 +154,7 @@ def test_sgd_steps_reduce_loss_on_two_tasks(micro_backbone):
 
 
 def test_mma_head_round_trips_through_the_artifact(micro_backbone, tmp_path):
-    from training.artifact import load_head, save_head
+    from clipheads.training.artifact import load_head, save_head
 
     head = build_method("mma", micro_backbone, TASKS, {"blocks": [0, 2], "alpha": 0.01})
     loaded = load_head(save_head(head, tmp_path / "mma.head.safetensors")).build(micro_backbone)

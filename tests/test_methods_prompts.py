@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.backbone import BackboneError, TowerHooks
-from training.methods import MethodError, TaskSpec, build_method
-from training.methods.base import template_class_embeddings
+from clipheads.training.backbone import BackboneError, TowerHooks
+from clipheads.training.methods import MethodError, TaskSpec, build_method
+from clipheads.training.methods.base import template_class_embeddings
 
 NAMES = ("cat", "dog", "red car")
 TASKS = (TaskSpec("toy", NAMES),)
@@ -68,7 +68,7 @@ def test_counts_on_vitb16_are_exact(vitb16_backbone, name, config, formula, docu
 
 
 def test_method_metadata():
-    from training.methods import get_method
+    from clipheads.training.methods import get_method
 
     for name in ("vpt", "ivlp", "maple", "comma"):
         assert get_method(name).foldable and get_method(name).summary
@@ -339,7 +339,7 @@ def test_a_few_sgd_steps_reduce_the_loss(micro_backbone, name):
 
 @pytest.mark.parametrize("name", sorted(MICRO3))
 def test_head_artifact_round_trip(micro_backbone, tmp_path, name):
-    from training.artifact import load_head, save_head
+    from clipheads.training.artifact import load_head, save_head
 
     head = _build(name, micro_backbone)
     with torch.no_grad():

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.backbone import BackboneError
-from training.grouping import (
+from clipheads.training.backbone import BackboneError
+from clipheads.training.grouping import (
     assign_groups,
     best_partition,
     choose_partition,
@@ -15,7 +15,7 @@ from training.grouping import (
     set_partitions,
     task_gradient_similarity,
 )
-from training.methods import MethodError, TaskSpec, build_method
+from clipheads.training.methods import MethodError, TaskSpec, build_method
 
 NAMES = ("cat", "dog", "red car")
 CLIP_B16_PARAMS = 149_620_737
@@ -256,7 +256,7 @@ def test_collect_task_gradients_checks_its_parameter(micro_backbone):
 
 
 def test_mmap_head_round_trips_through_the_artifact(micro_backbone, tmp_path):
-    from training.artifact import load_head, save_head
+    from clipheads.training.artifact import load_head, save_head
 
     head = build_method("mmap", micro_backbone, _tasks(groups=(1, 0, 1, 0)), {"n_ctx": 2, "depth": 2})
     art = load_head(save_head(head, tmp_path / "mmap.head.safetensors"))

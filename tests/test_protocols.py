@@ -8,9 +8,9 @@ import pytest
 
 from conftest import make_backbone
 from test_foundation import make_colour_folder
-from training.protocols.recipes import Recipe, list_recipes, load_recipe
-from training.protocols.report import write_report
-from training.protocols.runner import run_recipe
+from clipheads.training.protocols.recipes import Recipe, list_recipes, load_recipe
+from clipheads.training.protocols.report import write_report
+from clipheads.training.protocols.runner import run_recipe
 
 FAST_TRAIN = {"epochs": 1, "batch_size": 4, "lr": 0.01, "warmup_epochs": 0, "max_steps_per_epoch": 2}
 PROTOCOL_METHODS = ["zeroshot", "coop", "maple", "mma", "comma", "mmap"]
@@ -30,8 +30,8 @@ def _recipe(method: str, protocol: str, datasets: list[dict]) -> Recipe:
 
 
 def test_packaged_recipes_parse_and_name_known_methods_and_readers():
-    from training.data.readers import list_readers
-    from training.methods import get_method
+    from clipheads.training.data.readers import list_readers
+    from clipheads.training.methods import get_method
 
     names = list_recipes()
     assert len(names) >= 20
@@ -75,7 +75,7 @@ def test_runner_resumes_without_rerunning_finished_units(folders, tmp_path):
 
 
 def test_recipe_patterns_expand_to_packaged_names_and_unmatched_ones_fail_clearly():
-    from training.protocols.recipes import RecipeError, expand_recipe_refs
+    from clipheads.training.protocols.recipes import RecipeError, expand_recipe_refs
 
     names = expand_recipe_refs(["synth_*_multitask", "coop_few_shot"])
     assert names[-1] == "coop_few_shot"
@@ -86,7 +86,7 @@ def test_recipe_patterns_expand_to_packaged_names_and_unmatched_ones_fail_clearl
 
 def test_cli_pretrained_override_reaches_the_backbone(tmp_path, capsys):
     """`--pretrained PATH` alone replaces the recipe's weights (keeping its arch)."""
-    from training.protocols.cli import main
+    from clipheads.training.protocols.cli import main
 
     missing = tmp_path / "nope.safetensors"
     with pytest.raises(Exception, match="nope.safetensors"):
@@ -97,8 +97,8 @@ def test_cli_pretrained_override_reaches_the_backbone(tmp_path, capsys):
 def test_cli_runs_recipes_in_parallel_processes_and_reports_with_the_command(tmp_path):
     """`--jobs 2`: two recipes in two spawned processes write one report; the command is kept for
     later re-renders (`clipheads bench report`)."""
-    from training.data import synth
-    from training.protocols.cli import main
+    from clipheads.training.data import synth
+    from clipheads.training.protocols.cli import main
 
     world = synth.generate_world(tmp_path / "w", seed=0, size=synth.WorldSize(train=2, val=1, test=1),
                                  image_size=48, workers=1)

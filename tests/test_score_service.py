@@ -40,9 +40,9 @@ def _free_port() -> int:
 def head_file(tmp_path_factory) -> Path:
     from safetensors.torch import save_file
 
-    from training.artifact import save_head
-    from training.backbone import load_backbone
-    from training.methods.base import TaskSpec, build_method
+    from clipheads.training.artifact import save_head
+    from clipheads.training.backbone import load_backbone
+    from clipheads.training.methods.base import TaskSpec, build_method
 
     os.environ["CLIPHEADS_MODEL_CONFIGS"] = str(TEST_CONFIGS)
     d = tmp_path_factory.mktemp("svc-head")
@@ -79,7 +79,7 @@ def server(head_file, tmp_path_factory):
                PYTHONPATH=str(REPO))
     log = open(d / "server.log", "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.cli", str(head_file), "--port", str(port), "--tasks-dir", str(d / "tasks"),
+        [sys.executable, "-m", "clipheads.serving.cli", str(head_file), "--port", str(port), "--tasks-dir", str(d / "tasks"),
          "--model-configs", str(TEST_CONFIGS)],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
@@ -110,7 +110,7 @@ def server(head_file, tmp_path_factory):
 
 
 def test_batch_scores_equal_http_classify(server, head_file, images, tmp_path):
-    from serving.score import main
+    from clipheads.serving.score import main
 
     files = sorted(p for p in images.iterdir())
     http = {}

@@ -54,7 +54,7 @@ class Server:
         env.update(env_extra or {})
         self.log = open(log, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serving.cli", str(head), "--port", str(self.port), "--tasks-dir", str(tasks_dir),
+            [sys.executable, "-m", "clipheads.serving.cli", str(head), "--port", str(self.port), "--tasks-dir", str(tasks_dir),
              "--model-configs", str(REPO / "tests" / "model_configs"), *args],
             cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -92,9 +92,9 @@ def make_micro_head(d: Path) -> Path:
     from conftest import make_backbone
     from safetensors.torch import save_file
 
-    from training.artifact import save_head
-    from training.backbone import load_backbone
-    from training.methods.base import TaskSpec, build_method
+    from clipheads.training.artifact import save_head
+    from clipheads.training.backbone import load_backbone
+    from clipheads.training.methods.base import TaskSpec, build_method
 
     bb = make_backbone("test-vit-micro", seed=0)
     ckpt = d / "micro.safetensors"
@@ -111,7 +111,7 @@ def head_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def eager(head_file):
-    from serving.runtime import TorchRuntime
+    from clipheads.serving.runtime import TorchRuntime
 
     return TorchRuntime(head_file, device="cpu")
 
@@ -131,8 +131,8 @@ def post(server, route, files=None, data=None, json_body=None, **kw):
 
 
 def expected(eager, blob: bytes, task: str):
-    from serving.images import DecodeSpec, decode_image
-    from serving.runtime import softmax
+    from clipheads.serving.images import DecodeSpec, decode_image
+    from clipheads.serving.runtime import softmax
 
     px = decode_image(blob, DecodeSpec(image_size=32))[None]
     probs = softmax(eager.classify(px, [task])[task])[0]
@@ -184,8 +184,8 @@ def test_sync_http_client_with_file_paths(server, tmp_path, eager):
 
 
 def test_zero_shot_matches_eager_and_caches(server, eager):
-    from serving.images import DecodeSpec, decode_image
-    from serving.runtime import softmax
+    from clipheads.serving.images import DecodeSpec, decode_image
+    from clipheads.serving.runtime import softmax
 
     blob = png((30, 30, 200))
     labels = ["ocean", "forest", "desert"]
@@ -202,9 +202,9 @@ def test_zero_shot_matches_eager_and_caches(server, eager):
 
 
 def test_few_shot_register_classify_list_delete_and_restart(server, head_file, eager):
-    from serving.images import DecodeSpec, decode_image
-    from serving.runtime import softmax
-    from serving.tasks_store import FewShotTask
+    from clipheads.serving.images import DecodeSpec, decode_image
+    from clipheads.serving.runtime import softmax
+    from clipheads.serving.tasks_store import FewShotTask
 
     red, blue = png((230, 10, 10)), png((10, 10, 230))
     files = [("images", (f"{i}.png", b, "image/png")) for i, b in enumerate([red, red, blue, blue])]
@@ -356,7 +356,7 @@ def test_metrics_label_routes_not_client_paths(server):
 
 
 def test_endpoint_label_is_bounded():
-    from serving.metric_labels import UNMATCHED, endpoint_label
+    from clipheads.serving.metric_labels import UNMATCHED, endpoint_label
 
     routes = frozenset({"/classify", "/tasks", "/tasks/list"})
     assert endpoint_label("/classify", routes) == "/classify"

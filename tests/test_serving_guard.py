@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("bentoml")
 httpx = pytest.importorskip("httpx")
 
-from serving.service import GuardMiddleware, ServeConfig  # noqa: E402
+from clipheads.serving.service import GuardMiddleware, ServeConfig  # noqa: E402
 
 
 def stub_app(delay: float = 0.0, status: int = 200, body: bytes = b'{"ok": true}', ours: bool = True):
@@ -138,7 +138,7 @@ def test_dependency_floors(dist, floor):
 
 
 def test_openapi_patch_documents_our_errors_and_rest_aliases():
-    from serving.service import patch_openapi
+    from clipheads.serving.service import patch_openapi
 
     doc = {"paths": {r: {"post": {"responses": {"200": {"content": {}}}, "requestBody": {}}}
                      for r in ("/classify", "/tasks", "/tasks/list", "/tasks/delete")}}
@@ -165,7 +165,7 @@ def test_admin_routes_hidden_unless_enabled_with_a_token():
 
 
 def test_openapi_lists_admin_routes_only_when_enabled():
-    from serving.service import patch_openapi
+    from clipheads.serving.service import patch_openapi
 
     def doc():
         return {"paths": {r: {"post": {"responses": {"200": {"content": {}}}}} for r in ("/classify", "/admin/reload")}}
@@ -176,7 +176,7 @@ def test_openapi_lists_admin_routes_only_when_enabled():
 
 
 def test_cli_refuses_reload_without_a_token(tmp_path, monkeypatch, capsys):
-    from serving.cli import main
+    from clipheads.serving.cli import main
 
     monkeypatch.delenv("CLIPHEADS_AUTH_TOKEN", raising=False)
     head = tmp_path / "h.head.safetensors"

@@ -33,9 +33,9 @@ def make_versions(d: Path) -> dict[str, Path]:
     copy and a head whose tasks differ."""
     import torch
 
-    from training.artifact import save_head
-    from training.backbone import load_backbone
-    from training.methods.base import TaskSpec, build_method
+    from clipheads.training.artifact import save_head
+    from clipheads.training.backbone import load_backbone
+    from clipheads.training.methods.base import TaskSpec, build_method
 
     v1 = make_micro_head(d)  # writes d/micro.safetensors (the shared backbone) and d/zs.head.safetensors
     bb = load_backbone("test-vit-micro", str(d / "micro.safetensors"))
@@ -119,7 +119,7 @@ def test_reload_refuses_sources_outside_the_root_and_unknown_tags(served, tmp_pa
 
 def test_swap_under_load_is_atomic_and_refused_heads_never_serve(served):
     srv, versions = served
-    from serving.heads import head_version
+    from clipheads.serving.heads import head_version
 
     ids = {name: head_version(p) for name, p in versions.items() if name not in ("corrupt", "other_tasks")}
     assert len(set(ids.values())) == 4

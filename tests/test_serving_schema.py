@@ -33,7 +33,7 @@ OPERATIONS = ["POST /classify", "POST /zero_shot", "POST /tasks", "POST /tasks/l
 def api(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("CLIPHEADS_MODEL_CONFIGS", "CLIPHEADS_ORT_SPIN")}
     os.environ["CLIPHEADS_MODEL_CONFIGS"] = str(REPO / "tests" / "model_configs")
-    import serving.service as svc
+    import clipheads.serving.service as svc
     from starlette.testclient import TestClient
     from test_serving import make_micro_head
 

@@ -21,14 +21,14 @@ httpx = pytest.importorskip("httpx")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from training.artifact import save_head
-    from training.backbone import PACKAGED_ARCH, load_backbone
-    from training.data.fewshot import few_shot_splits
-    from training.data.synth import generate_world, load_world_splits
-    from training.loop import TrainConfig, evaluate, train_head
-    from training.methods import TaskSpec, build_method
-    from training.pretrain import HELD_OUT_DOMAIN
-    from training.protocols.recipes import load_recipe
+    from clipheads.training.artifact import save_head
+    from clipheads.training.backbone import PACKAGED_ARCH, load_backbone
+    from clipheads.training.data.fewshot import few_shot_splits
+    from clipheads.training.data.synth import generate_world, load_world_splits
+    from clipheads.training.loop import TrainConfig, evaluate, train_head
+    from clipheads.training.methods import TaskSpec, build_method
+    from clipheads.training.pretrain import HELD_OUT_DOMAIN
+    from clipheads.training.protocols.recipes import load_recipe
 
     d = tmp_path_factory.mktemp("world")
     world = generate_world(d / "world", seed=0, size="small")
@@ -45,8 +45,8 @@ def trained(tmp_path_factory):
 
 
 def test_served_labels_of_a_head_trained_on_the_synthetic_world(trained):
-    from serving.images import DecodeSpec, decode_image
-    from serving.runtime import open_runtime
+    from clipheads.serving.images import DecodeSpec, decode_image
+    from clipheads.serving.runtime import open_runtime
 
     split = trained["split"]
     assert trained["tuned"] > trained["zero_shot"] + 0.05  # the head really learned something

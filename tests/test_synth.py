@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from training.data import synth
-from training.data.records import DatasetSplits
+from clipheads.training.data import synth
+from clipheads.training.data.records import DatasetSplits
 
 
 # A few images per (domain, class) keep every test fast; the presets only change these counts.

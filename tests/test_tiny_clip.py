@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from training import pretrain
-from training.data import synth
+from clipheads.training import pretrain
+from clipheads.training.data import synth
 
 WEIGHTS = pretrain.WEIGHTS_DIR / f"{pretrain.ARCH}.safetensors"
 SHA_FILE = pretrain.WEIGHTS_DIR / f"{pretrain.ARCH}.sha256"
@@ -36,7 +36,7 @@ def test_config_is_a_standard_open_clip_vit():
 
 @needs_weights
 def test_packaged_weights_match_recorded_sha256():
-    from training.files import file_sha256
+    from clipheads.training.files import file_sha256
 
     recorded = SHA_FILE.read_text().split()[0]
     assert len(recorded) == 64

@@ -14,9 +14,9 @@ from conftest import make_backbone
 def _head(tmp_path: Path, method: str) -> Path:
     from safetensors.torch import save_file
 
-    from training.artifact import save_head
-    from training.backbone import load_backbone
-    from training.methods import TaskSpec, build_method
+    from clipheads.training.artifact import save_head
+    from clipheads.training.backbone import load_backbone
+    from clipheads.training.methods import TaskSpec, build_method
 
     bb = make_backbone("test-vit-micro", seed=0)
     ckpt = tmp_path / "micro.safetensors"
@@ -34,8 +34,8 @@ def _head(tmp_path: Path, method: str) -> Path:
 
 @pytest.mark.parametrize("method", ["zeroshot", "coop", "mmap"])
 def test_folded_runtime_matches_the_eager_runtime(method, tmp_path):
-    from serving.runtime import TorchRuntime, open_runtime
-    from serving.torch_folded import FoldedTorchRuntime
+    from clipheads.serving.runtime import TorchRuntime, open_runtime
+    from clipheads.serving.torch_folded import FoldedTorchRuntime
 
     head = _head(tmp_path, method)
     eager = TorchRuntime(head, device="cpu")
@@ -52,7 +52,7 @@ def test_folded_runtime_matches_the_eager_runtime(method, tmp_path):
 
 
 def test_folded_runtime_refuses_heads_that_do_not_fold(tmp_path):
-    from serving.runtime import RuntimeError_, TorchRuntime, open_runtime
+    from clipheads.serving.runtime import RuntimeError_, TorchRuntime, open_runtime
 
     head = _head(tmp_path, "cocoop")
     with pytest.raises(RuntimeError_, match="not foldable"):
@@ -61,7 +61,7 @@ def test_folded_runtime_refuses_heads_that_do_not_fold(tmp_path):
 
 
 def test_batch_buckets():
-    from serving.torch_folded import bucket
+    from clipheads.serving.torch_folded import bucket
 
     assert [bucket(n) for n in (1, 2, 3, 5, 8, 9, 64)] == [1, 2, 4, 8, 8, 16, 64]
 
@@ -70,8 +70,8 @@ def test_batch_buckets():
 def test_fp16_cuda_graphs_within_the_fp16_gate(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    from serving.runtime import TorchRuntime
-    from serving.torch_folded import FoldedTorchRuntime
+    from clipheads.serving.runtime import TorchRuntime
+    from clipheads.serving.torch_folded import FoldedTorchRuntime
 
     head = _head(tmp_path, "mmap")
     ref = TorchRuntime(head, device="cpu")

@@ -1,5 +1,7 @@
 """clipheads training: frozen open_clip backbones, head methods, data, the shared loop, artifacts.
 
-Nothing here imports `export` or `serving` (data flows training -> export -> serving).
+Nothing here imports `clipheads.export` or `clipheads.serving` (data flows training -> export -> serving).
 """
-__version__ = "0.1.0"
+from clipheads import __version__
+
+__all__ = ["__version__"]

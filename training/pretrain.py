@@ -1,8 +1,8 @@
 """Contrastive pretraining of `clipheads-tiny` on the synthetic world, and its report.
 
-    OMP_WAIT_POLICY=PASSIVE python -m training.pretrain --out runs/tiny-s0 --pool-cache runs/pool-cache --seed 0
-    python -m training.pretrain finalize --ckpt runs/tiny-s0/last.safetensors        # fp16 weights + sha256
-    python -m training.pretrain report --weights training/weights/clipheads-tiny.safetensors \
+    OMP_WAIT_POLICY=PASSIVE python -m clipheads.training.pretrain --out runs/tiny-s0 --pool-cache runs/pool-cache --seed 0
+    python -m clipheads.training.pretrain finalize --ckpt runs/tiny-s0/last.safetensors        # fp16 weights + sha256
+    python -m clipheads.training.pretrain report --weights training/weights/clipheads-tiny.safetensors \
         --out bench/tiny_clip --run runs/tiny-s0 --card training/weights/MODEL_CARD.md
 
 Why it is built this way (a first try with plain CLIP batches learned colour and style but not
@@ -644,7 +644,7 @@ def report(weights: Path, out: Path, world: Path | None = None, world_seed: int 
         result = evaluate_world(model, tokenizer, preprocess, root)
         if coop_seeds:
             result["coop_heldout"] = coop_gain(weights, root, coop_seeds)
-    cmd = (f"python -m training.pretrain report --weights {weights} --out {out}" + (f" --world {world}" if world else "")
+    cmd = (f"python -m clipheads.training.pretrain report --weights {weights} --out {out}" + (f" --world {world}" if world else "")
            + (f" --run {run_dir}" if run_dir else "") + ("" if tuple(coop_seeds) == (1, 2, 3) else
                                                           f" --coop-seeds '{','.join(map(str, coop_seeds))}'"))
     result.update({"weights": str(weights), "sha256": file_sha256(weights), "world_seed": world_seed, "world_size": world_size,
@@ -681,7 +681,7 @@ def model_card(r: dict, run: dict | None) -> str:
         f"* architecture `training/model_configs/{ARCH}.json`: `{json.dumps(arch)}`",
         "",
         "```python",
-        "from training.pretrain import register_tiny_config  # or training.backbone.load_backbone()",
+        "from clipheads.training.pretrain import register_tiny_config  # or clipheads.training.backbone.load_backbone()",
         "register_tiny_config()",
         f"model = open_clip.create_model(\"{ARCH}\", pretrained=\"training/weights/{ARCH}.safetensors\")  # no network",
         "```",
@@ -691,9 +691,9 @@ def model_card(r: dict, run: dict | None) -> str:
         "## How it was made",
         "",
         "```",
-        "OMP_WAIT_POLICY=PASSIVE python -m training.pretrain --out runs/tiny-s0 --pool-cache runs/pool-cache --seed 0",
-        "python -m training.pretrain finalize --ckpt runs/tiny-s0/last.safetensors",
-        f"python -m training.pretrain report --weights training/weights/{ARCH}.safetensors --out bench/tiny_clip \\",
+        "OMP_WAIT_POLICY=PASSIVE python -m clipheads.training.pretrain --out runs/tiny-s0 --pool-cache runs/pool-cache --seed 0",
+        "python -m clipheads.training.pretrain finalize --ckpt runs/tiny-s0/last.safetensors",
+        f"python -m clipheads.training.pretrain report --weights training/weights/{ARCH}.safetensors --out bench/tiny_clip \\",
         f"    --run runs/tiny-s0 --card training/weights/MODEL_CARD.md",
         "```",
         "",
@@ -741,7 +741,7 @@ def model_card(r: dict, run: dict | None) -> str:
 
 
 def report_main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.pretrain report")
+    p = argparse.ArgumentParser(prog="python -m clipheads.training.pretrain report")
     p.add_argument("--weights", type=Path, default=WEIGHTS_DIR / f"{ARCH}.safetensors")
     p.add_argument("--out", type=Path, default=Path("bench/tiny_clip"))
     p.add_argument("--world", type=Path, default=None, help="an existing world (default: generate seed 0, full, in a temp dir)")
@@ -765,7 +765,7 @@ def report_main(argv: Sequence[str]) -> int:
 
 
 def finalize_main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.pretrain finalize")
+    p = argparse.ArgumentParser(prog="python -m clipheads.training.pretrain finalize")
     p.add_argument("--ckpt", type=Path, required=True)
     p.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR)
     p.add_argument("--fp32", action="store_true")
@@ -783,7 +783,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report_main(argv[1:])
     if argv and argv[0] == "finalize":
         return finalize_main(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m training.pretrain", description="pretrain clipheads-tiny on the synthetic world")
+    p = argparse.ArgumentParser(prog="python -m clipheads.training.pretrain", description="pretrain clipheads-tiny on the synthetic world")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--pool-cache", type=Path, default=None, help="directory to cache rendered image pools")
     for f in PretrainConfig.__dataclass_fields__.values():

@@ -38,14 +38,14 @@ def bench_arch(arch: str, batch: int, threads: int, rounds: int, work: Path, log
     import open_clip
     import torch
 
-    from export.attention import fused_attention
-    from export.fold import fold_heads
-    from export.onnx_export import export_image_graph
-    from export.optimize import fuse_transformer, tower_geometry
-    from export.parity import probe_images
-    from training.backbone import Backbone
-    from training.data.synth import CLASSES
-    from training.methods import TaskSpec, build_method
+    from clipheads.export.attention import fused_attention
+    from clipheads.export.fold import fold_heads
+    from clipheads.export.onnx_export import export_image_graph
+    from clipheads.export.optimize import fuse_transformer, tower_geometry
+    from clipheads.export.parity import probe_images
+    from clipheads.training.backbone import Backbone
+    from clipheads.training.data.synth import CLASSES
+    from clipheads.training.methods import TaskSpec, build_method
 
     torch.manual_seed(0)
     model = open_clip.create_model(arch, pretrained=None)

@@ -31,14 +31,14 @@ def build(arch: str, work: Path) -> tuple[dict[str, Path], float, float, int]:
     import open_clip
     import torch
 
-    from export.attention import fused_attention
-    from export.fold import fold_heads
-    from export.onnx_export import export_image_graph
-    from export.optimize import fuse_transformer, tower_geometry
-    from export.quantize import quantize_dynamic_int8
-    from training.backbone import Backbone
-    from training.data.synth import CLASSES
-    from training.methods import TaskSpec, build_method
+    from clipheads.export.attention import fused_attention
+    from clipheads.export.fold import fold_heads
+    from clipheads.export.onnx_export import export_image_graph
+    from clipheads.export.optimize import fuse_transformer, tower_geometry
+    from clipheads.export.quantize import quantize_dynamic_int8
+    from clipheads.training.backbone import Backbone
+    from clipheads.training.data.synth import CLASSES
+    from clipheads.training.methods import TaskSpec, build_method
 
     torch.manual_seed(0)
     bb = Backbone(open_clip.create_model(arch, pretrained=None), open_clip.get_tokenizer(arch), arch=arch,
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default=str(HERE / "profile.md"))
     args = ap.parse_args(argv)
-    from export.parity import probe_images
+    from clipheads.export.parity import probe_images
 
     peak = gemm_peak(args.threads)["gflops"]  # measured again at the end; the higher one counts
     lines, int8_rate = [], 0.0

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench" / "export"))
 
 from bench_cpu import vit_gflop  # noqa: E402  (analytic FLOPs per image, shared with the CPU bench)
-from serving.torch_folded import CudaGraphed  # noqa: E402  (the serving runtime's graph replay)
+from clipheads.serving.torch_folded import CudaGraphed  # noqa: E402  (the serving runtime's graph replay)
 
 VARIANTS = ("fp32-eager", "fp32-tf32-eager", "fp16-eager", "fp16-sdpa", "fp16-cudagraph", "fp16-compile",
             "fp16-compile-cudagraph")
@@ -86,10 +86,10 @@ def build_encoder(arch: str, head_kind: str):
     import open_clip
     import torch
 
-    from export.fold import fold_heads
-    from training.backbone import Backbone
-    from training.data.synth import CLASSES
-    from training.methods import TaskSpec, build_method
+    from clipheads.export.fold import fold_heads
+    from clipheads.training.backbone import Backbone
+    from clipheads.training.data.synth import CLASSES
+    from clipheads.training.methods import TaskSpec, build_method
 
     torch.manual_seed(0)
     model = open_clip.create_model(arch, pretrained=None)
@@ -110,8 +110,8 @@ def bench(arch: str, head_kind: str, batches: list[int], deadline: float, log, r
 
     import torch
 
-    from export.attention import fused_attention
-    from export.parity import probe_images
+    from clipheads.export.attention import fused_attention
+    from clipheads.export.parity import probe_images
 
     bb, enc32 = build_encoder(arch, head_kind)
     gflop = vit_gflop(bb)

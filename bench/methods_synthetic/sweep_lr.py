@@ -33,12 +33,12 @@ def _init(threads: int) -> None:
 
 
 def one(method: str, lr: float, seed: int, world: str, device: str) -> dict:
-    from training.backbone import load_backbone
-    from training.data.fewshot import few_shot_splits
-    from training.data.synth import load_world_splits
-    from training.loop import TrainConfig, evaluate, train_head
-    from training.methods import TaskSpec, build_method
-    from training.protocols.recipes import load_recipe
+    from clipheads.training.backbone import load_backbone
+    from clipheads.training.data.fewshot import few_shot_splits
+    from clipheads.training.data.synth import load_world_splits
+    from clipheads.training.loop import TrainConfig, evaluate, train_head
+    from clipheads.training.methods import TaskSpec, build_method
+    from clipheads.training.protocols.recipes import load_recipe
 
     recipe = load_recipe(f"synth_{method}_heldout")
     domain = recipe.datasets[0].kwargs["domain"]
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
             cells.append(f"**{txt}**" if lr == best.get(m) else txt)
         md.append(f"| {m} | " + " | ".join(cells) + " |")
     if args.apply:
-        from training.protocols.recipes import RECIPE_DIR
+        from clipheads.training.protocols.recipes import RECIPE_DIR
 
         for m, lr in best.items():
             for path in sorted(RECIPE_DIR.glob(f"synth_{m}_*.json")):

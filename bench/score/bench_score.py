@@ -65,9 +65,9 @@ def machine() -> dict:
 def make_head(arch: str, configs: Path | None, d: Path) -> Path:
     import open_clip
 
-    from training.artifact import save_head
-    from training.backbone import load_backbone
-    from training.methods.base import TaskSpec, build_method
+    from clipheads.training.artifact import save_head
+    from clipheads.training.backbone import load_backbone
+    from clipheads.training.methods.base import TaskSpec, build_method
 
     if configs is not None:
         os.environ["CLIPHEADS_MODEL_CONFIGS"] = str(configs)
@@ -79,8 +79,8 @@ def make_head(arch: str, configs: Path | None, d: Path) -> Path:
 
 def make_bundle(head: Path, d: Path) -> Path:
     """Export the head with the real exporter (fp32 ONNX, ORT fusions, parity-gated)."""
-    from export.cli import load_heads
-    from export.pipeline import ExportOptions, export_heads
+    from clipheads.export.cli import load_heads
+    from clipheads.export.pipeline import ExportOptions, export_heads
 
     heads, meta, pre = load_heads([str(head)])
     res = export_heads(heads, d / (head.name.split(".")[0] + ".bundle"), ExportOptions(probes=8, text=False), meta, pre)
@@ -106,8 +106,8 @@ def make_images(d: Path, n: int) -> None:
 
 
 def bench_raw(rt, images: Path, batch: int, repeats: int = 2) -> dict:
-    from serving.images import DecodeSpec, decode_image
-    from serving.score import run_batch
+    from clipheads.serving.images import DecodeSpec, decode_image
+    from clipheads.serving.score import run_batch
 
     spec = DecodeSpec.from_preprocess(rt.preprocess)
     t0 = time.perf_counter()
@@ -125,7 +125,7 @@ def bench_raw(rt, images: Path, batch: int, repeats: int = 2) -> dict:
 
 def bench_engine(head: Path, images: Path, out: Path, batch: int, engine: str, workers: int, runtime=None,
                  kind: str = "torch") -> dict:
-    from serving.score import ScoreJob, score
+    from clipheads.serving.score import ScoreJob, score
 
     if out.exists():
         shutil.rmtree(out)
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
                 print(f"[{name}] exporting an ONNX bundle ...", file=sys.stderr)
                 head = make_bundle(head, work)
             r: dict = {"arch": arch, "runtime": args.runtime}
-            from serving.runtime import open_runtime
+            from clipheads.serving.runtime import open_runtime
 
             rt = open_runtime(head, kind)  # one warm runtime for raw and local: same weights, same state
             raws, locs = [], []

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 def build(head: str, out: Path) -> Path:
     import torch
 
-    from serving.runtime import TorchRuntime, register_extra_model_configs
+    from clipheads.serving.runtime import TorchRuntime, register_extra_model_configs
 
     register_extra_model_configs()
     rt = TorchRuntime(head, device="cpu")
@@ -75,7 +75,7 @@ def build(head: str, out: Path) -> Path:
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
-    from serving.runtime import OnnxRuntime
+    from clipheads.serving.runtime import OnnxRuntime
 
     ort_rt = OnnxRuntime(out, providers=["CPUExecutionProvider"])
     px = probe.numpy()

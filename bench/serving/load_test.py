@@ -37,9 +37,9 @@ def make_head(arch: str, out: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from training.artifact import save_head
-    from training.backbone import load_backbone
-    from training.methods.base import TaskSpec, build_method
+    from clipheads.training.artifact import save_head
+    from clipheads.training.backbone import load_backbone
+    from clipheads.training.methods.base import TaskSpec, build_method
 
     if arch not in open_clip.list_models():
         open_clip.add_model_config(REPO / "tests" / "model_configs")
@@ -66,8 +66,8 @@ class Raw:
     right before and after every service level so both see the same machine load."""
 
     def __init__(self, source: str, runtime: str, blobs: list[bytes]):
-        from serving.images import DecodeSpec, decode_image
-        from serving.runtime import open_runtime, register_extra_model_configs
+        from clipheads.serving.images import DecodeSpec, decode_image
+        from clipheads.serving.runtime import open_runtime, register_extra_model_configs
 
         register_extra_model_configs()
         self.rt = open_runtime(source, runtime)
@@ -174,7 +174,7 @@ def start_server(source: str, runtime: str, workdir: Path, extra_env: list[str])
                CLIPHEADS_MODEL_CONFIGS=str(REPO / "tests" / "model_configs"), CLIPHEADS_MAX_CONCURRENCY="256")
     env.update(kv.split("=", 1) for kv in extra_env)
     log = open(workdir / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", source, "--port", str(port), "--runtime", runtime],
+    proc = subprocess.Popen([sys.executable, "-m", "clipheads.serving.cli", source, "--port", str(port), "--runtime", runtime],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(240):
