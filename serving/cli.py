@@ -7,6 +7,7 @@ usage tracking off unless `--allow-tracking` is given.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .runtime import RUNTIME_KINDS  # a light import: torch/ORT load only when a runtime opens
+from .tasks_store import TaskStoreError, redact, store_scheme
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVICE = "clipheads.serving.service:ClipHeads"
@@ -27,7 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 to expose)")
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--runtime", default="auto", choices=RUNTIME_KINDS)
-    p.add_argument("--tasks-dir", default=None, help="directory where registered few-shot tasks persist")
+    p.add_argument("--tasks-dir", default=None, help="directory where registered few-shot tasks persist (one machine)")
+    p.add_argument("--tasks-store", default=None, metavar="DIR|URL",
+                   help="where registered few-shot tasks live: a directory, or postgresql://USER@HOST:PORT/DB "
+                        "shared by every replica")
     p.add_argument("--auth-token", default=None, help="require 'Authorization: Bearer TOKEN' (or CLIPHEADS_AUTH_TOKEN)")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--timeout", type=int, default=None, help="per-request timeout in seconds")
@@ -43,14 +48,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_tasks_store(args: argparse.Namespace) -> Optional[str]:
+    """A one-line problem with --tasks-dir/--tasks-store, or None. The database itself is not
+    contacted here: a replica may start before it (readiness waits for it)."""
+    if args.tasks_dir and args.tasks_store:
+        return "give --tasks-dir or --tasks-store, not both"
+    location = args.tasks_store or args.tasks_dir
+    if not location:
+        return None
+    try:
+        scheme = store_scheme(location)
+    except TaskStoreError as err:
+        return err.detail
+    if scheme in ("", "file"):
+        path = Path(location[len("file://"):] if scheme == "file" else location).expanduser()
+        if path.exists() and not path.is_dir():
+            return f"tasks store {path} exists and is not a directory"
+    elif importlib.util.find_spec("psycopg") is None:
+        return f"a {scheme}:// task store needs psycopg: pip install -r requirements/serve.txt"
+    return None
+
+
 def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     src = Path(args.source).expanduser().resolve()
     env = dict(os.environ)
     env["CLIPHEADS_SOURCE"] = str(src)
     env["CLIPHEADS_RUNTIME"] = args.runtime
     env["CLIPHEADS_HOST"] = args.host
-    if args.tasks_dir:
-        env["CLIPHEADS_TASKS_DIR"] = str(Path(args.tasks_dir).expanduser().resolve())
+    store = args.tasks_store or args.tasks_dir
+    if store:
+        env.pop("CLIPHEADS_TASKS_DIR", None)
+        env["CLIPHEADS_TASKS_STORE"] = store if "://" in store else str(Path(store).expanduser().resolve())
     if args.auth_token:
         env["CLIPHEADS_AUTH_TOKEN"] = args.auth_token
     if args.max_concurrency:
@@ -89,12 +117,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("clipheads serve: --allow-reload needs --auth-token (or CLIPHEADS_AUTH_TOKEN): "
               "admin routes are never open", file=sys.stderr)
         return 2
+    problem = check_tasks_store(args)
+    if problem:
+        print(f"clipheads serve: {problem}", file=sys.stderr)
+        return 2
     cmd, env = serve_command(args)
     if args.dry_run:
         print(" ".join(cmd))
         for k in sorted(env):
             if k.startswith("CLIPHEADS_") and k != "CLIPHEADS_AUTH_TOKEN":
-                print(f"{k}={env[k]}")
+                print(f"{k}={redact(env[k]) if k == 'CLIPHEADS_TASKS_STORE' else env[k]}")
         return 0
     print(f"clipheads serve: {src} on http://{args.host}:{args.port} (runtime {args.runtime})", file=sys.stderr)
     proc = subprocess.Popen(cmd, env=env)

@@ -44,7 +44,7 @@ from .heads import HeadIncompatible, HeadLoadError, HeadSlot, load_head
 from . import metric_labels
 from .images import DEFAULT_MAX_PIXELS, DecodeSpec, ImageRejected, decode_image
 from .runtime import Runtime, softmax
-from .tasks_store import LRUCache, TaskStore, TaskStoreError, check_name
+from .tasks_store import LRUCache, TaskStore, TaskStoreError, check_name, open_task_store
 
 log = logging.getLogger("clipheads.serving")
 
@@ -60,7 +60,8 @@ class ServeConfig:
 
     source: str = ""  # CLIPHEADS_SOURCE: bundle dir or *.head.safetensors (required)
     runtime: str = "auto"  # CLIPHEADS_RUNTIME: auto|onnx|onnx-cpu|onnx-cuda|torch|tensorrt
-    tasks_dir: str = ""  # CLIPHEADS_TASKS_DIR: few-shot task store ("" = in memory only)
+    # CLIPHEADS_TASKS_STORE (or CLIPHEADS_TASKS_DIR): few-shot tasks in a directory or a postgresql:// URL ("" = memory)
+    tasks_store: str = field(default="", repr=False)
     max_body_bytes: int = 20 * 1024 * 1024  # CLIPHEADS_MAX_BODY_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS  # CLIPHEADS_MAX_PIXELS (per image, from the header)
     max_images: int = 32  # CLIPHEADS_MAX_IMAGES per request
@@ -90,7 +91,7 @@ class ServeConfig:
         return cls(
             source=e("CLIPHEADS_SOURCE", ""),
             runtime=e("CLIPHEADS_RUNTIME", "auto") or "auto",
-            tasks_dir=e("CLIPHEADS_TASKS_DIR", ""),
+            tasks_store=e("CLIPHEADS_TASKS_STORE", "") or e("CLIPHEADS_TASKS_DIR", ""),
             max_body_bytes=_env_int("CLIPHEADS_MAX_BODY_BYTES", d.max_body_bytes),
             max_pixels=_env_int("CLIPHEADS_MAX_PIXELS", d.max_pixels),
             max_images=_env_int("CLIPHEADS_MAX_IMAGES", d.max_images),
@@ -663,7 +664,8 @@ class ClipHeads:
                     self.spec = DecodeSpec.from_preprocess(
                         info["preprocess"], max_bytes=self.cfg.max_body_bytes, max_pixels=self.cfg.max_pixels
                     )
-                    self.store = TaskStore(self.cfg.tasks_dir or None, identity=info["identity"])
+                    self.store = open_task_store(self.cfg.tasks_store, identity=info["identity"])
+                    log.info("few-shot tasks: %s", self.store.describe())
                     self.info = info
                     self.head_version = info.get("version", "")
                 ping = await asyncio.wait_for(self.enc.to_async.ping(front_pid=os.getpid()), 2.0)

@@ -1,4 +1,4 @@
-"""Training-free few-shot tasks registered at run time, persisted so any replica can rebuild them.
+"""Training-free few-shot tasks registered at run time, and the stores that share them.
 
 A task is a Tip-Adapter-style cache model (Zhang et al., 2022) built from a handful of labelled
 example images, no gradient steps:
@@ -11,23 +11,28 @@ example images, no gradient steps:
 (`s` is CLIP's logit scale; alpha=1, beta=5.5 are Tip-Adapter's training-free defaults.) Class
 prototypes (normalized mean of each class's keys) are stored too and reported for inspection.
 
-On disk: `DIR/NAME.safetensors` (tensors) then `DIR/NAME.json` (metadata, written last: its
-presence commits the task). Names match `NAME_RE`; files are only ever addressed as
-`DIR / (validated name + suffix)`, so no request can reach outside DIR. Tasks recorded under a
-different backbone identity are skipped at load with a warning.
+Where tasks live is chosen by one location string (`--tasks-store`, `open_task_store`):
+
+    ""                          memory only (lost on restart)
+    DIR or file://DIR           a directory: one machine (serving/tasks_store_dir.py)
+    postgresql://USER@HOST/DB   a PostgreSQL table shared by every replica (serving/tasks_store_pg.py)
+
+Every store keeps tasks per backbone identity (a task's features only mean something for the
+backbone that computed them), never unpickles anything (tensors are safetensors bytes, metadata
+JSON) and answers `add` of an existing name with 409 unless `replace` is set, atomically: two
+replicas registering one name at once get exactly one 201.
 """
 from __future__ import annotations
 
-import json
+import abc
 import logging
-import os
 import re
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Hashable, Optional, Sequence
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -89,150 +94,119 @@ class FewShotTask:
         }
 
 
-class TaskStore:
-    """Thread-safe registry of few-shot tasks backed by a directory (or memory if None)."""
+class TaskStore(abc.ABC):
+    """The registry of few-shot tasks one server sees. Reads come from a local copy (no I/O on a
+    hit); writes are atomic in the backing store. Errors are TaskStoreError (a 4xx/503 answer)."""
 
-    def __init__(self, root: Optional[str | os.PathLike], identity: str, max_tasks: int = 256):
-        self.root = Path(root) if root else None
-        self.identity = identity
-        self.max_tasks = max_tasks
-        self._tasks: dict[str, FewShotTask] = {}
-        self._lock = threading.RLock()
-        self._seen_mtime: Optional[float] = None
-        if self.root is not None:
-            self.root.mkdir(parents=True, exist_ok=True)
-            self.reload()
+    identity: str
+    max_tasks: int
 
-    # ---- persistence -----------------------------------------------------------------------
-    def _files(self, name: str) -> tuple[Path, Path]:
-        check_name(name)
-        assert self.root is not None
-        return self.root / f"{name}.json", self.root / f"{name}.safetensors"
+    @abc.abstractmethod
+    def names(self) -> list[str]: ...
 
-    def _load_one(self, meta_path: Path) -> Optional[FewShotTask]:
-        from safetensors.numpy import load_file
+    @abc.abstractmethod
+    def get(self, name: str) -> Optional[FewShotTask]: ...
 
-        name = meta_path.name[: -len(".json")]
-        if not NAME_RE.match(name) or meta_path.is_symlink():
-            log.warning("task store: ignoring %s (bad name or symlink)", meta_path.name)
-            return None
-        try:
-            meta = json.loads(meta_path.read_text())
-            if meta.get("store_version") != STORE_VERSION or meta.get("name") != name:
-                raise ValueError("unknown store_version or name mismatch")
-            if meta.get("identity") != self.identity:
-                log.warning("task store: skipping %s: registered on backbone %s, serving %s", name, meta.get("identity"), self.identity)
-                return None
-            tpath = self.root / f"{name}.safetensors"
-            if tpath.is_symlink():
-                raise ValueError("tensor file is a symlink")
-            t = load_file(str(tpath))
-            labels = tuple(str(x) for x in meta["labels"])
-            task = FewShotTask(
-                name, labels, t["keys"].astype(np.float32), t["targets"].astype(np.int64), t["text"].astype(np.float32),
-                float(meta.get("alpha", 1.0)), float(meta.get("beta", 5.5)), float(meta.get("created", 0.0)),
-            )
-            C, E = task.text.shape
-            if C != len(labels) or task.keys.ndim != 2 or task.keys.shape[1] != E or len(task.targets) != len(task.keys):
-                raise ValueError("tensor shapes do not match the labels")
-            if task.targets.min(initial=0) < 0 or task.targets.max(initial=0) >= C:
-                raise ValueError("example label out of range")
-            return task
-        except Exception as err:  # noqa: BLE001 - a bad file must not stop the service
-            log.warning("task store: ignoring %s: %s", name, err)
-            return None
+    @abc.abstractmethod
+    def add(self, name: str, labels: Sequence[str], keys: np.ndarray, targets: np.ndarray, text: np.ndarray,
+            replace: bool = False) -> FewShotTask: ...
 
-    def _dir_mtime(self) -> Optional[float]:
-        try:
-            return self.root.stat().st_mtime if self.root else None
-        except OSError:
-            return None
-
-    def reload(self) -> None:
-        """Rescan the directory (another replica may have added or removed tasks)."""
-        if self.root is None:
-            return
-        with self._lock:
-            mtime = self._dir_mtime()
-            tasks = {}
-            for p in sorted(self.root.glob("*.json")):
-                task = self._load_one(p)
-                if task is not None:
-                    tasks[task.name] = task
-            self._tasks = tasks
-            self._seen_mtime = mtime
-
-    def refresh_if_changed(self) -> None:
-        if self.root is not None and self._dir_mtime() != self._seen_mtime:
-            self.reload()
-
-    def _save(self, task: FewShotTask) -> None:
-        if self.root is None:
-            return
-        from safetensors.numpy import save_file
-
-        meta_path, tpath = self._files(task.name)
-        tmp_t = tpath.with_name(tpath.name + ".tmp")
-        tmp_m = meta_path.with_name(meta_path.name + ".tmp")
-        save_file({"keys": task.keys, "targets": task.targets, "text": task.text}, str(tmp_t))
-        os.replace(tmp_t, tpath)
-        meta = {
-            "store_version": STORE_VERSION, "name": task.name, "labels": list(task.labels),
-            "identity": self.identity, "alpha": task.alpha, "beta": task.beta, "created": task.created,
-            "method": "tip-adapter (training-free)",
-        }
-        tmp_m.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp_m, meta_path)  # commit point
-
-    # ---- API -------------------------------------------------------------------------------
-    def names(self) -> list[str]:
-        self.refresh_if_changed()
-        with self._lock:
-            return sorted(self._tasks)
-
-    def get(self, name: str) -> Optional[FewShotTask]:
-        self.refresh_if_changed()
-        with self._lock:
-            return self._tasks.get(name)
+    @abc.abstractmethod
+    def delete(self, name: str) -> bool: ...
 
     def list(self) -> list[dict]:
-        self.refresh_if_changed()
-        with self._lock:
-            return [self._tasks[n].summary() for n in sorted(self._tasks)]
+        out = []
+        for n in self.names():
+            task = self.get(n)
+            if task is not None:
+                out.append(task.summary())
+        return out
 
-    def add(self, name: str, labels: Sequence[str], keys: np.ndarray, targets: np.ndarray, text: np.ndarray,
-            replace: bool = False) -> FewShotTask:
-        check_name(name)
-        with self._lock:
-            self.refresh_if_changed()
-            if name in self._tasks and not replace:
-                raise TaskStoreError("task_exists", f"task {name!r} already exists; delete it first", 409)
-            if name not in self._tasks and len(self._tasks) >= self.max_tasks:
-                raise TaskStoreError("too_many_tasks", f"the registry holds at most {self.max_tasks} tasks", 409)
-            task = FewShotTask(
-                name, tuple(labels), np.ascontiguousarray(keys, np.float32), np.asarray(targets, np.int64),
-                np.ascontiguousarray(text, np.float32), created=round(time.time(), 3),
-            )
-            self._save(task)
-            self._tasks[name] = task
-            self._seen_mtime = self._dir_mtime()
-            return task
+    def describe(self) -> str:
+        """Where the tasks live, safe to log (no credentials)."""
+        return type(self).__name__
 
-    def delete(self, name: str) -> bool:
-        check_name(name)
-        with self._lock:
-            self.refresh_if_changed()
-            found = self._tasks.pop(name, None) is not None
-            if self.root is not None:
-                meta_path, tpath = self._files(name)
-                for p in (meta_path, tpath):  # metadata first: a half-deleted task is simply absent
-                    try:
-                        p.unlink()
-                        found = True
-                    except FileNotFoundError:
-                        pass
-                self._seen_mtime = self._dir_mtime()
-            return found
+    def close(self) -> None:
+        """Release connections and threads (a no-op for stores that hold none)."""
+
+
+def new_task(name: str, labels: Sequence[str], keys: np.ndarray, targets: np.ndarray, text: np.ndarray) -> FewShotTask:
+    return FewShotTask(
+        name, tuple(labels), np.ascontiguousarray(keys, np.float32), np.asarray(targets, np.int64),
+        np.ascontiguousarray(text, np.float32), created=round(time.time(), 3),
+    )
+
+
+def task_tensors(task: FewShotTask) -> bytes:
+    """The task's arrays as safetensors bytes (the same layout in every store)."""
+    from safetensors.numpy import save
+
+    return save({"keys": task.keys, "targets": task.targets, "text": task.text})
+
+
+def task_from_record(name: str, labels: Sequence[str], tensors: dict, alpha: float = 1.0, beta: float = 5.5,
+                     created: float = 0.0) -> FewShotTask:
+    """Rebuild and check a stored task (shapes, label range); ValueError when inconsistent."""
+    task = FewShotTask(
+        name, tuple(str(x) for x in labels), np.asarray(tensors["keys"], np.float32),
+        np.asarray(tensors["targets"], np.int64), np.asarray(tensors["text"], np.float32),
+        float(alpha), float(beta), float(created),
+    )
+    C, E = task.text.shape
+    if C != len(task.labels) or task.keys.ndim != 2 or task.keys.shape[1] != E or len(task.targets) != len(task.keys):
+        raise ValueError("tensor shapes do not match the labels")
+    if task.targets.min(initial=0) < 0 or task.targets.max(initial=0) >= C:
+        raise ValueError("example label out of range")
+    return task
+
+
+def _open_directory(location: str, identity: str, max_tasks: int) -> TaskStore:
+    from .tasks_store_dir import DirectoryTaskStore
+
+    root = urlsplit(location).path if location.startswith("file://") else location
+    return DirectoryTaskStore(root or None, identity, max_tasks)
+
+
+def _open_postgres(location: str, identity: str, max_tasks: int) -> TaskStore:
+    from .tasks_store_pg import PostgresTaskStore
+
+    return PostgresTaskStore(location, identity, max_tasks)
+
+
+# location scheme -> opener ("" = a plain path, or memory when the location is empty)
+STORE_SCHEMES: dict[str, Callable[[str, str, int], TaskStore]] = {
+    "": _open_directory,
+    "file": _open_directory,
+    "postgresql": _open_postgres,
+    "postgres": _open_postgres,
+}
+
+
+def store_scheme(location: str) -> str:
+    """The registry key of a location ("" for a plain path); TaskStoreError if unknown."""
+    scheme = urlsplit(location).scheme.lower() if "://" in location else ""
+    if scheme not in STORE_SCHEMES:
+        raise TaskStoreError(
+            "invalid_tasks_store",
+            f"unknown task store {scheme + '://'!r}; use a directory or postgresql://USER@HOST:PORT/DB", 500,
+        )
+    return scheme
+
+
+def open_task_store(location: str, identity: str, max_tasks: int = 256) -> TaskStore:
+    """The store named by `location` (see the module docstring)."""
+    return STORE_SCHEMES[store_scheme(location)](location, identity, max_tasks)
+
+
+def redact(location: str) -> str:
+    """`location` without a password, for logs and --dry-run."""
+    if "://" not in location:
+        return location
+    parts = urlsplit(location)
+    if parts.password is None:
+        return location
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
 
 
 class LRUCache:

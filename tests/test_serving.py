@@ -44,7 +44,7 @@ def png(color=(200, 20, 20), size=(48, 40), fmt="PNG") -> bytes:
 class Server:
     """`clipheads serve` in its own session (so stop() reaches bentoml and every worker)."""
 
-    def __init__(self, head: Path, tasks_dir: Path, log: Path, env_extra: dict | None = None, args: tuple = ()):
+    def __init__(self, head: Path, tasks_dir: Path | None, log: Path, env_extra: dict | None = None, args: tuple = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # own BENTOML_HOME: BentoML keeps its Prometheus multiprocess dir there, shared otherwise
@@ -54,7 +54,8 @@ class Server:
         env.update(env_extra or {})
         self.log = open(log, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "clipheads.serving.cli", str(head), "--port", str(self.port), "--tasks-dir", str(tasks_dir),
+            [sys.executable, "-m", "clipheads.serving.cli", str(head), "--port", str(self.port),
+             *(("--tasks-dir", str(tasks_dir)) if tasks_dir is not None else ()),
              "--model-configs", str(REPO / "tests" / "model_configs"), *args],
             cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
