@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from clipheads.training.backbone import NO_HOOKS, Backbone, PreprocessSpec, TowerHooks
 from clipheads.training.hooks import PromptHooks
 from clipheads.training.methods.base import HeadMethod
+from clipheads.training.text_length import trimmed_text
 
 INPUT_DTYPES = ("uint8", "float32")
 
@@ -139,14 +140,23 @@ class FoldedImageEncoder(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """tokens (N, L) int64 -> L2-normalised text features (N, E): the plain text tower."""
+    """tokens (N, L) int64 -> L2-normalised text features (N, E): the plain text tower.
+
+    With `variable_length`, L may be anything up to the context: callers cut the tokens to
+    `backbone.trimmed_length(tokens)` first (same features, text_length.py); the module itself
+    never trims, so an exported graph holds no data-dependent length."""
 
     def __init__(self, backbone: Backbone):
         super().__init__()
         self.backbone = backbone
 
+    @property
+    def variable_length(self) -> bool:
+        probe = self.backbone.tokenize(["a"]).cpu()
+        return self.backbone.trimmed_length(probe) is not None
+
     def forward(self, tokens: Tensor) -> Tensor:
-        return self.backbone.encode_text(tokens)
+        return self.backbone.encode_text(tokens, trim=False)
 
 
 @dataclass
@@ -172,7 +182,7 @@ class FoldPlan:
 # ---- pure helpers ---------------------------------------------------------------------------
 def class_matrix(head: HeadMethod, task: int) -> Tensor:
     """(C, E) normalised class embeddings of one task, as constants."""
-    with torch.no_grad():
+    with torch.no_grad(), trimmed_text():  # the used text length only: same features, a fraction of the time
         return head.text_features(head.tasks[task].classnames, task).detach().float().cpu()
 
 

@@ -14,11 +14,14 @@ import contextlib
 import io
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from clipheads.training.text_length import LENGTH_BUCKET
+
+from .attention import traceable_text_attention
 from .fold import FoldedImageEncoder, TextEncoder
 
 DEFAULT_OPSET = 17
@@ -49,8 +52,11 @@ def export_module(
     output_names: Sequence[str],
     opset: int = DEFAULT_OPSET,
     exporter: str = "torchscript",
+    extra_axes: Optional[Mapping[str, Mapping[int, str]]] = None,
 ) -> Path:
-    """Export with a dynamic axis 0 on every input and output; check the graph; return its path."""
+    """Export with a dynamic axis 0 ("batch") on every input and output, plus `extra_axes`
+    ({input name: {axis: name}}, e.g. the text graph's sequence axis); check the graph; return
+    its path."""
     if exporter not in EXPORTERS:
         raise ExportError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     if any(a.shape[0] < 2 for a in args):
@@ -59,13 +65,20 @@ def export_module(
     path.parent.mkdir(parents=True, exist_ok=True)
     module = module.eval()
     kw: dict = dict(input_names=list(input_names), output_names=list(output_names), opset_version=opset)
+    extra_axes = {k: dict(v) for k, v in (extra_axes or {}).items()}
+    for name, axes in extra_axes.items():
+        arg = args[list(input_names).index(name)]
+        if any(arg.shape[a] < 2 for a in axes):
+            raise ExportError(f"export {name} with an example size >= 2 on its dynamic axes {sorted(axes)}")
     if exporter == "torchscript":
-        kw["dynamic_axes"] = {n: {0: "batch"} for n in list(input_names) + list(output_names)}
+        kw["dynamic_axes"] = {n: {0: "batch", **extra_axes.get(n, {})} for n in list(input_names) + list(output_names)}
         kw["dynamo"] = False
         kw["do_constant_folding"] = True
     else:
         batch = torch.export.Dim("batch", min=1, max=4096)
-        kw["dynamic_shapes"] = tuple({0: batch} for _ in args)
+        dims = {ax: torch.export.Dim(nm, min=1, max=4096) for axes in extra_axes.values() for ax, nm in axes.items()}
+        kw["dynamic_shapes"] = tuple({0: batch, **{a: dims[a] for a in extra_axes.get(n, {})}}
+                                     for n, _ in zip(input_names, args))
         kw["dynamo"] = True
         kw["external_data"] = False
     try:
@@ -145,10 +158,20 @@ def export_image_graph(encoder: FoldedImageEncoder, path: str | Path, opset: int
 
 
 def export_text_graph(text: TextEncoder, path: str | Path, opset: int = DEFAULT_OPSET,
-                      exporter: str = "torchscript") -> Path:
-    """tokens (N, L) int64 -> features (N, E) normalised."""
-    tokens = text.backbone.tokenize(["a photo of a thing.", "a sketch of two small things."]).cpu()
-    path = export_module(text, (tokens,), path, ["tokens"], ["features"], opset, exporter)
-    set_static_dims(path, {"features": (None, text.backbone.embed_dim)})
+                      exporter: str = "torchscript", variable_length: Optional[bool] = None) -> Path:
+    """tokens (N, L) int64 -> features (N, E) normalised. L is a dynamic axis ("sequence", any
+    length up to the context) when the tower can be trimmed (`text.variable_length`), else the
+    full context. `variable_length=False` forces the full context (what bundles before the
+    variable-length text graph hold)."""
+    bb = text.backbone
+    tokens = bb.tokenize(["a photo of a thing.", "a sketch of two small things."]).cpu()
+    axes = None
+    if text.variable_length if variable_length is None else variable_length:
+        # an example length that is neither 1 nor the context, so neither gets baked in
+        tokens = tokens[:, :min(LENGTH_BUCKET + 5, bb.context_length - 1)]
+        axes = {"tokens": {1: "sequence"}}
+    with traceable_text_attention(bb) if axes else contextlib.nullcontext():
+        path = export_module(text, (tokens,), path, ["tokens"], ["features"], opset, exporter, axes)
+    set_static_dims(path, {"features": (None, bb.embed_dim)})
     check_graph(path)
     return path

@@ -189,16 +189,8 @@ def check_parity(
 
     text = None
     if text_path is not None:
-        texts = [tpl.format(c.replace("_", " ")) for t in plan.tasks for c in t.classnames for tpl in t.templates[:2]]
-        texts = texts[:64] or ["a photo of a thing."]
-        tokens = plan.backbone.tokenize(texts).cpu()
-        with torch.no_grad():
-            ref_t = plan.backbone.encode_text(tokens).float().numpy()
-        (got_t,) = _session(text_path).run(["features"], {"tokens": tokens.numpy().astype(np.int64)})
-        text = {"n": len(texts), "max_abs_diff": float(np.abs(got_t - ref_t).max()), "min_cosine": _cos_min(got_t, ref_t)}
-        min_cos = gate.min_cosine if gate.min_cosine is not None else (0.9999 if precision == "fp32" else 0.99)
-        if text["min_cosine"] < min_cos:
-            failures.append(f"text graph: min cosine {text['min_cosine']:.5f} < {min_cos}")
+        text = check_text_parity(plan, text_path, precision)
+        failures += text.pop("failures")
 
     worst = {
         "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in tasks.values()),
@@ -211,3 +203,37 @@ def check_parity(
         "runtime": "onnxruntime CPUExecutionProvider",
         "probe": probe_desc or {"n": len(probes)}, "worst": worst, "tasks": tasks, "mixed_batch": mixed, "text": text,
     }
+
+
+# the same text graph at the used length vs the full context: fp32 must be identical (issue 17)
+TEXT_LENGTH_TOL = {"fp32": 1e-5, "fp16": 1e-5}
+
+
+def check_text_parity(plan: FoldPlan, text_path: str, precision: str) -> dict:
+    """The text graph vs eager `Backbone.encode_text` (full context) on the tasks' prompts, fed
+    the full context and, for a variable-length graph, the bucketed used length."""
+    gate = GATES[precision]
+    texts = [tpl.format(c.replace("_", " ")) for t in plan.tasks for c in t.classnames for tpl in t.templates[:2]]
+    texts = texts[:64] or ["a photo of a thing."]
+    tokens = plan.backbone.tokenize(texts).cpu()
+    with torch.no_grad():
+        ref = plan.backbone.encode_text(tokens, trim=False).float().numpy()
+    sess = _session(text_path)
+    feeds = {"full": tokens}
+    if plan.text.variable_length:
+        feeds["used"] = tokens[:, :plan.backbone.trimmed_length(tokens)]
+    got = {k: sess.run(["features"], {"tokens": v.numpy().astype(np.int64)})[0] for k, v in feeds.items()}
+    out: dict = {"n": len(texts), "lengths": {k: int(v.shape[1]) for k, v in feeds.items()},
+                 "max_abs_diff": max(float(np.abs(g - ref).max()) for g in got.values()),
+                 "min_cosine": min(_cos_min(g, ref) for g in got.values()), "failures": []}
+    min_cos = gate.min_cosine if gate.min_cosine is not None else (0.9999 if precision == "fp32" else 0.99)
+    if out["min_cosine"] < min_cos:
+        out["failures"].append(f"text graph: min cosine {out['min_cosine']:.5f} < {min_cos}")
+    if "used" in got:
+        diff = float(np.abs(got["used"] - got["full"]).max())
+        out["used_vs_full_max_abs_diff"] = diff
+        tol = TEXT_LENGTH_TOL.get(precision)  # int8: dynamic activation scales depend on the length
+        if tol is not None and diff > tol:
+            out["failures"].append(f"text graph: used length {out['lengths']['used']} differs from the full "
+                                   f"context by {diff:.3g} > {tol:g}")
+    return out

@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 
 from clipheads.training.backbone import PreprocessSpec
 from clipheads.training.methods.base import HeadMethod
+from clipheads.training.text_length import LENGTH_BUCKET
 
 from . import bundle as bundle_io
 from .attention import fused_attention
@@ -139,11 +140,22 @@ def build_manifest(plan: FoldPlan, options: ExportOptions, heads_meta: Sequence[
                                   "num_logits": int(g.encoder.class_matrix.shape[0])} for g in plan.graphs},
         "text": ({"graph": "text.onnx", "context_length": bb.context_length, "tokenizer": bb.arch,
                   # the image graph whose features live in the plain text tower's space (None: no plain path)
-                  "image_graph": next((g.name for g in plan.graphs if g.kind == "plain"), None)}
+                  "image_graph": next((g.name for g in plan.graphs if g.kind == "plain"), None),
+                  **text_length_contract(plan)}
                  if options.text else {}),
         "tensorrt": {"profile": {"min": 1, "opt": min(opt, options.max_batch), "max": options.max_batch},
                      "engines": {}},
     }
+
+
+def text_length_contract(plan: FoldPlan) -> dict:
+    """How a runtime feeds the text graph (BUNDLE.md): `sequence` "dynamic" = tokens may be cut to
+    `text_length(tokens, pool.type, pool.eos_id, bucket=length_bucket)` columns (same features);
+    "fixed" = always the full context."""
+    pool_type, eos_id = plan.backbone.text_pool
+    if not plan.text.variable_length:
+        return {"sequence": "fixed"}
+    return {"sequence": "dynamic", "length_bucket": LENGTH_BUCKET, "pool": {"type": pool_type, "eos_id": eos_id}}
 
 
 def export_heads(

@@ -62,20 +62,33 @@ def build_strategy(trt_version: str, precision: str) -> dict:
     return {"onnx": "fp32", "strongly_typed": False, "fp16_flag": True}
 
 
-def profile_shapes(inputs: list[dict], min_batch: int, opt_batch: int, max_batch: int) -> dict:
-    """{input: (min, opt, max)} shapes from a manifest graph's inputs; the batch dim is dynamic."""
+def profile_shapes(inputs: list[dict], min_batch: int, opt_batch: int, max_batch: int,
+                   ranges: Optional[Mapping[str, tuple[int, int, int]]] = None) -> dict:
+    """{input: (min, opt, max)} shapes from a manifest graph's inputs; the batch dim is dynamic,
+    and so is any other named dim given a (min, opt, max) in `ranges` (the text graph's "sequence")."""
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise ValueError(f"need 1 <= min <= opt <= max batch, got {min_batch}, {opt_batch}, {max_batch}")
+    ranges = dict(ranges or {})
     out = {}
     for inp in inputs:
-        dims = list(inp["shape"])
         rest = []
-        for d in dims[1:]:
-            if not isinstance(d, int):
+        for d in list(inp["shape"])[1:]:
+            if isinstance(d, int):
+                rest.append((d, d, d))
+            elif d in ranges:
+                rest.append(tuple(int(v) for v in ranges[d]))
+            else:
                 raise ValueError(f"input {inp['name']!r} has a dynamic non-batch dim {d!r}; engines need static ones")
-            rest.append(d)
-        out[inp["name"]] = tuple(tuple([b] + rest) for b in (min_batch, opt_batch, max_batch))
+        out[inp["name"]] = tuple(tuple([b] + [r[k] for r in rest]) for k, b in enumerate((min_batch, opt_batch, max_batch)))
     return out
+
+
+def text_length_range(text: Mapping) -> dict:
+    """The text graph's "sequence" profile (min, opt, max) from the manifest's `text` entry."""
+    if text.get("sequence") != "dynamic":
+        return {}
+    ctx = int(text["context_length"])
+    return {"sequence": (1, min(2 * int(text.get("length_bucket", 8)), ctx), ctx)}
 
 
 def engine_tag(gpu_name: str, compute_capability: tuple[int, int] | str, trt_version: str, precision: str,
@@ -347,7 +360,8 @@ def build_bundle_engines(root: str | Path, workspace_gb: float = 2.0, timing_cac
                 report[graph] = {"status": "kept", "engine": old["engine"]}
                 continue
             log(f"{graph}: existing engine not usable here ({why}); rebuilding")
-        shapes = profile_shapes(m["graphs"][src]["inputs"], prof["min"], prof["opt"], prof["max"])
+        shapes = profile_shapes(m["graphs"][src]["inputs"], prof["min"], prof["opt"], prof["max"],
+                                text_length_range(m.get("text") or {}) if graph == b.text_graph else None)
         out = b.root / f".{engine_name(graph, gprec)}.build"
         log(f"{graph}: building {gprec} engine from {src} ({strategy})")
         info = build_engine(b.root / src, out, shapes, gprec, workspace_gb, cache, log)

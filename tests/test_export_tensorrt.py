@@ -60,6 +60,16 @@ def test_profile_shapes_replace_only_the_batch_dim():
         profile_shapes([{"name": "tokens", "shape": ["batch", "len"]}], 1, 1, 2)
 
 
+def test_a_variable_length_text_graph_gets_a_sequence_profile():
+    from clipheads.export.tensorrt import text_length_range
+
+    text = {"sequence": "dynamic", "context_length": 77, "length_bucket": 8}
+    rng = text_length_range(text)
+    assert rng == {"sequence": (1, 16, 77)} and text_length_range({"context_length": 77}) == {}
+    shapes = profile_shapes([{"name": "tokens", "shape": ["batch", "sequence"]}], 1, 32, 64, rng)
+    assert shapes["tokens"] == ((1, 1), (32, 16), (64, 77))
+
+
 def test_engine_compatible_same_everything():
     assert engine_compatible(_tag(), _here()) == (True, "compatible")
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .files import file_sha256
+from .text_length import text_length, trimming
 
 PACKAGED_ARCH = "clipheads-tiny"
 PACKAGED_TAG = "clipheads"
@@ -278,6 +279,19 @@ class Backbone(nn.Module):
         """Token ids on the backbone's device (so callers never juggle devices)."""
         return self.tokenizer(list(texts)).to(self.device)
 
+    @property
+    def text_pool(self) -> tuple[Optional[str], Optional[int]]:
+        """(pool type, eos id) of the text tower: the position its features are read from."""
+        return (self._text.pool_type, self._text.eos_id) if self._text.supported else (None, None)
+
+    def trimmed_length(self, tokens: Tensor) -> Optional[int]:
+        """The bucketed length that gives `tokens` the same features, or None if this tower
+        cannot be trimmed (see text_length.py)."""
+        t = self._text
+        if not t.supported:
+            return None
+        return text_length(tokens, t.pool_type, t.eos_id, causal=t.attn_mask is not None)
+
     def embed_tokens(self, tokens: Tensor) -> Tensor:
         """(N, L) token ids -> (N, L, D_t) frozen word embeddings."""
         self.require_text_tower("token embeddings")
@@ -290,19 +304,32 @@ class Backbone(nn.Module):
         embeddings: Optional[Tensor] = None,
         normalize: bool = True,
         return_tokens: bool = False,
+        trim: Optional[bool] = None,
     ):
         """Text features pooled at the EOT of `tokens`. `embeddings` (N, L, D_t) replaces the word
         embeddings (prompt learners splice their vectors there). `return_tokens` also returns the
-        last block's output (N, L, D_t) before `ln_final` (used by COMMA's distillation)."""
-        if hooks is NO_HOOKS and embeddings is None and not return_tokens:
+        last block's output (N, L, D_t) before `ln_final` (used by COMMA's distillation).
+        `trim`: run only the bucketed used length (`text_length.py`; same features); None follows
+        `trimmed_text()`. Never with `return_tokens`. Shorter-than-context tokens are accepted."""
+        if trim is None:
+            trim = trimming()
+        length = self.trimmed_length(tokens) if trim and not return_tokens else None
+        if length is not None and length < tokens.shape[1]:
+            tokens = tokens[:, :length]
+            embeddings = embeddings[:, :length] if embeddings is not None else None
+        full = tokens.shape[1] == self.context_length
+        if hooks is NO_HOOKS and embeddings is None and not return_tokens and full:
             feats = self.model.encode_text(tokens)
             return F.normalize(feats, dim=-1) if normalize else feats
         t = self._text
-        self.require_text_tower("text hooks")
+        self.require_text_tower("text hooks" if full else "a text length below the context")
         x = embeddings if embeddings is not None else t.token_embedding(tokens)
         x = x + t.positional_embedding[: x.shape[1]].to(x.dtype)
         x = hooks.on_input(x)
-        x = _run_blocks(t.transformer, x, hooks, t.attn_mask)
+        mask = t.attn_mask
+        if mask is not None and mask.shape[0] != x.shape[1]:
+            mask = mask[: x.shape[1], : x.shape[1]]  # the causal mask of the shorter sequence
+        x = _run_blocks(t.transformer, x, hooks, mask)
         last = x
         x = t.ln_final(x)
         from open_clip.transformer import text_global_pool
