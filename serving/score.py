@@ -3,7 +3,8 @@
     clipheads score BUNDLE|HEAD --input DIR|CSV|PARQUET --output OUT.parquet
         [--tasks a,b] [--top-k 5] [--batch-size 64] [--workers N] [--engine local|ray]
         [--embeddings] [--errors FILE] [--runtime auto|onnx|onnx-cpu|onnx-cuda|torch]
-        [--shard-size 4096] [--threads T] [--overwrite] [--json] [--no-progress]
+        [--shard-size 4096] [--commit-every 30] [--follow-symlinks] [--threads T] [--overwrite]
+        [--json] [--no-progress]
 
 Local engine (one process):
 
@@ -32,7 +33,13 @@ Rejected inputs (unreadable, over the byte or pixel cap, not JPEG/PNG/WEBP by th
 are not rows: they are listed in the errors file (`--errors`, default `OUT/_errors.jsonl`; CSV
 when the name ends in .csv) as {index, path, kind, detail}, `kind` being `serving.images`'
 ImageRejected kind (`invalid_image`, `unsupported_format`, `too_many_bytes`, `image_too_large`,
-`bad_aspect_ratio`) or `unreadable`. Every input is either a row or an error record, once.
+`bad_aspect_ratio`), `unreadable`, or a listing kind: `outside_input` (a link leaving the input
+directory, not followed without `--follow-symlinks`), `not_a_file` (a directory named like an
+image, a FIFO/socket/device). Every input is either a row or an error record, once.
+
+Commits: a shard (`--shard-size` inputs) commits when it is done, and a piece of it commits as soon
+as `--commit-every` seconds (30) passed since the last commit, so a killed job loses at most that
+much work even inside a large shard; the next run resumes after the last committed piece.
 
 A run ends with one summary line on stderr (scored, failed, skipped, images/s) and, with
 `--json`, the ScoreSummary as JSON on stdout. images/s is counted from the first decode
@@ -87,6 +94,8 @@ class ScoreJob:
     errors: Optional[str] = None  # default OUT/_errors.jsonl
     runtime: str = "auto"
     shard_size: int = DEFAULT_SHARD_SIZE
+    commit_every_s: float = 30.0  # also commit the work done so far after this long (0: only full shards)
+    follow_symlinks: bool = False  # directory inputs: follow links that leave the input directory
     path_column: str = "path"
     overwrite: bool = False
     progress: bool = True
@@ -115,8 +124,8 @@ class ScoreSummary:
     total: int = 0  # inputs in the listing
     scored: int = 0  # rows written by this run
     failed: int = 0  # rejected by this run
-    skipped: int = 0  # inputs of shards committed by an earlier run (not rescored)
-    shards_committed: int = 0  # by this run
+    skipped: int = 0  # inputs committed by an earlier run (not rescored)
+    shards_committed: int = 0  # parts committed by this run (whole shards, or pieces of one)
     shards_skipped: int = 0
     seconds: float = 0.0
     images_per_s: float = 0.0
@@ -324,6 +333,8 @@ class DecodePipeline:
             self.peak = max(self.peak, self._alive)
 
     def _load(self, item: InputItem):
+        if item.error is not None:  # rejected by the listing (a link out of the input, a directory): never opened
+            return ImageRejected(*item.error)
         try:
             px = self._loader(item.location, self.spec)
         except ImageRejected as err:  # a fresh copy: no traceback/context pinning frames (and bytes) until gc
@@ -415,13 +426,15 @@ class _Stopped(Exception):
 
 
 def _pending_shards(listing: InputListing, job: ScoreJob, store: ShardStore, counts: dict) -> Iterator[Shard]:
-    """The listing's shards that are not committed yet (committed ones are verified and skipped)."""
+    """What the listing's shards still need (committed parts are verified and skipped): whole
+    shards, or the rest of a shard an earlier run committed in part."""
     for shard in listing.shards(job.shard_size):
-        if store.committed(shard):
-            counts["skipped"] += len(shard.items)
+        rest = store.remaining(shard)
+        counts["skipped"] += len(shard.items) - (len(rest.items) if rest else 0)
+        if rest is None:
             counts["shards_skipped"] += 1
             continue
-        yield shard
+        yield rest
 
 
 def _progress(job: ScoreJob, total: int):
@@ -449,8 +462,26 @@ def _run_local(job: ScoreJob, info: dict, listing: InputListing, store: ShardSto
                           job.resolved_workers())
     shard: Optional[Shard] = None
     errors: list[dict] = []
+    piece_start = 0  # first input of the shard not committed yet
+    last_commit = time.monotonic()
     shown_skipped = 0
     busy = {"runtime_s": 0.0, "write_s": 0.0}
+
+    def commit(stop: int) -> None:
+        """Commit the shard's inputs [piece_start, stop): the whole shard, or a piece on time."""
+        nonlocal errors, piece_start, last_commit
+        if stop <= piece_start:
+            return
+        t1 = time.perf_counter()
+        table = cols.table()
+        store.commit(shard.piece(piece_start, stop), table, errors, {"runtime": runtime.name, "engine": "local"})
+        busy["write_s"] += time.perf_counter() - t1
+        summary.shards_committed += 1
+        summary.scored += table.num_rows
+        summary.failed += len(errors)
+        cols.reset()
+        errors, piece_start, last_commit = [], stop, time.monotonic()
+
     try:
         t_wait = time.perf_counter()
         wait_s = 0.0
@@ -460,16 +491,10 @@ def _run_local(job: ScoreJob, info: dict, listing: InputListing, store: ShardSto
                 bar.update(counts["skipped"] - shown_skipped)
                 shown_skipped = counts["skipped"]
             if isinstance(obj, Shard):
-                shard, errors = obj, []
+                shard, errors, piece_start = obj, [], obj.start
                 cols.reset()
             elif obj is _SHARD_END:
-                t1 = time.perf_counter()
-                table = cols.table()
-                store.commit(shard, table, errors, {"runtime": runtime.name, "engine": "local"})
-                busy["write_s"] += time.perf_counter() - t1
-                summary.shards_committed += 1
-                summary.scored += table.num_rows
-                summary.failed += len(errors)
+                commit(shard.stop)
             else:
                 if obj.pixels is not None:
                     t1 = time.perf_counter()
@@ -480,6 +505,10 @@ def _run_local(job: ScoreJob, info: dict, listing: InputListing, store: ShardSto
                 if obj.errors:
                     bar.set_postfix(failed=summary.failed + len(errors), refresh=False)
                 bar.update(len(obj.indices) + len(obj.errors))
+                # batches hold consecutive inputs: everything before `done` is scored or rejected
+                done = 1 + max(obj.indices[-1] if obj.indices else -1, max((e["index"] for e in obj.errors), default=-1))
+                if job.commit_every_s > 0 and time.monotonic() - last_commit >= job.commit_every_s:
+                    commit(done)
             t_wait = time.perf_counter()
         if counts["skipped"] > shown_skipped:
             bar.update(counts["skipped"] - shown_skipped)
@@ -527,6 +556,8 @@ def validate(job: ScoreJob) -> None:
         raise UsageError(f"unknown ray decode mode {job.ray_decode!r}; choose actor or tasks")
     if job.workers < 0 or job.runtime_threads < 0:
         raise UsageError("workers and threads must be >= 0")
+    if job.commit_every_s < 0:
+        raise UsageError("commit-every must be >= 0 seconds")
 
 
 def score(job: ScoreJob, runtime=None) -> ScoreSummary:
@@ -538,7 +569,7 @@ def score(job: ScoreJob, runtime=None) -> ScoreSummary:
     info = source_info(job.source)
     out = Path(job.output).expanduser().resolve()
     errors_file = Path(job.errors).expanduser().resolve() if job.errors else out / "_errors.jsonl"
-    listing = InputListing(job.input, job.path_column, exclude=[out, errors_file])
+    listing = InputListing(job.input, job.path_column, exclude=[out, errors_file], follow_symlinks=job.follow_symlinks)
     identity = job_identity(job, info, listing)
     if job.engine == "local" and runtime is None:  # a broken bundle fails before OUT is touched
         from .runtime import open_runtime
@@ -593,6 +624,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--errors", default=None, help="errors file (JSONL, or CSV if it ends in .csv); default OUT/_errors.jsonl")
     p.add_argument("--runtime", choices=RUNTIMES, default="auto")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="inputs per committed Parquet part")
+    p.add_argument("--commit-every", type=float, default=30.0, metavar="SECONDS",
+                   help="also commit the work done so far after this many seconds (default 30; 0: only full shards)")
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="directory input: follow links that leave the directory (default: listed as outside_input)")
     p.add_argument("--path-column", default="path", help="column of the CSV/Parquet listing that holds image paths")
     p.add_argument("--max-bytes", type=int, default=None, help="per-file byte cap (default 20 MiB)")
     p.add_argument("--max-pixels", type=int, default=None, help="per-image pixel cap read from the header (default 40 MP)")
@@ -616,6 +651,7 @@ def job_from_args(args: argparse.Namespace) -> ScoreJob:
         source=args.source, input=args.input, output=args.output, tasks=tasks, top_k=args.top_k,
         batch_size=args.batch_size, workers=args.workers, engine=args.engine, embeddings=args.embeddings,
         errors=args.errors, runtime=args.runtime, shard_size=args.shard_size, path_column=args.path_column,
+        commit_every_s=args.commit_every, follow_symlinks=args.follow_symlinks,
         overwrite=args.overwrite, progress=not args.no_progress, max_bytes=args.max_bytes,
         max_pixels=args.max_pixels, device=args.device, runtime_threads=args.threads, ray_address=args.ray_address,
         ray_num_gpus=args.ray_num_gpus, ray_num_cpus=args.ray_num_cpus, ray_decode=args.ray_decode,

@@ -29,6 +29,8 @@ from .shards import InputListing, Shard, ShardStore
 
 ERROR_KIND = "_error_kind"
 ERROR_DETAIL = "_error_detail"
+LISTING_KIND = "listing_error_kind"
+LISTING_DETAIL = "listing_error_detail"
 
 
 def decode_batch(batch, info: dict, max_bytes: Optional[int], max_pixels: Optional[int], threads: int = 1) -> dict:
@@ -38,8 +40,9 @@ def decode_batch(batch, info: dict, max_bytes: Optional[int], max_pixels: Option
 
     spec = decode_spec(info, _Job(source="", input="", output="", max_bytes=max_bytes, max_pixels=max_pixels))
     locs = batch.column("location").to_pylist()
+    listed = _listing_errors(batch)
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        results = list(pool.map(lambda loc: _safe_load(loc, spec), locs))
+        results = list(pool.map(lambda a: _safe_load(a[0], spec, a[1]), zip(locs, listed)))
     s = spec.image_size
     pixels = np.zeros((len(locs), 3, s, s), np.uint8)
     kinds, details = [], []
@@ -55,7 +58,16 @@ def decode_batch(batch, info: dict, max_bytes: Optional[int], max_pixels: Option
             "pixels": pixels, ERROR_KIND: np.asarray(kinds, object), ERROR_DETAIL: np.asarray(details, object)}
 
 
-def _safe_load(loc: str, spec):
+def _listing_errors(batch) -> list:
+    """Per row: the listing's (kind, detail) rejection, or None (the file is to be read)."""
+    kinds = batch.column(LISTING_KIND).to_pylist()
+    details = batch.column(LISTING_DETAIL).to_pylist()
+    return [(k, d) if k else None for k, d in zip(kinds, details)]
+
+
+def _safe_load(loc: str, spec, listing_error=None):
+    if listing_error is not None:  # a link out of the input directory, a directory: never opened
+        return ImageRejected(*listing_error)
     try:
         return load_item(loc, spec)
     except ImageRejected as err:  # a fresh copy: no traceback pinning frames
@@ -107,7 +119,8 @@ class RayScorer:
         else:  # names: decode here
             index = batch.column("index").to_pylist()
             keys = batch.column("path").to_pylist()
-            results = list(self.pool.map(self._load, batch.column("location").to_pylist()))
+            results = list(self.pool.map(lambda a: _safe_load(a[0], self.spec, a[1]),
+                                         zip(batch.column("location").to_pylist(), _listing_errors(batch))))
             ok = [i for i, r in enumerate(results) if not isinstance(r, ImageRejected)]
             pixels = np.stack([results[i] for i in ok]) if ok else None
         bad = [i for i, r in enumerate(results) if isinstance(r, ImageRejected)]
@@ -191,6 +204,8 @@ def run_ray(job: ScoreJob, info: dict, listing: InputListing, store: ShardStore,
                     "index": pa.array([it.index for it in chunk], pa.int64()),
                     "path": pa.array([it.key for it in chunk], pa.string()),
                     "location": pa.array([it.location for it in chunk], pa.string()),
+                    LISTING_KIND: pa.array([it.error[0] if it.error else None for it in chunk], pa.string()),
+                    LISTING_DETAIL: pa.array([it.error[1] if it.error else None for it in chunk], pa.string()),
                 }))
         env = {k: v for k, v in os.environ.items() if k.startswith("CLIPHEADS_") or k == "HF_HUB_OFFLINE"}
         workers = job.workers if job.workers > 0 else _default_workers(job)
@@ -219,10 +234,19 @@ def run_ray(job: ScoreJob, info: dict, listing: InputListing, store: ShardStore,
         by_id = {s.id: s for s in pending}
         cur: Optional[int] = None
         pieces: list = []
+        piece_start = {s.id: s.start for s in pending}  # first input of each shard not committed yet
+        last_commit = time.monotonic()
 
-        def commit(sid: int) -> None:
+        def commit(sid: int, stop: Optional[int] = None) -> None:
+            """Commit shard `sid`'s inputs [piece_start, stop) (default: to its end)."""
+            nonlocal pieces, last_commit
             t = pa.concat_tables(pieces) if pieces else None
-            shard = by_id[sid]
+            pieces = []
+            shard = by_id[sid].piece(piece_start[sid], by_id[sid].stop if stop is None else stop)
+            piece_start[sid] = shard.stop
+            last_commit = time.monotonic()
+            if not shard.items:
+                return
             if t is None:
                 t = Columns(tasks, job.top_k, job.embeddings).table().append_column(
                     ERROR_KIND, pa.nulls(0, pa.string())).append_column(ERROR_DETAIL, pa.nulls(0, pa.string()))
@@ -251,9 +275,10 @@ def run_ray(job: ScoreJob, info: dict, listing: InputListing, store: ShardStore,
                 part = out.filter(pa.array(sids == sid))
                 if cur is not None and sid != cur:
                     commit(cur)
-                    pieces = []
                 cur = int(sid)
                 pieces.append(part)
+            if cur is not None and job.commit_every_s > 0 and time.monotonic() - last_commit >= job.commit_every_s:
+                commit(cur, int(idx.max()) + 1)  # rows come in input order: all before it are here
             bar.update(out.num_rows)
             seen += out.num_rows
             if first is None:  # actors are up and the first batch is through
@@ -265,7 +290,7 @@ def run_ray(job: ScoreJob, info: dict, listing: InputListing, store: ShardStore,
             summary.extra["first_batch_s"] = round(first[0] - counts["t_start"], 3)
             if t_end > first[0] and seen > first[1]:
                 summary.extra["steady_images_per_s"] = round((seen - first[1]) / (t_end - first[0]), 2)
-        missing = [s.id for s in pending if s.id not in store.shards]
+        missing = [s.id for s in pending if store.remaining(s) is not None]
         if missing:
             raise RuntimeError(f"ray engine finished without results for shards {missing[:10]}")
     finally:

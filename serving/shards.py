@@ -5,19 +5,28 @@ Input: a directory (recursive, sorted, hidden names skipped), a CSV or a Parquet
 `i // shard_size`: a shard is a fixed slice of the inputs, identified by its number, its input
 range and a sha256 of its keys.
 
+Directory inputs: links are followed only while their target stays inside the input directory
+(`follow_symlinks=True` follows any link; directories are entered once each, so link loops end).
+A link leaving it, a directory named like an image file (`x.png/`) and a special file (FIFO,
+socket, device) are listed as error records (`outside_input`, `not_a_file`), never opened and never
+dropped silently.
+
 Output: `OUT.parquet/` is a directory readable as one dataset (`pyarrow.dataset`, pandas, Spark,
 DuckDB `read_parquet('OUT.parquet/*.parquet')`):
 
     OUT.parquet/
-      _manifest.json            job identity + every committed shard (the source of truth)
+      _manifest.json            job identity + every committed part (the source of truth)
       part-00000.parquet        scored rows of inputs [0, shard_size)
       part-00001.parquet        ...
-      _errors/part-00000.jsonl  rejected inputs of shard 0 (one JSON object per line)
+      part-00002-01733.parquet  a shard committed in pieces: inputs [2*S + 1733, ...) of shard 2
+      _errors/part-00000.jsonl  rejected inputs of that part (one JSON object per line)
 
-A shard commits in three atomic steps (write a temp file, fsync, rename, fsync the directory):
-its errors, its Parquet part, then the manifest that lists it. A crash at any point leaves either
-a committed shard or one that is not in the manifest and is recomputed (and overwritten) on the
-next run; a committed shard is never rescored and rows are never duplicated.
+A part is a contiguous range of one shard: the whole shard, or a piece committed early because
+`commit_every_s` passed (so a killed job loses at most that much work even inside a large shard).
+A part commits in three atomic steps (write a temp file, fsync, rename, fsync the directory): its
+errors, its Parquet file, then the manifest that lists it. A crash at any point leaves either a
+committed part or one that is not in the manifest and is recomputed (and overwritten) on the next
+run; a committed part is never rescored and rows are never duplicated.
 """
 from __future__ import annotations
 
@@ -45,11 +54,16 @@ class OutputConflict(ValueError):
 
 
 # ---- input listing ---------------------------------------------------------------------------
+# Names that look like image files: a directory with one of these suffixes is listed as an error.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
 @dataclass(frozen=True)
 class InputItem:
     index: int  # position in the listing: the row's identity
     key: str  # what the output's `path` column holds (relative to DIR, or as written in the manifest)
     location: str  # the file to read
+    error: Optional[tuple[str, str]] = None  # (kind, detail) when the listing already rejects it
 
 
 @dataclass(frozen=True)
@@ -70,16 +84,22 @@ class Shard:
             h.update(b"\n")
         return h.hexdigest()
 
+    def piece(self, start: int, stop: int) -> "Shard":
+        """The inputs [start, stop) of this shard, as a shard with the same id."""
+        return Shard(self.id, start, self.items[start - self.start:stop - self.start])
+
 
 class InputListing:
     """Iterates (key, location) in a fixed order without holding the whole listing."""
 
-    def __init__(self, source: str | os.PathLike, path_column: str = "path", exclude: Sequence[Path] = ()):
+    def __init__(self, source: str | os.PathLike, path_column: str = "path", exclude: Sequence[Path] = (),
+                 follow_symlinks: bool = False):
         src = Path(source).expanduser()
         if not src.exists():
             raise InputError(f"input not found: {src}")
         self.source = src.resolve()
         self.path_column = path_column
+        self.follow_symlinks = follow_symlinks
         self._exclude = {str(Path(p).resolve()) for p in exclude}  # compared with scandir paths under the resolved root
         if src.is_dir():
             self.kind = "dir"
@@ -92,7 +112,10 @@ class InputListing:
         self._check()
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "source": str(self.source), "path_column": self.path_column if self.kind != "dir" else None}
+        d = {"kind": self.kind, "source": str(self.source), "path_column": self.path_column if self.kind != "dir" else None}
+        if self.kind == "dir" and self.follow_symlinks:
+            d["follow_symlinks"] = True  # which inputs are errors differs: part of the job's identity
+        return d
 
     # -- readers --
     def _check(self) -> None:
@@ -111,26 +134,46 @@ class InputListing:
             if self.path_column not in schema.names:
                 raise InputError(f"{self.source}: Parquet has no {self.path_column!r} column (columns: {schema.names})")
 
-    def _walk(self, d: Path, rel: str) -> Iterator[tuple[str, str]]:
+    def _inside(self, real: str) -> bool:
+        root = str(self.source)
+        return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+    def _walk(self, d: Path, rel: str, seen: set) -> Iterator[tuple[str, str, Optional[tuple[str, str]]]]:
+        """(key, location, listing error or None) in sorted order; `seen`: directories entered."""
         try:
+            st = os.stat(d)
             entries = sorted(os.scandir(d), key=lambda e: e.name)
         except OSError:
             return  # an unreadable subdirectory has no listable files
+        if (st.st_dev, st.st_ino) in seen:
+            return  # a link loop, or a directory reached twice through links
+        seen.add((st.st_dev, st.st_ino))
         for e in entries:
-            if e.name.startswith("."):
+            if e.name.startswith(".") or e.path in self._exclude:
                 continue
             key = f"{rel}{e.name}"
             try:
-                if e.is_dir(follow_symlinks=False):
-                    if e.path in self._exclude:
+                path = e.path
+                if e.is_symlink():
+                    path = os.path.realpath(e.path)
+                    if not self.follow_symlinks and not self._inside(path):
+                        yield key, e.path, ("outside_input", "a symbolic link to outside the input directory "
+                                                             "(not followed; --follow-symlinks to score it)")
                         continue
-                    yield from self._walk(Path(e.path), key + "/")
-                elif e.is_file(follow_symlinks=True) or e.is_symlink():
-                    if e.path in self._exclude:
+                    if path in self._exclude:
                         continue
-                    yield key, e.path  # a dangling link is listed and reported as unreadable
+                if os.path.isdir(path) if path != e.path else e.is_dir(follow_symlinks=False):
+                    if key.lower().endswith(IMAGE_SUFFIXES):
+                        yield key, path, ("not_a_file", "a directory named like an image file")
+                    yield from self._walk(Path(path), key + "/", seen)
+                elif path != e.path and not os.path.exists(path):
+                    yield key, e.path, None  # a dangling link inside the root: reported as unreadable
+                elif os.path.isfile(path) if path != e.path else e.is_file(follow_symlinks=False):
+                    yield key, path, None
+                else:
+                    yield key, path, ("not_a_file", "not a regular file (FIFO, socket or device)")
             except OSError:
-                yield key, e.path
+                yield key, e.path, None
 
     def _rows(self) -> Iterator[str]:
         if self.kind == "csv":
@@ -144,14 +187,15 @@ class InputListing:
                 for v in batch.column(0).to_pylist():
                     yield "" if v is None else str(v)
 
-    def __iter__(self) -> Iterator[tuple[str, str]]:
+    def __iter__(self) -> Iterator[tuple[str, str, Optional[tuple[str, str]]]]:
+        """(key, location, listing error or None) for every input, in the fixed order."""
         if self.kind == "dir":
-            yield from self._walk(self.source, "")
+            yield from self._walk(self.source, "", set())
             return
         base = str(self.source.parent)
         for p in self._rows():  # os.path, not pathlib: pathlib interns every path part
             loc = os.path.expanduser(p) if p.startswith("~") else p
-            yield p, loc if os.path.isabs(loc) else os.path.join(base, loc)
+            yield p, loc if os.path.isabs(loc) else os.path.join(base, loc), None
 
     def count(self) -> int:
         """Number of inputs (a cheap pass: names only, nothing is opened)."""
@@ -165,8 +209,8 @@ class InputListing:
         """Fixed slices of `shard_size` inputs; only the current shard's names are held."""
         buf: list[InputItem] = []
         sid = 0
-        for i, (key, loc) in enumerate(self):
-            buf.append(InputItem(i, key, loc))
+        for i, (key, loc, err) in enumerate(self):
+            buf.append(InputItem(i, key, loc, err))
             if len(buf) == shard_size:
                 yield Shard(sid, i + 1 - shard_size, tuple(buf))
                 sid, buf = sid + 1, []
@@ -203,8 +247,14 @@ def atomic_write(path: Path, write) -> None:
     _fsync_dir(path.parent)
 
 
-def part_name(shard_id: int) -> str:
-    return f"part-{shard_id:05d}.parquet"
+def part_id(shard_id: int, offset: int = 0) -> str:
+    """The manifest key of a part: the shard number, plus the piece's offset inside the shard when
+    it does not start the shard."""
+    return f"{shard_id:05d}" if offset == 0 else f"{shard_id:05d}-{offset:05d}"
+
+
+def part_name(shard_id: int, offset: int = 0) -> str:
+    return f"part-{part_id(shard_id, offset)}.parquet"
 
 
 # Job identity fields that must match for a run to continue an existing output.
@@ -217,7 +267,8 @@ class ShardStore:
     def __init__(self, out: str | os.PathLike, identity: dict, overwrite: bool = False):
         self.root = Path(out).expanduser().resolve()
         self.identity = identity
-        self.shards: dict[int, dict] = {}
+        self.shard_size = int(identity.get("shard_size") or 0)
+        self.shards: dict[str, dict] = {}  # committed parts by part_id (a whole shard: its number)
         mpath = self.root / MANIFEST
         if self.root.exists() and not self.root.is_dir():
             raise OutputConflict(f"{self.root} exists and is not a directory")
@@ -237,7 +288,7 @@ class ShardStore:
                     f"{self.root} holds a different job (differs in: {', '.join(diff)}); "
                     "use another --output, or --overwrite to discard it"
                 )
-            self.shards = {int(k): v for k, v in (m.get("shards") or {}).items()}
+            self.shards = {str(k): v for k, v in (m.get("shards") or {}).items()}
             self.created = m.get("created")
         else:
             if self.root.exists() and any(p.name != ERRORS_DIR and not p.name.startswith(".") for p in self.root.iterdir()):
@@ -264,41 +315,67 @@ class ShardStore:
             if p.name.startswith(".") or p.with_suffix(".parquet").name not in keep:
                 p.unlink()
 
-    def committed(self, shard: Shard) -> bool:
-        """True when `shard` was committed by an earlier run; raises if its inputs changed since."""
-        rec = self.shards.get(shard.id)
-        if rec is None:
-            return False
-        if (rec["start"], rec["stop"], rec["keys_sha256"]) != (shard.start, shard.stop, shard.keys_sha256):
-            raise OutputConflict(
-                f"the inputs of committed shard {shard.id} ({rec['file']}) changed since it was written "
-                f"(inputs {rec['start']}..{rec['stop']}); use a new --output or --overwrite"
-            )
-        return (self.root / rec["file"]).is_file()
+    def _parts_of(self, shard_id: int) -> list[tuple[str, dict]]:
+        return sorted(((k, v) for k, v in self.shards.items() if int(v.get("shard", k.split("-")[0])) == shard_id),
+                      key=lambda kv: kv[1]["start"])
 
-    def commit(self, shard: Shard, table, errors: list[dict], extra: Optional[dict] = None) -> dict:
-        """Atomically publish one shard: errors sidecar, Parquet part, then the manifest."""
+    def remaining(self, shard: Shard) -> Optional[Shard]:
+        """The part of `shard` no earlier run committed (None: all of it is committed). Raises
+        OutputConflict if the inputs under a committed part changed since it was written."""
+        covered = shard.start
+        for key, rec in self._parts_of(shard.id):
+            if rec["stop"] <= shard.start:
+                continue  # before this piece of the shard
+            piece = shard.piece(rec["start"], rec["stop"])
+            if rec["start"] != covered or rec["stop"] > shard.stop or piece.keys_sha256 != rec["keys_sha256"]:
+                raise OutputConflict(
+                    f"the inputs of committed part {rec['file']} changed since it was written "
+                    f"(inputs {rec['start']}..{rec['stop']}); use a new --output or --overwrite"
+                )
+            if not (self.root / rec["file"]).is_file():
+                break  # lost: recompute from here (the parts after it are overwritten too)
+            covered = rec["stop"]
+        if covered == shard.stop:
+            return None
+        return shard.piece(covered, shard.stop)
+
+    def committed(self, shard: Shard) -> bool:
+        """True when all of `shard` was committed by an earlier run."""
+        return self.remaining(shard) is None
+
+    def commit(self, piece: Shard, table, errors: list[dict], extra: Optional[dict] = None) -> dict:
+        """Atomically publish one part (a whole shard or a piece of one): errors sidecar, Parquet
+        file, then the manifest."""
         import pyarrow.parquet as pq
 
-        name = part_name(shard.id)
+        offset = piece.start - piece.id * self.shard_size if self.shard_size else 0
+        key, name = part_id(piece.id, offset), part_name(piece.id, offset)
         err_path = self.root / ERRORS_DIR / name.replace(".parquet", ".jsonl")
         lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors).encode("utf-8")
         atomic_write(err_path, lambda f: f.write(lines))
         atomic_write(self.root / name, lambda f: pq.write_table(table, f, compression="zstd"))
         rec = {
             "file": name,
-            "start": shard.start,
-            "stop": shard.stop,
-            "first": shard.items[0].key if shard.items else None,
-            "last": shard.items[-1].key if shard.items else None,
-            "keys_sha256": shard.keys_sha256,
+            "shard": piece.id,
+            "start": piece.start,
+            "stop": piece.stop,
+            "first": piece.items[0].key if piece.items else None,
+            "last": piece.items[-1].key if piece.items else None,
+            "keys_sha256": piece.keys_sha256,
             "rows": table.num_rows,
             "errors": len(errors),
             "committed_at": time.time(),
             **(extra or {}),
         }
-        self.shards[shard.id] = rec
+        replaced = [k for k, old in self._parts_of(piece.id) if old["start"] >= piece.start and k != key]
+        for k in replaced:  # parts this one supersedes (recomputed after a lost file)
+            self.shards.pop(k)
+        self.shards[key] = rec
         self.write_manifest()
+        for k in replaced:
+            name_k = part_name(piece.id, int(k.split("-")[1]) if "-" in k else 0)
+            (self.root / name_k).unlink(missing_ok=True)
+            (self.root / ERRORS_DIR / name_k.replace(".parquet", ".jsonl")).unlink(missing_ok=True)
         return rec
 
     def write_manifest(self, complete: bool = False, summary: Optional[dict] = None) -> None:
@@ -311,7 +388,7 @@ class ShardStore:
             "complete": complete,
             "rows": sum(v["rows"] for v in self.shards.values()),
             "errors": sum(v["errors"] for v in self.shards.values()),
-            "shards": {f"{k:05d}": self.shards[k] for k in sorted(self.shards)},
+            "shards": {k: self.shards[k] for k in sorted(self.shards, key=lambda k: self.shards[k]["start"])},
         }
         if summary:
             m["last_run"] = summary
@@ -319,8 +396,8 @@ class ShardStore:
         atomic_write(self.root / MANIFEST, lambda f: f.write(data))
 
     def iter_errors(self) -> Iterator[dict]:
-        for k in sorted(self.shards):
-            p = self.root / ERRORS_DIR / self.shards[k]["file"].replace(".parquet", ".jsonl")
+        for rec in sorted(self.shards.values(), key=lambda r: r["start"]):
+            p = self.root / ERRORS_DIR / rec["file"].replace(".parquet", ".jsonl")
             if p.is_file():
                 with open(p, encoding="utf-8") as f:
                     for line in f:
