@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-from clipheads.training.files import file_sha256
+from clipheads.training.files import apply_umask, file_sha256
 
 FORMAT = "clipheads-bundle"
 FORMAT_VERSION = 1
@@ -54,6 +54,7 @@ def write_bundle(out: str | os.PathLike, manifest: Mapping, files: Mapping[str, 
         raise BundleError(f"{out} exists and is not a clipheads bundle; refusing to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    apply_umask(tmp, is_dir=True)  # mkdtemp creates 0700; the bundle is published with the umask's mode
     try:
         graphs = {}
         for name, src in files.items():

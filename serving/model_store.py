@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from clipheads.training.files import apply_umask
+
 FRAMEWORK = "clipheads"
 HEAD_FILE = "model.head.safetensors"
 BUNDLE_DIR = "bundle"
@@ -66,10 +68,14 @@ def save(source: str | Path, name: Optional[str] = None) -> str:
     with bentoml.models.create(name or default_name(src), labels={"framework": FRAMEWORK, "kind": kind},
                                metadata=meta) as model:
         dest = Path(model.path)
+        # plain copies (new files get the umask's mode), not the source's modes: a head written
+        # 0600 by an older clipheads must still be readable by the Bento's container user
         if kind == "bundle":
-            shutil.copytree(src, dest / BUNDLE_DIR)
+            shutil.copytree(src, dest / BUNDLE_DIR, copy_function=shutil.copyfile)
+            for d in [dest / BUNDLE_DIR, *(p for p in (dest / BUNDLE_DIR).rglob("*") if p.is_dir())]:
+                apply_umask(d, is_dir=True)
         else:
-            shutil.copy2(src, dest / HEAD_FILE)
+            shutil.copyfile(src, dest / HEAD_FILE)
     return str(model.tag)
 
 

@@ -235,6 +235,11 @@ def test_few_shot_register_classify_list_delete_and_restart(server, head_file, e
     listed = httpx.get(server.url + "/tasks", timeout=10).json()["tasks"]
     assert {t["name"]: t["kind"] for t in listed} == {"color": "bundle", "shape": "bundle", "redblue": "few_shot"}
     assert (server.tasks_dir / "redblue.json").is_file()
+    from clipheads.training.files import default_mode  # the server's files follow its umask (issue 16.9)
+
+    assert oct(server.tasks_dir.stat().st_mode & 0o777) == oct(default_mode(is_dir=True))
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in server.tasks_dir.iterdir()} == {
+        p.name: oct(default_mode()) for p in server.tasks_dir.iterdir()}
 
     # a second registration survives a restart on the same task directory
     r = post(server, "/tasks", files=files[:1] + files[2:3], data={"name": "keep", "labels": '["r", "b"]',

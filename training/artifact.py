@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import __version__
+from .files import apply_umask
 from .backbone import Backbone, PreprocessSpec, load_backbone
 from .methods.base import HeadMethod, MethodError, TaskSpec, build_method
 
@@ -117,6 +118,7 @@ def save_head(head_or_artifact: HeadMethod | HeadArtifact, path: str | Path, tra
     tmp = path.with_name(path.name + ".tmp")
     tensors = {k: v.contiguous() for k, v in art.tensors.items()}
     save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(art.metadata(), sort_keys=True)})
+    apply_umask(tmp)  # safetensors creates 0600
     tmp.replace(path)  # atomic: a crash never leaves a half-written head
     return path
 

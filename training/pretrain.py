@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import synth
+from .files import apply_umask
 
 ARCH = "clipheads-tiny"
 CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
@@ -326,7 +327,7 @@ def save_weights(model: nn.Module, path: Path, meta: dict, half: bool = False) -
     sd = {k: (v.half() if half and v.is_floating_point() else v).contiguous().clone() for k, v in model.state_dict().items()}
     tmp = path.with_suffix(".tmp")
     save_file(sd, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
-    os.chmod(tmp, 0o644)
+    apply_umask(tmp)  # safetensors creates 0600
     os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
 
 
