@@ -24,6 +24,7 @@ TRAINING_COMMANDS = {
     "info": "what a head file holds (method, backbone, tasks, metrics)",
     "methods": "list the methods with their trainable-parameter counts on a backbone",
     "data": "generate the synthetic world (`clipheads data synth OUT`)",
+    "convert": "an OpenAI .pt / state-dict checkpoint -> open_clip safetensors (records the activation)",
 }
 
 

@@ -40,8 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="vision attention as one com.microsoft.MultiHeadAttention node (default; faster at batch "
                         ">= 16, slower at batch 1 on the CPU: --no-fused-attention for single-image latency)")
     p.add_argument("--no-text", action="store_true", help="no text graph (no request-time labels)")
-    p.add_argument("--backbone-weights", default=None,
-                   help="open_clip weights to load instead of the heads' recorded --pretrained (tag, path or none)")
+    p.add_argument("--pretrained", "--backbone-weights", dest="backbone_weights", default=None, metavar="WEIGHTS",
+                   help="where the heads' backbone weights are now (path, tag or hf-hub id) if not where they were "
+                        "trained; checked against the recorded sha256")
     p.add_argument("--probes", type=int, default=24, help="probe images for the parity gate")
     p.add_argument("--allow-parity-failure", action="store_true", help="write the bundle even if the gate fails")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
@@ -78,10 +79,11 @@ def _register_extra_model_configs() -> None:
                 open_clip.add_model_config(d)
 
 
-def load_heads(paths: Sequence[str], backbone_weights: Optional[str] = None):
-    """Read head files and build them on one shared backbone -> (heads, heads_meta, preprocess)."""
+def load_heads(paths: Sequence[str], backbone_weights: Optional[str] = None, log=None):
+    """Read head files and build them on one shared backbone -> (heads, heads_meta, preprocess).
+    `backbone_weights`: where the weights are now (sha256-checked against the heads' record)."""
     from clipheads.training.artifact import load_head
-    from clipheads.training.backbone import load_backbone
+    from clipheads.training.backbone_record import record_differences
 
     from .fold import FoldError
 
@@ -89,8 +91,9 @@ def load_heads(paths: Sequence[str], backbone_weights: Optional[str] = None):
     arts = [load_head(p) for p in paths]
     first = arts[0]
     for p, a in zip(paths[1:], arts[1:]):
-        if (a.backbone.get("arch"), a.backbone.get("pretrained")) != (first.backbone.get("arch"), first.backbone.get("pretrained")):
-            raise FoldError(f"{p}: backbone {a.backbone} differs from {paths[0]}'s {first.backbone}; "
+        diffs = record_differences(first.backbone, a.backbone)
+        if diffs:
+            raise FoldError(f"{p}: backbone differs from {paths[0]}'s ({'; '.join(diffs)}); "
                             "one bundle holds heads of one backbone")
         if a.preprocess != first.preprocess:
             raise FoldError(f"{p}: preprocessing differs from {paths[0]}'s")
@@ -101,7 +104,7 @@ def load_heads(paths: Sequence[str], backbone_weights: Optional[str] = None):
         if not cls.foldable:
             raise FoldError(f"{p}: method {a.method!r} is not foldable into [image graph + constant class matrix]"
                             f" ({cls.summary}); serve the head file with the PyTorch runtime instead")
-    backbone = load_backbone(first.backbone["arch"], backbone_weights or first.backbone.get("pretrained"))
+    backbone = first.open_backbone(backbone_weights, log=log)
     heads = [a.build(backbone) for a in arts]
     meta = [{"file": str(p), "method": a.method, "config": a.method_config, "tasks": [t.name for t in a.tasks],
              "training": {k: a.training[k] for k in ("data", "shots", "seed", "metrics") if k in a.training}}
@@ -133,7 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         options.validate()
         _say(f"loading {len(args.heads)} head(s)")
-        heads, meta, preprocess = load_heads(args.heads, args.backbone_weights)
+        heads, meta, preprocess = load_heads(args.heads, args.backbone_weights, log=_say)
         result = export_heads(heads, args.out, options, meta, preprocess, args.allow_parity_failure, log=_say)
     except (ExportUsageError, FoldError, ArtifactError, BackboneError, MethodError) as err:
         _say(f"error: {err}")

@@ -132,7 +132,7 @@ def build_manifest(plan: FoldPlan, options: ExportOptions, heads_meta: Sequence[
         "exporter": options.exporter, "max_batch": options.max_batch,
         "runtime_versions": runtime_versions(),
         "preprocess": pre,
-        "backbone": {"arch": bb.arch, "pretrained": bb.pretrained, "weights_sha256": bb.weights_sha256},
+        "backbone": bb.record(),  # everything that defines the backbone's forward (training/backbone_record.py)
         "logit_scale": plan.logit_scale,
         "heads": list(heads_meta),
         "tasks": [t.to_json() for t in plan.tasks],

@@ -48,3 +48,12 @@ def rn_backbone():
 def vitb16_backbone():
     """Real-size ViT-B/16 with random weights: parameter counts are checked on it."""
     return make_backbone("ViT-B-16")
+
+
+@pytest.fixture(scope="session")
+def openai_vitb16(tmp_path_factory):
+    """Full-size random-init OpenAI-format ViT-B/16 weights (fp16 safetensors file) and OpenAI's own
+    CLIP features on fixed probes (tests/reference_clip.py); shared by the reference-CLIP tests."""
+    from reference_clip import openai_case
+
+    return openai_case("ViT-B-16", tmp_path_factory.mktemp("openai_vitb16"))

@@ -6,23 +6,22 @@ Everything the file claims is validated against the method it names before a ten
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
 from . import __version__
 from .files import apply_umask
-from .backbone import Backbone, PreprocessSpec, load_backbone
+from .backbone import Backbone, PreprocessSpec
+from .backbone_record import open_head_backbone, record_differences
 from .methods.base import HeadMethod, MethodError, TaskSpec, build_method
 
 FORMAT_VERSION = 1
 METADATA_KEY = "clipheads"
 SUFFIX = ".head.safetensors"
-_MAX_HEADER_BYTES = 64 << 20  # a head's JSON header is KBs; refuse absurd claims before reading
 
 
 class ArtifactError(ValueError):
@@ -33,7 +32,7 @@ class ArtifactError(ValueError):
 class HeadArtifact:
     method: str
     method_config: dict
-    backbone: dict  # {arch, pretrained, weights_sha256}
+    backbone: dict  # the backbone record: {arch, pretrained, weights_sha256, act, ...} (backbone_record.py)
     tasks: tuple[TaskSpec, ...]
     preprocess: PreprocessSpec
     training: dict
@@ -52,11 +51,17 @@ class HeadArtifact:
             "package_version": self.package_version,
         }
 
-    def build(self, backbone: Optional[Backbone] = None, device: str = "cpu") -> HeadMethod:
-        """Instantiate the method on `backbone` (loaded from the recorded spec if None) and load
-        the tensors strictly: a missing, extra or mis-shaped tensor is an ArtifactError."""
+    def open_backbone(self, weights_override: Optional[str] = None, device: str = "cpu",
+                      log: Optional[Callable[[str], None]] = None) -> Backbone:
+        """The recorded backbone; `weights_override` = where its weights are now (sha256-checked)."""
+        return open_head_backbone(self.backbone, weights_override, device=device, log=log)
+
+    def build(self, backbone: Optional[Backbone] = None, device: str = "cpu",
+              weights_override: Optional[str] = None, log: Optional[Callable[[str], None]] = None) -> HeadMethod:
+        """Instantiate the method on `backbone` (opened from the record if None, see `open_backbone`)
+        and load the tensors strictly: a missing, extra or mis-shaped tensor is an ArtifactError."""
         if backbone is None:
-            backbone = load_backbone(self.backbone["arch"], self.backbone.get("pretrained"), device=device)
+            backbone = self.open_backbone(weights_override, device=device, log=log)
         check_backbone_matches(self, backbone)
         try:
             head = build_method(self.method, backbone, self.tasks, self.method_config)
@@ -80,17 +85,13 @@ class HeadArtifact:
 
 
 def check_backbone_matches(artifact: HeadArtifact, backbone: Backbone) -> None:
-    want = artifact.backbone
-    if want.get("arch") != backbone.arch:
+    """ArtifactError when `backbone` runs a different forward than the head was trained on."""
+    diffs = record_differences(artifact.backbone, backbone.record())
+    if diffs:
+        want = artifact.backbone
         raise ArtifactError(
-            f"this head was trained for backbone {want.get('arch')!r}, not {backbone.arch!r}; "
-            f"load it with --backbone {want.get('arch')}"
-        )
-    sha = want.get("weights_sha256")
-    if sha and backbone.weights_sha256 and sha != backbone.weights_sha256:
-        raise ArtifactError(
-            f"this head was trained on {want.get('arch')} weights sha256 {sha[:12]}…, "
-            f"but the loaded weights are {backbone.weights_sha256[:12]}…"
+            f"this head was trained for backbone {want.get('arch')!r} ({want.get('pretrained')}), not "
+            f"{backbone.arch!r} ({backbone.pretrained}): {'; '.join(diffs)}"
         )
 
 
@@ -99,7 +100,7 @@ def make_artifact(head: HeadMethod, training: Optional[dict] = None) -> HeadArti
     return HeadArtifact(
         method=head.name,
         method_config=head.config.to_dict(),
-        backbone={"arch": bb.arch, "pretrained": bb.pretrained, "weights_sha256": bb.weights_sha256},
+        backbone=bb.record(),
         tasks=head.tasks,
         preprocess=bb.preprocess,
         training=dict(training or {}),
@@ -124,22 +125,12 @@ def save_head(head_or_artifact: HeadMethod | HeadArtifact, path: str | Path, tra
 
 
 def _read_header(path: Path) -> dict:
-    """Parse the safetensors header ourselves first: gives clear errors for non-safetensors files
-    (pickles, zips, truncated files) instead of a library stack trace."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ArtifactError(f"{path}: too short to be a safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        if n <= 1 or n > _MAX_HEADER_BYTES:
-            raise ArtifactError(f"{path}: not a safetensors file (bad header length; pickled or other format?)")
-        raw = f.read(n)
-    if len(raw) != n or not raw.lstrip().startswith(b"{"):
-        raise ArtifactError(f"{path}: not a safetensors file (header is not JSON)")
+    from .files import NotSafetensors, read_safetensors_header
+
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ArtifactError(f"{path}: corrupt safetensors header: {err}") from None
+        return read_safetensors_header(path, strict=True)
+    except NotSafetensors as err:
+        raise ArtifactError(str(err)) from None
 
 
 def load_head(path: str | Path) -> HeadArtifact:

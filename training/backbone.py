@@ -14,7 +14,6 @@ feature is always the class token (or whatever the tower pools) of the original 
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backbone_source import BackboneError, WeightsSource, resolve_weights
 from .files import file_sha256
 from .text_length import text_length, trimming
 
@@ -31,10 +31,6 @@ PACKAGED_TAG = "clipheads"
 _PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGED_CONFIG_DIR = _PACKAGE_DIR / "model_configs"
 PACKAGED_WEIGHTS = _PACKAGE_DIR / "weights" / f"{PACKAGED_ARCH}.safetensors"
-
-
-class BackboneError(ValueError):
-    """Bad backbone request (unknown arch, missing weights, tower a method cannot use)."""
 
 
 class TowerHooks:
@@ -102,50 +98,72 @@ def _weights_help(arch: str, pretrained: str, err: Exception) -> BackboneError:
     return BackboneError(
         f"could not load weights {pretrained!r} for {arch!r} ({type(err).__name__}: {err}).\n"
         "Weights are not downloadable here. Supply them one of these ways:\n"
-        f"  --pretrained /path/to/open_clip_model.safetensors   (a local open_clip checkpoint for {arch})\n"
-        "  put them in the Hugging Face cache on a connected machine (HF_HOME) and copy it over,\n"
+        f"  --pretrained /path/to/open_clip_model.safetensors   (a local open_clip checkpoint for {arch}; add --act)\n"
+        "  put them in the Hugging Face cache on a connected machine (HF_HOME) and copy it over; set HF_HUB_OFFLINE=1,\n"
+        "  an OpenAI .pt download: clipheads convert FILE.pt --out FILE.safetensors --trust-torchscript,\n"
         "  --pretrained none                                      (random init: tests and speed benchmarks),\n"
         f"  or use the packaged model: --backbone {PACKAGED_ARCH} (pretrained on the synthetic world)."
     )
 
 
-def load_backbone(arch: str = PACKAGED_ARCH, pretrained: Optional[str] = None, device: str = "cpu") -> "Backbone":
-    """Build a frozen open_clip model. `pretrained`: tag | local path | `hf-hub:ID` | `none`."""
-    import open_clip
-
+def resolve_request(arch: str = PACKAGED_ARCH, pretrained: Optional[str] = None, act: Optional[str] = None) -> WeightsSource:
+    """`--backbone/--pretrained/--act` -> a WeightsSource (backbone_source.py has the rule); the
+    packaged tag resolves to the packaged weights file. Loads nothing."""
     register_packaged_configs()
     pretrained = default_pretrained(arch) if pretrained in (None, "", "default") else pretrained
-    sha = None
-    model_name, tag = arch, None
-    if pretrained.startswith("hf-hub:"):
-        model_name = pretrained
-    elif pretrained == PACKAGED_TAG and arch == PACKAGED_ARCH:
+    if pretrained == PACKAGED_TAG and arch == PACKAGED_ARCH:
         if not PACKAGED_WEIGHTS.exists():
             raise BackboneError(f"packaged weights missing at {PACKAGED_WEIGHTS}; reinstall clipheads")
-        tag = str(PACKAGED_WEIGHTS)
-    elif pretrained != "none":
-        tag = pretrained
-        if Path(pretrained).expanduser().exists():
-            tag = str(Path(pretrained).expanduser())
-        elif os.sep in pretrained or pretrained.endswith((".safetensors", ".bin", ".pt", ".pth")):
-            raise BackboneError(f"weights file not found: {pretrained}")
-        elif pretrained not in open_clip.list_pretrained_tags_by_model(arch):
-            known = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
-            raise BackboneError(f"unknown pretrained tag {pretrained!r} for {arch!r}; known tags: {known}")
-    if model_name == arch and arch not in open_clip.list_models():
-        raise BackboneError(f"unknown architecture {arch!r}; see `open_clip.list_models()`")
+        src = resolve_weights(arch, str(PACKAGED_WEIGHTS), act)
+        return WeightsSource(src.kind, arch, src.model_name, PACKAGED_TAG, src.checkpoint, src.act, src.act_reason)
+    return resolve_weights(arch, pretrained, act)
+
+
+def _weights_file(src: WeightsSource) -> Optional[str]:
+    """The file open_clip read the weights from (already in the cache once the model is built)."""
+    import open_clip
+    from open_clip.pretrained import download_pretrained_from_hf
+
+    if src.kind == "file":
+        return src.checkpoint
+    if src.kind == "tag":
+        return open_clip.download_pretrained(open_clip.get_pretrained_cfg(src.model_name, src.checkpoint)) or None
+    if src.kind == "hf-hub":
+        return download_pretrained_from_hf(src.model_name[len("hf-hub:"):])
+    return None
+
+
+def load_backbone(arch: str = PACKAGED_ARCH, pretrained: Optional[str] = None, device: str = "cpu",
+                  act: Optional[str] = None) -> "Backbone":
+    """Build a frozen open_clip model. `pretrained`: tag | local path | `hf-hub:ID` | `none`;
+    `act`: quickgelu | gelu | None (decided by the weights; backbone_source.py)."""
+    import open_clip
+
+    src = resolve_request(arch, pretrained, act)
+    needs_weights = src.kind != "none"
     try:
-        model = open_clip.create_model(model_name, pretrained=tag, device=device, require_pretrained=tag is not None)
-    except BackboneError:
-        raise
+        model = open_clip.create_model(src.model_name, pretrained=src.checkpoint, device=device,
+                                       force_quick_gelu=src.quick_gelu, require_pretrained=needs_weights)
+        weights_file = _weights_file(src)
     except Exception as err:  # network errors, missing files, bad checkpoints
-        if tag is None and not model_name.startswith("hf-hub:"):
+        if not needs_weights:
             raise
-        raise _weights_help(arch, pretrained, err) from err
-    if tag is not None and Path(tag).exists():
-        sha = file_sha256(tag)
-    tokenizer = open_clip.get_tokenizer(model_name)
-    return Backbone(model, tokenizer, arch=arch, pretrained=pretrained, weights_sha256=sha)
+        raise _weights_help(src.arch, src.pretrained, err) from err
+    bb = Backbone(model, open_clip.get_tokenizer(src.model_name), arch=src.arch, pretrained=src.pretrained,
+                  weights_sha256=file_sha256(weights_file) if weights_file else None, weights_file=weights_file,
+                  act_reason=src.act_reason)
+    if detect_act(model) != src.act:
+        raise BackboneError(f"open_clip built {src.arch} with {detect_act(model)} although {src.act} was asked for "
+                            f"({src.act_reason}); this architecture cannot run these weights faithfully")
+    return bb
+
+
+def detect_act(model: nn.Module) -> str:
+    """quickgelu if any block runs QuickGELU (OpenAI's activation), else gelu. Read from the built
+    modules, so the record says what actually runs."""
+    from open_clip.transformer import QuickGELU
+
+    return "quickgelu" if any(isinstance(m, QuickGELU) for m in model.modules()) else "gelu"
 
 
 class _TextTower:
@@ -189,7 +207,8 @@ def _run_blocks(transformer: nn.Module, x: Tensor, hooks: TowerHooks, attn_mask:
 class Backbone(nn.Module):
     """Frozen open_clip CLIP with hookable towers. Parameters never require grad."""
 
-    def __init__(self, model: nn.Module, tokenizer, arch: str, pretrained: str, weights_sha256: Optional[str] = None):
+    def __init__(self, model: nn.Module, tokenizer, arch: str, pretrained: str, weights_sha256: Optional[str] = None,
+                 weights_file: Optional[str] = None, act_reason: str = "", act: Optional[str] = None):
         super().__init__()
         self.model = model.eval()
         for p in self.model.parameters():
@@ -198,6 +217,9 @@ class Backbone(nn.Module):
         self.arch = arch
         self.pretrained = pretrained
         self.weights_sha256 = weights_sha256
+        self.weights_file = weights_file  # where the weights were read (says which file a command used)
+        self.act = act or detect_act(model)  # quickgelu | gelu: recorded with every head and bundle
+        self.act_reason = act_reason or "the built model's activation modules"
         self._text = _TextTower(model)
         visual = model.visual
         self.vision_is_vit = all(hasattr(visual, a) for a in ("conv1", "class_embedding", "ln_pre", "transformer"))
@@ -362,6 +384,19 @@ class Backbone(nn.Module):
         if v.proj is not None:
             pooled = pooled @ v.proj
         return F.normalize(pooled, dim=-1) if normalize else pooled
+
+    def record(self) -> dict:
+        """What defines this backbone's forward, as heads and bundles record it (backbone_record.py)."""
+        from .backbone_record import backbone_record
+
+        return backbone_record(self)
+
+    def describe_weights(self) -> str:
+        """One line naming the weights file a command used (or why there is none)."""
+        act = "QuickGELU" if self.act == "quickgelu" else "GELU"
+        if not self.weights_file:
+            return f"{self.arch} ({act}), random init ({self.pretrained})"
+        return f"{self.arch} ({act}), weights {self.weights_file} (sha256 {str(self.weights_sha256)[:12]}…)"
 
     def parameters_checksum(self) -> str:
         """sha256 over every backbone tensor: proves training left the backbone untouched."""

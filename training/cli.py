@@ -47,8 +47,16 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
     from .backbone import PACKAGED_ARCH
 
     p.add_argument("--backbone", default=PACKAGED_ARCH, help=f"open_clip architecture (default {PACKAGED_ARCH})")
-    p.add_argument("--pretrained", default=None, help="tag | local path | hf-hub:ID | none (default: the arch's default)")
+    p.add_argument("--pretrained", default=None, help="tag | local path | hf-hub:ID | none (default: the arch's default); "
+                                                      "with a HEAD: where the head's backbone weights are now (sha256-checked)")
+    p.add_argument("--act", default=None, choices=("quickgelu", "gelu"),
+                   help="activation the weights were trained with (OpenAI's: quickgelu); tags, hf-hub configs and "
+                        "`clipheads convert` files state it themselves, a plain local file on an arch with both kinds needs it")
     p.add_argument("--device", default="cpu")
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _train_parser(sub) -> None:
@@ -111,7 +119,8 @@ def cmd_train(args) -> int:
     if args.shots:
         named = {n: few_shot_splits(s, args.shots, tc.seed) for n, s in named.items()}
     tasks = [TaskSpec(n, s.classnames, s.templates) for n, s in named.items()]
-    backbone = load_backbone(args.backbone, args.pretrained, device=args.device)
+    backbone = load_backbone(args.backbone, args.pretrained, device=args.device, act=args.act)
+    _say(f"backbone: {backbone.describe_weights()} [{backbone.act_reason}]")
     head = build_method(method, backbone, tasks, method_cfg)
     frozen_before = backbone.parameters_checksum()
     result = train_head(head, {i: s.train for i, s in enumerate(named.values())}, tc)
@@ -162,11 +171,10 @@ def cmd_eval(args) -> int:
 
     named = resolve_tasks(args.data, args.task)
     if args.head:
-        art = load_head(args.head)
-        backbone = load_backbone(art.backbone["arch"], art.backbone.get("pretrained"), device=args.device)
-        head = art.build(backbone)
+        head = load_head(args.head).build(device=args.device, weights_override=args.pretrained, log=_say)
     else:
-        backbone = load_backbone(args.backbone, args.pretrained, device=args.device)
+        backbone = load_backbone(args.backbone, args.pretrained, device=args.device, act=args.act)
+        _say(f"backbone: {backbone.describe_weights()}")
         head = build_method("zeroshot", backbone, [TaskSpec(n, s.classnames, s.templates) for n, s in named.items()])
     results = {}
     for i, (name, s) in enumerate(named.items()):
@@ -176,7 +184,10 @@ def cmd_eval(args) -> int:
         task = next((k for k, t in enumerate(head.tasks) if t.name == name), min(i, len(head.tasks) - 1))
         results[name] = evaluate(head, samples, task=task, classnames=s.classnames, device=args.device, progress=not args.json)
     human = "\n".join(f"{n}: top-1 {r['top1']:.2%} ({r['n']} images, {r['classes']} classes)" for n, r in results.items())
-    _print({"head": args.head, "method": head.name, "split": args.split, "results": results}, args.json, human)
+    bb = head.backbone
+    _print({"head": args.head, "method": head.name, "split": args.split, "results": results,
+            "backbone": {"arch": bb.arch, "act": bb.act, "weights_file": bb.weights_file, "weights_sha256": bb.weights_sha256}},
+           args.json, human)
     return EXIT_OK
 
 
@@ -267,7 +278,37 @@ def cmd_data(args) -> int:
     return int(synth.main(rest[1:]) or 0)
 
 
-COMMANDS = (_train_parser, _eval_parser, _info_parser, _methods_parser, _data_parser)
+# ---- convert -------------------------------------------------------------------------------
+def _convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="a CLIP checkpoint (OpenAI .pt, state dict) -> open_clip safetensors",
+                       description="One-time conversion of a CLIP checkpoint into an fp32 open_clip safetensors file that "
+                                   "records its architecture and activation. OpenAI's .pt files are TorchScript "
+                                   "archives: reading one runs code from the file, hence --trust-torchscript.")
+    p.add_argument("src", help="checkpoint: OpenAI TorchScript .pt, pickled state dict (.pt/.bin) or .safetensors")
+    p.add_argument("--out", required=True, help="output file (.safetensors)")
+    p.add_argument("--trust-torchscript", action="store_true",
+                   help="allow reading a TorchScript archive (runs code stored in it; only for files you trust)")
+    p.add_argument("--arch", default=None, help="open_clip architecture (default: inferred from the tensor shapes)")
+    p.add_argument("--act", default=None, choices=("quickgelu", "gelu"),
+                   help="activation the weights need (default: quickgelu for OpenAI TorchScript archives, else unrecorded)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> int:
+    from .backbone import register_packaged_configs
+    from .backbone_convert import convert_checkpoint
+
+    register_packaged_configs()
+    r = convert_checkpoint(args.src, args.out, trust_torchscript=args.trust_torchscript, arch=args.arch, act=args.act)
+    act = {"quickgelu": "QuickGELU", "gelu": "GELU"}.get(r.act or "", "activation not recorded (pass --act when loading)")
+    use = f"--backbone {r.arch} --pretrained {r.out}" if r.arch else f"--pretrained {r.out}"
+    _print(r.to_json(), args.json, f"wrote {r.out}: {r.tensors} tensors, {r.arch or 'architecture not recognised'}, "
+           f"{act} [{r.act_source}], sha256 {r.sha256[:12]}…\nuse it with: {use}")
+    return EXIT_OK
+
+
+COMMANDS = (_train_parser, _eval_parser, _info_parser, _methods_parser, _data_parser, _convert_parser)
 
 
 def register(sub) -> None:

@@ -2,16 +2,59 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
+from typing import Optional
+
+_MAX_HEADER_BYTES = 64 << 20  # a safetensors JSON header is KBs to a few MBs; refuse absurd claims
+_sha_memo: dict[tuple, str] = {}
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
+    """Hex sha256 of a file, read in chunks. Memoised per process on (path, size, mtime): backbone
+    weights are hundreds of MB and are hashed each time a head or bundle records or checks them."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key in _sha_memo:
+        return _sha_memo[key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+    _sha_memo[key] = h.hexdigest()
+    return _sha_memo[key]
+
+
+class NotSafetensors(ValueError):
+    """The file is not a (readable) safetensors file; the message says why."""
+
+
+def read_safetensors_header(path: str | os.PathLike, strict: bool = False) -> Optional[dict]:
+    """Parse a safetensors header ourselves (8-byte length + JSON): clear reasons for pickles, zips
+    and truncated files instead of a library stack trace. `strict=False` returns None for a file
+    that is not safetensors; `strict=True` raises NotSafetensors."""
+    def fail(why: str) -> None:
+        if strict:
+            raise NotSafetensors(f"{path}: {why}")
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return fail("too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n <= 1 or n > _MAX_HEADER_BYTES:
+            return fail("not a safetensors file (bad header length; pickled or other format?)")
+        raw = f.read(n)
+    if len(raw) != n or not raw.lstrip().startswith(b"{"):
+        return fail("not a safetensors file (header is not JSON)")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        return fail(f"corrupt safetensors header: {err}")
+    if not isinstance(header, dict):
+        return fail("corrupt safetensors header: not a JSON object")
+    return header
 
 
 def current_umask() -> int:
