@@ -21,7 +21,8 @@ from conftest import _register_test_configs
 from reference_clip import (TEXTS, THRESHOLD, bundle_features, normalise, one_minus_cos, openai_case, openai_clip,
                             openai_model, probe_pixels, random_openai_state_dict, reference_features, save_fp16)
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning"),
+              pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")]
 
 # full-size open_clip arch -> how the user states the activation for a local file
 FULL = {"ViT-B-16": {"act": "quickgelu"}, "ViT-B-32-quickgelu": {}, "RN50": {"act": "quickgelu"}}
