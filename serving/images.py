@@ -89,8 +89,35 @@ def _resized_size(w: int, h: int, size: int) -> tuple[int, int]:
     return max(size, int(size * w / h)), size
 
 
-def decode_image(data: bytes, spec: DecodeSpec) -> np.ndarray:
-    """Untrusted bytes -> (3, S, S) uint8 pixels. Raises only ImageRejected."""
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the header says, before anything is decoded."""
+
+    format: str
+    width: int
+    height: int
+    decode_pixels: int  # pixels the decoder will materialise (JPEG: after draft scaling)
+
+
+def jpeg_draft_size(w: int, h: int, size: int) -> Optional[tuple[int, int]]:
+    """The size to ask libjpeg's draft mode for (it decodes at 1/2, 1/4 or 1/8 scale, keeping at
+    least this), or None when the image is not much larger than needed."""
+    if min(w, h) <= 4 * size:
+        return None
+    scale = 2 * size / min(w, h)  # keep >= 2x the target resolution
+    return math.ceil(w * scale), math.ceil(h * scale)
+
+
+def _decoded_pixels(fmt: str, w: int, h: int, size: int) -> int:
+    want = jpeg_draft_size(w, h, size) if fmt == "JPEG" else None
+    if want is None:
+        return w * h
+    s = max(d for d in (1, 2, 4, 8) if math.ceil(w / d) >= want[0] and math.ceil(h / d) >= want[1])
+    return math.ceil(w / s) * math.ceil(h / s)
+
+
+def _open_checked(data: bytes, spec: DecodeSpec) -> tuple[Image.Image, ImageHeader]:
+    """Checks 1-3 of the module docstring; returns the opened (not decoded) image."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ImageRejected("invalid_image", "image payload is not bytes", 422)
     n = len(data)
@@ -118,12 +145,24 @@ def decode_image(data: bytes, spec: DecodeSpec) -> np.ndarray:
         )
     if max(w, h) / min(w, h) > spec.max_aspect:
         raise ImageRejected("bad_aspect_ratio", f"{w}x{h}: aspect ratio above {spec.max_aspect:g}", 422)
+    return im, ImageHeader(fmt, w, h, _decoded_pixels(fmt, w, h, spec.image_size))
+
+
+def probe_image(data: bytes, spec: DecodeSpec) -> ImageHeader:
+    """The header checks alone (byte cap, format, pixel and aspect caps): cheap, decodes nothing.
+    Raises only ImageRejected."""
+    return _open_checked(data, spec)[1]
+
+
+def decode_image(data: bytes, spec: DecodeSpec) -> np.ndarray:
+    """Untrusted bytes -> (3, S, S) uint8 pixels. Raises only ImageRejected."""
+    im, header = _open_checked(data, spec)
+    fmt, w, h = header.format, header.width, header.height
     size = spec.image_size
     try:
-        if fmt == "JPEG" and min(w, h) > 4 * size:
-            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, keeping >= 2x the target resolution.
-            scale = 2 * size / min(w, h)
-            im.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+        draft = jpeg_draft_size(w, h, size) if fmt == "JPEG" else None
+        if draft is not None:  # let libjpeg decode at 1/2, 1/4 or 1/8 scale
+            im.draft("RGB", draft)
         im = ImageOps.exif_transpose(im)  # loads the image
         if im.mode != "RGB":
             im = im.convert("RGBA").convert("RGB") if im.mode in ("P", "PA") else im.convert("RGB")

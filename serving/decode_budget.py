@@ -1,0 +1,105 @@
+"""Decode budgets: how many pixels one request, and the whole front process, may decode.
+
+Bytes are no measure of decode work: a 38-byte lossless WebP can declare 16383 x 2400 (39.3 MP,
+under the per-image cap), which takes ~0.8 s and ~160 MB to decode, and 32 of them fit in a
+1.8 KB JSON body. So decode work is counted in *decode pixels* read from the headers
+(`images.probe_image`: width x height, or what libjpeg's draft mode will produce for a large
+JPEG), before anything is decoded:
+
+- per request: the images' decode pixels together at most `request_pixels` (default 64 MP), else
+  413 `too_many_pixels`;
+- per process: a *large* image (more than `large_pixels`, default 4 MP, decoded) is decoded in
+  its own lane (one thread at lower CPU priority), and the decode pixels waiting or decoding in
+  that lane are capped at `process_pixels` (default 128 MP): a request that would go over gets 503
+  `decode_busy` with Retry-After at once, instead of queueing behind other large decodes.
+  Small images have their own lane, so a normal request never waits behind a large decode.
+
+This module only schedules: what decoding does to the pixels is `images.decode_image` (or
+whatever function the caller passes in).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Sequence
+
+from .images import ImageHeader, ImageRejected
+
+DEFAULT_REQUEST_PIXELS = 64_000_000
+DEFAULT_PROCESS_PIXELS = 128_000_000
+DEFAULT_LARGE_PIXELS = 4_000_000
+LARGE_LANE_NICE = 10  # niceness of the large-image thread (Linux: per thread)
+
+
+@dataclass(frozen=True)
+class DecodeBudget:
+    request_pixels: int = DEFAULT_REQUEST_PIXELS
+    process_pixels: int = DEFAULT_PROCESS_PIXELS
+    large_pixels: int = DEFAULT_LARGE_PIXELS
+
+
+def _lower_priority() -> None:
+    """Thread initializer: this thread yields the CPU to the rest of the process under load."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LARGE_LANE_NICE)
+    except (AttributeError, OSError):
+        pass  # not Linux, or not allowed: same priority, the budget still bounds the work
+
+
+class Reservation:
+    """The large-lane pixels one request holds while its images decode (a context manager)."""
+
+    def __init__(self, lanes: "DecodeLanes", pixels: int):
+        self._lanes, self.pixels = lanes, pixels
+
+    def __enter__(self) -> "Reservation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lanes._release(self.pixels)
+        self.pixels = 0
+
+
+class DecodeLanes:
+    """Admission and the two executors (small images, large images) of one process."""
+
+    def __init__(self, budget: DecodeBudget = DecodeBudget(), small_threads: int = 2, large_threads: int = 1):
+        self.budget = budget
+        self.small = ThreadPoolExecutor(max_workers=max(1, small_threads), thread_name_prefix="decode")
+        self.large = ThreadPoolExecutor(max_workers=max(1, large_threads), thread_name_prefix="decode-large",
+                                        initializer=_lower_priority)
+        self._lock = threading.Lock()
+        self.large_in_use = 0  # decode pixels admitted to the large lane and not yet released
+
+    def is_large(self, header: ImageHeader) -> bool:
+        return header.decode_pixels > self.budget.large_pixels
+
+    def admit(self, headers: Sequence[ImageHeader]) -> Reservation:
+        """Check one request's images against both budgets; ImageRejected (413 / 503) if over."""
+        total = sum(h.decode_pixels for h in headers)
+        if total > self.budget.request_pixels:
+            raise ImageRejected(
+                "too_many_pixels",
+                f"the images of this request decode to {total} pixels together; the limit is "
+                f"{self.budget.request_pixels} per request", 413)
+        large = sum(h.decode_pixels for h in headers if self.is_large(h))
+        if large:
+            with self._lock:
+                if self.large_in_use + large > self.budget.process_pixels:
+                    raise ImageRejected("decode_busy", "the server is decoding other large images; retry shortly", 503)
+                self.large_in_use += large
+        return Reservation(self, large)
+
+    def _release(self, pixels: int) -> None:
+        if pixels:
+            with self._lock:
+                self.large_in_use -= pixels
+
+    def executor_for(self, header: ImageHeader) -> Executor:
+        return self.large if self.is_large(header) else self.small
+
+    def close(self) -> None:
+        self.small.shutdown(wait=False, cancel_futures=True)
+        self.large.shutdown(wait=False, cancel_futures=True)
