@@ -207,7 +207,9 @@ def cmd_info(args) -> int:
     metrics = d["training"].get("metrics", {}).get("test_top1", {})
     human = (
         f"{args.head}\n  method   {d['method']} {json.dumps(d['config'])}\n"
-        f"  backbone {d['backbone'].get('arch')} / {d['backbone'].get('pretrained')}\n"
+        f"  backbone {d['backbone'].get('arch')} / {d['backbone'].get('pretrained')} "
+        f"({ {'quickgelu': 'QuickGELU', 'gelu': 'GELU'}.get(d['backbone'].get('act'), 'activation not recorded')}, "
+        f"weights sha256 {str(d['backbone'].get('weights_sha256') or 'none')[:12]})\n"
         f"  tasks    {tasks}\n  params   {d['stored_values']:,} stored values in {len(d['tensors'])} tensors\n"
         f"  trained  {d['training'].get('epochs', '?')} epochs, {d['training'].get('shots') or 'all'} shots, "
         f"seed {d['training'].get('seed', '?')}, {d['training'].get('wall_time_s', '?')} s; test top-1 {metrics}"
