@@ -42,7 +42,9 @@ import numpy as np
 from .drain import FrontRegistry, chain_exit_signals, pin_dependency
 from .heads import HeadIncompatible, HeadLoadError, HeadSlot, load_head
 from . import metric_labels
-from .images import DEFAULT_MAX_PIXELS, DecodeSpec, ImageRejected, decode_image
+from .decode_budget import DecodeBudget, DecodeLanes
+from .images import DEFAULT_MAX_PIXELS, DecodeSpec, ImageRejected, decode_image, probe_image
+from .templates import check_templates
 from .runtime import Runtime, softmax
 from .tasks_store import LRUCache, TaskStore, TaskStoreError, check_name, open_task_store
 
@@ -64,6 +66,9 @@ class ServeConfig:
     tasks_store: str = field(default="", repr=False)
     max_body_bytes: int = 20 * 1024 * 1024  # CLIPHEADS_MAX_BODY_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS  # CLIPHEADS_MAX_PIXELS (per image, from the header)
+    max_request_pixels: int = DecodeBudget.request_pixels  # CLIPHEADS_MAX_REQUEST_PIXELS: decode pixels per request
+    max_decode_pixels: int = DecodeBudget.process_pixels  # CLIPHEADS_MAX_DECODE_PIXELS: large-image pixels decoding at once
+    large_image_pixels: int = DecodeBudget.large_pixels  # CLIPHEADS_LARGE_IMAGE_PIXELS: above it, the large lane
     max_images: int = 32  # CLIPHEADS_MAX_IMAGES per request
     max_examples: int = 64  # CLIPHEADS_MAX_EXAMPLES per POST /tasks
     max_labels: int = 256  # CLIPHEADS_MAX_LABELS per request
@@ -94,6 +99,9 @@ class ServeConfig:
             tasks_store=e("CLIPHEADS_TASKS_STORE", "") or e("CLIPHEADS_TASKS_DIR", ""),
             max_body_bytes=_env_int("CLIPHEADS_MAX_BODY_BYTES", d.max_body_bytes),
             max_pixels=_env_int("CLIPHEADS_MAX_PIXELS", d.max_pixels),
+            max_request_pixels=_env_int("CLIPHEADS_MAX_REQUEST_PIXELS", d.max_request_pixels),
+            max_decode_pixels=_env_int("CLIPHEADS_MAX_DECODE_PIXELS", d.max_decode_pixels),
+            large_image_pixels=_env_int("CLIPHEADS_LARGE_IMAGE_PIXELS", d.large_image_pixels),
             max_images=_env_int("CLIPHEADS_MAX_IMAGES", d.max_images),
             max_examples=_env_int("CLIPHEADS_MAX_EXAMPLES", d.max_examples),
             max_labels=_env_int("CLIPHEADS_MAX_LABELS", d.max_labels),
@@ -175,9 +183,9 @@ ERROR_CODES = {
     "400": "invalid_json / invalid_request / invalid_base64", "401": "unauthorized (when a token is set)",
     "404": "not_found / unknown_task", "405": "method_not_allowed",
     "409": "task_exists / task_readonly / incompatible_head",
-    "413": "body_too_large / too_many_bytes", "415": "unsupported_media_type / unsupported_format",
+    "413": "body_too_large / too_many_bytes / too_many_pixels", "415": "unsupported_media_type / unsupported_format",
     "422": "invalid input (image, labels, task, top_k, ...)", "429": "overloaded (Retry-After)",
-    "500": "internal (generic body)", "503": "not_ready / overloaded (Retry-After)", "504": "timeout",
+    "500": "internal (generic body)", "503": "not_ready / overloaded / decode_busy / tasks_store_unavailable (Retry-After)", "504": "timeout",
 }
 
 
@@ -636,7 +644,9 @@ class ClipHeads:
 
     def __init__(self) -> None:
         self.cfg = CONFIG
-        self.pool = ThreadPoolExecutor(max_workers=max(1, CONFIG.decode_threads), thread_name_prefix="decode")
+        # one image at the per-image cap must always fit the process budget
+        self.lanes = DecodeLanes(DecodeBudget(CONFIG.max_request_pixels, max(CONFIG.max_decode_pixels, CONFIG.max_pixels),
+                                              CONFIG.large_image_pixels), small_threads=CONFIG.decode_threads)
         self.text_cache = LRUCache(256)
         self.ready = False
         self.info: Optional[dict] = None
@@ -751,7 +761,8 @@ class ClipHeads:
                 return self._error(ctx, endpoint, ApiError(503, "overloaded", "encoder queue is full; retry shortly"))
             log.exception("internal error in %s", endpoint)
             RUNTIME_ERRORS.labels(runtime=(self.info or {}).get("runtime", "?")).inc()
-            self.failures += 1
+            if isinstance(err, EncoderFailure):  # only the runtime's own failures speak to readiness:
+                self.failures += 1  # anything a request's content can cause must not flip /readyz
             return self._error(ctx, endpoint, ApiError(500, "internal", "unexpected server error; see the server log"))
         ctx.response.headers["x-clipheads"] = "1"
         REQUESTS.labels(endpoint=endpoint, status=str(ctx.response.status_code or 200)).inc()
@@ -783,10 +794,20 @@ class ClipHeads:
         return blobs
 
     async def _decode(self, blobs: list[bytes]) -> np.ndarray:
+        """Headers first (caps, per-request and process decode budgets: serving/decode_budget.py),
+        then decoding, small and large images in separate lanes."""
+        headers = []
+        for i, b in enumerate(blobs):
+            try:
+                headers.append(probe_image(b, self.spec))
+            except ImageRejected as r:
+                raise ImageRejected(r.kind, f"image {i}: {r.detail}", r.http_status) from None
         loop = asyncio.get_running_loop()
-        results = await asyncio.gather(
-            *(loop.run_in_executor(self.pool, _safe_decode, b, self.spec) for b in blobs)
-        )
+        with self.lanes.admit(headers):
+            results = await asyncio.gather(
+                *(loop.run_in_executor(self.lanes.executor_for(h), _safe_decode, b, self.spec)
+                  for b, h in zip(blobs, headers))
+            )
         for i, r in enumerate(results):
             if isinstance(r, ImageRejected):
                 raise ImageRejected(r.kind, f"image {i}: {r.detail}", r.http_status)
@@ -809,14 +830,10 @@ class ClipHeads:
         return out
 
     def _check_templates(self, templates: Optional[list[str]]) -> tuple[str, ...]:
-        if not templates:
-            return ("a photo of a {}.",)
-        if not isinstance(templates, list) or len(templates) > self.cfg.max_templates:
-            raise ApiError(422, "invalid_templates", f"at most {self.cfg.max_templates} templates")
-        for t in templates:
-            if not isinstance(t, str) or t.count("{}") != 1 or len(t) > 200 or "{" in t.replace("{}", ""):
-                raise ApiError(422, "invalid_templates", "each template is a string with exactly one '{}'")
-        return tuple(templates)
+        problem = check_templates(templates, self.cfg.max_templates)
+        if problem:
+            raise ApiError(422, problem[0], problem[1])
+        return tuple(templates) if templates else ("a photo of a {}.",)
 
     async def _text_weights(self, labels: list[str], templates: tuple[str, ...], version: str) -> tuple[np.ndarray, str]:
         """(L, E) label embeddings and the head version that computed them (the text tower carries

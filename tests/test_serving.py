@@ -323,7 +323,7 @@ def test_ten_thousand_labels_and_long_labels(server):
     r = post(server, "/zero_shot", files=files, data={"labels": json.dumps(["x" * 5000])})
     assert r.status_code == 422 and r.json()["error"] == "label_too_long"
     r = post(server, "/zero_shot", files=files, data={"labels": '["a", "b"]', "templates": '["{0.__class__}"]'})
-    assert r.status_code == 422 and r.json()["error"] == "invalid_templates"
+    assert r.status_code == 422 and r.json()["error"] == "invalid_template"
     assert_ok_request(server)
 
 
