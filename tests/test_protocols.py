@@ -111,3 +111,120 @@ def test_cli_runs_recipes_in_parallel_processes_and_reports_with_the_command(tmp
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0
     assert "synth_zeroshot_b*" in (out / "report.md").read_text()
+
+
+# ---- resume keyed on the effective configuration (issue 14.3) -------------------------------
+def test_rerun_with_other_settings_is_refused_or_recomputed_never_reported_as_done(folders, tmp_path):
+    from dataclasses import replace
+
+    from clipheads.training.protocols.runner import StaleResultsError
+
+    bb = make_backbone("test-vit-micro", seed=2)
+    recipe = _recipe("coop", "few_shot", [{"reader": "image_folder", "path": "a", "test_fraction": 0.5, "name": "a"}])
+    out = tmp_path / "bench"
+    quiet = dict(backbone=bb, progress=False, log=lambda s: None)
+    first = run_recipe(recipe, folders, out, **quiet)
+    assert first[0]["config"]["train"]["epochs"] == 1 and first[0]["config"]["seed"] == 1
+    # the same settings written explicitly (defaults filled in) are the same configuration
+    same = replace(recipe, train={**recipe.train, "precision": "amp", "optimizer": "sgd"})
+    assert run_recipe(same, folders, out, **quiet) == first
+    longer = replace(recipe, train={**recipe.train, "epochs": 2})
+    with pytest.raises(StaleResultsError, match=r"train\.epochs: 1 -> 2"):
+        run_recipe(longer, folders, out, **quiet)
+    # a run of seed 1 only still refuses: seed 2's stale file would reach the report
+    with pytest.raises(StaleResultsError, match="2 result"):
+        run_recipe(replace(longer, seeds=(1,)), folders, out, **quiet)
+    logs = []
+    again = run_recipe(longer, folders, out, backbone=bb, progress=False, log=logs.append, recompute=True)
+    assert [r["config"]["train"]["epochs"] for r in again] == [2, 2] and not any("done earlier" in s for s in logs)
+    assert len(list((out / "runs" / recipe.name / "stale").glob("*/*.json"))) == 2  # kept, not deleted
+    other_data = tmp_path / "elsewhere"
+    other_data.mkdir()
+    (other_data / "a").symlink_to(folders / "a")
+    with pytest.raises(StaleResultsError, match="data_root"):
+        run_recipe(longer, other_data, out, **quiet)
+
+
+def test_cli_refuses_stale_results_with_exit_2(tmp_path, capsys):
+    from clipheads.training.data import synth
+    from clipheads.training.protocols.cli import main
+
+    world = synth.generate_world(tmp_path / "w", seed=0, size=synth.WorldSize(train=2, val=1, test=1),
+                                 image_size=48, workers=1)
+    common = ["protocol", "synth_coop_heldout", "--data-root", str(world), "--out", str(tmp_path / "o"),
+              "--pretrained", "none", "--seeds", "1", "--quiet"]
+    assert main(common + ["--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main(common + ["--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "another configuration" in err and "--recompute" in err and len(err.strip().splitlines()) == 1
+    assert main(common + ["--epochs", "2", "--recompute"]) == 0
+
+
+def test_eval_split_val_scores_on_the_full_validation_split(folders, tmp_path):
+    from dataclasses import replace
+
+    from clipheads.training.data.readers import read_dataset
+    from clipheads.training.loop import evaluate
+    from clipheads.training.methods import TaskSpec, build_method
+
+    bb = make_backbone("test-vit-micro", seed=2)
+    ds = {"reader": "image_folder", "path": "a", "test_fraction": 0.4, "val_fraction": 0.4, "name": "a"}
+    recipe = replace(_recipe("zeroshot", "few_shot", [ds]), seeds=(1,), eval_split="val")
+    (res,) = run_recipe(recipe, folders, tmp_path / "o", backbone=bb, progress=False, log=lambda s: None)
+    full = read_dataset("image_folder", str(folders / "a"), test_fraction=0.4, val_fraction=0.4)
+    zs = build_method("zeroshot", bb, [TaskSpec("a", full.classnames, full.templates)])
+    assert len(full.val) > 4 and res["top1"] == evaluate(zs, full.val)["top1"]
+    assert res["config"]["eval_split"] == "val"
+
+
+def test_zero_shot_transfer_uses_each_target_datasets_own_templates(tmp_path):
+    """CoOp's zero-shot CLIP row: every target with its own template (DTD: "{} texture."), not the
+    source's. The target here is the world's photo domain laid out as DTD."""
+    import shutil
+
+    from clipheads.training.backbone import load_backbone
+    from clipheads.training.data import synth
+    from clipheads.training.data.readers import read_dataset
+    from clipheads.training.loop import evaluate
+    from clipheads.training.methods import TaskSpec, build_method
+
+    world = synth.generate_world(tmp_path / "w", seed=0, size=synth.WorldSize(train=1, val=0, test=2), workers=1)
+    split = json.loads((world / "splits" / "photo.json").read_text())
+    (tmp_path / "d" / "dtd").mkdir(parents=True)
+    shutil.copytree(world / "photo", tmp_path / "d" / "dtd" / "images")
+    (tmp_path / "d" / "dtd" / "split_zhou_DescribableTextures.json").write_text(json.dumps(split))
+    shutil.copytree(world, tmp_path / "d" / "world")
+    recipe = Recipe.from_json({"name": "zs_xd", "method": "zeroshot", "protocol": "cross_dataset", "seeds": [1], "shots": [1],
+                               "datasets": [{"reader": "synthetic", "path": "world", "domain": "sketch"},
+                                            {"reader": "dtd", "path": ".", "role": "target"}]})
+    bb = load_backbone()
+    (res,) = run_recipe(recipe, tmp_path / "d", tmp_path / "o", backbone=bb, progress=False, log=lambda s: None)
+    target = read_dataset("dtd", str(tmp_path / "d"))
+    assert target.templates == ("{} texture.",)
+    own = evaluate(build_method("zeroshot", bb, [TaskSpec("dtd", target.classnames, target.templates)]), target.test)["top1"]
+    source = evaluate(build_method("zeroshot", bb, [TaskSpec("x", target.classnames, ("a photo of a {}.",))]), target.test)["top1"]
+    assert own != source  # the template matters here, so the check below can fail
+    assert res["targets"]["dtd"] == own
+
+
+def test_official_fp16_precision_trains_in_half_and_restores_the_backbone(folders):
+    import torch
+
+    from clipheads.training.data.readers import read_dataset
+    from clipheads.training.loop import TrainConfig, train_head
+    from clipheads.training.methods import TaskSpec, build_method
+
+    bb = make_backbone("test-vit-micro", seed=2)
+    ds = read_dataset("image_folder", str(folders / "a"), test_fraction=0.5)
+    head = build_method("coop", bb, [TaskSpec("a", ds.classnames, ds.templates)], {"n_ctx": 4})
+    before = bb.parameters_checksum()
+    seen = []
+    orig = head.training_loss
+    head.training_loss = lambda x, y, t: (seen.append((x.dtype, head.ctx.dtype)), orig(x, y, t))[1]
+    res = train_head(head, {0: ds.train}, TrainConfig(**{**FAST_TRAIN, "precision": "fp16", "progress": False}))
+    assert set(seen) == {(torch.float16, torch.float16)}  # images and prompts in half, as PREC: fp16
+    assert head.ctx.dtype == torch.float32 and bb.parameters_checksum() == before
+    assert res.history and res.final_loss == res.final_loss  # finite
+    with pytest.raises(ValueError, match="precision must be one of"):
+        train_head(head, {0: ds.train}, TrainConfig(precision="bf16", progress=False))

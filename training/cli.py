@@ -66,6 +66,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method config field")
     p.add_argument("--data", action="append", default=[], help="ImageFolder dir | split_zhou .json | .csv | reader:ROOT")
     p.add_argument("--task", action="append", default=[], metavar="NAME=DATA", help="named task (multi-task runs)")
+    p.add_argument("--classes", action="append", default=[], metavar="NAME=C1,C2,...",
+                   help="a task given by its class names alone (no images: zero-shot heads)")
     p.add_argument("--shots", type=int, default=None, help="K-shot sampling per class (Dassl semantics)")
     p.add_argument("--out", required=True, help="output head path (NAME.head.safetensors)")
     p.add_argument("--no-eval", action="store_true", help="skip the test-split evaluation")
@@ -103,8 +105,8 @@ def cmd_train(args) -> int:
     from .artifact import save_head
     from .backbone import load_backbone
     from .data.fewshot import few_shot_splits
-    from .data.sources import resolve_tasks
-    from .loop import TrainConfig, evaluate, train_head
+    from .data.sources import DataSpecError, resolve_tasks
+    from .loop import TrainConfig, TrainResult, evaluate, train_head
     from .methods import TaskSpec, build_method
 
     recipe = _load_recipe(args.recipe)
@@ -115,17 +117,24 @@ def cmd_train(args) -> int:
     tc = TrainConfig(**{**recipe.get("train", {}), "device": args.device, "progress": not args.json})
     overrides = {f.name: getattr(args, f"tc_{f.name}") for f in fields(TrainConfig) if getattr(args, f"tc_{f.name}", None) is not None}
     tc = replace(tc, **overrides)
-    named = resolve_tasks(args.data, args.task)
+    named = {**(resolve_tasks(args.data, args.task) if args.data or args.task else {}), **_class_tasks(args.classes)}
+    if not named:
+        raise DataSpecError("no tasks given: use --data SPEC, --task NAME=SPEC or --classes NAME=C1,C2,...")
     if args.shots:
         named = {n: few_shot_splits(s, args.shots, tc.seed) for n, s in named.items()}
     tasks = [TaskSpec(n, s.classnames, s.templates) for n, s in named.items()]
     backbone = load_backbone(args.backbone, args.pretrained, device=args.device, act=args.act)
     _say(f"backbone: {backbone.describe_weights()} [{backbone.act_reason}]")
     head = build_method(method, backbone, tasks, method_cfg)
-    frozen_before = backbone.parameters_checksum()
-    result = train_head(head, {i: s.train for i, s in enumerate(named.values())}, tc)
-    if backbone.parameters_checksum() != frozen_before:
-        raise RuntimeError("the frozen backbone changed during training: a method leaked a gradient")
+    if head.num_trainable() == 0:  # zero-shot: the head is its class names and templates, no tensors
+        result = TrainResult(head)
+    else:
+        if not any(s.train for s in named.values()):
+            raise DataSpecError(f"{method} learns from images: give --data/--task with training images")
+        frozen_before = backbone.parameters_checksum()
+        result = train_head(head, {i: s.train for i, s in enumerate(named.values())}, tc)
+        if backbone.parameters_checksum() != frozen_before:
+            raise RuntimeError("the frozen backbone changed during training: a method leaked a gradient")
     metrics = {}
     if not args.no_eval:
         for i, (name, s) in enumerate(named.items()):
@@ -135,9 +144,11 @@ def cmd_train(args) -> int:
         "data": {n: s.meta.get("source", s.name) for n, s in named.items()},
         "shots": args.shots,
         "seed": tc.seed,
-        "epochs": tc.epochs,
-        "config": tc.to_dict(),
-        "metrics": {"test_top1": metrics, "final_loss": result.final_loss, "first_loss": result.first_loss},
+        "trained": head.num_trainable() > 0,
+        "epochs": tc.epochs if head.num_trainable() else 0,
+        "config": tc.to_dict() if head.num_trainable() else None,
+        "metrics": {"test_top1": metrics, **({"final_loss": result.final_loss, "first_loss": result.first_loss}
+                                             if result.history else {})},
         "history": result.history,
         "wall_time_s": round(result.wall_time_s, 2),
         "trainable_parameters": head.num_trainable(),
@@ -145,9 +156,28 @@ def cmd_train(args) -> int:
     path = save_head(head, args.out, training)
     payload = {"head": str(path), "method": method, "trainable_parameters": head.num_trainable(), **training}
     acc = ", ".join(f"{n} {v:.1%}" for n, v in metrics.items()) or "not evaluated"
+    if not training["trained"]:
+        _print(payload, args.json, f"{method}: nothing to train ({sum(len(t.classnames) for t in tasks)} class names, "
+               f"templates {list(tasks[0].templates)}); test top-1: {acc}; wrote {path}")
+        return EXIT_OK
     _print(payload, args.json, f"trained {method} ({head.num_trainable():,} params) in {result.wall_time_s:.1f}s; "
            f"loss {result.first_loss:.3f} -> {result.final_loss:.3f}; test top-1: {acc}; wrote {path}")
     return EXIT_OK
+
+
+def _class_tasks(items: Sequence[str]) -> dict:
+    """`--classes NAME=C1,C2,...` -> {NAME: DatasetSplits with class names and no images}."""
+    from .data.records import DatasetSplits
+    from .data.sources import DataSpecError
+
+    out = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        names = tuple(c.strip() for c in raw.split(",") if c.strip())
+        if not sep or not name or len(names) < 2 or len(set(names)) != len(names):
+            raise DataSpecError(f"--classes expects NAME=C1,C2,... with at least two distinct class names, got {item!r}")
+        out[name] = DatasetSplits(name, names, train=(), meta={"source": "--classes"})
+    return out
 
 
 # ---- eval ----------------------------------------------------------------------------------

@@ -160,6 +160,16 @@ def best_partition(sim: Tensor, n_groups: Optional[int] = None) -> list[list[int
     return choose_partition(sim, n_groups)[0]
 
 
+def warmup_steps(requested: Optional[int], batches_per_task: Sequence[int]) -> int:
+    """Warm-up length: `requested`, or by default two passes over the smallest task's batches,
+    kept within 5..50 steps (a short look at the gradients, not a training run)."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"grouping warm-up steps must be >= 1, got {requested}")
+        return int(requested)
+    return max(5, min(50, 2 * min(batches_per_task)))
+
+
 # ---- report ------------------------------------------------------------------------------
 @dataclass
 class GroupingReport:

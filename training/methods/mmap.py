@@ -70,11 +70,22 @@ class MmAPConfig(MethodConfig):
     # gcd(D_t, D_v) that is <= 256, i.e. 256 on ViT-B/16 (16 on the tests' micro model).
     source_dim: Optional[int] = None
     n_groups: Optional[int] = None  # G; None: taken from the tasks' `group` fields
+    # Warm-up steps of the gradient-driven grouping that runs before the head is built (read by
+    # the protocol runner, `grouping.warmup_steps`; None: two passes of the smallest task, 5..50).
+    grouping_steps: Optional[int] = None
     combine: str = "concat"  # concat: 2n tokens (group then task) | sum: n tokens
     group_shared: bool = True  # one MmAP per group
     task_specific: bool = True  # one MmAP per task
     init_std: float = 0.02  # source prompts ~ N(0, init_std^2)
-    factor_init: float = 1.0  # A_t and A_v start filled with this value
+    factor_init: float = 1.0  # A_t and A_v start filled with this value ...
+    factor_init_std: float = 0.0  # ... plus N(0, factor_init_std^2) noise (0: all entries equal)
+    factor_per_layer: bool = False  # one (A_t, A_v) pair per prompted block instead of per instance
+    factor_lr_scale: float = 1.0  # LR multiplier of A_t and A_v (0 freezes them at their init)
+    # Residual text init: the shallow text prompt = word embeddings of this phrase's first P
+    # tokens (frozen) + the learned Kronecker prompt, in MaPLe's placement ("a photo of a {class}."
+    # with positions 1..P learned). A tied prompt cannot *be* a phrase's embeddings; this way it
+    # starts at the hand-crafted template. Excludes `text_suffix`.
+    ctx_init: Optional[str] = None
     # Optional frozen words between the text prompt tokens and the class name ("X .. X a photo of a
     # {class}."). The Kronecker-tied text prompt cannot start from a phrase's embeddings (MaPLe's
     # init), so by default (None, METHODS.md 7.5: "X .. X {class}.") it starts as near-zero tokens in
@@ -83,22 +94,29 @@ class MmAPConfig(MethodConfig):
 
 
 def _kron_features(source: Tensor, factor: Tensor) -> Tensor:
-    """S_l kron A for every layer: (J, n, d_s), (1, m) -> (J, n, d_s * m), out[j, i, a*m + k] =
-    S[j, i, a] * A[0, k]. Same numbers as torch.kron, written as broadcast + reshape so that an
-    ONNX export (which has no aten::kron) can trace it too."""
+    """S_l kron A_l for every layer: (J, n, d_s), (1 or J, m) -> (J, n, d_s * m), out[j, i, a*m + k]
+    = S[j, i, a] * A[j or 0, k]. Same numbers as torch.kron, written as broadcast + reshape so
+    that an ONNX export (which has no aten::kron) can trace it too."""
     j, n, d_s = source.shape
-    return (source.unsqueeze(-1) * factor.reshape(1, 1, 1, -1)).reshape(j, n, d_s * factor.shape[-1])
+    a = factor.reshape(factor.shape[0], 1, 1, factor.shape[-1])  # (1 or J, 1, 1, m)
+    return (source.unsqueeze(-1) * a).reshape(j, n, d_s * factor.shape[-1])
 
 
 class MmAPPrompt(nn.Module):
-    """One MmAP instance: J source prompts and two modality factors."""
+    """One MmAP instance: J source prompts and two modality factors (one pair, or one per layer)."""
 
     def __init__(self, depth: int, n_ctx: int, source_dim: int, text_width: int, vision_width: int,
-                 init_std: float, factor_init: float):
+                 init_std: float, factor_init: float, factor_init_std: float = 0.0, per_layer: bool = False):
         super().__init__()
         self.source = nn.Parameter(torch.randn(depth, n_ctx, source_dim) * init_std)  # (J, n, d_s)
-        self.text_factor = nn.Parameter(torch.full((1, text_width // source_dim), float(factor_init)))
-        self.vision_factor = nn.Parameter(torch.full((1, vision_width // source_dim), float(factor_init)))
+        rows = depth if per_layer else 1
+
+        def factor(width: int) -> nn.Parameter:  # (rows, D/d_s)
+            a = torch.full((rows, width // source_dim), float(factor_init))
+            return nn.Parameter(a + factor_init_std * torch.randn(a.shape) if factor_init_std else a)
+
+        self.text_factor = factor(text_width)
+        self.vision_factor = factor(vision_width)
 
     def text(self) -> Tensor:
         """(J, n, D_t) = S_l kron A_t for every layer l."""
@@ -132,6 +150,8 @@ class MmAP(HeadMethod):
             raise MethodError(f"mmap: combine must be one of {COMBINE_RULES}, got {c.combine!r}")
         if not (c.group_shared or c.task_specific):
             raise MethodError("mmap: at least one of group_shared / task_specific must be on")
+        if c.ctx_init and c.text_suffix:
+            raise MethodError("mmap: ctx_init (residual phrase) and text_suffix exclude each other")
         d_t, d_v = backbone.text_width, backbone.vision_width
         d_s = c.source_dim if c.source_dim is not None else default_source_dim(d_t, d_v)
         if c.n_ctx < 1 or c.depth < 1 or d_s < 1:
@@ -145,12 +165,19 @@ class MmAP(HeadMethod):
             raise MethodError(f"mmap: task groups {groups} must cover exactly 0..{n_groups - 1} (every group needs a task)")
         self.n_groups = n_groups
         self.depth = min(c.depth, len(backbone.text_blocks), len(backbone.vision_blocks))
-        make = lambda: MmAPPrompt(self.depth, c.n_ctx, d_s, d_t, d_v, c.init_std, c.factor_init)  # noqa: E731
+        make = lambda: MmAPPrompt(self.depth, c.n_ctx, d_s, d_t, d_v, c.init_std, c.factor_init,  # noqa: E731
+                                  c.factor_init_std, c.factor_per_layer)
         self.group_prompts = nn.ModuleList(make() for _ in range(n_groups if c.group_shared else 0))
         self.task_prompts = nn.ModuleList(make() for _ in range(len(self.tasks) if c.task_specific else 0))
         both = c.group_shared and c.task_specific
         self.tokens_per_layer = 2 * c.n_ctx if both and c.combine == "concat" else c.n_ctx
-        self.prompt_builder = TextPromptBuilder(backbone, self.tokens_per_layer, suffix_phrase=c.text_suffix)
+        try:
+            self.prompt_builder = TextPromptBuilder(backbone, self.tokens_per_layer, init_phrase=c.ctx_init,
+                                                    suffix_phrase=c.text_suffix)
+        except ValueError as err:
+            raise MethodError(f"mmap: {err}") from None
+        offset = self.prompt_builder.init_vectors()  # (P, D_t) frozen phrase embeddings, or None
+        self.register_buffer("text_offset", offset if offset is not None else torch.zeros(0, d_t), persistent=False)
 
     def _instances(self, task: int) -> list[MmAPPrompt]:
         if not 0 <= task < len(self.tasks):
@@ -174,9 +201,16 @@ class MmAP(HeadMethod):
         return self._combine([p.text() for p in parts]), self._combine([p.vision() for p in parts])
 
     # ---- HeadMethod -------------------------------------------------------------------------
+    def configure_optimizer_groups(self) -> list[dict]:
+        factors = [p for n, p in self.named_parameters() if n.endswith("_factor")]
+        ids = {id(p) for p in factors}
+        sources = [p for p in self.trainable_parameters() if id(p) not in ids]
+        return [{"params": sources}, {"params": factors, "lr_scale": self.config.factor_lr_scale}]
+
     def text_features(self, classnames: Sequence[str], task: int = 0) -> Tensor:
         text = self._combine([p.text() for p in self._instances(task)])  # (J, P, D_t)
-        tokens, emb = self.prompt_builder.embed(classnames, text[0])  # prompt at positions 1..P
+        shallow = text[0] + self.text_offset if self.text_offset.numel() else text[0]
+        tokens, emb = self.prompt_builder.embed(classnames, shallow)  # prompt at positions 1..P
         hooks = PromptHooks(deep={l: text[l] for l in range(1, self.depth)}, slot_start=1)
         return self.backbone.encode_text(tokens, hooks, embeddings=emb)
 

@@ -26,11 +26,35 @@ def _run_parallel(recipes, args) -> None:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_init_worker, initargs=(threads,)) as pool:
-        futures = {pool.submit(run_recipe, r, args.data_root, args.out, args.device, None, False): r.name
+        futures = {pool.submit(run_recipe, r, args.data_root, args.out, args.device, None, False, print, args.recompute): r.name
                    for r in recipes}
         for fut in as_completed(futures):
             fut.result()  # a failed recipe stops the run with its error; finished units are kept
             print(f"finished {futures[fut]}", flush=True)
+
+
+def _list(args) -> int:
+    import json
+
+    from .fidelity import fidelity_rows, render_fidelity_markdown
+    from .recipes import list_recipes, load_recipe
+
+    recipes = [load_recipe(n) for n in list_recipes()]
+    if args.markdown:
+        print(render_fidelity_markdown([r for r in recipes if not r.name.startswith("synth_")]))
+        return 0
+    rows = fidelity_rows(recipes)
+    if args.json:
+        out = [{"name": r.name, "method": r.method, "protocol": r.protocol, "description": r.description,
+                "precision": r.train.get("precision"), **{k: f[k] for k in ("official", "mirrors", "differences", "reasons", "note")}}
+               for r, f in zip(recipes, rows)]
+        print(json.dumps({"recipes": out}, indent=2, default=str))
+        return 0
+    for r, f in zip(recipes, rows):
+        mirror = ", ".join(m["config"] for m in f["mirrors"]) or "(no official config)"
+        diff = ", ".join(k.split(".", 1)[-1] for k in f["differences"]) or "none"
+        print(f"{r.name:<30} {r.method:<9} {r.protocol:<22} mirrors {mirror}; differs: {diff}")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -43,29 +67,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run.add_argument("--out", default="runs/bench", help="results folder (resumable)")
     run.add_argument("--seeds", default=None, help="comma list overriding the recipes' seeds, e.g. 1")
     run.add_argument("--epochs", type=int, default=None, help="override epochs (quick looks; not the paper setting)")
+    run.add_argument("--precision", default=None, choices=("amp", "fp32", "fp16"),
+                     help="training precision (recipes state theirs; fp16 = the official configs' PREC: fp16)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="method config field for every recipe, e.g. detach_generator=true")
     run.add_argument("--backbone", default=None)
     run.add_argument("--pretrained", default=None)
     run.add_argument("--device", default="cpu")
     run.add_argument("--jobs", type=int, default=1,
                      help="recipes run in this many processes at once (CPU threads are split between them)")
+    run.add_argument("--recompute", action="store_true",
+                     help="results of another configuration in --out are moved to runs/<recipe>/stale/ and rerun "
+                          "(default: refuse to mix them)")
     run.add_argument("--quiet", action="store_true")
     rep = sub.add_parser("report", help="re-render report.md/json/plots from finished runs")
     rep.add_argument("out")
-    sub.add_parser("list", help="list packaged recipes")
+    lst = sub.add_parser("list", help="list packaged recipes, the official config each mirrors and how it differs")
+    lst.add_argument("--json", action="store_true", help="one JSON object: recipes with their official-config comparison")
+    lst.add_argument("--markdown", action="store_true", help="the recipe-vs-official-config table (README)")
     args = p.parse_args(argv)
 
     from .recipes import RecipeError, expand_recipe_refs, list_recipes, load_recipe
     from .report import record_command, write_report
 
     if args.what == "list":
-        for name in list_recipes():
-            r = load_recipe(name)
-            print(f"{name:<28} {r.method:<9} {r.protocol:<22} {r.description}")
-        return 0
+        return _list(args)
     if args.what == "report":
         print(f"wrote {write_report(args.out)}")
         return 0
-    from .runner import run_recipe
+    from .runner import StaleResultsError, run_recipe
 
     try:
         recipes = [load_recipe(r) for r in expand_recipe_refs(args.recipes)]
@@ -77,8 +107,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         changes = {}
         if args.seeds:
             changes["seeds"] = tuple(int(s) for s in args.seeds.split(","))
-        if args.epochs is not None:
-            changes["train"] = {**r.train, "epochs": args.epochs}
+        train = {**r.train, **({"epochs": args.epochs} if args.epochs is not None else {}),
+                 **({"precision": args.precision} if args.precision else {})}
+        if train != dict(r.train):
+            changes["train"] = train
+        if args.set:
+            from ..cli import _parse_set
+
+            changes["method_config"] = {**r.method_config, **_parse_set(args.set)}
         if args.backbone or args.pretrained:
             changes["backbone"] = {"arch": args.backbone or r.backbone.get("arch"),
                                    "pretrained": args.pretrained or (None if args.backbone else r.backbone.get("pretrained"))}
@@ -87,11 +123,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     recipes = [overridden(r) for r in recipes]
     cmd = "clipheads bench " + " ".join(shlex.quote(a) for a in argv)
     commands = record_command(args.out, cmd)  # before running: an interrupted run still says how to resume
-    if args.jobs > 1:
-        _run_parallel(recipes, args)
-    else:
-        for r in recipes:
-            run_recipe(r, args.data_root, args.out, device=args.device, progress=not args.quiet)
+    try:
+        if args.jobs > 1:
+            _run_parallel(recipes, args)
+        else:
+            for r in recipes:
+                run_recipe(r, args.data_root, args.out, device=args.device, progress=not args.quiet, recompute=args.recompute)
+    except StaleResultsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     path = write_report(args.out, commands=commands)
     print(f"report: {path}")
     return 0

@@ -1,8 +1,11 @@
 """Protocols as code: few-shot, base-to-novel, cross-dataset, domain generalisation, multi-task.
 
 Each protocol turns (recipe, seed, shots) into independent *units*; a unit trains one head and
-evaluates it. Every finished unit is written atomically to `OUT/runs/<recipe>/<unit>.json`, so an
-interrupted `clipheads bench protocol` resumes where it stopped and never re-runs a finished unit.
+evaluates it. Every finished unit is written atomically to `OUT/runs/<recipe>/<unit>.json` with
+the configuration that produced it (`Recipe.unit_config`), so an interrupted `clipheads bench
+protocol` resumes where it stopped and never re-runs a finished unit, while a rerun with other
+settings into the same folder is refused (`StaleResultsError`) instead of passing old units off as
+new ones; `recompute=True` moves the stale files to `OUT/runs/<recipe>/stale/` and runs again.
 """
 from __future__ import annotations
 
@@ -17,7 +20,11 @@ from ..backbone import Backbone, load_backbone
 from ..data.records import DatasetSplits
 from ..loop import TrainConfig, evaluate, train_head
 from ..methods import TaskSpec, build_method
-from .recipes import DatasetRef, Recipe
+from .recipes import DatasetRef, Recipe, RecipeError
+
+
+class StaleResultsError(RecipeError):
+    """The output folder holds results of another configuration of the same recipe."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,7 @@ class Unit:
     seed: int
     shots: int
     run: Callable[["RunContext"], dict]
+    dataset: Optional[DatasetRef] = None  # the one dataset the unit trains and tests on (None: several)
 
 
 @dataclass
@@ -48,8 +56,26 @@ class RunContext:
             self._cache[key] = read_dataset(ref.reader, str(self.data_root / ref.path), **dict(ref.kwargs))
         return self._cache[key]
 
-    def train_config(self, seed: int) -> TrainConfig:
-        return replace(TrainConfig(**dict(self.recipe.train)), seed=seed, device=self.device, progress=self.progress)
+    def settings(self, ref: Optional[DatasetRef], shots: int) -> tuple[dict, TrainConfig]:
+        """(method config, TrainConfig) of a unit on `ref` (None: several datasets) with K=`shots`."""
+        method_config, train = self.recipe.settings(ref, shots)
+        return method_config, TrainConfig(**train)
+
+    def train_config(self, seed: int, train: Optional[TrainConfig] = None) -> TrainConfig:
+        base = train if train is not None else TrainConfig(**dict(self.recipe.train))
+        return replace(base, seed=seed, device=self.device, progress=self.progress)
+
+    def eval_samples(self, ref: DatasetRef, splits: DatasetSplits):
+        """What a unit is scored on: `splits.test`, or with `eval_split="val"` the dataset's
+        full validation split (relabelled like `splits` when `splits` is a class subset)."""
+        if self.recipe.eval_split == "test":
+            return splits.test
+        full = self.dataset(ref).val
+        labels = splits.meta.get("original_labels")
+        if labels is None:
+            return full
+        relabel = {old: new for new, old in enumerate(labels)}
+        return tuple(replace(s, label=relabel[s.label]) for s in full if s.label in relabel)
 
 
 _PROTOCOLS: dict[str, Callable[[Recipe], Iterator[Unit]]] = {}
@@ -69,12 +95,15 @@ def list_protocols() -> list[str]:
     return sorted(_PROTOCOLS)
 
 
-def _fit(ctx: RunContext, tasks: list[TaskSpec], train_sets: dict[int, tuple], seed: int):
-    """Build the recipe's head for `tasks`; train it unless the method has nothing to train."""
-    head = build_method(ctx.recipe.method, ctx.backbone, tasks, ctx.recipe.method_config)
+def _fit(ctx: RunContext, tasks: list[TaskSpec], train_sets: dict[int, tuple], seed: int,
+         ref: Optional[DatasetRef], shots: int):
+    """Build the recipe's head for `tasks` with the unit's settings; train it unless the method
+    has nothing to train."""
+    method_config, train = ctx.settings(ref, shots)
+    head = build_method(ctx.recipe.method, ctx.backbone, tasks, method_config)
     info = {"trainable_parameters": head.num_trainable(), "train_time_s": 0.0}
     if head.num_trainable() > 0:
-        res = train_head(head, train_sets, ctx.train_config(seed))
+        res = train_head(head, train_sets, ctx.train_config(seed, train))
         info.update(train_time_s=round(res.wall_time_s, 2), final_loss=res.final_loss, first_loss=res.first_loss)
     return head, info
 
@@ -102,10 +131,10 @@ def few_shot_units(recipe: Recipe) -> Iterator[Unit]:
                 def run(ctx, ref=ref, shots=shots, seed=seed):
                     ds = _few(ctx.dataset(ref), shots, seed)
                     task = TaskSpec(ref.label, ds.classnames, ds.templates)
-                    head, info = _fit(ctx, [task], {0: ds.train}, seed)
-                    return {"dataset": ref.label, "top1": _acc(ctx, head, ds.test), **info}
+                    head, info = _fit(ctx, [task], {0: ds.train}, seed, ref, shots)
+                    return {"dataset": ref.label, "top1": _acc(ctx, head, ctx.eval_samples(ref, ds)), **info}
 
-                yield Unit(f"{ref.label}_k{shots}_s{seed}", seed, shots, run)
+                yield Unit(f"{ref.label}_k{shots}_s{seed}", seed, shots, run, ref)
 
 
 @register_protocol("base_to_novel")
@@ -120,12 +149,12 @@ def base_to_novel_units(recipe: Recipe) -> Iterator[Unit]:
             def run(ctx, ref=ref, seed=seed):
                 base, novel = base_novel_split(_few(ctx.dataset(ref), shots, seed))
                 task = TaskSpec(ref.label, base.classnames, base.templates)
-                head, info = _fit(ctx, [task], {0: base.train}, seed)
-                b = _acc(ctx, head, base.test, classnames=base.classnames)
-                n = _acc(ctx, head, novel.test, classnames=novel.classnames)
+                head, info = _fit(ctx, [task], {0: base.train}, seed, ref, shots)
+                b = _acc(ctx, head, ctx.eval_samples(ref, base), classnames=base.classnames)
+                n = _acc(ctx, head, ctx.eval_samples(ref, novel), classnames=novel.classnames)
                 return {"dataset": ref.label, "base": b, "novel": n, "hm": harmonic_mean(b, n), **info}
 
-            yield Unit(f"{ref.label}_s{seed}", seed, shots, run)
+            yield Unit(f"{ref.label}_s{seed}", seed, shots, run, ref)
 
 
 @register_protocol("cross_dataset")
@@ -142,11 +171,14 @@ def transfer_units(recipe: Recipe) -> Iterator[Unit]:
         def run(ctx, seed=seed):
             ds = _few(ctx.dataset(src), shots, seed)
             task = TaskSpec(src.label, ds.classnames, ds.templates)
-            head, info = _fit(ctx, [task], {0: ds.train}, seed)
-            out = {"source": src.label, "source_top1": _acc(ctx, head, ds.test), "targets": {}}
+            head, info = _fit(ctx, [task], {0: ds.train}, seed, src, shots)
+            out = {"source": src.label, "source_top1": _acc(ctx, head, ctx.eval_samples(src, ds)), "targets": {}}
             for ref in targets:
                 t = ctx.dataset(ref)
-                out["targets"][ref.label] = _acc(ctx, head, t.test, classnames=t.classnames)
+                scorer = head
+                if head.num_trainable() == 0:  # zero-shot: each target with its own templates
+                    scorer, _ = _fit(ctx, [TaskSpec(ref.label, t.classnames, t.templates)], {}, seed, ref, shots)
+                out["targets"][ref.label] = _acc(ctx, scorer, ctx.eval_samples(ref, t), classnames=t.classnames)
             out["mean_targets"] = sum(out["targets"].values()) / max(len(out["targets"]), 1)
             return {**out, **info}
 
@@ -168,9 +200,10 @@ def multi_task_units(recipe: Recipe) -> Iterator[Unit]:
             tasks = [TaskSpec(r.label, s.classnames, s.templates) for r, s in zip(refs, splits)]
             grouping = None
             if recipe.method == "mmap":
-                tasks, grouping = _group_tasks(ctx, tasks, splits, seed)
-            head, info = _fit(ctx, tasks, {i: s.train for i, s in enumerate(splits)}, seed)
-            per_task = {t.name: _acc(ctx, head, s.test, task=i) for i, (t, s) in enumerate(zip(tasks, splits))}
+                tasks, grouping = _group_tasks(ctx, tasks, splits, seed, shots)
+            head, info = _fit(ctx, tasks, {i: s.train for i, s in enumerate(splits)}, seed, None, shots)
+            per_task = {t.name: _acc(ctx, head, ctx.eval_samples(r, s), task=i)
+                        for i, (r, t, s) in enumerate(zip(refs, tasks, splits))}
             out = {"per_task": per_task, "mean": sum(per_task.values()) / len(per_task), **info}
             if grouping is not None:
                 out["grouping"] = grouping
@@ -179,20 +212,90 @@ def multi_task_units(recipe: Recipe) -> Iterator[Unit]:
         yield Unit(f"mt_s{seed}", seed, shots, run)
 
 
-def _group_tasks(ctx: RunContext, tasks, splits, seed):
+def _group_tasks(ctx: RunContext, tasks, splits, seed, shots):
     """Decide task groups from per-task gradients of one shared warm-up prompt (MmAP), then
     hand each task its group. The decision is recorded with the unit's result."""
     from ..data.loading import make_loader
-    from ..grouping import assign_groups, group_tasks
+    from ..grouping import assign_groups, group_tasks, warmup_steps
 
-    cfg = dict(ctx.recipe.method_config)
-    train = ctx.train_config(seed)
+    cfg, train = ctx.settings(None, shots)
     batches = [make_loader(s.train, ctx.backbone.preprocess, True, train.batch_size, seed=seed + i,
                            crop_scale=tuple(train.crop_scale)) for i, s in enumerate(splits)]
-    steps = max(5, min(50, 2 * min(len(b) for b in batches)))  # a short warm-up: two passes of the smallest task
+    steps = warmup_steps(cfg.get("grouping_steps"), [len(b) for b in batches])
     report = group_tasks(ctx.backbone, tasks, batches, steps, n_groups=cfg.get("n_groups"), method=ctx.recipe.method,
                          config=cfg, lr=train.lr, seed=seed)
     return list(assign_groups(tasks, report.groups)), report.to_dict()
+
+
+def _backbone_spec(recipe: Recipe, backbone: Optional[Backbone]) -> dict:
+    if backbone is not None:
+        return {"arch": backbone.arch, "pretrained": backbone.pretrained, "weights_sha256": backbone.weights_sha256}
+    return {"arch": recipe.backbone.get("arch", "clipheads-tiny"), "pretrained": recipe.backbone.get("pretrained")}
+
+
+def _config_diff(old: Optional[dict], new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the fields that differ (for the refusal message)."""
+    if not isinstance(old, dict):
+        return [prefix.rstrip(".") or "configuration"]
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {json.dumps(a)} -> {json.dumps(b)}")
+    return out
+
+
+def _expected_config(recipe: Recipe, old: Optional[dict], res: dict, root: str, bb_spec: dict) -> Optional[dict]:
+    """What a result file outside the current plan (e.g. a seed not asked for now) should hold:
+    the recipe's configuration for that file's dataset, seed and shots."""
+    if not isinstance(old, dict) or "seed" not in res or "shots" not in res:
+        return None
+    ref = None
+    if recipe.protocol in ("few_shot", "base_to_novel"):  # per-dataset units
+        label = DatasetRef.from_json(old["datasets"][0]).label if old.get("datasets") else None
+        ref = next((r for r in recipe.datasets if r.label == label), None)
+        if ref is None:
+            return None  # the dataset left the recipe
+    return _jsonable({**recipe.unit_config(root, res["seed"], res["shots"], ref), "backbone": bb_spec})
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d))  # as a result file holds it (tuples -> lists)
+
+
+def check_finished_units(recipe: Recipe, run_dir: Path, units: list[Unit], configs: dict[str, dict], root: str,
+                         bb_spec: dict, recompute: bool, log: Callable[[str], None]) -> None:
+    """Every result file in `run_dir` must come from the recipe's current configuration (files of
+    seeds or datasets not run now count too, since the report reads them). Otherwise refuse, or
+    with `recompute` move them to `run_dir/stale/<time>/`, so nothing is lost."""
+    planned = {u.key: u for u in units}
+    stale = []
+    for path in sorted(run_dir.glob("*.json")):
+        if path.name == "recipe.json":
+            continue
+        res = json.loads(path.read_text())
+        old = res.get("config")
+        unit = planned.get(path.stem)
+        want = configs[unit.key] if unit is not None else _expected_config(recipe, old, res, root, bb_spec)
+        if old != want:
+            stale.append((path, _config_diff(old, want) if want is not None else
+                          ["no recorded configuration, or a dataset the recipe no longer has"]))
+    if not stale:
+        return
+    if not recompute:
+        first, diff = stale[0]
+        detail = "; ".join(diff[:4]) + (" ..." if len(diff) > 4 else "")
+        raise StaleResultsError(
+            f"{run_dir} holds {len(stale)} result(s) of another configuration of {recipe.name!r} "
+            f"(e.g. {first.name}: {detail or 'no recorded configuration'}); use another --out, or --recompute "
+            "to move them to stale/ and run again")
+    dest = run_dir / "stale" / time.strftime("%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=True)
+    for path, _ in stale:
+        path.replace(dest / path.name)
+    log(f"[{recipe.name}] moved {len(stale)} result(s) of another configuration to {dest}")
 
 
 def run_recipe(
@@ -203,14 +306,20 @@ def run_recipe(
     backbone: Optional[Backbone] = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    recompute: bool = False,
 ) -> list[dict]:
-    """Run (or resume) every unit of `recipe`; returns all unit results, finished ones included."""
+    """Run (or resume) every unit of `recipe`; returns all unit results, finished ones included.
+    Finished units of another configuration raise StaleResultsError (see the module docstring)."""
     if recipe.protocol not in _PROTOCOLS:
         raise ValueError(f"unknown protocol {recipe.protocol!r}; known: {', '.join(list_protocols())}")
     run_dir = Path(out_dir) / "runs" / recipe.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.json").write_text(json.dumps(recipe.to_json(), indent=2))
     units = list(_PROTOCOLS[recipe.protocol](recipe))
+    root = str(Path(data_root).expanduser().resolve())
+    bb_spec = _backbone_spec(recipe, backbone)
+    configs = {u.key: _jsonable({**recipe.unit_config(root, u.seed, u.shots, u.dataset), "backbone": bb_spec}) for u in units}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    check_finished_units(recipe, run_dir, units, configs, root, bb_spec, recompute, log)
+    (run_dir / "recipe.json").write_text(json.dumps(recipe.to_json(), indent=2))
     ctx = None
     results = []
     for i, unit in enumerate(units, 1):
@@ -226,6 +335,7 @@ def run_recipe(
         res = {"recipe": recipe.name, "method": recipe.method, "protocol": recipe.protocol, "unit": unit.key,
                "seed": unit.seed, "shots": unit.shots, **unit.run(ctx)}
         res["wall_time_s"] = round(time.perf_counter() - start, 2)
+        res["config"] = configs[unit.key]
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(res, indent=2))
         tmp.replace(path)  # atomic: a killed run never leaves a half-written result
