@@ -9,7 +9,9 @@ JPEG), before anything is decoded:
 - per request: the images' decode pixels together at most `request_pixels` (default 64 MP), else
   413 `too_many_pixels`;
 - per process: a *large* image (more than `large_pixels`, default 4 MP, decoded) is decoded in
-  its own lane (one thread at lower CPU priority), and the decode pixels waiting or decoding in
+  its own lane -- a separate process at lower CPU priority (nice 10): Pillow holds the GIL for up to
+  ~100 ms at a time while it decodes a big WebP, which stalled every request of the front when
+  that lane was a thread -- and the decode pixels waiting or decoding in
   that lane are capped at `process_pixels` (default 128 MP): a request that would go over gets 503
   `decode_busy` with Retry-After at once, instead of queueing behind other large decodes.
   Small images have their own lane, so a normal request never waits behind a large decode.
@@ -19,13 +21,16 @@ whatever function the caller passes in).
 """
 from __future__ import annotations
 
+import asyncio
+import multiprocessing
 import os
 import threading
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Sequence
 
-from .images import ImageHeader, ImageRejected
+from .images import DecodeResult, DecodeSpec, ImageHeader, ImageRejected, decode_or_reject, probe_image
 
 DEFAULT_REQUEST_PIXELS = 64_000_000
 DEFAULT_PROCESS_PIXELS = 128_000_000
@@ -41,7 +46,12 @@ class DecodeBudget:
 
 
 def _lower_priority() -> None:
-    """Thread initializer: this thread yields the CPU to the rest of the process under load."""
+    """Worker initializer: the large-image decoder yields the CPU to the front under load, and
+    dies on SIGTERM/SIGINT instead of running the front's (inherited) drain handlers."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LARGE_LANE_NICE)
     except (AttributeError, OSError):
@@ -65,13 +75,30 @@ class Reservation:
 class DecodeLanes:
     """Admission and the two executors (small images, large images) of one process."""
 
-    def __init__(self, budget: DecodeBudget = DecodeBudget(), small_threads: int = 2, large_threads: int = 1):
+    def __init__(self, budget: DecodeBudget = DecodeBudget(), small_threads: int = 2, large_workers: int = 1):
         self.budget = budget
         self.small = ThreadPoolExecutor(max_workers=max(1, small_threads), thread_name_prefix="decode")
-        self.large = ThreadPoolExecutor(max_workers=max(1, large_threads), thread_name_prefix="decode-large",
-                                        initializer=_lower_priority)
+        self._large_workers = max(1, large_workers)
+        self.large = self._start_large()
         self._lock = threading.Lock()
         self.large_in_use = 0  # decode pixels admitted to the large lane and not yet released
+
+    def probe(self, blobs: Sequence[bytes], spec: DecodeSpec) -> list[ImageHeader]:
+        """Every image's header (images.probe_image), stopping at the first one that takes the
+        request over its pixel budget: a body of 32 bombs costs two header reads, not 32."""
+        headers, total = [], 0
+        for i, b in enumerate(blobs):
+            try:
+                h = probe_image(b, spec)
+            except ImageRejected as r:
+                raise ImageRejected(r.kind, f"image {i}: {r.detail}", r.http_status) from None
+            total += h.decode_pixels
+            if total > self.budget.request_pixels:
+                raise ImageRejected(
+                    "too_many_pixels", f"the images of this request decode to more than "
+                    f"{self.budget.request_pixels} pixels together (the limit per request)", 413)
+            headers.append(h)
+        return headers
 
     def is_large(self, header: ImageHeader) -> bool:
         return header.decode_pixels > self.budget.large_pixels
@@ -97,8 +124,29 @@ class DecodeLanes:
             with self._lock:
                 self.large_in_use -= pixels
 
+    def _start_large(self) -> ProcessPoolExecutor:
+        # fork: the child only runs images.decode_or_reject (Pillow, numpy); started now, before
+        # the front's request threads exist, not lazily at the first large image
+        pool = ProcessPoolExecutor(max_workers=self._large_workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_lower_priority)
+        pool.submit(os.getpid).result()
+        return pool
+
     def executor_for(self, header: ImageHeader) -> Executor:
         return self.large if self.is_large(header) else self.small
+
+    async def decode(self, data: bytes, header: ImageHeader, spec: DecodeSpec, fn=decode_or_reject) -> DecodeResult:
+        """`fn(data, spec)` in the image's lane. A decoder process that dies (a crashing or
+        memory-exhausting image) is replaced, and that image is rejected."""
+        loop = asyncio.get_running_loop()
+        pool = self.executor_for(header)
+        try:
+            return await loop.run_in_executor(pool, fn, data, spec)
+        except BrokenProcessPool:
+            with self._lock:
+                if self.large is pool:
+                    self.large = self._start_large()
+            return ImageRejected("invalid_image", "the image crashed the decoder", 422)
 
     def close(self) -> None:
         self.small.shutdown(wait=False, cancel_futures=True)

@@ -48,6 +48,9 @@ class ImageRejected(ValueError):
         self.detail = detail
         self.http_status = http_status
 
+    def __reduce__(self):  # crosses process boundaries (the large-image decode process)
+        return ImageRejected, (self.kind, self.detail, self.http_status)
+
 
 @dataclass(frozen=True)
 class DecodeSpec:
@@ -185,6 +188,14 @@ def decode_image(data: bytes, spec: DecodeSpec) -> np.ndarray:
 
 
 DecodeResult = Union[np.ndarray, ImageRejected]
+
+
+def decode_or_reject(data: bytes, spec: DecodeSpec) -> DecodeResult:
+    """decode_image that returns the rejection instead of raising it (for executors)."""
+    try:
+        return decode_image(data, spec)
+    except ImageRejected as err:
+        return ImageRejected(err.kind, err.detail, err.http_status)
 
 
 class ImageDecoder:

@@ -43,7 +43,7 @@ from .drain import FrontRegistry, chain_exit_signals, pin_dependency
 from .heads import HeadIncompatible, HeadLoadError, HeadSlot, load_head
 from . import metric_labels
 from .decode_budget import DecodeBudget, DecodeLanes
-from .images import DEFAULT_MAX_PIXELS, DecodeSpec, ImageRejected, decode_image, probe_image
+from .images import DEFAULT_MAX_PIXELS, DecodeSpec, ImageRejected
 from .templates import check_templates
 from .runtime import Runtime, softmax
 from .tasks_store import LRUCache, TaskStore, TaskStoreError, check_name, open_task_store
@@ -796,18 +796,9 @@ class ClipHeads:
     async def _decode(self, blobs: list[bytes]) -> np.ndarray:
         """Headers first (caps, per-request and process decode budgets: serving/decode_budget.py),
         then decoding, small and large images in separate lanes."""
-        headers = []
-        for i, b in enumerate(blobs):
-            try:
-                headers.append(probe_image(b, self.spec))
-            except ImageRejected as r:
-                raise ImageRejected(r.kind, f"image {i}: {r.detail}", r.http_status) from None
-        loop = asyncio.get_running_loop()
+        headers = self.lanes.probe(blobs, self.spec)
         with self.lanes.admit(headers):
-            results = await asyncio.gather(
-                *(loop.run_in_executor(self.lanes.executor_for(h), _safe_decode, b, self.spec)
-                  for b, h in zip(blobs, headers))
-            )
+            results = await asyncio.gather(*(self.lanes.decode(b, h, self.spec) for b, h in zip(blobs, headers)))
         for i, r in enumerate(results):
             if isinstance(r, ImageRejected):
                 raise ImageRejected(r.kind, f"image {i}: {r.detail}", r.http_status)
@@ -1089,13 +1080,6 @@ class ClipHeads:
             return resolve_source(source)
         except ModelStoreError as err:
             raise ApiError(422, "unknown_source", str(err)[:300]) from None
-
-
-def _safe_decode(data: bytes, spec: DecodeSpec):
-    try:
-        return decode_image(data, spec)
-    except ImageRejected as err:
-        return err
 
 
 ClipHeads.add_asgi_middleware(GuardMiddleware, config=CONFIG)
