@@ -28,21 +28,31 @@ TRAINING_COMMANDS = {
 }
 
 
+GLOBAL_FLAGS = ("-q", "--quiet", "--json")  # accepted before the command too: `clipheads -q train ...`
+
+
 def _usage() -> str:
-    lines = ["usage: clipheads COMMAND [ARGS]", "", "commands:"]
+    lines = ["usage: clipheads [-q|--quiet] [--json] COMMAND [ARGS]", "", "commands:"]
     lines += [f"  {c:<8} {h}" for c, h in TRAINING_COMMANDS.items()]
     lines += [f"  {c:<8} {h}" for c, (_, h) in DELEGATED.items()]
-    lines += ["", "`clipheads COMMAND --help` for a command's options."]
+    lines += ["", "`clipheads COMMAND --help` for a command's options. Every command takes --json (the result as",
+              "JSON on stdout) and -q/--quiet (no progress bars or informational messages). Exit codes: 0 ok,",
+              "1 failure, 2 bad usage or bad input."]
     return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    leading = []
+    while argv and argv[0] in GLOBAL_FLAGS:  # global flags travel to the end of the command's own argv
+        leading.append(argv.pop(0))
+    if leading and argv and argv[0] not in ("-h", "--help", "-V", "--version"):
+        argv += (["--quiet"] if {"-q", "--quiet"} & set(leading) else []) + (["--json"] if "--json" in leading else [])
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
-        from clipheads.training import __version__
+        from clipheads import __version__
 
         print(f"clipheads {__version__}")
         return 0

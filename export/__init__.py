@@ -8,6 +8,7 @@
     parity.py       eager PyTorch vs ONNX Runtime on fixed probes; the gate that can fail
     bundle.py       manifest.json + files: atomic write, validated read (see BUNDLE.md)
     pipeline.py     export_heads(): the whole run as one library call
+    heads.py        export_bundle(): head files (or heads) + task renames -> pipeline (CLI and Python API)
     tensorrt.py     engines built on the target, tagged, engine_compatible()
     cli.py          `clipheads export ...` (main(argv))
 """

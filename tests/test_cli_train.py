@@ -9,21 +9,50 @@ from clipheads.training.cli import main
 
 
 def test_train_eval_info_round_trip(tmp_path, capsys):
+    """An unsplit ImageFolder with --test-fraction: training holds 2 of each class's 8 images out,
+    records fractions and seed, and a later `eval` scores exactly those images."""
     _register_test_configs()
     data = make_colour_folder(tmp_path / "colours")
     head = tmp_path / "colours.head.safetensors"
     common = ["--backbone", "test-vit-micro", "--pretrained", "none"]
     assert main(["train", "--method", "coop", "--set", "n_ctx=4", "--data", str(data), "--out", str(head),
-                 "--epochs", "3", "--batch-size", "8", "--lr", "0.05", "--warmup-epochs", "0", "--json", *common]) == 0
+                 "--test-fraction", "0.25", "--epochs", "3", "--batch-size", "8", "--lr", "0.05",
+                 "--warmup-epochs", "0", "--json", *common]) == 0
     trained = json.loads(capsys.readouterr().out)
     assert trained["trainable_parameters"] == 4 * 32
     assert trained["metrics"]["final_loss"] < trained["metrics"]["first_loss"]
+    assert trained["holdout"]["colours"]["counts"] == {"train": 18, "val": 0, "test": 6}
+    assert trained["data"]["colours"] == str(data.resolve())  # absolute: the head may move
     assert main(["info", str(head), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["tasks"][0]["classes"] == 3 and info["training"]["epochs"] == 3
     assert main(["eval", str(head), "--data", str(data), "--json"]) == 0
     ev = json.loads(capsys.readouterr().out)
-    assert ev["results"]["colours"]["n"] == 24
+    assert ev["results"]["colours"]["n"] == 6 and ev["results"]["colours"]["split"] == "test"
+    assert main(["info", str(head)]) == 0
+    text = capsys.readouterr().out
+    assert "test 0.25 (seed 1)" in text and "{" not in text  # readable, not a dict repr
+
+
+def test_eval_on_training_images_is_refused_or_labelled(tmp_path, capsys):
+    """Issue 15.5: a head trained on an unsplit folder must not report a 'test' score on it."""
+    _register_test_configs()
+    data = make_colour_folder(tmp_path / "colours", per_class=3)
+    head = tmp_path / "c.head.safetensors"
+    common = ["--backbone", "test-vit-micro", "--pretrained", "none"]
+    assert main(["train", "--method", "coop", "--data", str(data), "--out", str(head), "--epochs", "1",
+                 "--batch-size", "9", "-q", *common]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(head), "--data", str(data), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "trained on" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert main(["eval", str(head), "--data", str(data), "--split", "train", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)["results"]["colours"]
+    assert r["split"] == "train" and r["on_training_images"] is True and r["n"] == 9
+    other = make_colour_folder(tmp_path / "elsewhere", per_class=2)  # never trained on: every image is held out
+    assert main(["eval", str(head), "--data", str(other), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)["results"]["elsewhere"]
+    assert r["split"] == "all" and "on_training_images" not in r
 
 
 def test_bad_inputs_exit_2(tmp_path, capsys):
@@ -32,7 +61,8 @@ def test_bad_inputs_exit_2(tmp_path, capsys):
     data = make_colour_folder(tmp_path / "colours")
     out = str(tmp_path / "x.head.safetensors")
     assert main(["train", "--method", "nope", "--data", str(data), "--out", out, *common]) == 2
-    assert "known methods" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("clipheads train: error:") and "choose from" in err and "coop" in err
     assert main(["train", "--method", "coop", "--data", str(tmp_path / "missing"), "--out", out, *common]) == 2
     assert main(["info", str(tmp_path / "missing.head.safetensors")]) == 2
 

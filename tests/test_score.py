@@ -213,7 +213,7 @@ def test_predictions_match_the_classify_path(local_run, corpus, head_file):
 def real_bundle(head_file, tmp_path_factory) -> Path:
     """The head exported by the real exporter (export/), fp32 ONNX, parity-gated."""
     try:
-        from clipheads.export.cli import load_heads
+        from clipheads.export.heads import load_heads
         from clipheads.export.pipeline import ExportOptions, export_heads
     except ImportError as err:
         pytest.skip(f"the exporter is not available in this checkout: {err}")

@@ -134,5 +134,5 @@ def test_cli_main_writes_world(tmp_path, capsys):
     desc = json.loads((tmp_path / "cli" / "world.json").read_text())
     assert desc["seed"] == 3 and desc["image_size"] == 16 and desc["total_images"] == 2 * len(synth.CLASSES) * len(synth.DOMAINS)
     assert "wrote 256 images" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        synth.main([str(tmp_path / "bad"), "--per-class", "1,2"])
+    assert synth.main([str(tmp_path / "bad"), "--per-class", "1,2"]) == 2  # bad input: one line, exit 2
+    assert "--per-class wants three integers" in capsys.readouterr().err

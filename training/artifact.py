@@ -81,6 +81,7 @@ class HeadArtifact:
             )
             raise ArtifactError(f"tensors do not match method {self.method!r} on {backbone.arch}: {detail}")
         head.load_state_dict(self.tensors, strict=True)
+        head.training_record = dict(self.training)  # what fit.evaluate checks (held-out splits, data)
         return head.to(device)
 
 
@@ -103,12 +104,19 @@ def make_artifact(head: HeadMethod, training: Optional[dict] = None) -> HeadArti
         backbone=bb.record(),
         tasks=head.tasks,
         preprocess=bb.preprocess,
-        training=dict(training or {}),
+        training=dict(training if training is not None else getattr(head, "training_record", None) or {}),
         tensors=head.head_tensors(),
     )
 
 
 def save_head(head_or_artifact: HeadMethod | HeadArtifact, path: str | Path, training: Optional[dict] = None) -> Path:
+    """Write a head (or artifact) to `path` (NAME.head.safetensors) atomically; returns the path.
+    `training` defaults to the record `train` attached to the head (data, held-out splits, metrics).
+
+    Example:
+        >>> clipheads.save_head(head, "pets.head.safetensors")  # doctest: +SKIP
+        PosixPath('pets.head.safetensors')
+    """
     from safetensors.torch import save_file
 
     art = head_or_artifact if isinstance(head_or_artifact, HeadArtifact) else make_artifact(head_or_artifact, training)

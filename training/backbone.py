@@ -14,7 +14,6 @@ feature is always the class token (or whatever the tower pools) of the original 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from .backbone_source import BackboneError, WeightsSource, resolve_weights
 from .files import file_sha256
 from .text_length import text_length, trimming
+from .preprocess import PreprocessSpec  # noqa: F401 - re-exported: heads and bundles import it from here
 
 PACKAGED_ARCH = "clipheads-tiny"
 PACKAGED_TAG = "clipheads"
@@ -47,31 +47,6 @@ class TowerHooks:
 
 
 NO_HOOKS = TowerHooks()
-
-
-@dataclass(frozen=True)
-class PreprocessSpec:
-    """Exactly how pixels must be prepared; travels with every head and bundle."""
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bicubic"
-    resize_mode: str = "shortest"  # resize short side then center crop
-
-    def to_json(self) -> dict:
-        return {
-            "image_size": self.image_size,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "resize": f"{self.resize_mode}:{self.interpolation}",
-            "crop": "center",
-        }
-
-    @classmethod
-    def from_json(cls, d: dict) -> "PreprocessSpec":
-        mode, _, interp = d.get("resize", "shortest:bicubic").partition(":")
-        return cls(int(d["image_size"]), tuple(d["mean"]), tuple(d["std"]), interp or "bicubic", mode)
 
 
 def register_packaged_configs() -> None:

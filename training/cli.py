@@ -1,31 +1,33 @@
 """`clipheads train | eval | info | methods | data`: a thin argparse layer over the library.
 
-Configs merge in one documented order, then freeze: dataclass defaults -> recipe file ->
-command-line flags. Exit codes: 0 ok, 1 failure, 2 bad usage or bad input.
+Every command takes `--json` and `-q/--quiet` and follows training/console.py (exit codes 0 ok,
+1 failure, 2 bad usage or bad input with one line on stderr). What a command does lives in
+library functions (`fit.train`, `fit.evaluate`, `artifact.describe`, ...), the same ones the
+Python API (`clipheads.train`, ...) exposes; the library never sees an argparse namespace.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from dataclasses import fields, replace
-from pathlib import Path
+from dataclasses import fields
 from typing import Optional, Sequence
 
-EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
+from . import console
+from .console import EXIT_OK
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from .artifact import ArtifactError
     from .backbone import BackboneError
+    from .data.holdout import HoldOutError
+    from .data.readers import DatasetLayoutError
     from .data.sources import DataSpecError
+    from .fit import EvaluationRefused
     from .methods.base import MethodError
+    from .protocols.recipes import RecipeError
 
-    return (ArtifactError, BackboneError, MethodError, DataSpecError, FileNotFoundError)
-
-
-def _print(payload: dict, as_json: bool, human: str) -> None:
-    print(json.dumps(payload, indent=2, default=str) if as_json else human)
+    return (ArtifactError, BackboneError, MethodError, DataSpecError, DatasetLayoutError, HoldOutError,
+            EvaluationRefused, RecipeError, FileNotFoundError, NotADirectoryError)
 
 
 def _parse_set(items: Sequence[str]) -> dict:
@@ -34,7 +36,7 @@ def _parse_set(items: Sequence[str]) -> dict:
     for item in items or ():
         key, sep, raw = item.partition("=")
         if not sep:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
+            raise console.BadInput(f"--set expects key=value, got {item!r}")
         try:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -42,126 +44,123 @@ def _parse_set(items: Sequence[str]) -> dict:
     return out
 
 
-# ---- train ---------------------------------------------------------------------------------
-def _add_backbone_args(p: argparse.ArgumentParser) -> None:
+def _pct(metrics: dict) -> str:
+    return ", ".join(f"{n} {v:.1%}" for n, v in metrics.items()) or "not evaluated"
+
+
+# ---- shared flags ----------------------------------------------------------------------------
+def _add_backbone_args(p: argparse.ArgumentParser, default_arch: Optional[str]) -> None:
     from .backbone import PACKAGED_ARCH
 
-    p.add_argument("--backbone", default=PACKAGED_ARCH, help=f"open_clip architecture (default {PACKAGED_ARCH})")
-    p.add_argument("--pretrained", default=None, help="tag | local path | hf-hub:ID | none (default: the arch's default); "
-                                                      "with a HEAD: where the head's backbone weights are now (sha256-checked)")
+    fallback = default_arch or f"the recipe's, else {PACKAGED_ARCH}"
+    p.add_argument("--backbone", default=default_arch, metavar="ARCH", help=f"open_clip architecture (default: {fallback})")
+    p.add_argument("--pretrained", default=None, metavar="WEIGHTS",
+                   help="open_clip tag | local checkpoint path | hf-hub:ID | none (default: the architecture's "
+                        "default: packaged weights for clipheads-tiny, else openai or its first tag); with a HEAD: "
+                        "where the head's backbone weights are now (sha256-checked)")
     p.add_argument("--act", default=None, choices=("quickgelu", "gelu"),
                    help="activation the weights were trained with (OpenAI's: quickgelu); tags, hf-hub configs and "
                         "`clipheads convert` files state it themselves, a plain local file on an arch with both kinds needs it")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU) | cpu | cuda | cuda:N")
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+def _add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--data", action="append", default=[], metavar="SPEC",
+                   help="ImageFolder dir | split_zhou .json | .csv manifest | READER:ROOT[:ARG]; repeat for multi-task")
+    p.add_argument("--task", action="append", default=[], metavar="NAME=SPEC",
+                   help="a named task (multi-task runs; the name replaces the data's own)")
+    p.add_argument("--val-fraction", type=float, default=None, metavar="F",
+                   help="hold out this share of each class as val, for data without a val split (seeded)")
+    p.add_argument("--test-fraction", type=float, default=None, metavar="F",
+                   help="hold out this share of each class as test, for data without a test split (seeded)")
+
+
+# ---- train -----------------------------------------------------------------------------------
+def _defaults_epilog() -> str:
+    from .backbone import PACKAGED_ARCH
+    from .fit import PAPER_ARCH, default_recipe
+    from .methods import list_methods
+
+    rows = []
+    for m in list_methods():
+        tiny, other = default_recipe(m, PACKAGED_ARCH), default_recipe(m, PAPER_ARCH)
+        rows.append(f"  {m:<9} {(tiny or {}).get('name', '-'):<26} {(other or {}).get('name', '-')}")
+    return ("Defaults: settings merge as dataclass defaults -> recipe -> your flags. Without --recipe each method "
+            "starts from its packaged recipe for the backbone (recorded in the head as training.recipe):\n"
+            f"  {'method':<9} {'on ' + PACKAGED_ARCH:<26} on any other backbone\n" + "\n".join(rows)
+            + "\n--recipe none uses the bare dataclass defaults shown below.")
 
 
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a head and write NAME.head.safetensors")
-    p.add_argument("--method", default=None, help="method name (see `clipheads methods`)")
-    p.add_argument("--recipe", default=None, help="JSON recipe: {method, method_config, train}")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method config field")
-    p.add_argument("--data", action="append", default=[], help="ImageFolder dir | split_zhou .json | .csv | reader:ROOT")
-    p.add_argument("--task", action="append", default=[], metavar="NAME=DATA", help="named task (multi-task runs)")
+    from .loop import TrainConfig
+    from .methods import list_methods
+
+    p = sub.add_parser("train", help="train a head and write NAME.head.safetensors", epilog=_defaults_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train a head (any method) on one or more datasets.")
+    p.add_argument("--method", default=None, choices=list_methods(), metavar="METHOD",
+                   help=f"one of: {', '.join(list_methods())} (default: the recipe's)")
+    p.add_argument("--recipe", default="default", metavar="NAME|FILE",
+                   help="packaged recipe name or JSON file whose method_config and train settings to start from "
+                        "(default: the method's recipe for this backbone, see below; 'none': dataclass defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method-config field over the recipe's, e.g. --set n_ctx=4 (repeatable)")
+    _add_data_args(p)
     p.add_argument("--classes", action="append", default=[], metavar="NAME=C1,C2,...",
                    help="a task given by its class names alone (no images: zero-shot heads)")
-    p.add_argument("--shots", type=int, default=None, help="K-shot sampling per class (Dassl semantics)")
-    p.add_argument("--out", required=True, help="output head path (NAME.head.safetensors)")
-    p.add_argument("--no-eval", action="store_true", help="skip the test-split evaluation")
-    p.add_argument("--json", action="store_true")
-    _add_backbone_args(p)
-    for f in fields(_train_config_cls()):
+    p.add_argument("--shots", type=int, default=None, metavar="K", help="K images per class (Dassl semantics, seeded)")
+    p.add_argument("--out", required=True, metavar="NAME.head.safetensors", help="where to write the head")
+    p.add_argument("--no-eval", action="store_true", help="skip the test-split evaluation after training")
+    _add_backbone_args(p, None)
+    console.add_output_flags(p)
+    for f in fields(TrainConfig):
         if f.name in ("device", "progress"):
             continue
         flag = "--" + f.name.replace("_", "-")
-        kind = {int: int, float: float, str: str, bool: None}.get(type(f.default), None)
+        helptext = f"{f.metadata.get('help', f.name)} (default: the recipe's, else {f.default!r})"
         if isinstance(f.default, bool):
-            p.add_argument(flag, dest=f"tc_{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=None)
+            p.add_argument(flag, dest=f"tc_{f.name}", action=argparse.BooleanOptionalAction, default=None, help=helptext)
+        elif isinstance(f.default, tuple):
+            p.add_argument(flag, dest=f"tc_{f.name}", type=float, nargs=len(f.default), default=None,
+                           metavar=("MIN", "MAX") if len(f.default) == 2 else None, help=helptext)
         else:
-            p.add_argument(flag, dest=f"tc_{f.name}", type=kind or float, default=None)
+            kind = {int: int, float: float, str: str}.get(type(f.default), int)
+            p.add_argument(flag, dest=f"tc_{f.name}", type=kind, default=None, metavar=f.name.upper(), help=helptext)
     p.set_defaults(func=cmd_train)
 
 
-def _train_config_cls():
+def cmd_train(args) -> int:
+    from .data.sources import DataSpecError, resolve_tasks
+    from .fit import train
     from .loop import TrainConfig
 
-    return TrainConfig
-
-
-def _load_recipe(path: Optional[str]) -> dict:
-    if not path:
-        return {}
-    data = json.loads(Path(path).read_text())
-    unknown = set(data) - {"method", "method_config", "train", "name", "description", "protocol", "papers"}
-    if unknown:
-        raise SystemExit(f"recipe {path}: unknown keys {sorted(unknown)}")
-    return data
-
-
-def cmd_train(args) -> int:
-    from .artifact import save_head
-    from .backbone import load_backbone
-    from .data.fewshot import few_shot_splits
-    from .data.sources import DataSpecError, resolve_tasks
-    from .loop import TrainConfig, TrainResult, evaluate, train_head
-    from .methods import TaskSpec, build_method
-
-    recipe = _load_recipe(args.recipe)
-    method = args.method or recipe.get("method")
-    if not method:
-        raise SystemExit("choose a method: --method NAME or --recipe FILE")
-    method_cfg = {**recipe.get("method_config", {}), **_parse_set(args.set)}
-    tc = TrainConfig(**{**recipe.get("train", {}), "device": args.device, "progress": not args.json})
-    overrides = {f.name: getattr(args, f"tc_{f.name}") for f in fields(TrainConfig) if getattr(args, f"tc_{f.name}", None) is not None}
-    tc = replace(tc, **overrides)
+    overrides = {f.name: getattr(args, f"tc_{f.name}") for f in fields(TrainConfig)
+                 if getattr(args, f"tc_{f.name}", None) is not None}
     named = {**(resolve_tasks(args.data, args.task) if args.data or args.task else {}), **_class_tasks(args.classes)}
     if not named:
         raise DataSpecError("no tasks given: use --data SPEC, --task NAME=SPEC or --classes NAME=C1,C2,...")
-    if args.shots:
-        named = {n: few_shot_splits(s, args.shots, tc.seed) for n, s in named.items()}
-    tasks = [TaskSpec(n, s.classnames, s.templates) for n, s in named.items()]
-    backbone = load_backbone(args.backbone, args.pretrained, device=args.device, act=args.act)
-    _say(f"backbone: {backbone.describe_weights()} [{backbone.act_reason}]")
-    head = build_method(method, backbone, tasks, method_cfg)
-    if head.num_trainable() == 0:  # zero-shot: the head is its class names and templates, no tensors
-        result = TrainResult(head)
-    else:
-        if not any(s.train for s in named.values()):
-            raise DataSpecError(f"{method} learns from images: give --data/--task with training images")
-        frozen_before = backbone.parameters_checksum()
-        result = train_head(head, {i: s.train for i, s in enumerate(named.values())}, tc)
-        if backbone.parameters_checksum() != frozen_before:
-            raise RuntimeError("the frozen backbone changed during training: a method leaked a gradient")
-    metrics = {}
-    if not args.no_eval:
-        for i, (name, s) in enumerate(named.items()):
-            if s.test:
-                metrics[name] = evaluate(head, s.test, task=i, device=args.device)["top1"]
-    training = {
-        "data": {n: s.meta.get("source", s.name) for n, s in named.items()},
-        "shots": args.shots,
-        "seed": tc.seed,
-        "trained": head.num_trainable() > 0,
-        "epochs": tc.epochs if head.num_trainable() else 0,
-        "config": tc.to_dict() if head.num_trainable() else None,
-        "metrics": {"test_top1": metrics, **({"final_loss": result.final_loss, "first_loss": result.first_loss}
-                                             if result.history else {})},
-        "history": result.history,
-        "wall_time_s": round(result.wall_time_s, 2),
-        "trainable_parameters": head.num_trainable(),
-    }
-    path = save_head(head, args.out, training)
-    payload = {"head": str(path), "method": method, "trainable_parameters": head.num_trainable(), **training}
-    acc = ", ".join(f"{n} {v:.1%}" for n, v in metrics.items()) or "not evaluated"
-    if not training["trained"]:
-        _print(payload, args.json, f"{method}: nothing to train ({sum(len(t.classnames) for t in tasks)} class names, "
-               f"templates {list(tasks[0].templates)}); test top-1: {acc}; wrote {path}")
+    head = train(
+        args.method, named,
+        backbone=args.backbone, pretrained=args.pretrained, act=args.act,
+        log=lambda msg: console.info(msg, args.quiet),
+        recipe=None if args.recipe == "none" else args.recipe, config=_parse_set(args.set), shots=args.shots,
+        val_fraction=args.val_fraction or 0.0, test_fraction=args.test_fraction or 0.0,
+        device=args.device, evaluate=not args.no_eval, progress=not (args.quiet), out=args.out,
+        **overrides,
+    )
+    rec = head.training_record
+    payload = {"head": rec["head"], "method": head.name, **rec}
+    m = rec["metrics"]
+    if not rec["trained"]:
+        tasks = head.tasks
+        console.emit(payload, args.json, f"{head.name}: nothing to train ({sum(len(t.classnames) for t in tasks)} "
+                     f"class names, templates {list(tasks[0].templates)}); test top-1: {_pct(m['test_top1'])}; "
+                     f"wrote {rec['head']}")
         return EXIT_OK
-    _print(payload, args.json, f"trained {method} ({head.num_trainable():,} params) in {result.wall_time_s:.1f}s; "
-           f"loss {result.first_loss:.3f} -> {result.final_loss:.3f}; test top-1: {acc}; wrote {path}")
+    console.emit(payload, args.json,
+                 f"trained {head.name} ({head.num_trainable():,} params, defaults from {rec['defaults']}) in "
+                 f"{rec['wall_time_s']:.1f}s; loss {m['first_loss']:.3f} -> {m['final_loss']:.3f}; "
+                 f"test top-1: {_pct(m['test_top1'])}; wrote {rec['head']}")
     return EXIT_OK
 
 
@@ -180,79 +179,106 @@ def _class_tasks(items: Sequence[str]) -> dict:
     return out
 
 
-# ---- eval ----------------------------------------------------------------------------------
+# ---- eval ------------------------------------------------------------------------------------
 def _eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="top-1 of a head (or zero-shot CLIP) on a dataset split")
-    p.add_argument("head", nargs="?", help="NAME.head.safetensors (omit for zero-shot with --backbone)")
-    p.add_argument("--data", action="append", default=[], required=False)
-    p.add_argument("--task", action="append", default=[], metavar="NAME=DATA")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--json", action="store_true")
-    _add_backbone_args(p)
+    p = sub.add_parser("eval", help="top-1 of a head (or zero-shot CLIP) on a dataset split",
+                       description="Top-1 of a head, or of zero-shot CLIP without one. Data without the requested "
+                                   "split is scored on the split the head held out at training time, or on every "
+                                   "image if the head never trained on it; scoring training images is refused "
+                                   "unless you ask for --split train.")
+    p.add_argument("head", nargs="?", help="NAME.head.safetensors (omit for zero-shot CLIP with --backbone)")
+    _add_data_args(p)
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split (default test)")
+    p.add_argument("--split-seed", type=int, default=None, metavar="S",
+                   help="seed for --val/--test-fraction (default: the head's training seed, else 1)")
+    p.add_argument("--batch-size", type=int, default=100, help="images per evaluation batch")
+    _add_backbone_args(p, None)
+    console.add_output_flags(p)
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args) -> int:
-    from .artifact import load_head
-    from .backbone import load_backbone
+    from .backbone import PACKAGED_ARCH, load_backbone
     from .data.sources import resolve_tasks
-    from .loop import evaluate
+    from .fit import describe_results, evaluate, open_head, resolve_device
     from .methods import TaskSpec, build_method
 
-    named = resolve_tasks(args.data, args.task)
+    device = resolve_device(args.device)
+    data = resolve_tasks(args.data, args.task)
     if args.head:
-        head = load_head(args.head).build(device=args.device, weights_override=args.pretrained, log=_say)
+        head = open_head(args.head, pretrained=args.pretrained, device=device,
+                         log=lambda msg: console.info(msg, args.quiet))
     else:
-        backbone = load_backbone(args.backbone, args.pretrained, device=args.device, act=args.act)
-        _say(f"backbone: {backbone.describe_weights()}")
-        head = build_method("zeroshot", backbone, [TaskSpec(n, s.classnames, s.templates) for n, s in named.items()])
-    results = {}
-    for i, (name, s) in enumerate(named.items()):
-        samples = getattr(s, args.split)
-        if not samples and args.split == "test" and not s.val:
-            samples = s.train  # an unsplit ImageFolder/CSV: evaluate on every image it lists
-        task = next((k for k, t in enumerate(head.tasks) if t.name == name), min(i, len(head.tasks) - 1))
-        results[name] = evaluate(head, samples, task=task, classnames=s.classnames, device=args.device, progress=not args.json)
-    human = "\n".join(f"{n}: top-1 {r['top1']:.2%} ({r['n']} images, {r['classes']} classes)" for n, r in results.items())
+        backbone = load_backbone(args.backbone or PACKAGED_ARCH, args.pretrained, device=device, act=args.act)
+        console.info(f"backbone: {backbone.describe_weights()}", args.quiet)
+        head = build_method("zeroshot", backbone, [TaskSpec(n, s.classnames, s.templates) for n, s in data.items()])
+    results = evaluate(head, data, args.split, device=device, progress=not (args.quiet),
+                       batch_size=args.batch_size, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                       seed=args.split_seed)
     bb = head.backbone
-    _print({"head": args.head, "method": head.name, "split": args.split, "results": results,
-            "backbone": {"arch": bb.arch, "act": bb.act, "weights_file": bb.weights_file, "weights_sha256": bb.weights_sha256}},
-           args.json, human)
+    console.emit({"head": args.head, "method": head.name, "split": args.split, "results": results,
+                  "backbone": {"arch": bb.arch, "act": bb.act, "weights_file": bb.weights_file,
+                               "weights_sha256": bb.weights_sha256}}, args.json, describe_results(results))
     return EXIT_OK
 
 
-# ---- info / methods ------------------------------------------------------------------------
+# ---- info / methods --------------------------------------------------------------------------
 def _info_parser(sub) -> None:
-    p = sub.add_parser("info", help="describe a head file")
-    p.add_argument("head")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("info", help="describe a head file", description="What a head file holds.")
+    p.add_argument("head", help="NAME.head.safetensors")
+    console.add_output_flags(p)
     p.set_defaults(func=cmd_info)
+
+
+def describe_text(path: str, d: dict) -> str:
+    """`clipheads info` as readable lines."""
+    t = d["training"]
+    cfg = ", ".join(f"{k}={v}" for k, v in d["config"].items()) or "defaults"
+    tasks = "; ".join(f"{x['name']} ({x['classes']} classes)" for x in d["tasks"])
+    bb = d["backbone"]
+    sha = str(bb.get("weights_sha256") or "none")[:12]
+    act = {"quickgelu": "QuickGELU", "gelu": "GELU"}.get(bb.get("act"), "activation not recorded")
+    data = ", ".join(f"{k}: {v}" for k, v in (t.get("data") or {}).items()) or "?"
+    held = "; ".join(f"{k}: val {h['val_fraction']:g}, test {h['test_fraction']:g} (seed {h['seed']})"
+                     for k, h in (t.get("holdout") or {}).items())
+    metrics = (t.get("metrics") or {}).get("test_top1") or {}
+    pre = d["preprocess"]
+    lines = [
+        path,
+        f"  method      {d['method']} ({cfg})",
+        f"  backbone    {bb.get('arch')} / {bb.get('pretrained')} ({act}, weights sha256 {sha})",
+        f"  tasks       {tasks}",
+        f"  tensors     {d['stored_values']:,} values in {len(d['tensors'])} tensors",
+        f"  preprocess  {pre['image_size']} px, resize {pre.get('resize')}, crop {pre.get('crop')}, "
+        f"orientation {pre.get('orientation', 'none (head predates EXIF handling)')}",
+        f"  data        {data}",
+    ]
+    if held:
+        lines.append(f"  held out    {held}")
+    lines += [
+        f"  trained     {t.get('epochs', '?')} epochs, {t.get('shots') or 'all'} shots, seed {t.get('seed', '?')}, "
+        f"{t.get('wall_time_s', '?')} s" + (f", defaults from {t['defaults']}" if t.get("defaults") else ""),
+        f"  test top-1  {_pct(metrics)}",
+        f"  versions    format {d['format_version']}, clipheads {d['package_version']}",
+    ]
+    return "\n".join(lines)
 
 
 def cmd_info(args) -> int:
     from .artifact import describe, load_head
 
     d = describe(load_head(args.head))
-    tasks = "; ".join(f"{t['name']} ({t['classes']} classes)" for t in d["tasks"])
-    metrics = d["training"].get("metrics", {}).get("test_top1", {})
-    human = (
-        f"{args.head}\n  method   {d['method']} {json.dumps(d['config'])}\n"
-        f"  backbone {d['backbone'].get('arch')} / {d['backbone'].get('pretrained')} "
-        f"({ {'quickgelu': 'QuickGELU', 'gelu': 'GELU'}.get(d['backbone'].get('act'), 'activation not recorded')}, "
-        f"weights sha256 {str(d['backbone'].get('weights_sha256') or 'none')[:12]})\n"
-        f"  tasks    {tasks}\n  params   {d['stored_values']:,} stored values in {len(d['tensors'])} tensors\n"
-        f"  trained  {d['training'].get('epochs', '?')} epochs, {d['training'].get('shots') or 'all'} shots, "
-        f"seed {d['training'].get('seed', '?')}, {d['training'].get('wall_time_s', '?')} s; test top-1 {metrics}"
-    )
-    _print(d, args.json, human)
+    console.emit(d, args.json, describe_text(args.head, d))
     return EXIT_OK
 
 
 def _methods_parser(sub) -> None:
-    p = sub.add_parser("methods", help="list methods with trainable-parameter counts on a backbone")
-    p.add_argument("--backbone", default=None, help="count on this open_clip architecture (random init)")
+    p = sub.add_parser("methods", help="list methods with trainable-parameter counts on a backbone",
+                       description="Every registered method: trainable parameters on a backbone (random init), the "
+                                   "towers it touches, whether it folds for export.")
+    p.add_argument("--backbone", default=None, metavar="ARCH", help="count on this open_clip architecture (random init)")
     p.add_argument("--tasks", type=int, default=1, help="number of tasks (multi-task methods count per task)")
-    p.add_argument("--json", action="store_true")
+    console.add_output_flags(p)
     p.set_defaults(func=cmd_methods)
 
 
@@ -288,23 +314,23 @@ def cmd_methods(args) -> int:
         share = f"{r['share']:.4%}" if r["share"] is not None else ""
         lines.append(f"{r['method']:<10} {n:>12} {share:>9}  {'+'.join(r['towers']) or '-':<13} "
                      f"{'yes' if r['foldable'] else 'no':<5}  {r.get('error') or r['summary']}")
-    _print({"backbone": arch, "methods": rows}, args.json, "\n".join(lines))
+    console.emit({"backbone": arch, "methods": rows}, args.json, "\n".join(lines))
     return EXIT_OK
 
 
-# ---- data ----------------------------------------------------------------------------------
+# ---- data ------------------------------------------------------------------------------------
 def _data_parser(sub) -> None:
     p = sub.add_parser("data", help="data utilities: `data synth OUT` writes the synthetic world",
-                       description="`clipheads data synth OUT [--seed S] [--size small|full] [--workers N]`: "
+                       description="`clipheads data synth OUT [--seed S] [--size small|full] [--workers N] [--json]`: "
                                    "render the synthetic world (`clipheads data synth --help` for every option)")
-    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="synth OUT [options]")
+    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="synth OUT [options]", help="the data subcommand")
     p.set_defaults(func=cmd_data)
 
 
 def cmd_data(args) -> int:
     rest = list(args.rest)
     if not rest or rest[0] != "synth":
-        raise SystemExit("usage: clipheads data synth OUT [--seed S] [--size small|full]")
+        raise console.BadInput("usage: clipheads data synth OUT [--seed S] [--size small|full]")
     from .data import synth
 
     return int(synth.main(rest[1:]) or 0)
@@ -323,7 +349,7 @@ def _convert_parser(sub) -> None:
     p.add_argument("--arch", default=None, help="open_clip architecture (default: inferred from the tensor shapes)")
     p.add_argument("--act", default=None, choices=("quickgelu", "gelu"),
                    help="activation the weights need (default: quickgelu for OpenAI TorchScript archives, else unrecorded)")
-    p.add_argument("--json", action="store_true")
+    console.add_output_flags(p)
     p.set_defaults(func=cmd_convert)
 
 
@@ -335,8 +361,8 @@ def cmd_convert(args) -> int:
     r = convert_checkpoint(args.src, args.out, trust_torchscript=args.trust_torchscript, arch=args.arch, act=args.act)
     act = {"quickgelu": "QuickGELU", "gelu": "GELU"}.get(r.act or "", "activation not recorded (pass --act when loading)")
     use = f"--backbone {r.arch} --pretrained {r.out}" if r.arch else f"--pretrained {r.out}"
-    _print(r.to_json(), args.json, f"wrote {r.out}: {r.tensors} tensors, {r.arch or 'architecture not recognised'}, "
-           f"{act} [{r.act_source}], sha256 {r.sha256[:12]}…\nuse it with: {use}")
+    console.emit(r.to_json(), args.json, f"wrote {r.out}: {r.tensors} tensors, {r.arch or 'architecture not recognised'}, "
+                 f"{act} [{r.act_source}], sha256 {r.sha256[:12]}…\nuse it with: {use}")
     return EXIT_OK
 
 
@@ -348,15 +374,11 @@ def register(sub) -> None:
         add(sub)
 
 
-def run(args) -> int:
-    try:
-        return args.func(args)
-    except _bad_input_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="clipheads")
+    parser = console.ArgumentParser(prog="clipheads")
     register(parser.add_subparsers(dest="command", required=True))
-    return run(parser.parse_args(argv))
+    args, code = console.parse(parser, argv)
+    if args is None:
+        return code
+    return console.run(f"clipheads {args.command}", lambda: args.func(args), _bad_input_errors(),
+                       as_json=getattr(args, "json", False))

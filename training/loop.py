@@ -23,29 +23,39 @@ from .data.records import Sample
 from .methods.base import HeadMethod
 
 
+def _opt(default, help: str):
+    """A TrainConfig field with its --help text (the CLI builds one flag per field)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 5
-    batch_size: int = 4
-    lr: float = 0.002
-    optimizer: str = "sgd"  # sgd | adamw
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 1  # constant warm-up (Dassl WARMUP_TYPE=constant)
-    warmup_lr: float = 1e-5
-    seed: int = 1
+    """The loop's settings, one frozen value per field (each field's help is its --flag's help).
+    `clipheads.train(..., epochs=10, lr=0.01)` overrides fields by keyword."""
+
+    epochs: int = _opt(5, "training epochs")
+    batch_size: int = _opt(4, "images per step")
+    lr: float = _opt(0.002, "peak learning rate (cosine schedule after the warm-up)")
+    optimizer: str = _opt("sgd", "sgd | adamw")
+    momentum: float = _opt(0.9, "SGD momentum")
+    weight_decay: float = _opt(5e-4, "weight decay")
+    # constant warm-up (Dassl WARMUP_TYPE=constant)
+    warmup_epochs: int = _opt(1, "epochs at --warmup-lr before the cosine schedule starts")
+    warmup_lr: float = _opt(1e-5, "learning rate during the warm-up epochs")
+    seed: int = _opt(1, "seed for sampling, augmentation and initialisation")
     # amp: fp32 master weights + fp16 autocast + GradScaler on CUDA, plain fp32 on the CPU (our
     # default, METHODS.md decisions); fp32; fp16: the official configs' `PREC: fp16` - backbone
     # and head cast to half and SGD updating the fp16 tensors directly (Dassl), restored to fp32
     # afterwards, so evaluation and the artifact see fp32 (the trained values are fp16-rounded).
-    precision: str = "amp"
-    device: str = "cpu"
-    workers: int = 0
-    max_steps_per_epoch: Optional[int] = None  # cap for smoke tests and demos
+    precision: str = _opt("amp", "amp (fp16 autocast on CUDA, fp32 on the CPU) | fp32 | fp16 (the official "
+                                 "configs' PREC fp16: half backbone and head)")
+    device: str = _opt("cpu", "cpu | cuda | cuda:N")
+    workers: int = _opt(0, "data-loader worker processes")
+    max_steps_per_epoch: Optional[int] = _opt(None, "cap steps per epoch (smoke tests and demos)")
     # RandomResizedCrop area range. Dassl's (0.08, 1) suits photos of whole scenes; on small
     # rendered objects (the synthetic world) such crops cut the object out, so its recipes narrow it.
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    progress: bool = True
+    crop_scale: tuple[float, float] = _opt((0.08, 1.0), "RandomResizedCrop area range MIN MAX")
+    progress: bool = _opt(True, "show a progress bar (on a terminal)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -143,7 +153,7 @@ class _half_precision:
 
 
 def _train(head: HeadMethod, train_sets: Mapping[int, Sequence[Sample]], cfg: TrainConfig, device: torch.device) -> TrainResult:
-    from tqdm.auto import tqdm
+    from .console import progress
 
     spec = head.backbone.preprocess
     tasks = sorted(train_sets)
@@ -159,7 +169,7 @@ def _train(head: HeadMethod, train_sets: Mapping[int, Sequence[Sample]], cfg: Tr
     steps_per_epoch = sum(len(dl) for dl in loaders)
     if cfg.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"train {head.name}", unit="step", disable=not cfg.progress)
+    bar = progress(total=cfg.epochs * steps_per_epoch, desc=f"train {head.name}", unit="step", enabled=cfg.progress)
     head.train()
     for epoch in range(cfg.epochs):
         lr = epoch_lr(cfg, epoch)
@@ -211,14 +221,14 @@ def evaluate(
     """Top-1 accuracy of `head` on `samples` (labels index `classnames`, default the task's).
 
     Foldable heads compute the class matrix once; others (CoCoOp) score per batch."""
-    from tqdm.auto import tqdm
+    from .console import progress as progress_bar
 
     head.eval()
     names = tuple(classnames) if classnames is not None else head.tasks[task].classnames
     loader = make_loader(samples, head.backbone.preprocess, False, batch_size)
     w: Optional[Tensor] = head.text_features(names, task) if head.foldable else None
     correct = total = 0
-    for images, labels in tqdm(loader, desc="eval", unit="batch", disable=not progress):
+    for images, labels in progress_bar(loader, desc="eval", unit="batch", enabled=progress):
         images, labels = images.to(device), labels.to(device)
         if w is not None:
             logits = head.image_features(images, task) @ w.t()

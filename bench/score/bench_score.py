@@ -79,7 +79,7 @@ def make_head(arch: str, configs: Path | None, d: Path) -> Path:
 
 def make_bundle(head: Path, d: Path) -> Path:
     """Export the head with the real exporter (fp32 ONNX, ORT fusions, parity-gated)."""
-    from clipheads.export.cli import load_heads
+    from clipheads.export.heads import load_heads
     from clipheads.export.pipeline import ExportOptions, export_heads
 
     heads, meta, pre = load_heads([str(head)])

@@ -1,8 +1,9 @@
-"""Pixels for training and evaluation: CLIP transforms from the backbone's PreprocessSpec.
+"""Pixels for training and evaluation, through the one preprocessing path (training/preprocess.py).
 
-Train: RandomResizedCrop(scale 0.08-1, bicubic) + horizontal flip + normalize (Dassl's CLIP
-recipe). Test: resize the short side, center crop, normalize. Images are decoded lazily with a
-pixel cap so one hostile file cannot exhaust memory.
+Train: decode + EXIF orientation + RGB (`oriented_rgb`), then RandomResizedCrop(scale 0.08-1,
+bicubic) + horizontal flip + normalize (Dassl's CLIP recipe). Test: `prepare_pixels` (the exact
+uint8 pixels the server, batch scoring and the Predictor compute) then normalize. Files are
+opened lazily with a pixel cap so one hostile file cannot exhaust memory.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ..backbone import PreprocessSpec
+from ..preprocess import PreprocessSpec, open_image, oriented_rgb, prepare_pixels
 from .records import Sample
 
 MAX_TRAIN_PIXELS = 40_000_000
@@ -26,44 +27,58 @@ def _interp(name: str):
     )
 
 
+class OrientedRGB:
+    """Transform: a lazily opened image -> EXIF-oriented RGB at full resolution (augmentation input)."""
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return oriented_rgb(img)
+
+
+class CanonicalPixels:
+    """Transform: a lazily opened image -> normalised (3, S, S) float tensor of `prepare_pixels`."""
+
+    def __init__(self, spec: PreprocessSpec):
+        self.spec = spec
+        self._mean = torch.tensor(spec.mean).view(3, 1, 1)
+        self._std = torch.tensor(spec.std).view(3, 1, 1)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        x = torch.from_numpy(prepare_pixels(img, self.spec)).float().div_(255.0)
+        return (x - self._mean) / self._std
+
+
 def build_transform(spec: PreprocessSpec, train: bool, crop_scale: tuple[float, float] = (0.08, 1.0)) -> Callable:
     from torchvision import transforms as T
 
-    norm = [T.ToTensor(), T.Normalize(spec.mean, spec.std)]
     if train:
         return T.Compose([
+            OrientedRGB(),
             T.RandomResizedCrop(spec.image_size, scale=crop_scale, interpolation=_interp(spec.interpolation)),
             T.RandomHorizontalFlip(),
-            *norm,
+            T.ToTensor(),
+            T.Normalize(spec.mean, spec.std),
         ])
-    return T.Compose([
-        T.Resize(spec.image_size, interpolation=_interp(spec.interpolation)),
-        T.CenterCrop(spec.image_size),
-        *norm,
-    ])
-
-
-def open_rgb(path: str, max_pixels: int = MAX_TRAIN_PIXELS) -> Image.Image:
-    img = Image.open(path)
-    w, h = img.size
-    if w * h > max_pixels:
-        raise ValueError(f"{path}: {w}x{h} exceeds the {max_pixels:,}-pixel cap")
-    return img.convert("RGB")
+    return T.Compose([CanonicalPixels(spec)])
 
 
 class SampleDataset(Dataset):
     """(image tensor, label) for a list of Samples."""
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable):
+    def __init__(self, samples: Sequence[Sample], transform: Callable, max_pixels: int = MAX_TRAIN_PIXELS):
         self.samples = list(samples)
         self.transform = transform
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
         s = self.samples[i]
-        return self.transform(open_rgb(s.path)), s.label
+        try:
+            img = open_image(s.path, self.max_pixels)
+        except ValueError as err:
+            raise ValueError(f"{s.path}: {err}") from None
+        return self.transform(img), s.label
 
 
 def make_loader(

@@ -20,7 +20,6 @@ Layout written by `generate_world` (the contract in DESIGN.md):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -440,9 +439,9 @@ def _run_jobs(jobs: list, workers: int, progress: bool) -> list:
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
+    from ..console import progress
 
-    return tqdm(total=total, unit="img", desc="synth", disable=not enabled)
+    return progress(total=total, unit="img", desc="synth", enabled=enabled)
 
 
 def _world_size(size: str | WorldSize) -> WorldSize:
@@ -491,27 +490,41 @@ def load_world_splits(root: str | os.PathLike, domain: str) -> DatasetSplits:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="clipheads data synth", description="write the synthetic multi-domain world")
+    from .. import console
+
+    p = console.ArgumentParser(prog="clipheads data synth", description="write the synthetic multi-domain world")
     p.add_argument("out", help="output directory")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", choices=sorted(WORLD_SIZES), default="small")
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="world seed (same seed -> identical bytes)")
+    p.add_argument("--size", choices=sorted(WORLD_SIZES), default="small", help="images per (domain, class) preset")
+    p.add_argument("--image-size", type=int, default=64, help="rendered image side in pixels")
     p.add_argument("--per-class", default=None, metavar="TRAIN,VAL,TEST",
                    help="explicit images per (domain, class) and split, instead of --size")
     p.add_argument("--workers", type=int, default=None, help="render processes (default: up to 2)")
-    args = p.parse_args(argv)
-    size: str | WorldSize = args.size
-    if args.per_class:
-        try:
-            size = WorldSize(*(int(v) for v in args.per_class.split(",")))
-        except (TypeError, ValueError):
-            p.error(f"--per-class wants three integers TRAIN,VAL,TEST; got {args.per_class!r}")
-    t0 = time.perf_counter()
-    root = generate_world(args.out, seed=args.seed, size=size, image_size=args.image_size, workers=args.workers, progress=True)
-    desc = json.loads((root / "world.json").read_text())
-    print(f"wrote {desc['total_images']} images ({len(DOMAINS)} domains x {len(CLASSES)} classes, "
-          f"{args.image_size}px, seed {args.seed}) to {root} in {time.perf_counter() - t0:.1f}s")
-    return 0
+    console.add_output_flags(p)
+    args, code = console.parse(p, argv)
+    if args is None:
+        return code
+
+    def run() -> int:
+        size: str | WorldSize = args.size
+        if args.per_class:
+            try:
+                size = WorldSize(*(int(v) for v in args.per_class.split(",")))
+            except (TypeError, ValueError):
+                raise console.BadInput(f"--per-class wants three integers TRAIN,VAL,TEST; got {args.per_class!r}") from None
+        t0 = time.perf_counter()
+        root = generate_world(args.out, seed=args.seed, size=size, image_size=args.image_size, workers=args.workers,
+                              progress=not (args.quiet))
+        desc = json.loads((root / "world.json").read_text())
+        seconds = time.perf_counter() - t0
+        console.emit({"out": str(root.resolve()), "images": desc["total_images"], "domains": len(DOMAINS),
+                      "classes": len(CLASSES), "image_size": args.image_size, "seed": args.seed,
+                      "seconds": round(seconds, 2)}, args.json,
+                     f"wrote {desc['total_images']} images ({len(DOMAINS)} domains x {len(CLASSES)} classes, "
+                     f"{args.image_size}px, seed {args.seed}) to {root} in {seconds:.1f}s")
+        return 0
+
+    return console.run("clipheads data synth", run, (OSError,), as_json=args.json)
 
 
 if __name__ == "__main__":

@@ -157,6 +157,11 @@ def register_method(cls: type[HeadMethod]) -> type[HeadMethod]:
 
 
 def list_methods() -> list[str]:
+    """Registered method names, sorted (`clipheads.list_methods()`; `clipheads methods` counts them).
+
+    >>> "coop" in list_methods()
+    True
+    """
     _import_builtin_methods()
     return sorted(_METHODS)
 

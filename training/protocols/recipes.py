@@ -199,6 +199,7 @@ def load_recipe(ref: str) -> Recipe:
 
 
 def list_recipes() -> list[str]:
+    """Names of the packaged recipes (`clipheads bench list`), e.g. "coop_base2novel"."""
     return sorted(p.stem for p in RECIPE_DIR.glob("*.json"))
 
 

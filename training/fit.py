@@ -1,0 +1,349 @@
+"""Train and evaluate heads from data specs: the library behind `clipheads train` and `clipheads
+eval`, and what `clipheads.train(...)` / `clipheads.evaluate(...)` are.
+
+Settings merge in one documented order, then freeze (STYLE.md 7):
+
+    TrainConfig / method-config defaults -> the recipe (the method's packaged default recipe for
+    this backbone, or the one you name) -> your overrides (`config=`, TrainConfig keywords)
+
+`default_recipe(method, arch)` picks the packaged recipe a plain `train --method M` uses: M's
+recipe for this backbone (the `synth_*` recipes for the packaged tiny CLIP, whose learning rates
+were chosen on its validation split; the papers' ViT-B/16 recipes for every other backbone),
+preferring the base-to-novel protocol (the papers' general few-shot settings), then few-shot.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+from .data.records import DatasetSplits
+
+DataArg = Union[str, Path, DatasetSplits, Sequence[Union[str, Path]], Mapping[str, Union[str, Path, DatasetSplits]]]
+PROTOCOL_PREFERENCE = ("base_to_novel", "few_shot", "multi_task", "cross_dataset", "domain_generalization")
+PAPER_ARCH = "ViT-B-16"
+
+
+class EvaluationRefused(ValueError):
+    """The requested split would score images the head was trained on."""
+
+
+def resolve_device(device: Optional[str] = "auto") -> str:
+    """"auto" (or None): CUDA when available, else the CPU; anything else as given."""
+    if device in (None, "", "auto"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+# ---- recipes ---------------------------------------------------------------------------------
+def _recipe_dicts() -> list[dict]:
+    from .protocols.recipes import RECIPE_DIR
+
+    return [json.loads(p.read_text()) for p in sorted(RECIPE_DIR.glob("*.json"))]
+
+
+def default_recipe(method: str, arch: str) -> Optional[dict]:
+    """The packaged recipe `train --method METHOD` starts from on `arch` (see the module doc)."""
+    def rank(r: dict) -> tuple[int, int, str]:
+        rarch = (r.get("backbone") or {}).get("arch")
+        arch_rank = 0 if rarch == arch else 1 if rarch == PAPER_ARCH else 2
+        proto = r.get("protocol", "")
+        proto_rank = PROTOCOL_PREFERENCE.index(proto) if proto in PROTOCOL_PREFERENCE else len(PROTOCOL_PREFERENCE)
+        return arch_rank, proto_rank, r.get("name", "")
+
+    mine = [r for r in _recipe_dicts() if r.get("method") == method]
+    from .backbone import PACKAGED_ARCH
+
+    if arch != PACKAGED_ARCH:  # the synth_* recipes are tuned for the packaged tiny CLIP only
+        mine = [r for r in mine if (r.get("backbone") or {}).get("arch") != PACKAGED_ARCH]
+    return min(mine, key=rank) if mine else None
+
+
+def read_recipe(ref: str) -> dict:
+    """A recipe file or packaged recipe name -> its dict (only the keys training uses matter)."""
+    from .protocols.recipes import RECIPE_DIR, RecipeError, list_recipes
+
+    path = Path(ref).expanduser()
+    if not path.is_file():
+        path = RECIPE_DIR / (ref if ref.endswith(".json") else f"{ref}.json")
+    if not path.is_file():
+        raise RecipeError(f"no recipe {ref!r} (not a file, not a packaged recipe: {', '.join(list_recipes())})")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise RecipeError(f"recipe {path}: not valid JSON ({err})") from None
+    from dataclasses import fields as dc_fields
+
+    from .protocols.recipes import Recipe
+
+    unknown = sorted(set(data) - {f.name for f in dc_fields(Recipe)})
+    if unknown:
+        raise RecipeError(f"recipe {path}: unknown keys {unknown}")
+    return {"name": data.get("name", path.stem), **data}
+
+
+# ---- data ------------------------------------------------------------------------------------
+def absolute_spec(spec: str) -> str:
+    """A data spec with its path made absolute (heads record where their data was)."""
+    from .data import readers
+
+    path = Path(spec).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    reader, sep, rest = spec.partition(":")
+    if sep and reader in readers.list_readers():
+        root, sep2, arg = rest.partition(":")
+        return f"{reader}:{Path(root).expanduser().resolve()}{sep2}{arg}"
+    return spec
+
+
+def resolve_data(data: DataArg) -> dict[str, DatasetSplits]:
+    """Specs (a string, a list, {task: spec}) or DatasetSplits -> ordered {task name: splits}."""
+    from .data.sources import DataSpecError, resolve_tasks
+
+    if isinstance(data, DatasetSplits):
+        return {data.name: data}
+    if isinstance(data, (str, Path)):
+        data = [data]
+    if isinstance(data, Mapping):
+        out: dict[str, DatasetSplits] = {}
+        for name, spec in data.items():
+            if isinstance(spec, DatasetSplits):
+                out[name] = spec
+            else:
+                out.update(resolve_tasks([], [f"{name}={spec}"]))
+        if not out:
+            raise DataSpecError("no data given")
+        return out
+    return resolve_tasks([str(d) for d in data])
+
+
+def _recorded_sources(named: Mapping[str, DatasetSplits]) -> dict[str, str]:
+    return {n: absolute_spec(str(s.meta.get("source", s.name))) for n, s in named.items()}
+
+
+# ---- train -----------------------------------------------------------------------------------
+def train(
+    method: Optional[str] = None,
+    data: DataArg = (),
+    *,
+    backbone=None,
+    pretrained: Optional[str] = None,
+    act: Optional[str] = None,
+    recipe: Optional[str] = "default",
+    config: Optional[Mapping[str, Any]] = None,
+    shots: Optional[int] = None,
+    val_fraction: float = 0.0,
+    test_fraction: float = 0.0,
+    device: Optional[str] = "auto",
+    evaluate: bool = True,
+    progress: bool = True,
+    out: Optional[Union[str, Path]] = None,
+    log: Optional[Callable[[str], None]] = None,
+    **train_options: Any,
+):
+    """Train a head and return it (a `HeadMethod`; its record is `head.training_record`).
+
+    Args:
+        method: a registered method (`clipheads.list_methods()`); default: the recipe's.
+        data: an ImageFolder dir, split_zhou .json, .csv or `READER:ROOT[:ARG]`; a list of them
+            (multi-task); `{task: spec}`; or DatasetSplits.
+        backbone: a loaded `Backbone`, or an open_clip architecture name (default: the recipe's,
+            else the packaged `clipheads-tiny`); `pretrained`: tag | path | hf-hub:ID | none;
+            `act`: quickgelu | gelu when the weights do not say (see `load_backbone`).
+        recipe: "default" (the method's packaged recipe for this backbone, `default_recipe`),
+            a packaged recipe name or JSON file, or None (bare dataclass defaults).
+        config: method-config overrides, e.g. `{"n_ctx": 4}`.
+        shots: K images per class (Dassl semantics, seeded); None: every image.
+        val_fraction / test_fraction: carve held-out splits from unsplit data (seeded).
+        train_options: TrainConfig fields (`epochs=`, `lr=`, `batch_size=`, `seed=`, ...).
+        out: also save the head there (NAME.head.safetensors).
+        log: called with one-line notes (which weights were loaded).
+
+    Example:
+        >>> import clipheads
+        >>> head = clipheads.train("coop", "photos/", test_fraction=0.2, epochs=5)  # doctest: +SKIP
+        >>> head.training_record["metrics"]["test_top1"]                            # doctest: +SKIP
+        {'photos': 0.93}
+    """
+    from .backbone import PACKAGED_ARCH, Backbone, load_backbone
+    from .data.fewshot import few_shot_splits
+    from .data.holdout import carve
+    from .loop import TrainConfig, evaluate as evaluate_split, train_head
+    from .methods import TaskSpec, build_method
+
+    named_recipe = read_recipe(recipe) if recipe not in (None, "default") else None
+    method = method or (named_recipe or {}).get("method")
+    if not method:
+        from .methods.base import MethodError
+
+        raise MethodError("choose a method (see `clipheads methods`) or a recipe that names one")
+    if isinstance(backbone, Backbone):
+        bb = backbone
+        arch = bb.arch
+    else:
+        arch = backbone or ((named_recipe or {}).get("backbone") or {}).get("arch") or PACKAGED_ARCH
+        bb = None
+    chosen = named_recipe if named_recipe is not None else (default_recipe(method, arch) if recipe == "default" else None)
+    if chosen is not None and chosen.get("method") not in (None, method):
+        from .methods.base import MethodError
+
+        raise MethodError(f"recipe {chosen['name']!r} is for method {chosen['method']!r}, not {method!r}")
+    chosen = chosen or {}
+    unknown = sorted(set(train_options) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise TypeError(f"unknown training option(s) {unknown}; TrainConfig has {[f.name for f in fields(TrainConfig)]}")
+    device = resolve_device(device)
+    tc = TrainConfig(**{**chosen.get("train", {}), "device": device, "progress": progress})
+    tc = replace(tc, **{k: tuple(v) if isinstance(v, list) else v for k, v in train_options.items()})
+    method_cfg = {**chosen.get("method_config", {}), **dict(config or {})}
+
+    named = resolve_data(data)
+    sources = _recorded_sources(named)
+    named = {n: carve(s, val_fraction, test_fraction, tc.seed) for n, s in named.items()}
+    holdout = {n: s.meta["holdout"] for n, s in named.items() if "holdout" in s.meta}
+    if shots:
+        named = {n: few_shot_splits(s, shots, tc.seed) for n, s in named.items()}
+    tasks = [TaskSpec(n, s.classnames, s.templates) for n, s in named.items()]
+    if bb is None:
+        recipe_pretrained = (chosen.get("backbone") or {}).get("pretrained") if (chosen.get("backbone") or {}).get("arch") == arch else None
+        bb = load_backbone(arch, pretrained or recipe_pretrained, device=device, act=act)
+        if log is not None:
+            log(f"backbone: {bb.describe_weights()} [{bb.act_reason}]")
+    head = build_method(method, bb, tasks, method_cfg)
+    trained = head.num_trainable() > 0
+    if not trained:  # zero-shot: the head is its class names and templates, no tensors
+        from .loop import TrainResult
+
+        head.to(device)
+        result = TrainResult(head)
+    else:
+        if not any(s.train for s in named.values()):
+            from .data.sources import DataSpecError
+
+            raise DataSpecError(f"{method} learns from images: give --data/--task with training images")
+        frozen_before = bb.parameters_checksum()
+        result = train_head(head, {i: s.train for i, s in enumerate(named.values())}, tc)
+        if bb.parameters_checksum() != frozen_before:
+            raise RuntimeError("the frozen backbone changed during training: a method leaked a gradient")
+    metrics = {}
+    if evaluate:
+        for i, (name, s) in enumerate(named.items()):
+            if s.test:
+                metrics[name] = evaluate_split(head, s.test, task=i, device=device)["top1"]
+    head.training_record = {
+        "data": sources,
+        "holdout": holdout,
+        "shots": shots,
+        "seed": tc.seed,
+        "trained": trained,
+        "epochs": tc.epochs if trained else 0,
+        "recipe": chosen.get("name"),
+        "defaults": ("recipe " + chosen["name"]) if chosen.get("name") else "built-in dataclass defaults",
+        "config": {k: v for k, v in tc.to_dict().items() if k != "progress"} if trained else None,
+        "metrics": {"test_top1": metrics, **({"final_loss": result.final_loss, "first_loss": result.first_loss}
+                                             if result.history else {})},
+        "history": result.history,
+        "wall_time_s": round(result.wall_time_s, 2),
+        "trainable_parameters": head.num_trainable(),
+    }
+    if out is not None:
+        from .artifact import save_head
+
+        head.training_record["head"] = str(save_head(head, out))
+    return head
+
+
+# ---- open ------------------------------------------------------------------------------------
+def open_head(path: Union[str, Path], backbone=None, *, pretrained: Optional[str] = None,
+              device: Optional[str] = "auto", log: Optional[Callable[[str], None]] = None):
+    """Open a head file and build it on its backbone: a trained `HeadMethod`, ready to evaluate,
+    export or wrap in a `Predictor` (`clipheads.load_head`).
+
+    `backbone`: a loaded Backbone to build on (several heads can share one); otherwise the
+    recorded one is loaded, with `pretrained` saying where its weights are now (a moved checkpoint;
+    sha256-checked against the head's record, `log` is told which file was used).
+
+    Example:
+        >>> head = clipheads.load_head("coop-sketch.head.safetensors")  # doctest: +SKIP
+        >>> [t.name for t in head.tasks]                                # doctest: +SKIP
+        ['sketch']
+    """
+    from .artifact import load_head
+
+    return load_head(path).build(backbone, device=resolve_device(device), weights_override=pretrained, log=log)
+
+
+# ---- evaluate --------------------------------------------------------------------------------
+def evaluate(head, data: DataArg, split: str = "test", *, device: Optional[str] = "auto", progress: bool = False,
+             batch_size: int = 100, val_fraction: Optional[float] = None, test_fraction: Optional[float] = None,
+             seed: Optional[int] = None) -> dict[str, dict]:
+    """Top-1 of `head` on every task of `data`: {task: {top1, n, classes, split, ...}}.
+
+    Never silently scores training images: data without the requested split is evaluated on the
+    split the head carved from it at training time (its record holds fractions and seed), or on
+    every image when the head never trained on it (`"split": "all"`); otherwise this raises
+    EvaluationRefused. `split="train"` is allowed and labelled `"on_training_images": true`.
+    `val_fraction`/`test_fraction`/`seed` carve explicitly (e.g. to score zero-shot CLIP on the
+    same held-out images a head was tested on).
+
+    Example:
+        >>> clipheads.evaluate(head, "photos/")  # doctest: +SKIP
+        {'photos': {'top1': 0.93, 'n': 30, 'classes': 5, 'split': 'test', 'carved': True}}
+    """
+    from .data.holdout import carve
+    from .loop import evaluate as evaluate_split
+
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    device = resolve_device(device)
+    head.to(device)
+    head.backbone.to(device)
+    record = getattr(head, "training_record", None) or {}
+    trained_on = {absolute_spec(str(v)) for v in (record.get("data") or {}).values()}
+    holdouts = record.get("holdout") or {}
+    recorded = {absolute_spec(str(v)): holdouts.get(k) for k, v in (record.get("data") or {}).items()}
+    results = {}
+    for i, (name, s) in enumerate(resolve_data(data).items()):
+        source = absolute_spec(str(s.meta.get("source", s.name)))
+        note: dict = {}
+        if val_fraction or test_fraction:
+            s = carve(s, val_fraction or 0.0, test_fraction or 0.0, record.get("seed", 1) if seed is None else seed)
+            note["carved"] = True
+        elif not getattr(s, split) and split != "train" and recorded.get(source):
+            h = recorded[source]
+            s = carve(s, h["val_fraction"], h["test_fraction"], h["seed"])
+            note["carved"] = True
+        samples = getattr(s, split)
+        used = split
+        if not samples and split != "train":
+            if source in trained_on:
+                raise EvaluationRefused(
+                    f"{source} has no {split} split, so its images are what this head trained on; train with "
+                    f"--test-fraction F to hold images out, evaluate on other data, or pass --split train "
+                    f"to score the training images knowingly")
+            if s.val or s.test:
+                raise EvaluationRefused(f"{source} has no {split} split (it has "
+                                        f"{', '.join(k for k in ('val', 'test') if getattr(s, k))}); choose --split")
+            samples, used = s.train, "all"  # unsplit data the head never trained on: every image is held out
+        task = next((k for k, t in enumerate(head.tasks) if t.name == name), min(i, len(head.tasks) - 1))
+        r = evaluate_split(head, samples, task=task, classnames=s.classnames, device=device,
+                           batch_size=batch_size, progress=progress)
+        r.update(split=used, **note)
+        if split == "train" or (used == "all" and source in trained_on):
+            r["on_training_images"] = True
+        results[name] = r
+    return results
+
+
+def describe_results(results: Mapping[str, dict]) -> str:
+    lines = []
+    for n, r in results.items():
+        where = {"all": "every image (the head never trained on this data)"}.get(r["split"], f"{r['split']} split")
+        warn = "  <- TRAINING IMAGES: not a held-out score" if r.get("on_training_images") else ""
+        lines.append(f"{n}: top-1 {r['top1']:.2%} ({r['n']} images, {r['classes']} classes, {where}){warn}")
+    return "\n".join(lines)
+
