@@ -17,6 +17,7 @@ import types
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 MLP_OUT_SCALE = 4.0
@@ -40,8 +41,9 @@ def random_openai_state_dict(arch: str, seed: int = 0) -> dict[str, torch.Tensor
     """Random-init OpenAI-format CLIP weights for open_clip architecture `arch` (module doc)."""
     import open_clip
 
-    torch.manual_seed(seed)
-    sd = open_clip.create_model(arch, pretrained=None).state_dict()
+    with torch.random.fork_rng():  # seeded here, the global RNG other tests rely on stays as it was
+        torch.manual_seed(seed)
+        sd = open_clip.create_model(arch, pretrained=None).state_dict()
     g = torch.Generator().manual_seed(seed + 1)
     out = {}
     for name, t in sd.items():
@@ -63,7 +65,8 @@ def random_openai_state_dict(arch: str, seed: int = 0) -> dict[str, torch.Tensor
 def openai_model(state_dict: dict[str, torch.Tensor]):
     """OpenAI's CLIP built by OpenAI's `build_model` from the state dict, in fp32, eval mode."""
     clip = openai_clip()
-    model = clip.model.build_model({k: v.clone() for k, v in state_dict.items()})
+    with torch.random.fork_rng():  # its constructor draws an init we overwrite; keep the global RNG
+        model = clip.model.build_model({k: v.clone() for k, v in state_dict.items()})
     return model.float().eval()
 
 
@@ -132,3 +135,11 @@ def openai_case(arch: str, directory, seed: int = 0) -> dict:
     pixels = probe_pixels(2, ref.visual.input_resolution)
     ref_img, ref_txt, tokens = reference_features(ref, normalise(pixels, OPENAI_MEAN, OPENAI_STD))
     return {"arch": arch, "weights": weights, "pixels": pixels, "tokens": tokens, "ref": (ref_img, ref_txt)}
+
+
+@pytest.fixture(autouse=True)
+def keep_global_rng():
+    """Import into a test module: its tests draw random weights without moving the global RNG
+    that other modules' tests rely on."""
+    with torch.random.fork_rng():
+        yield

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import _register_test_configs
+from reference_clip import keep_global_rng  # noqa: F401 (autouse: weights drawn here leave the global RNG alone)
 from test_foundation import _rewrite_meta, make_colour_folder
 
 from clipheads.training.artifact import ArtifactError, load_head, save_head

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from conftest import _register_test_configs
+from reference_clip import keep_global_rng  # noqa: F401 (autouse)
 from reference_clip import (TEXTS, THRESHOLD, bundle_features, normalise, one_minus_cos, openai_case, openai_clip,
                             openai_model, probe_pixels, random_openai_state_dict, reference_features, save_fp16)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from reference_clip import keep_global_rng  # noqa: F401 (autouse)
 from reference_clip import OPENAI_MEAN, OPENAI_STD, THRESHOLD, bundle_features, one_minus_cos
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
