@@ -19,17 +19,25 @@ from typing import Callable, Optional, Sequence
 
 
 class Steps:
-    """Numbered steps, each printing what it does and a one-line result."""
+    """Numbered steps, each printing what it does and a one-line result (to `stream`; none when quiet)."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, stream=None, quiet: bool = False):
         self.total, self.i = total, 0
+        self.stream, self.quiet = stream or sys.stdout, quiet
+        self.results: dict = {}
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=self.stream, flush=True)
 
     def run(self, title: str, fn: Callable[[], tuple[object, str]]):
         self.i += 1
-        print(f"\n[{self.i}/{self.total}] {title}", flush=True)
+        self.say(f"\n[{self.i}/{self.total}] {title}")
         start = time.perf_counter()
         value, line = fn()
-        print(f"  -> {line} ({time.perf_counter() - start:.1f}s)", flush=True)
+        seconds = time.perf_counter() - start
+        self.say(f"  -> {line} ({seconds:.1f}s)")
+        self.results[title] = {"result": line, "seconds": round(seconds, 2)}
         return value
 
 
@@ -78,35 +86,46 @@ def _classify_over_http(bundle: Path, image: Path, port: int) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="clipheads demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="demo-out")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--shots", type=int, default=16)
+    from clipheads.training import console
+
+    p = console.ArgumentParser(prog="clipheads demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="demo-out", help="output folder (world, head, bundle)")
+    p.add_argument("--seed", type=int, default=1, help="seed for few-shot sampling and training")
+    p.add_argument("--shots", type=int, default=16, help="images per class for the CoOp head")
     p.add_argument("--epochs", type=int, default=None, help="default: the synth_coop_heldout recipe's")
     p.add_argument("--no-serve", action="store_true", help="stop after the export step")
     p.add_argument("--backbone", default=None, help="default: the packaged clipheads-tiny")
     p.add_argument("--pretrained", default=None, help="default: the backbone's default weights")
     p.add_argument("--domain", default=None, help="domain to tune on (default: the one the tiny CLIP saw least)")
-    args = p.parse_args(argv)
-
+    console.add_output_flags(p)
+    args, code = console.parse(p, argv)
+    if args is None:
+        return code
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from clipheads.training.backbone import PACKAGED_ARCH, load_backbone
-    from clipheads.training.data.fewshot import few_shot_splits
-    from clipheads.training.data.synth import generate_world, load_world_splits
-    from clipheads.training.artifact import save_head
-    from clipheads.training.loop import TrainConfig, evaluate, train_head
-    from clipheads.training.methods import TaskSpec, build_method
+    from clipheads.training.backbone import BackboneError
 
-    out = Path(args.out)
-    steps = Steps(6 if args.no_serve else 7)
-    world_dir = steps.run("generate the synthetic world (small)", lambda: (lambda d: (d, f"{d}"))(generate_world(out / "world", seed=0, size="small")))
-    world = json.loads((world_dir / "world.json").read_text())
-    domains = [d if isinstance(d, str) else d["name"] for d in world["domains"]]
+    return console.run("clipheads demo", lambda: _demo(args), (BackboneError,), as_json=args.json)
+
+
+def _demo(args) -> int:
+    from clipheads.api import export_bundle
+    from clipheads.training import console, fit
+    from clipheads.training.backbone import PACKAGED_ARCH, load_backbone
+    from clipheads.training.data.synth import generate_world, load_world_splits
+    from clipheads.training.loop import evaluate
+    from clipheads.training.methods import TaskSpec, build_method
     from clipheads.training.pretrain import HELD_OUT_DOMAIN
 
+    out = Path(args.out)
+    steps = Steps(6 if args.no_serve else 7, stream=sys.stderr if args.json else sys.stdout, quiet=args.quiet)
+    world_dir = steps.run("generate the synthetic world (small)",
+                          lambda: (lambda d: (d, f"{d}"))(generate_world(out / "world", seed=0, size="small",
+                                                                         progress=not args.quiet)))
+    world = json.loads((world_dir / "world.json").read_text())
+    domains = [d if isinstance(d, str) else d["name"] for d in world["domains"]]
     held = args.domain or HELD_OUT_DOMAIN
     if held not in domains:
-        raise SystemExit(f"--domain must be one of {', '.join(domains)}; got {held!r}")
+        raise console.BadInput(f"--domain must be one of {', '.join(domains)}; got {held!r}")
     backbone = steps.run("load the packaged tiny CLIP", lambda: (lambda b: (b, f"{b.arch} / {b.pretrained}, sha256 {str(b.weights_sha256)[:12]}…"))(
         load_backbone(args.backbone or PACKAGED_ARCH, args.pretrained)))
     splits = {d: load_world_splits(world_dir, d) for d in domains}
@@ -121,18 +140,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     zs = steps.run("zero-shot top-1 per domain", zero_shot)
 
     def train():
-        # the same settings as the committed results table (recipe synth_coop_heldout)
-        from clipheads.training.protocols.recipes import load_recipe
-
-        recipe = load_recipe("synth_coop_heldout")
-        s = few_shot_splits(splits[held], args.shots, args.seed)
-        head = build_method("coop", backbone, [TaskSpec(held, s.classnames, s.templates)], recipe.method_config)
-        cfg = TrainConfig(**{**recipe.train, "epochs": args.epochs or recipe.train["epochs"], "seed": args.seed})
-        res = train_head(head, {0: s.train}, cfg)
-        acc = evaluate(head, splits[held].test)["top1"]
-        path = save_head(head, out / f"coop-{held}.head.safetensors", {**res.summary(), "shots": args.shots, "seed": args.seed,
-                                                                       "metrics": {"test_top1": {held: acc}}})
-        return (path, acc), f"{args.shots}-shot CoOp on {held}: loss {res.first_loss:.2f} -> {res.final_loss:.2f}, wrote {path}"
+        # the library call behind `clipheads train`, with the committed results table's recipe
+        head = fit.train("coop", {held: f"synthetic:{world_dir}:{held}"}, backbone=backbone, recipe="synth_coop_heldout", shots=args.shots,
+                         seed=args.seed, progress=not args.quiet, out=out / f"coop-{held}.head.safetensors",
+                         **({"epochs": args.epochs} if args.epochs else {}))
+        rec = head.training_record
+        m = rec["metrics"]
+        return (Path(rec["head"]), m["test_top1"][held]), (f"{args.shots}-shot CoOp on {held}: loss {m['first_loss']:.2f} -> "
+                                                           f"{m['final_loss']:.2f}, wrote {rec['head']}")
 
     head_path, tuned = steps.run(f"train a CoOp head on the held-out domain '{held}'", train)
 
@@ -143,29 +158,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return None, f"held-out '{held}': {zs[held]:.1%} -> {tuned:.1%} ({100 * (tuned - zs[held]):+.1f} points)\n" + "\n".join(rows)
 
     steps.run("before / after", table)
-
     bundle = out / "bundle"
 
     def export():
-        from clipheads.export.cli import main as export_main
-
-        code = export_main([str(head_path), "--out", str(bundle), "--target", "onnx", "--precision", "fp32"])
-        if code != 0:
-            raise SystemExit(f"export failed with exit code {code}")
-        manifest = json.loads((bundle / "manifest.json").read_text())
-        parity = manifest.get("parity", {})
-        verdict = "passed" if parity.get("passed") else "FAILED"
-        return bundle, f"{bundle}: {len(manifest.get('graphs', []))} graph(s), {parity.get('precision', '?')} parity gate {verdict}"
+        result = export_bundle(head_path, bundle, target="onnx", precision="fp32")
+        if not result.passed:
+            raise RuntimeError(f"export failed the parity gate: {result.parity.get('failures')}")
+        m = result.manifest
+        return bundle, f"{bundle}: {len(m.get('graphs', []))} graph(s), {m['parity'].get('precision', '?')} parity gate passed"
 
     steps.run("export an ONNX bundle behind the parity gate", export)
-    if args.no_serve:
-        return 0
-    image = Path(splits[held].test[0].path)
+    reply = None
+    if not args.no_serve:
+        image = Path(splits[held].test[0].path)
 
-    def serve():
-        reply = _classify_over_http(bundle, image, _free_port())
-        return reply, f"{image.name} (true: {splits[held].test[0].classname}) -> {json.dumps(reply)[:300]}"
+        def serve():
+            r = _classify_over_http(bundle, image, _free_port())
+            return r, f"{image.name} (true: {splits[held].test[0].classname}) -> {json.dumps(r)[:300]}"
 
-    steps.run("serve the bundle and classify one image over HTTP", serve)
-    print("\ndemo finished: see", out)
+        reply = steps.run("serve the bundle and classify one image over HTTP", serve)
+    steps.say(f"\ndemo finished: see {out}")
+    console.emit({"out": str(out.resolve()), "held_out_domain": held, "zero_shot_top1": zs, "tuned_top1": tuned,
+                  "head": str(head_path), "bundle": str(bundle), "http_reply": reply, "steps": steps.results},
+                 args.json)
     return 0

@@ -84,7 +84,7 @@ def _defaults_epilog() -> str:
     rows = []
     for m in list_methods():
         tiny, other = default_recipe(m, PACKAGED_ARCH), default_recipe(m, PAPER_ARCH)
-        rows.append(f"  {m:<9} {(tiny or {}).get('name', '-'):<26} {(other or {}).get('name', '-')}")
+        rows.append(f"  {m:<9} {tiny.name if tiny else '-':<26} {other.name if other else '-'}")
     return ("Defaults: settings merge as dataclass defaults -> recipe -> your flags. Without --recipe each method "
             "starts from its packaged recipe for the backbone (recorded in the head as training.recipe):\n"
             f"  {'method':<9} {'on ' + PACKAGED_ARCH:<26} on any other backbone\n" + "\n".join(rows)

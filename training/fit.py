@@ -39,50 +39,41 @@ def resolve_device(device: Optional[str] = "auto") -> str:
 
 
 # ---- recipes ---------------------------------------------------------------------------------
-def _recipe_dicts() -> list[dict]:
-    from .protocols.recipes import RECIPE_DIR
-
-    return [json.loads(p.read_text()) for p in sorted(RECIPE_DIR.glob("*.json"))]
-
-
-def default_recipe(method: str, arch: str) -> Optional[dict]:
-    """The packaged recipe `train --method METHOD` starts from on `arch` (see the module doc)."""
-    def rank(r: dict) -> tuple[int, int, str]:
-        rarch = (r.get("backbone") or {}).get("arch")
-        arch_rank = 0 if rarch == arch else 1 if rarch == PAPER_ARCH else 2
-        proto = r.get("protocol", "")
-        proto_rank = PROTOCOL_PREFERENCE.index(proto) if proto in PROTOCOL_PREFERENCE else len(PROTOCOL_PREFERENCE)
-        return arch_rank, proto_rank, r.get("name", "")
-
-    mine = [r for r in _recipe_dicts() if r.get("method") == method]
+def default_recipe(method: str, arch: str):
+    """The packaged `Recipe` that `train --method METHOD` starts from on `arch` (see the module
+    doc), or None when the method has none."""
     from .backbone import PACKAGED_ARCH
+    from .protocols.recipes import list_recipes, load_recipe
 
+    def rank(r) -> tuple[int, int, str]:
+        rarch = r.backbone.get("arch")
+        arch_rank = 0 if rarch == arch else 1 if rarch == PAPER_ARCH else 2
+        proto_rank = PROTOCOL_PREFERENCE.index(r.protocol) if r.protocol in PROTOCOL_PREFERENCE else len(PROTOCOL_PREFERENCE)
+        return arch_rank, proto_rank, r.name
+
+    mine = [r for r in map(load_recipe, list_recipes()) if r.method == method]
     if arch != PACKAGED_ARCH:  # the synth_* recipes are tuned for the packaged tiny CLIP only
-        mine = [r for r in mine if (r.get("backbone") or {}).get("arch") != PACKAGED_ARCH]
+        mine = [r for r in mine if r.backbone.get("arch") != PACKAGED_ARCH]
     return min(mine, key=rank) if mine else None
 
 
-def read_recipe(ref: str) -> dict:
-    """A recipe file or packaged recipe name -> its dict (only the keys training uses matter)."""
-    from .protocols.recipes import RECIPE_DIR, RecipeError, list_recipes
+def read_recipe(ref: str):
+    """A packaged recipe name or a recipe file -> `Recipe`. A file written for training alone
+    may hold just {method, method_config, train}: the protocol keys default to empty."""
+    from .protocols.recipes import RECIPE_DIR, Recipe, RecipeError, list_recipes, load_recipe
 
     path = Path(ref).expanduser()
     if not path.is_file():
-        path = RECIPE_DIR / (ref if ref.endswith(".json") else f"{ref}.json")
-    if not path.is_file():
-        raise RecipeError(f"no recipe {ref!r} (not a file, not a packaged recipe: {', '.join(list_recipes())})")
+        if not (RECIPE_DIR / (ref if ref.endswith(".json") else f"{ref}.json")).is_file():
+            raise RecipeError(f"no recipe {ref!r} (not a file, not a packaged recipe: {', '.join(list_recipes())})")
+        return load_recipe(ref)
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise RecipeError(f"recipe {path}: not valid JSON ({err})") from None
-    from dataclasses import fields as dc_fields
-
-    from .protocols.recipes import Recipe
-
-    unknown = sorted(set(data) - {f.name for f in dc_fields(Recipe)})
-    if unknown:
-        raise RecipeError(f"recipe {path}: unknown keys {unknown}")
-    return {"name": data.get("name", path.stem), **data}
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path}: expected a JSON object")
+    return Recipe.from_json({"name": path.stem, "protocol": "train", "datasets": [], **data}, str(path))
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -176,7 +167,7 @@ def train(
     from .methods import TaskSpec, build_method
 
     named_recipe = read_recipe(recipe) if recipe not in (None, "default") else None
-    method = method or (named_recipe or {}).get("method")
+    method = method or (named_recipe.method if named_recipe else None)
     if not method:
         from .methods.base import MethodError
 
@@ -185,21 +176,23 @@ def train(
         bb = backbone
         arch = bb.arch
     else:
-        arch = backbone or ((named_recipe or {}).get("backbone") or {}).get("arch") or PACKAGED_ARCH
+        arch = backbone or (named_recipe.backbone.get("arch") if named_recipe else None) or PACKAGED_ARCH
         bb = None
     chosen = named_recipe if named_recipe is not None else (default_recipe(method, arch) if recipe == "default" else None)
-    if chosen is not None and chosen.get("method") not in (None, method):
+    if chosen is not None and chosen.method != method:
         from .methods.base import MethodError
 
-        raise MethodError(f"recipe {chosen['name']!r} is for method {chosen['method']!r}, not {method!r}")
-    chosen = chosen or {}
+        raise MethodError(f"recipe {chosen.name!r} is for method {chosen.method!r}, not {method!r}")
+    # the recipe's settings after its overrides for this shot count (dataset-specific ones need a
+    # dataset the recipe names, so they apply in `clipheads bench`, not here)
+    recipe_config, recipe_train = chosen.settings(None, shots) if chosen is not None else ({}, {})
     unknown = sorted(set(train_options) - {f.name for f in fields(TrainConfig)})
     if unknown:
         raise TypeError(f"unknown training option(s) {unknown}; TrainConfig has {[f.name for f in fields(TrainConfig)]}")
     device = resolve_device(device)
-    tc = TrainConfig(**{**chosen.get("train", {}), "device": device, "progress": progress})
+    tc = TrainConfig(**{**recipe_train, "device": device, "progress": progress})
     tc = replace(tc, **{k: tuple(v) if isinstance(v, list) else v for k, v in train_options.items()})
-    method_cfg = {**chosen.get("method_config", {}), **dict(config or {})}
+    method_cfg = {**recipe_config, **dict(config or {})}
 
     named = resolve_data(data)
     sources = _recorded_sources(named)
@@ -209,7 +202,8 @@ def train(
         named = {n: few_shot_splits(s, shots, tc.seed) for n, s in named.items()}
     tasks = [TaskSpec(n, s.classnames, s.templates) for n, s in named.items()]
     if bb is None:
-        recipe_pretrained = (chosen.get("backbone") or {}).get("pretrained") if (chosen.get("backbone") or {}).get("arch") == arch else None
+        rb = chosen.backbone if chosen is not None else {}
+        recipe_pretrained = rb.get("pretrained") if rb.get("arch") == arch else None
         bb = load_backbone(arch, pretrained or recipe_pretrained, device=device, act=act)
         if log is not None:
             log(f"backbone: {bb.describe_weights()} [{bb.act_reason}]")
@@ -241,8 +235,8 @@ def train(
         "seed": tc.seed,
         "trained": trained,
         "epochs": tc.epochs if trained else 0,
-        "recipe": chosen.get("name"),
-        "defaults": ("recipe " + chosen["name"]) if chosen.get("name") else "built-in dataclass defaults",
+        "recipe": chosen.name if chosen is not None else None,
+        "defaults": f"recipe {chosen.name}" if chosen is not None else "built-in dataclass defaults",
         "config": {k: v for k, v in tc.to_dict().items() if k != "progress"} if trained else None,
         "metrics": {"test_top1": metrics, **({"final_loss": result.final_loss, "first_loss": result.first_loss}
                                              if result.history else {})},

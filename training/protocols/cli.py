@@ -1,11 +1,13 @@
 """`clipheads bench protocol RECIPE... --data-root DIR --out DIR` and `clipheads bench report OUT`."""
 from __future__ import annotations
 
-import argparse
 import shlex
-import sys
 from dataclasses import replace
+from functools import partial
+from pathlib import Path
 from typing import Optional, Sequence
+
+from .. import console
 
 
 def _init_worker(threads: int) -> None:
@@ -26,11 +28,12 @@ def _run_parallel(recipes, args) -> None:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_init_worker, initargs=(threads,)) as pool:
-        futures = {pool.submit(run_recipe, r, args.data_root, args.out, args.device, None, False, print, args.recompute): r.name
+        log = partial(console.info, quiet=args.quiet)  # picklable: the workers log to stderr too
+        futures = {pool.submit(run_recipe, r, args.data_root, args.out, args.device, None, False, log, args.recompute): r.name
                    for r in recipes}
         for fut in as_completed(futures):
             fut.result()  # a failed recipe stops the run with its error; finished units are kept
-            print(f"finished {futures[fut]}", flush=True)
+            console.info(f"finished {futures[fut]}", args.quiet)
 
 
 def _list(args) -> int:
@@ -40,7 +43,7 @@ def _list(args) -> int:
     from .recipes import list_recipes, load_recipe
 
     recipes = [load_recipe(n) for n in list_recipes()]
-    if args.markdown:
+    if args.markdown and not args.json:
         print(render_fidelity_markdown([r for r in recipes if not r.name.startswith("synth_")]))
         return 0
     rows = fidelity_rows(recipes)
@@ -57,9 +60,8 @@ def _list(args) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(argv or [])
-    p = argparse.ArgumentParser(prog="clipheads bench")
+def _parser() -> console.ArgumentParser:
+    p = console.ArgumentParser(prog="clipheads bench", description="Paper protocols: run recipes, write reports.")
     sub = p.add_subparsers(dest="what", required=True)
     run = sub.add_parser("protocol", help="run (or resume) recipes and write the report")
     run.add_argument("recipes", nargs="+", help="recipe files, packaged recipe names (`clipheads bench list`) or patterns such as 'synth_*'")
@@ -71,37 +73,71 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      help="training precision (recipes state theirs; fp16 = the official configs' PREC: fp16)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="method config field for every recipe, e.g. detach_generator=true")
-    run.add_argument("--backbone", default=None)
-    run.add_argument("--pretrained", default=None)
-    run.add_argument("--device", default="cpu")
+    run.add_argument("--backbone", default=None, metavar="ARCH", help="open_clip architecture for every recipe (default: each recipe's)")
+    run.add_argument("--pretrained", default=None, metavar="WEIGHTS",
+                     help="weights for every recipe: tag | local path | hf-hub:ID | none (default: each recipe's)")
+    run.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU) | cpu | cuda | cuda:N")
     run.add_argument("--jobs", type=int, default=1,
                      help="recipes run in this many processes at once (CPU threads are split between them)")
     run.add_argument("--recompute", action="store_true",
                      help="results of another configuration in --out are moved to runs/<recipe>/stale/ and rerun "
                           "(default: refuse to mix them)")
-    run.add_argument("--quiet", action="store_true")
+    console.add_output_flags(run)
     rep = sub.add_parser("report", help="re-render report.md/json/plots from finished runs")
-    rep.add_argument("out")
+    rep.add_argument("out", help="a results folder written by `clipheads bench protocol`")
+    console.add_output_flags(rep)
     lst = sub.add_parser("list", help="list packaged recipes, the official config each mirrors and how it differs")
-    lst.add_argument("--json", action="store_true", help="one JSON object: recipes with their official-config comparison")
     lst.add_argument("--markdown", action="store_true", help="the recipe-vs-official-config table (README)")
-    args = p.parse_args(argv)
+    console.add_output_flags(lst)
+    return p
 
-    from .recipes import RecipeError, expand_recipe_refs, list_recipes, load_recipe
+
+def _bad_input() -> tuple[type[BaseException], ...]:
+    from ..backbone import BackboneError
+    from ..data.readers import DatasetLayoutError
+    from ..data.sources import DataSpecError
+    from ..methods.base import MethodError
+    from .recipes import RecipeError
+    from .runner import StaleResultsError
+
+    return (RecipeError, StaleResultsError, DatasetLayoutError, DataSpecError, BackboneError, MethodError,
+            FileNotFoundError, NotADirectoryError)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(argv or [])
+    args, code = console.parse(_parser(), argv)
+    if args is None:
+        return code
+    return console.run(f"clipheads bench {args.what}", lambda: _main(args, argv), _bad_input(), as_json=args.json)
+
+
+def _report_payload(out: str, path) -> dict:
+    import json
+
+    report = json.loads((Path(out) / "report.json").read_text())
+    return {"report": str(Path(path).resolve()), "summary": report.get("summary", {})}
+
+
+def _main(args, argv: Sequence[str]) -> int:
+    from ..fit import resolve_device
+    from .recipes import expand_recipe_refs, load_recipe
     from .report import record_command, write_report
 
     if args.what == "list":
         return _list(args)
     if args.what == "report":
-        print(f"wrote {write_report(args.out)}")
+        if not (Path(args.out) / "runs").is_dir():
+            raise console.BadInput(f"{args.out}: no finished runs (expected {args.out}/runs/ from `clipheads bench protocol`)")
+        path = write_report(args.out)
+        console.emit(_report_payload(args.out, path), args.json, f"wrote {path}")
         return 0
-    from .runner import StaleResultsError, run_recipe
+    from .runner import run_recipe
 
-    try:
-        recipes = [load_recipe(r) for r in expand_recipe_refs(args.recipes)]
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if not Path(args.data_root).expanduser().is_dir():
+        raise console.BadInput(f"--data-root {args.data_root}: not a directory (the folder the recipes' datasets live in)")
+    recipes = [load_recipe(r) for r in expand_recipe_refs(args.recipes)]
+    args.device = resolve_device(args.device)
 
     def overridden(r):
         changes = {}
@@ -123,15 +159,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     recipes = [overridden(r) for r in recipes]
     cmd = "clipheads bench " + " ".join(shlex.quote(a) for a in argv)
     commands = record_command(args.out, cmd)  # before running: an interrupted run still says how to resume
-    try:
-        if args.jobs > 1:
-            _run_parallel(recipes, args)
-        else:
-            for r in recipes:
-                run_recipe(r, args.data_root, args.out, device=args.device, progress=not args.quiet, recompute=args.recompute)
-    except StaleResultsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.jobs > 1:
+        _run_parallel(recipes, args)
+    else:
+        for r in recipes:
+            run_recipe(r, args.data_root, args.out, device=args.device, progress=not args.quiet,
+                       log=partial(console.info, quiet=args.quiet), recompute=args.recompute)
     path = write_report(args.out, commands=commands)
-    print(f"report: {path}")
+    console.emit(_report_payload(args.out, path), args.json, f"report: {path}")
     return 0

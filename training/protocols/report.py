@@ -11,6 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from .plots import render_plots
 from .splits import harmonic_mean
 
 
@@ -151,43 +152,6 @@ def render_markdown(summary: dict, recipes: dict, commands: Sequence[str], title
     return "\n".join(L)
 
 
-def render_plots(summary: dict, out_dir: Path) -> list[str]:
-    """PNG plots: accuracy vs shots, base/novel/HM bars, multi-task per-domain bars."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    files = []
-    if "base_to_novel" in summary:
-        ms = sorted(summary["base_to_novel"])
-        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(ms)), 3.5))
-        for j, key in enumerate(("base", "novel", "hm")):
-            ax.bar([i + 0.27 * (j - 1) for i in range(len(ms))], [100 * summary["base_to_novel"][m]["average"][key] for m in ms], 0.27, label=key.upper() if key == "hm" else key)
-        ax.set_xticks(range(len(ms)), ms, rotation=20)
-        ax.set_ylabel("top-1 (%)"); ax.set_title("Base-to-novel"); ax.legend(); fig.tight_layout()
-        fig.savefig(out_dir / "base_to_novel.png", dpi=110); plt.close(fig); files.append("base_to_novel.png")
-    if "few_shot" in summary:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for m, s in sorted(summary["few_shot"].items()):
-            pts = sorted((int(c.split("|")[1]), v[0]) for c, v in s["cells"].items())
-            ax.plot([k for k, _ in pts], [100 * v for _, v in pts], marker="o", label=m)
-        ax.set_xscale("log", base=2); ax.set_xlabel("shots per class"); ax.set_ylabel("top-1 (%)"); ax.legend(); fig.tight_layout()
-        fig.savefig(out_dir / "few_shot.png", dpi=110); plt.close(fig); files.append("few_shot.png")
-    if "multi_task" in summary:
-        ms = sorted(summary["multi_task"])
-        tasks = sorted({t for s in summary["multi_task"].values() for t in s["per_task"]})
-        fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(tasks)), 3.5))
-        w = 0.8 / max(len(ms), 1)
-        for j, m in enumerate(ms):
-            ax.bar([i + w * (j - (len(ms) - 1) / 2) for i in range(len(tasks))], [100 * summary["multi_task"][m]["per_task"].get(t, (0, 0))[0] for t in tasks], w, label=m)
-        ax.set_xticks(range(len(tasks)), tasks); ax.set_ylabel("top-1 (%)"); ax.set_title("Multi-task per domain"); ax.legend(fontsize=7); fig.tight_layout()
-        fig.savefig(out_dir / "multi_task.png", dpi=110); plt.close(fig); files.append("multi_task.png")
-    return files
-
-
 COMMANDS_FILE = "commands.txt"
 
 
@@ -207,11 +171,12 @@ def write_report(out_dir: str | Path, commands: Sequence[str] = (), title: str =
     out_dir = Path(out_dir)
     if not commands and (out_dir / COMMANDS_FILE).exists():
         commands = (out_dir / COMMANDS_FILE).read_text().splitlines()
-    summary = summarize(load_results(out_dir))
+    rows = load_results(out_dir)
+    summary = summarize(rows)
     recipes = load_recipes(out_dir)
     (out_dir / "report.json").write_text(json.dumps({"summary": summary, "recipes": recipes, "commands": list(commands)}, indent=2))
     md = render_markdown(summary, recipes, commands, title)
-    plots = render_plots(summary, out_dir)
+    plots = render_plots(rows, out_dir)
     md += "".join(f"\n![{p}]({p})\n" for p in plots)
     (out_dir / "report.md").write_text(md)
     return out_dir / "report.md"
