@@ -189,6 +189,16 @@ def test_vision_prompts_depend_on_text_parameters_not_class_names(micro_backbone
     assert not any("vision" in k for k in head.state_dict())  # no free vision prompts
 
 
+def test_maple_deep_projections_start_as_copies_of_one_linear(micro_backbone):
+    # official init: F_1..F_{J-1} are deep copies of one Linear (_get_clones), F_0 is drawn on its own
+    head = _build("maple", micro_backbone)
+    f0, f1, f2 = head.proj
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(f1, name), getattr(f2, name), atol=0, rtol=0)
+        assert not torch.equal(getattr(f0, name), getattr(f1, name))
+    assert f1.weight.data_ptr() != f2.weight.data_ptr()  # copies that train apart, not one shared module
+
+
 def test_maple_vision_prompt_is_same_depth_projection(micro_backbone):
     head = _build("maple", micro_backbone)
     assert len(head.proj) == 3
@@ -229,7 +239,10 @@ def test_comma_generator_gradients(micro_backbone, detach):
         assert all(g is None or float(g.abs().sum()) == 0 for g in gen_grads)
     else:
         assert all(g is not None and float(g.abs().sum()) > 0 for g in gen_grads)
-    assert head.compound_prompts_image.grad is None  # a record, never in the graph
+    if detach:  # the released code reads the deep vision prompts from this tensor: it gets their gradient
+        assert float(head.compound_prompts_image.grad.abs().sum()) > 0
+    else:
+        assert head.compound_prompts_image.grad is None  # a record, never in the graph
     assert float(head.text.ctx.grad.abs().sum()) > 0 and float(head.proj.weight.grad.abs().sum()) > 0
 
     # image-only loss: the deep text prompt P_t^1 reaches the image only through G_1

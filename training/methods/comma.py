@@ -17,6 +17,10 @@ Loss: CE + kd_weight * L_kd, L_kd = mean over the last S blocks of
 prompted text encoder's block output (before ln_final) and h_hat the frozen CLIP text encoder (the
 same backbone, no hooks) on the teacher sentence. The two sentences differ in wording and length;
 positions are still compared one to one, as the released code does (METHODS.md 6.2, 11.5).
+S > 1 differs from the released code on purpose: its clip/model.py runs block -S S times and never
+the last block (student and teacher alike), so its text encoder itself changes; ours runs every
+block once and distils the real last S. The shipped configs use S = 1, where both agree
+(tests/golden: the `comma_last2` case measures the difference).
 Teacher tokens are computed once per class list and cached (not saved). The student's tokens come
 from the same text forward as the class matrix (no second text pass per step).
 Teacher template: `teacher_template` if set, else COMMA's own table for the task's dataset when the
@@ -32,10 +36,12 @@ the vision tower, as in the code).
 
 `compound_prompts_image` ((J-1, n, D_v), N(0, 0.02^2) init, requires_grad): the released code keeps
 the generated deep vision prompts in this trainable tensor, overwriting it on every forward, so its
-optimised value never matters, yet it is part of the official trainable count. We keep it for the
-count and give it one job: `image_hooks` copies the freshly generated P_v^1..P_v^{J-1} into it, so a
-saved head carries its folded deep vision prompts. It is never read by the forward pass and never
-receives a gradient (grad stays None; SGD skips it).
+optimised value never matters, yet it is part of the official trainable count. `image_hooks` copies
+the freshly generated P_v^1..P_v^{J-1} into it, so a saved head carries its folded deep vision
+prompts. With `detach_generator=True` the vision tower then reads the deep prompts from this tensor,
+as the released code does, so it receives their gradient exactly as there (the golden fixtures
+compare it); the next forward overwrites whatever the optimiser did with it. In the paper mode it is
+only the record: never read by the forward pass, no gradient (grad stays None; SGD skips it).
 
 Parameters on ViT-B/16 (n=2, J=9):
     ctx 1,024 + F_0 393,984 + deep text 8*1,024 + compound_prompts_image 8*1,536
@@ -154,6 +160,8 @@ class COMMA(HeadMethod):
         if len(vis) > 1 and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
             with torch.no_grad():  # the record of the last generated deep prompts (see module doc)
                 self.compound_prompts_image.copy_(torch.stack(vis[1:]))
+            if self.config.detach_generator and torch.is_grad_enabled():
+                vis = vis[:1] + list(self.compound_prompts_image.unbind(0))  # the released code's `.data` rows
         return PromptHooks(shallow=vis[0], deep={b: vis[b] for b in range(1, len(vis))})
 
     # ---- text side and distillation -----------------------------------------------------------

@@ -11,7 +11,9 @@ a linear projection of the *same-depth* text prompt (text -> vision coupling onl
 
 Init: ctx = word embeddings of the first n tokens of "a photo of a" ("a", "photo"); the placeholder
 sentence is the whole phrase, so the fixed tokens "of a" stay between the learned context and the
-class name (METHODS.md 11.1). Deep text prompts ~ N(0, 0.02^2); F_b PyTorch default init.
+class name (METHODS.md 11.1). Deep text prompts ~ N(0, 0.02^2); F_b PyTorch default init, with
+F_1..F_{J-1} starting as copies of ONE Linear (identical at init, as the official `_get_clones`;
+F_0 is drawn separately) [MAPLE:trainers/maple.py].
 Loss: CE only. J is clipped to the shallower tower's depth (tiny test models).
 
 Parameters on ViT-B/16: J * (n*512 + 512*768 + 768) = 9 * 395,008 = 3,555,072 (n=2, J=9);
@@ -24,6 +26,7 @@ IVLP and COMMA.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -96,7 +99,9 @@ class MaPLe(HeadMethod):
         super().__init__(config, backbone, tasks)
         depth = clip_depth(self.name, config.depth, backbone.text_blocks, backbone.vision_blocks)
         self.text = DeepTextPrompts(backbone, config.n_ctx, depth, config.ctx_init, config.init_std)
-        self.proj = nn.ModuleList(nn.Linear(backbone.text_width, backbone.vision_width) for _ in range(depth))
+        d_t, d_v = backbone.text_width, backbone.vision_width
+        deep = nn.Linear(d_t, d_v)  # the deep projections start as copies of this one (official init)
+        self.proj = nn.ModuleList([nn.Linear(d_t, d_v)] + [copy.deepcopy(deep) for _ in range(depth - 1)])
 
     def vision_prompts(self) -> list[Tensor]:
         """[F_b(P_t^b)] for b = 0..J-1, each (n, D_v): class- and image-independent."""

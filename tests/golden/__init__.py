@@ -1,0 +1,1 @@
+"""Golden equivalence with the official method code: shared cases, maintenance script, fixtures."""
