@@ -93,7 +93,7 @@ class _TrainerX:
         pass
 
 
-def _install_stand_ins(weights: Path) -> None:
+def _install_stand_ins(repo: Path, weights: Path) -> None:
     class _Registry:
         def register(self, *a, **k):
             return lambda cls: cls
@@ -117,6 +117,9 @@ def _install_stand_ins(weights: Path) -> None:
     torch.nn.Module.cuda = lambda self, *a, **k: self
 
     import clip.clip as official_clip  # the repository's own package (first on sys.path)
+
+    if not Path(official_clip.__file__).resolve().is_relative_to(repo.resolve()):  # not clip-anytorch
+        raise RuntimeError(f"imported {official_clip.__file__}, not the clip package of {repo}")
 
     official_clip._download = lambda url, *a, **k: str(weights)
     build = official_clip.build_model
@@ -160,7 +163,7 @@ def worker(case: C.Case, arch: str, repos: Path, deps: Optional[Path], weights: 
 
     repo = repos / REPO_DIRS[case.repo]
     sys.path[:0] = [str(repo), str(repos / DASSL_DIR)] + ([str(deps)] if deps else [])
-    _install_stand_ins(weights)
+    _install_stand_ins(repo, weights)
     from dassl.config import get_cfg_default  # the real Dassl defaults
 
     variant = case.variant(arch)
