@@ -37,9 +37,17 @@ def _jsonable(config) -> dict:
     return json.loads(json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}))
 
 
+@pytest.fixture(autouse=True)
+def _keep_global_rng():
+    # building models and heads draws from the global RNG; later modules' tests must not see it
+    with torch.random.fork_rng():
+        yield
+
+
 @pytest.fixture(scope="module")
 def backbone():
-    return C.our_backbone(C.REDUCED_ARCH)
+    with torch.random.fork_rng():
+        return C.our_backbone(C.REDUCED_ARCH)
 
 
 def test_every_case_has_a_fixture_and_nothing_else():
