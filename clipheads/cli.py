@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 DELEGATED = {
     "export": ("clipheads.export.cli", "fold heads into an ONNX/TensorRT bundle (parity-gated)"),
     "serve": ("clipheads.serving.cli", "serve a bundle or head over HTTP (BentoML)"),
-    "score": ("clipheads.serving.score", "batch-score images with a bundle into Parquet"),
+    "score": ("clipheads.serving.scoring.cli", "batch-score images with a bundle into Parquet"),
     "models": ("clipheads.serving.model_store", "save/list heads and bundles in BentoML's model store"),
     "bench": ("clipheads.training.protocols.cli", "run a paper protocol recipe and write a report"),
     "demo": ("clipheads.demo", "offline end-to-end demo on the synthetic world"),

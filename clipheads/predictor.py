@@ -1,6 +1,6 @@
 """`Predictor`: classify images in-process with a bundle or head, as the HTTP server would.
 
-It opens its source with the runtime the server picks (`serving.runtime.open_runtime`: TensorRT
+It opens its source with the runtime the server picks (`serving.runtimes.open_runtime`: TensorRT
 engines, else ONNX Runtime CUDA, else ONNX Runtime CPU for a bundle; folded fp16 on a GPU or
 eager fp32 for a head file), prepares pixels with the one preprocessing function
 (`training.preprocess.prepare_pixels`: EXIF orientation, RGB, resize, center crop) and ranks labels
@@ -27,7 +27,7 @@ class Predictor:
     Args:
         source: an export bundle directory, a `*.head.safetensors` file, a model-store tag
             (`clipheads models save`), or a trained `HeadMethod` (e.g. from `clipheads.train`).
-        runtime: "auto" (the best available here) or one of `serving.runtime.RUNTIME_KINDS`.
+        runtime: "auto" (the best available here) or one of `serving.runtimes.RUNTIME_KINDS`.
         device: the PyTorch device for head files (default: CUDA when available).
         batch_size: images per runtime call.
 
@@ -42,7 +42,7 @@ class Predictor:
 
     def __init__(self, source: Any, *, runtime: str = "auto", device: Optional[str] = None, batch_size: int = 32,
                  max_pixels: int = DEFAULT_MAX_PIXELS):
-        from clipheads.serving.runtime import open_runtime
+        from clipheads.serving.runtimes import open_runtime
 
         self._tmp = None
         path = self._source_path(source)
@@ -101,7 +101,7 @@ class Predictor:
 
         One image in -> one dict; a list (or an (N, H, W, 3) array) -> a list of dicts.
         `tasks`: a subset of `self.tasks` (default: all)."""
-        from clipheads.serving.runtime import softmax
+        from clipheads.serving.runtimes import softmax
 
         items, single = _as_list(images)
         names = list(tasks) if tasks else list(self.runtime.tasks)
@@ -131,7 +131,7 @@ class Predictor:
     def zero_shot(self, images: Images, labels: Sequence[str], templates: Optional[Sequence[str]] = None,
                   top_k: int = 5):
         """Rank free-text `labels` per image (`POST /zero_shot`): one image -> one ranked list."""
-        from clipheads.serving.runtime import softmax
+        from clipheads.serving.runtimes import softmax
 
         items, single = _as_list(images)
         labels = list(labels)

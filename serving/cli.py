@@ -1,6 +1,6 @@
 """`clipheads serve BUNDLE|HEAD`: a thin wrapper over `bentoml serve clipheads.serving.service:ClipHeads`.
 
-The service reads its configuration from `CLIPHEADS_*` environment variables (serving/service.py
+The service reads its configuration from `CLIPHEADS_*` environment variables (front/config.py
 `ServeConfig`); this command sets them from flags, binds loopback by default and turns BentoML's
 usage tracking off unless `--allow-tracking` is given.
 """
@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .runtime import RUNTIME_KINDS  # a light import: torch/ORT load only when a runtime opens
-from .tasks_store import TaskStoreError, redact, store_scheme
+from .runtimes import RUNTIME_KINDS  # a light import: torch/ORT load only when a runtime opens
+from .tasks import TaskStoreError, redact, store_scheme
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVICE = "clipheads.serving.service:ClipHeads"

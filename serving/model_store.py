@@ -39,7 +39,7 @@ def default_name(source: Path) -> str:
 def _describe(source: Path) -> tuple[str, dict]:
     """Validate `source` the way serving will load it; returns (kind, metadata)."""
     if source.is_dir():
-        from .runtime import RuntimeError_, read_manifest
+        from .runtimes import RuntimeError_, read_manifest
 
         try:
             m = read_manifest(source)

@@ -13,7 +13,7 @@ import time
 import pytest
 from PIL import Image
 
-from clipheads.serving.decode_budget import DecodeBudget, DecodeLanes
+from clipheads.serving.front.decode_budget import DecodeBudget, DecodeLanes
 from clipheads.serving.images import DecodeSpec, ImageRejected, decode_image, probe_image
 
 SPEC = DecodeSpec(image_size=32)

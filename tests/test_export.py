@@ -308,7 +308,7 @@ def test_vit_b32_random_init_zero_shot_passes_fp32_gate(tmp_path):
 
 def test_bundle_is_served_by_serving_onnx_runtime(micro_backbone, tmp_path):
     """The seam with serving/: its OnnxRuntime opens our bundle and classifies like the eager heads."""
-    runtime = pytest.importorskip("clipheads.serving.runtime")
+    runtime = pytest.importorskip("clipheads.serving.runtimes")
     zs = _head("zeroshot", micro_backbone, (TASKS[0],))
     mm = _head("mmap", micro_backbone, (TASKS[1], TaskSpec("shapes", ("circle", "square"))))
     res = export_heads([zs, mm], tmp_path / "b", ExportOptions(**FAST))

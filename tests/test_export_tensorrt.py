@@ -146,7 +146,7 @@ def test_build_engine_on_this_gpu(micro_backbone, tmp_path):
     # the serving runtime runs the engine and agrees with ONNX Runtime on the same pixels
     import numpy as np
 
-    from clipheads.serving.runtime import open_runtime
+    from clipheads.serving.runtimes import open_runtime
 
     trt_rt, ort_rt = open_runtime(tmp_path / "b", "tensorrt"), open_runtime(tmp_path / "b", "onnx-cpu")
     assert trt_rt.name == "tensorrt"
@@ -185,7 +185,7 @@ def test_serving_tensorrt_runtime_refuses_clearly_without_tensorrt(micro_backbon
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("tensorrt is installed here: the refusal path does not apply")
     from clipheads.export.pipeline import ExportOptions, export_heads
-    from clipheads.serving.runtime import RuntimeError_, open_runtime
+    from clipheads.serving.runtimes import RuntimeError_, open_runtime
     from clipheads.training.methods import TaskSpec, build_method
 
     head = build_method("zeroshot", micro_backbone, (TaskSpec("t", ("red", "blue")),))

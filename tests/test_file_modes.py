@@ -64,7 +64,7 @@ def test_bundle_directory(tmp_path, umask):
 def test_scoring_output(tmp_path, umask):
     import pyarrow as pa
 
-    from clipheads.serving.shards import InputItem, Shard, ShardStore
+    from clipheads.serving.scoring.shards import InputItem, Shard, ShardStore
 
     store = ShardStore(tmp_path / "out.parquet", {"shard_size": 2})
     shard = Shard(0, 0, (InputItem(0, "a.png", "/x/a.png"), InputItem(1, "b.png", "/x/b.png")))
@@ -74,7 +74,7 @@ def test_scoring_output(tmp_path, umask):
 
 
 def test_task_directory(tmp_path, umask):
-    from clipheads.serving.tasks_store import open_task_store
+    from clipheads.serving.tasks import open_task_store
 
     s = open_task_store(str(tmp_path / "tasks"), "id")
     keys = np.eye(2, 4, dtype=np.float32)

@@ -125,7 +125,7 @@ def corpus(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 
 def _job(head, inp, out, **kw):
-    from clipheads.serving.score import ScoreJob
+    from clipheads.serving.scoring import ScoreJob
 
     base = dict(source=str(head), input=str(inp), output=str(out), top_k=10, batch_size=64, workers=2,
                 shard_size=128, max_bytes=MAX_BYTES, max_pixels=MAX_PIXELS, progress=False)
@@ -135,7 +135,7 @@ def _job(head, inp, out, **kw):
 
 @pytest.fixture(scope="module")
 def local_run(head_file, corpus, tmp_path_factory):
-    from clipheads.serving.score import score
+    from clipheads.serving.scoring import score
 
     out = tmp_path_factory.mktemp("local") / "preds.parquet"
     summary = score(_job(head_file, corpus[0], out))
@@ -154,7 +154,7 @@ def _reference(source, corpus_root: Path, rel_paths: list[str], kind: str = "tor
     """What /classify computes: serving.images decode + Runtime logits + softmax, per image,
     here in batches of 7 (the service's adaptive batcher picks its own sizes)."""
     from clipheads.serving.images import DecodeSpec, decode_image
-    from clipheads.serving.runtime import open_runtime, softmax
+    from clipheads.serving.runtimes import open_runtime, softmax
 
     rt = open_runtime(source, kind)
     spec = DecodeSpec.from_preprocess(rt.preprocess)
@@ -227,7 +227,7 @@ def real_bundle(head_file, tmp_path_factory) -> Path:
 def test_real_onnx_bundle_scores_like_its_head_and_its_runtime(real_bundle, local_run, corpus, tmp_path):
     """`clipheads score BUNDLE` (ONNX Runtime) on the 1,020 files: the same rows and errors as the
     head in eager PyTorch, and exactly what the bundle's own Runtime gives per image."""
-    from clipheads.serving.score import score
+    from clipheads.serving.scoring import score
 
     out = tmp_path / "onnx.parquet"
     s = score(_job(real_bundle, corpus[0], out, runtime="onnx-cpu"))
@@ -248,7 +248,7 @@ def test_real_onnx_bundle_scores_like_its_head_and_its_runtime(real_bundle, loca
 
 
 def test_rerun_of_a_finished_job_rescores_nothing(local_run, head_file, corpus):
-    from clipheads.serving.score import score
+    from clipheads.serving.scoring import score
 
     out, _ = local_run
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
@@ -322,7 +322,7 @@ def small(corpus) -> list[str]:
 def test_csv_and_parquet_listings_with_missing_files(head_file, corpus, small, tmp_path):
     import pyarrow as pa
 
-    from clipheads.serving.score import score
+    from clipheads.serving.scoring import score
 
     root, _ = corpus
     paths = [str(root / p) for p in small[:10]] + ["does/not/exist.png"] + [str(root / p) for p in small[10:]]
@@ -349,7 +349,7 @@ def test_csv_and_parquet_listings_with_missing_files(head_file, corpus, small, t
 def test_output_and_errors_inside_the_input_dir_are_not_inputs(head_file, corpus, small, tmp_path):
     import shutil
 
-    from clipheads.serving.score import score
+    from clipheads.serving.scoring import score
 
     inp = tmp_path / "imgs"
     inp.mkdir()
@@ -361,7 +361,7 @@ def test_output_and_errors_inside_the_input_dir_are_not_inputs(head_file, corpus
 
 
 def test_task_subset_top1_only(head_file, corpus, small, tmp_path):
-    from clipheads.serving.score import main
+    from clipheads.serving.scoring.cli import main
 
     out = tmp_path / "p.parquet"
     lst = tmp_path / "l.csv"
@@ -372,7 +372,7 @@ def test_task_subset_top1_only(head_file, corpus, small, tmp_path):
 
 
 def test_exit_codes(head_file, corpus, small, tmp_path, capsys):
-    from clipheads.serving.score import main
+    from clipheads.serving.scoring.cli import main
 
     lst = tmp_path / "l.csv"
     lst.write_text("path\n" + "".join(f"{corpus[0] / p}\n" for p in small[:3]))
@@ -398,8 +398,8 @@ def test_exit_codes(head_file, corpus, small, tmp_path, capsys):
 
 
 def test_changed_inputs_under_a_committed_shard_are_refused(head_file, corpus, small, tmp_path):
-    from clipheads.serving.score import score
-    from clipheads.serving.shards import OutputConflict
+    from clipheads.serving.scoring import score
+    from clipheads.serving.scoring.shards import OutputConflict
 
     root, _ = corpus
     lst = tmp_path / "l.csv"
@@ -419,7 +419,7 @@ def test_ray_engine_matches_local_engine(head_file, corpus, local_run, small, tm
         import ray.data  # noqa: F401
     except ImportError as err:
         pytest.skip(f"ray[data] is not installed (pip install -r requirements/ray.txt): {err}")
-    from clipheads.serving.score import score
+    from clipheads.serving.scoring import score
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
@@ -468,8 +468,8 @@ def test_multi_path_head_and_embeddings(head_file, corpus, small, tmp_path):
     """A VPT head has one image path per task plus the plain backbone path: each task's columns
     come from its own path and the embedding from the backbone path, as the Runtime computes them."""
     from clipheads.serving.images import DecodeSpec, decode_image
-    from clipheads.serving.runtime import open_runtime, softmax
-    from clipheads.serving.score import score
+    from clipheads.serving.runtimes import open_runtime, softmax
+    from clipheads.serving.scoring import score
     from clipheads.training.artifact import load_head, save_head
     from clipheads.training.backbone import load_backbone
     from clipheads.training.methods.base import TaskSpec, build_method
@@ -567,7 +567,7 @@ def _tiny_bundle(d: Path, image_size: int = 32) -> tuple[Path, dict]:
 def test_onnx_bundle_scores_match_numpy_reference(corpus, small, tmp_path):
     pytest.importorskip("onnxruntime")
     from clipheads.serving.images import DecodeSpec, decode_image
-    from clipheads.serving.score import main
+    from clipheads.serving.scoring.cli import main
 
     bundle, p = _tiny_bundle(tmp_path / "bundle")
     root = corpus[0]
@@ -605,8 +605,8 @@ def test_memory_stays_flat_on_a_large_listing(head_file, tmp_path):
 
     import pyarrow as pa
 
-    from clipheads.serving.runtime import open_runtime
-    from clipheads.serving.score import score
+    from clipheads.serving.runtimes import open_runtime
+    from clipheads.serving.scoring import score
 
     rt = open_runtime(head_file, "torch")  # model + imports are outside the measurement
     peaks = {}
@@ -630,7 +630,7 @@ def test_memory_stays_flat_on_a_large_listing(head_file, tmp_path):
 def test_crash_between_part_and_manifest_is_recomputed_once(head_file, corpus, small, tmp_path):
     """A crash after a part's rename but before the manifest lists it (and a stray temp file) must
     not leave that part counted twice: the resume sweeps and recomputes exactly that shard."""
-    from clipheads.serving.score import score
+    from clipheads.serving.scoring import score
 
     root = corpus[0]
     lst = tmp_path / "l.csv"

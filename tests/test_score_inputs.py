@@ -70,7 +70,7 @@ def tree(tmp_path):
 
 
 def _score(head, inp, out, **kw):
-    from clipheads.serving.score import ScoreJob, score
+    from clipheads.serving.scoring import ScoreJob, score
 
     return score(ScoreJob(source=str(head), input=str(inp), output=str(out), progress=False, top_k=1, **kw))
 
@@ -98,7 +98,7 @@ def test_follow_symlinks_opts_in(head, tree, tmp_path):
     assert errs["passwd.png"] == "unsupported_format"  # opened, and refused by its bytes
     assert errs["x.png"] == errs["pipe.png"] == "not_a_file"
     # resuming with the other setting is another job (the errors differ): refused, nothing lost
-    from clipheads.serving.shards import OutputConflict
+    from clipheads.serving.scoring.shards import OutputConflict
 
     with pytest.raises(OutputConflict, match="input"):
         _score(head, tree, out)

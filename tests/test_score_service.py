@@ -110,7 +110,7 @@ def server(head_file, tmp_path_factory):
 
 
 def test_batch_scores_equal_http_classify(server, head_file, images, tmp_path):
-    from clipheads.serving.score import main
+    from clipheads.serving.scoring.cli import main
 
     files = sorted(p for p in images.iterdir())
     http = {}

@@ -112,7 +112,7 @@ def head_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def eager(head_file):
-    from clipheads.serving.runtime import TorchRuntime
+    from clipheads.serving.runtimes import TorchRuntime
 
     return TorchRuntime(head_file, device="cpu")
 
@@ -133,7 +133,7 @@ def post(server, route, files=None, data=None, json_body=None, **kw):
 
 def expected(eager, blob: bytes, task: str):
     from clipheads.serving.images import DecodeSpec, decode_image
-    from clipheads.serving.runtime import softmax
+    from clipheads.serving.runtimes import softmax
 
     px = decode_image(blob, DecodeSpec(image_size=32))[None]
     probs = softmax(eager.classify(px, [task])[task])[0]
@@ -186,7 +186,7 @@ def test_sync_http_client_with_file_paths(server, tmp_path, eager):
 
 def test_zero_shot_matches_eager_and_caches(server, eager):
     from clipheads.serving.images import DecodeSpec, decode_image
-    from clipheads.serving.runtime import softmax
+    from clipheads.serving.runtimes import softmax
 
     blob = png((30, 30, 200))
     labels = ["ocean", "forest", "desert"]
@@ -204,8 +204,8 @@ def test_zero_shot_matches_eager_and_caches(server, eager):
 
 def test_few_shot_register_classify_list_delete_and_restart(server, head_file, eager):
     from clipheads.serving.images import DecodeSpec, decode_image
-    from clipheads.serving.runtime import softmax
-    from clipheads.serving.tasks_store import FewShotTask
+    from clipheads.serving.runtimes import softmax
+    from clipheads.serving.tasks import FewShotTask
 
     red, blue = png((230, 10, 10)), png((10, 10, 230))
     files = [("images", (f"{i}.png", b, "image/png")) for i, b in enumerate([red, red, blue, blue])]
@@ -350,7 +350,7 @@ def test_metrics_count_requests_rejections_and_tasks(server):
 
 
 def test_metrics_label_routes_not_client_paths(server):
-    """BentoML labels its request metrics by raw path: without serving/metric_labels.py every
+    """BentoML labels its request metrics by raw path: without serving/metrics.py every
     distinct `DELETE /tasks/<name>` or random 404 path added series forever (front memory, /metrics size)."""
     for i in range(20):
         assert httpx.delete(f"{server.url}/tasks/gone-{i}", timeout=10).status_code == 404
@@ -362,7 +362,7 @@ def test_metrics_label_routes_not_client_paths(server):
 
 
 def test_endpoint_label_is_bounded():
-    from clipheads.serving.metric_labels import UNMATCHED, endpoint_label
+    from clipheads.serving.metrics import UNMATCHED, endpoint_label
 
     routes = frozenset({"/classify", "/tasks", "/tasks/list"})
     assert endpoint_label("/classify", routes) == "/classify"

@@ -9,7 +9,8 @@ import pytest
 pytest.importorskip("bentoml")
 httpx = pytest.importorskip("httpx")
 
-from clipheads.serving.service import GuardMiddleware, ServeConfig  # noqa: E402
+from clipheads.serving.front.config import ServeConfig  # noqa: E402
+from clipheads.serving.front.guard import GuardMiddleware  # noqa: E402
 
 
 def stub_app(delay: float = 0.0, status: int = 200, body: bytes = b'{"ok": true}', ours: bool = True):
@@ -138,7 +139,7 @@ def test_dependency_floors(dist, floor):
 
 
 def test_openapi_patch_documents_our_errors_and_rest_aliases():
-    from clipheads.serving.service import patch_openapi
+    from clipheads.serving.front.openapi import patch_openapi
 
     doc = {"paths": {r: {"post": {"responses": {"200": {"content": {}}}, "requestBody": {}}}
                      for r in ("/classify", "/tasks", "/tasks/list", "/tasks/delete")}}
@@ -165,7 +166,7 @@ def test_admin_routes_hidden_unless_enabled_with_a_token():
 
 
 def test_openapi_lists_admin_routes_only_when_enabled():
-    from clipheads.serving.service import patch_openapi
+    from clipheads.serving.front.openapi import patch_openapi
 
     def doc():
         return {"paths": {r: {"post": {"responses": {"200": {"content": {}}}}} for r in ("/classify", "/admin/reload")}}

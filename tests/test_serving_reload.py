@@ -119,7 +119,7 @@ def test_reload_refuses_sources_outside_the_root_and_unknown_tags(served, tmp_pa
 
 def test_swap_under_load_is_atomic_and_refused_heads_never_serve(served):
     srv, versions = served
-    from clipheads.serving.heads import head_version
+    from clipheads.serving.encoder.heads import head_version
 
     ids = {name: head_version(p) for name, p in versions.items() if name not in ("corrupt", "other_tasks")}
     assert len(set(ids.values())) == 4

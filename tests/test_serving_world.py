@@ -46,7 +46,7 @@ def trained(tmp_path_factory):
 
 def test_served_labels_of_a_head_trained_on_the_synthetic_world(trained):
     from clipheads.serving.images import DecodeSpec, decode_image
-    from clipheads.serving.runtime import open_runtime
+    from clipheads.serving.runtimes import open_runtime
 
     split = trained["split"]
     assert trained["tuned"] > trained["zero_shot"] + 0.05  # the head really learned something

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pg_server import PostgresServer, require_bindir
-from clipheads.serving.tasks_store import TaskStoreError, open_task_store, redact, store_scheme
+from clipheads.serving.tasks import TaskStoreError, open_task_store, redact, store_scheme
 
 
 def _task(seed: int = 0, n_labels: int = 2, shots: int = 2, dim: int = 8):
@@ -157,7 +157,7 @@ def test_pg_concurrent_registration_of_one_name_has_exactly_one_winner(db_url):
 
 
 def test_pg_identities_are_separate_and_the_cap_holds(db_url):
-    from clipheads.serving.tasks_store_pg import PostgresTaskStore
+    from clipheads.serving.tasks.postgres import PostgresTaskStore
 
     a = PostgresTaskStore(db_url, "bb1", max_tasks=2)
     other = open_task_store(db_url, "bb2")

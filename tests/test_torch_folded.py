@@ -1,4 +1,4 @@
-"""serving/torch_folded.py: the folded PyTorch runtime equals the eager head runtime (CPU, fp32);
+"""serving/runtimes/torch_folded.py: the folded PyTorch runtime equals the eager head runtime (CPU, fp32);
 on a GPU, fp16 + CUDA graphs stay within the export gate's fp16 tolerances."""
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ def _head(tmp_path: Path, method: str) -> Path:
 
 @pytest.mark.parametrize("method", ["zeroshot", "coop", "mmap"])
 def test_folded_runtime_matches_the_eager_runtime(method, tmp_path):
-    from clipheads.serving.runtime import TorchRuntime, open_runtime
-    from clipheads.serving.torch_folded import FoldedTorchRuntime
+    from clipheads.serving.runtimes import TorchRuntime, open_runtime
+    from clipheads.serving.runtimes.torch_folded import FoldedTorchRuntime
 
     head = _head(tmp_path, method)
     eager = TorchRuntime(head, device="cpu")
@@ -52,7 +52,7 @@ def test_folded_runtime_matches_the_eager_runtime(method, tmp_path):
 
 
 def test_folded_runtime_refuses_heads_that_do_not_fold(tmp_path):
-    from clipheads.serving.runtime import RuntimeError_, TorchRuntime, open_runtime
+    from clipheads.serving.runtimes import RuntimeError_, TorchRuntime, open_runtime
 
     head = _head(tmp_path, "cocoop")
     with pytest.raises(RuntimeError_, match="not foldable"):
@@ -61,7 +61,7 @@ def test_folded_runtime_refuses_heads_that_do_not_fold(tmp_path):
 
 
 def test_batch_buckets():
-    from clipheads.serving.torch_folded import bucket
+    from clipheads.serving.runtimes.torch_folded import bucket
 
     assert [bucket(n) for n in (1, 2, 3, 5, 8, 9, 64)] == [1, 2, 4, 8, 8, 16, 64]
 
@@ -70,8 +70,8 @@ def test_batch_buckets():
 def test_fp16_cuda_graphs_within_the_fp16_gate(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    from clipheads.serving.runtime import TorchRuntime
-    from clipheads.serving.torch_folded import FoldedTorchRuntime
+    from clipheads.serving.runtimes import TorchRuntime
+    from clipheads.serving.runtimes.torch_folded import FoldedTorchRuntime
 
     head = _head(tmp_path, "mmap")
     ref = TorchRuntime(head, device="cpu")

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench" / "export"))
 
 from bench_cpu import vit_gflop  # noqa: E402  (analytic FLOPs per image, shared with the CPU bench)
-from clipheads.serving.torch_folded import CudaGraphed  # noqa: E402  (the serving runtime's graph replay)
+from clipheads.serving.runtimes.torch_folded import CudaGraphed  # noqa: E402  (the serving runtime's graph replay)
 
 VARIANTS = ("fp32-eager", "fp32-tf32-eager", "fp16-eager", "fp16-sdpa", "fp16-cudagraph", "fp16-compile",
             "fp16-compile-cudagraph")

@@ -3,7 +3,7 @@
     .venv/bin/python bench/score/bench_score.py [--models vit-b-32,micro] [--images 512] [--out bench/score]
 
 For each model (random weights: speed does not depend on them):
-  raw     the Runtime on pre-decoded uint8 batches of 64 (serving.score.run_batch, the same call
+  raw     the Runtime on pre-decoded uint8 batches of 64 (serving.scoring.columns.run_batch, the same call
           the engine makes), i.e. the ceiling;
   local   `score()` on JPEG files (decode pool + runtime), batch 64: target >= 90 % of raw;
   ray-1 / ray-2  `score(engine="ray")` with 1 and 2 scoring actors on a local Ray instance
@@ -107,7 +107,7 @@ def make_images(d: Path, n: int) -> None:
 
 def bench_raw(rt, images: Path, batch: int, repeats: int = 2) -> dict:
     from clipheads.serving.images import DecodeSpec, decode_image
-    from clipheads.serving.score import run_batch
+    from clipheads.serving.scoring.columns import run_batch
 
     spec = DecodeSpec.from_preprocess(rt.preprocess)
     t0 = time.perf_counter()
@@ -125,7 +125,7 @@ def bench_raw(rt, images: Path, batch: int, repeats: int = 2) -> dict:
 
 def bench_engine(head: Path, images: Path, out: Path, batch: int, engine: str, workers: int, runtime=None,
                  kind: str = "torch") -> dict:
-    from clipheads.serving.score import ScoreJob, score
+    from clipheads.serving.scoring import ScoreJob, score
 
     if out.exists():
         shutil.rmtree(out)
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
                 print(f"[{name}] exporting an ONNX bundle ...", file=sys.stderr)
                 head = make_bundle(head, work)
             r: dict = {"arch": arch, "runtime": args.runtime}
-            from clipheads.serving.runtime import open_runtime
+            from clipheads.serving.runtimes import open_runtime
 
             rt = open_runtime(head, kind)  # one warm runtime for raw and local: same weights, same state
             raws, locs = [], []

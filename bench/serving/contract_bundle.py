@@ -2,7 +2,7 @@
 
     python bench/serving/contract_bundle.py HEAD.head.safetensors OUT_DIR
 
-Writes the bundle contract that `serving.runtime.OnnxRuntime` reads (DESIGN.md "Export bundle"):
+Writes the bundle contract that `clipheads.serving.runtimes.OnnxRuntime` reads (DESIGN.md "Export bundle"):
 `manifest.json` + `image_0.onnx` taking uint8 pixels (N, 3, S, S) and returning `logits`
 (N, sum C) and L2-normalised `features` (N, E) -- the head's image path with normalisation and the
 class-embedding matrix folded in. No text graph (request-time labels are not benchmarked), no
@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 def build(head: str, out: Path) -> Path:
     import torch
 
-    from clipheads.serving.runtime import TorchRuntime, register_extra_model_configs
+    from clipheads.serving.runtimes import TorchRuntime, register_extra_model_configs
 
     register_extra_model_configs()
     rt = TorchRuntime(head, device="cpu")
@@ -75,7 +75,7 @@ def build(head: str, out: Path) -> Path:
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
-    from clipheads.serving.runtime import OnnxRuntime
+    from clipheads.serving.runtimes import OnnxRuntime
 
     ort_rt = OnnxRuntime(out, providers=["CPUExecutionProvider"])
     px = probe.numpy()

@@ -67,7 +67,7 @@ class Raw:
 
     def __init__(self, source: str, runtime: str, blobs: list[bytes]):
         from clipheads.serving.images import DecodeSpec, decode_image
-        from clipheads.serving.runtime import open_runtime, register_extra_model_configs
+        from clipheads.serving.runtimes import open_runtime, register_extra_model_configs
 
         register_extra_model_configs()
         self.rt = open_runtime(source, runtime)

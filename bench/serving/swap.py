@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "swap"))
     ap.add_argument("--workdir", default=None, help="keep heads and the server log here (default: a temp dir)")
     args = ap.parse_args(argv)
-    from clipheads.serving.heads import head_version
+    from clipheads.serving.encoder.heads import head_version
 
     with tempfile.TemporaryDirectory(prefix="clipheads-swap-") as tmp:
         d = Path(args.workdir or tmp)

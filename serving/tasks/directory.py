@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .tasks_store import (
+from .base import (
     NAME_RE, STORE_VERSION, FewShotTask, TaskStore, TaskStoreError, check_name, log, new_task, task_from_record,
     task_tensors,
 )

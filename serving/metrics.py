@@ -1,4 +1,8 @@
-"""Bounded `endpoint` labels for BentoML's HTTP metrics.
+"""The service's Prometheus metrics (on /metrics next to BentoML's own), and bounded `endpoint`
+labels for BentoML's HTTP metrics.
+
+Ours: `clipheads_*` below, shared by the front and the encoder (BentoML's multiprocess registry
+merges the processes).
 
 BentoML 1.4 labels its request metrics with the raw URL path, so every distinct path a client
 sends (`DELETE /tasks/<name>`, a scanner's random 404s, even 401s) creates Prometheus series that
@@ -6,11 +10,12 @@ live as long as the process. Measured on the micro head: 15,000 distinct `DELETE
 paths took the front from 111 to 533 MiB and `/metrics` from 2 to 59 MB (a scrape took seconds);
 that was the front's residual 4 MiB/min in the soak (bench/serving/soak/README.md).
 
-`install()` swaps BentoML's metrics middleware for a subclass that labels a request with its
+`install_bounded_labels()` swaps BentoML's metrics middleware for a subclass that labels a request with its
 route, a route template (`/tasks/{name}`) or `(unmatched)`, and hands the app the real path.
 """
 from __future__ import annotations
 
+import bentoml
 from bentoml._internal.context import server_context
 from bentoml._internal.server.http import instruments
 
@@ -61,7 +66,46 @@ class BoundedEndpointMetrics(instruments.RunnerTrafficMetricsMiddleware):
         await super().__call__(scope, receive, send)
 
 
-def install() -> None:
+def install_bounded_labels() -> None:
     """Make BentoML build its HTTP metrics middleware from `BoundedEndpointMetrics`. BentoML imports
     the class when it builds a worker's app, after the service module (which calls this) loads."""
     instruments.RunnerTrafficMetricsMiddleware = BoundedEndpointMetrics
+
+
+# ---- ours ---------------------------------------------------------------------------------
+REQUESTS = bentoml.metrics.Counter(
+    name="clipheads_requests_total", documentation="API requests by endpoint and status",
+    labelnames=["endpoint", "status"],
+)
+TASK_PREDICTIONS = bentoml.metrics.Counter(
+    name="clipheads_task_predictions_total", documentation="Images classified per task", labelnames=["task"],
+)
+IMAGES = bentoml.metrics.Counter(
+    name="clipheads_images_total", documentation="Images encoded per runtime", labelnames=["runtime"],
+)
+REJECTIONS = bentoml.metrics.Counter(
+    name="clipheads_rejections_total", documentation="Rejected requests by error kind", labelnames=["kind"],
+)
+IN_FLIGHT = bentoml.metrics.Gauge(
+    name="clipheads_in_flight", documentation="API requests being processed (admitted by the guard)",
+    multiprocess_mode="livesum",
+)
+ENCODER_BATCH = bentoml.metrics.Histogram(
+    name="clipheads_encoder_batch_size", documentation="Images per encoder pass (continuous batching)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+ENCODER_QUEUE = bentoml.metrics.Gauge(
+    name="clipheads_encoder_queue_images", documentation="Images waiting for an encoder pass",
+    multiprocess_mode="livesum",
+)
+HEAD_INFO = bentoml.metrics.Gauge(
+    name="clipheads_head_info", documentation="1 for the head version being served", labelnames=["version"],
+    multiprocess_mode="livemax",
+)
+HEAD_LOAD_FAILURES = bentoml.metrics.Counter(
+    name="clipheads_head_load_failures_total", documentation="Refused head reloads by reason",
+    labelnames=["reason"],
+)
+RUNTIME_ERRORS = bentoml.metrics.Counter(
+    name="clipheads_runtime_errors_total", documentation="Unexpected runtime failures", labelnames=["runtime"],
+)

@@ -11,11 +11,11 @@ example images, no gradient steps:
 (`s` is CLIP's logit scale; alpha=1, beta=5.5 are Tip-Adapter's training-free defaults.) Class
 prototypes (normalized mean of each class's keys) are stored too and reported for inspection.
 
-Where tasks live is chosen by one location string (`--tasks-store`, `open_task_store`):
+Where tasks live is chosen by one location string (`--tasks-store`, `select.open_task_store`):
 
     ""                          memory only (lost on restart)
-    DIR or file://DIR           a directory: one machine (serving/tasks_store_dir.py)
-    postgresql://USER@HOST/DB   a PostgreSQL table shared by every replica (serving/tasks_store_pg.py)
+    DIR or file://DIR           a directory: one machine (directory.py)
+    postgresql://USER@HOST/DB   a PostgreSQL table shared by every replica (postgres.py)
 
 Every store keeps tasks per backbone identity (a task's features only mean something for the
 backbone that computed them), never unpickles anything (tensors are safetensors bytes, metadata
@@ -158,44 +158,6 @@ def task_from_record(name: str, labels: Sequence[str], tensors: dict, alpha: flo
     if task.targets.min(initial=0) < 0 or task.targets.max(initial=0) >= C:
         raise ValueError("example label out of range")
     return task
-
-
-def _open_directory(location: str, identity: str, max_tasks: int) -> TaskStore:
-    from .tasks_store_dir import DirectoryTaskStore
-
-    root = urlsplit(location).path if location.startswith("file://") else location
-    return DirectoryTaskStore(root or None, identity, max_tasks)
-
-
-def _open_postgres(location: str, identity: str, max_tasks: int) -> TaskStore:
-    from .tasks_store_pg import PostgresTaskStore
-
-    return PostgresTaskStore(location, identity, max_tasks)
-
-
-# location scheme -> opener ("" = a plain path, or memory when the location is empty)
-STORE_SCHEMES: dict[str, Callable[[str, str, int], TaskStore]] = {
-    "": _open_directory,
-    "file": _open_directory,
-    "postgresql": _open_postgres,
-    "postgres": _open_postgres,
-}
-
-
-def store_scheme(location: str) -> str:
-    """The registry key of a location ("" for a plain path); TaskStoreError if unknown."""
-    scheme = urlsplit(location).scheme.lower() if "://" in location else ""
-    if scheme not in STORE_SCHEMES:
-        raise TaskStoreError(
-            "invalid_tasks_store",
-            f"unknown task store {scheme + '://'!r}; use a directory or postgresql://USER@HOST:PORT/DB", 500,
-        )
-    return scheme
-
-
-def open_task_store(location: str, identity: str, max_tasks: int = 256) -> TaskStore:
-    """The store named by `location` (see the module docstring)."""
-    return STORE_SCHEMES[store_scheme(location)](location, identity, max_tasks)
 
 
 def redact(location: str) -> str:

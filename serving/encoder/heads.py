@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .runtime import Runtime, open_runtime, source_sha256
+from ..runtimes import Runtime, open_runtime, source_sha256
 
 log = logging.getLogger("clipheads.serving")
 

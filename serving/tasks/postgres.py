@@ -34,7 +34,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .tasks_store import (
+from .base import (
     STORE_VERSION, FewShotTask, TaskStore, TaskStoreError, check_name, log, new_task, redact, task_from_record,
     task_tensors,
 )

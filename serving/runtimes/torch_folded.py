@@ -16,7 +16,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .runtime import Runtime, RuntimeError_, backbone_identity, index_tasks
+from .base import Runtime, RuntimeError_
+from .bundle import backbone_identity, index_tasks
 
 
 class CudaGraphed:

@@ -30,7 +30,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Sequence
 
-from .images import DecodeResult, DecodeSpec, ImageHeader, ImageRejected, decode_or_reject, probe_image
+from ..images import DecodeResult, DecodeSpec, ImageHeader, ImageRejected, decode_or_reject, probe_image
 
 DEFAULT_REQUEST_PIXELS = 64_000_000
 DEFAULT_PROCESS_PIXELS = 128_000_000

@@ -23,8 +23,10 @@ from typing import Optional
 
 import numpy as np
 
-from .images import ImageRejected
-from .score import Columns, ScoreJob, ScoreSummary, _pending_shards, _progress, _task_names, decode_spec, load_item, run_batch
+from ..images import ImageRejected
+from ..runtimes import open_runtime
+from .columns import Columns, run_batch
+from .job import ScoreJob, ScoreSummary, UsageError, decode_spec, load_item, pending_shards, progress_bar, task_names
 from .shards import InputListing, Shard, ShardStore
 
 ERROR_KIND = "_error_kind"
@@ -36,9 +38,7 @@ LISTING_DETAIL = "listing_error_detail"
 def decode_batch(batch, info: dict, max_bytes: Optional[int], max_pixels: Optional[int], threads: int = 1) -> dict:
     """The optional CPU decode stage (`ray_decode="tasks"`, run as Ray tasks): names -> uint8
     pixels + error columns, so GPU actors only run the encoder."""
-    from .score import ScoreJob as _Job
-
-    spec = decode_spec(info, _Job(source="", input="", output="", max_bytes=max_bytes, max_pixels=max_pixels))
+    spec = decode_spec(info, ScoreJob(source="", input="", output="", max_bytes=max_bytes, max_pixels=max_pixels))
     locs = batch.column("location").to_pylist()
     listed = _listing_errors(batch)
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
@@ -92,14 +92,11 @@ class RayScorer:
                 torch.set_num_threads(threads)
             except ImportError:
                 pass
-        from .runtime import open_runtime
-        from .score import ScoreJob as _Job
-
         self.runtime = open_runtime(source, runtime, device=device)
         self.tasks = tasks
         self.embeddings = embeddings
         self.cols = Columns(tasks, top_k, embeddings)
-        job = _Job(source=source, input="", output="", max_bytes=max_bytes, max_pixels=max_pixels)
+        job = ScoreJob(source=source, input="", output="", max_bytes=max_bytes, max_pixels=max_pixels)
         self.spec = decode_spec(info, job)
         self.pool = ThreadPoolExecutor(max_workers=max(1, decode_threads), thread_name_prefix="ray-decode")
 
@@ -177,16 +174,14 @@ def run_ray(job: ScoreJob, info: dict, listing: InputListing, store: ShardStore,
         import ray
         import ray.data  # noqa: F401
     except ImportError as err:
-        from .score import UsageError
-
         raise UsageError(f"--engine ray needs Ray Data: pip install -r requirements/ray.txt ({err})") from None
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    tasks = {t: info["tasks"][t] for t in _task_names(job, info)}
-    pending: list[Shard] = list(_pending_shards(listing, job, store, counts))
+    tasks = {t: info["tasks"][t] for t in task_names(job, info)}
+    pending: list[Shard] = list(pending_shards(listing, job, store, counts))
     summary.runtime = f"ray:{job.runtime}"
-    bar = _progress(job, total)
+    bar = progress_bar(job, total)
     bar.update(counts["skipped"])
     if not pending:
         bar.close()

@@ -1,0 +1,89 @@
+"""Request-field checks of the front: each returns the clean value or raises a 4xx `ApiError`."""
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+from typing import Any, Optional
+
+from ..images import ImageRejected
+from .config import ServeConfig
+from .errors import ApiError
+from .templates import check_templates as template_problems
+
+
+def read_images(cfg: ServeConfig, images: list[Path], images_b64: list[str], limit: int) -> list[bytes]:
+    """The request's image bytes: uploaded files (BentoML's temp paths) and base64 strings."""
+    n = len(images) + len(images_b64)
+    if n == 0:
+        raise ApiError(422, "no_images", "send at least one image (multipart 'images' files or JSON 'images_b64')")
+    if n > limit:
+        raise ApiError(422, "too_many_images", f"{n} images; at most {limit} per request")
+    blobs: list[bytes] = []
+    cap = cfg.max_body_bytes
+    for p in images:
+        p = Path(p)
+        if p.stat().st_size > cap:
+            raise ImageRejected("too_many_bytes", f"image over {cap} bytes", 413)
+        blobs.append(p.read_bytes())
+    for i, s in enumerate(images_b64):
+        if not isinstance(s, str) or len(s) > cap * 4 // 3 + 4:
+            raise ImageRejected("too_many_bytes", f"image_b64[{i}] over {cap} bytes", 413)
+        if s.startswith("data:") and "," in s[:100]:
+            s = s.split(",", 1)[1]
+        try:
+            blobs.append(base64.b64decode(s, validate=True))
+        except (binascii.Error, ValueError):
+            raise ApiError(400, "invalid_base64", f"images_b64[{i}] is not valid base64") from None
+    return blobs
+
+
+def check_labels(cfg: ServeConfig, labels: Any, what: str = "labels") -> list[str]:
+    if not isinstance(labels, list) or not labels:
+        raise ApiError(422, "invalid_labels", f"'{what}' must be a non-empty list of strings")
+    if len(labels) > cfg.max_labels:
+        raise ApiError(422, "too_many_labels", f"{len(labels)} labels; at most {cfg.max_labels}")
+    out = []
+    for lab in labels:
+        if not isinstance(lab, str) or not lab.strip():
+            raise ApiError(422, "invalid_labels", f"'{what}' must be non-empty strings")
+        if len(lab) > cfg.max_label_chars:
+            raise ApiError(422, "label_too_long", f"a label is over {cfg.max_label_chars} characters")
+        out.append(lab.strip())
+    if len(set(out)) != len(out):
+        raise ApiError(422, "duplicate_labels", f"'{what}' contains duplicates")
+    return out
+
+
+def check_templates(cfg: ServeConfig, templates: Optional[list[str]]) -> tuple[str, ...]:
+    problem = template_problems(templates, cfg.max_templates)
+    if problem:
+        raise ApiError(422, problem[0], problem[1])
+    return tuple(templates) if templates else ("a photo of a {}.",)
+
+
+def check_top_k(top_k: Any) -> int:
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= 1000:
+        raise ApiError(422, "invalid_top_k", "top_k must be an integer from 1 to 1000")
+    return top_k
+
+
+def reload_source(cfg: ServeConfig, source: Any) -> Path:
+    """A model-store tag, or an existing path inside the reload root (after resolving symlinks)."""
+    from ..model_store import ModelStoreError, resolve_source
+
+    if not isinstance(source, str) or not source.strip() or len(source) > 512 or "\x00" in source:
+        raise ApiError(422, "invalid_source", "'source' is a model tag or a path (at most 512 characters)")
+    given = Path(source).expanduser()
+    if given.exists():  # as in resolve_source: an existing path wins over a tag
+        served = Path(cfg.source)  # a path, or a model-store tag (then only --reload-root allows paths)
+        if not cfg.reload_root and not served.exists():
+            raise ApiError(422, "source_not_allowed", "reloading from a path needs --reload-root; or give a model tag")
+        root = Path(cfg.reload_root or served.resolve().parent).resolve()
+        if not given.resolve().is_relative_to(root):
+            raise ApiError(422, "source_not_allowed", f"reload paths must lie inside {root}")
+        return given.resolve()
+    try:
+        return resolve_source(source)
+    except ModelStoreError as err:
+        raise ApiError(422, "unknown_source", str(err)[:300]) from None

@@ -1,0 +1,101 @@
+"""ONNX Runtime over an export bundle's graphs (CPU or CUDA execution provider)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from clipheads.training.files import file_sha256
+
+from .base import Runtime, RuntimeError_
+from .bundle import backbone_identity, index_tasks, read_manifest
+
+
+class OnnxRuntime(Runtime):
+    def __init__(self, bundle: str | os.PathLike, providers: Optional[Sequence[str]] = None, verify: bool = True,
+                 image_sessions: bool = True):
+        super().__init__()
+        import onnxruntime as ort
+
+        root = Path(bundle)
+        m = read_manifest(root)
+        self.manifest = m
+        available = ort.get_available_providers()
+        if providers is None:
+            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.name = "onnx-cuda" if providers and providers[0] == "CUDAExecutionProvider" else "onnx-cpu"
+        pre = dict(m["preprocess"])
+        self.preprocess = pre
+        self._float_input = pre.get("input_dtype", "uint8") == "float32"
+        self._mean = np.asarray(pre["mean"], np.float32).reshape(1, 3, 1, 1)
+        self._std = np.asarray(pre["std"], np.float32).reshape(1, 3, 1, 1)
+        bb = m.get("backbone") or {}
+        self.identity = backbone_identity(bb)
+        self.logit_scale = float(m.get("logit_scale", 100.0))
+        opts = ort.SessionOptions()
+        threads = int(os.environ.get("CLIPHEADS_ORT_THREADS", "0"))
+        if threads:
+            opts.intra_op_num_threads = threads
+        spin = os.environ.get("CLIPHEADS_ORT_SPIN", "")
+        if spin in ("0", "1"):  # "0": idle intra-op threads sleep instead of spinning (shared cores)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        self._sessions: dict[str, "ort.InferenceSession"] = {}
+
+        def session(fname: str):
+            if fname not in self._sessions:
+                path = root / fname
+                if not path.is_file():
+                    raise RuntimeError_(f"{root}: graph {fname} listed in the manifest is missing")
+                want = (m["graphs"].get(fname) or {}).get("sha256")
+                if verify and want and file_sha256(path) != want:
+                    raise RuntimeError_(f"{root}: {fname} does not match its sha256 in the manifest")
+                self._sessions[fname] = ort.InferenceSession(str(path), opts, providers=list(providers))
+            return self._sessions[fname]
+
+        self._path_keys, self.tasks = index_tasks(m["tasks"])
+        self.paths = [f"{g}#{k}" for g, k in self._path_keys]
+        if image_sessions:  # False: a subclass runs the image graphs (TensorRT engines)
+            for g in dict.fromkeys(g for g, _ in self._path_keys):
+                session(g)
+        self._inputs = {f: {i.name for i in s.get_inputs()} for f, s in self._sessions.items()}
+        text = m.get("text") or {}
+        self._text = session(text["graph"]) if text.get("graph") else None
+        self.has_text = self._text is not None
+        self._ctx_len = int(text.get("context_length", 77))
+        self._tokenizer = None
+        self._tokenizer_name = text.get("tokenizer") or bb.get("arch")
+        self.base_path = 0
+
+    def _feed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        if not self._float_input:
+            return np.ascontiguousarray(pixels, dtype=np.uint8)
+        return ((pixels.astype(np.float32) / 255.0 - self._mean) / self._std).astype(np.float32)
+
+    def run_path(self, path: int, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        fname, k = self._path_keys[path]
+        sess = self._sessions[fname]
+        feed = {"pixels": self._feed_pixels(pixels)}
+        if "task_index" in self._inputs[fname]:
+            feed["task_index"] = np.full((len(pixels),), k, np.int64)
+        logits, feats = sess.run(["logits", "features"], feed)
+        return logits.astype(np.float32, copy=False), feats.astype(np.float32, copy=False)
+
+    def _tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        if self._tokenizer is None:
+            import open_clip
+
+            from clipheads.training.backbone import register_packaged_configs
+
+            register_packaged_configs()
+            self._tokenizer = open_clip.get_tokenizer(self._tokenizer_name, context_length=self._ctx_len)
+        return self._tokenizer(list(texts)).numpy().astype(np.int64)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        if self._text is None:
+            raise RuntimeError_("this bundle has no text graph; request-time labels are unavailable")
+        (feats,) = self._text.run(["features"], {"tokens": self._tokenize(texts)})
+        return feats.astype(np.float32, copy=False)
+
+

@@ -1,0 +1,80 @@
+"""`open_runtime(source, kind)`: the runtime for a bundle directory or a head file.
+
+A bundle tries TensorRT (only if importable and engines are present), then ONNX Runtime CUDA, then
+ONNX Runtime CPU; a head file (`*.head.safetensors`) runs in PyTorch: folded, fp16 with CUDA graphs
+on a GPU (`torch_folded.py`), eagerly in fp32 otherwise. `kind` overrides ("onnx", "torch", ...).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+from .base import Runtime, RuntimeError_
+from .onnx_runtime import OnnxRuntime
+from .tensorrt_runtime import TensorRTRuntime, tensorrt_available
+from .torch_eager import TorchRuntime
+from .torch_folded import FoldedTorchRuntime
+
+log = logging.getLogger("clipheads.serving")
+
+RUNTIME_KINDS = ("auto", "tensorrt", "onnx", "onnx-cuda", "onnx-cpu", "torch", "torch-folded")
+
+
+def register_extra_model_configs() -> None:
+    """`CLIPHEADS_MODEL_CONFIGS=DIR[:DIR]`: extra open_clip architecture JSONs (custom/tiny models)."""
+    extra = os.environ.get("CLIPHEADS_MODEL_CONFIGS")
+    if not extra:
+        return
+    import open_clip
+
+    for d in extra.split(os.pathsep):
+        if d and Path(d).is_dir():
+            open_clip.add_model_config(d)
+
+
+def open_runtime(source: str | os.PathLike, kind: str = "auto", device: Optional[str] = None) -> Runtime:
+    """A Runtime for a bundle directory or a head file. Raises RuntimeError_ with a reason."""
+    if kind not in RUNTIME_KINDS:
+        raise RuntimeError_(f"unknown runtime {kind!r}; choose from {', '.join(RUNTIME_KINDS)}")
+    src = Path(source)
+    if not src.exists():
+        raise RuntimeError_(f"no such bundle or head: {src}")
+    if src.is_file():
+        if kind not in ("auto", "torch", "torch-folded"):
+            raise RuntimeError_(f"{src} is a head file; runtime {kind!r} needs an exported bundle directory")
+        register_extra_model_configs()
+        import torch
+
+        on_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        if kind == "torch-folded" or (kind == "auto" and on_cuda):
+            try:  # fp16 + CUDA graphs on a GPU (bench/gpu); refuses heads that do not fold (CoCoOp)
+                return FoldedTorchRuntime(src, device=device)
+            except RuntimeError_ as err:
+                if kind == "torch-folded":
+                    raise
+                log.warning("folded runtime not used (%s); running the head eagerly", err)
+        return TorchRuntime(src, device=device)
+    if kind in ("torch", "torch-folded"):
+        raise RuntimeError_(f"{src} is a bundle; the {kind} runtime runs a head file (*.head.safetensors)")
+    if kind == "tensorrt":
+        if not tensorrt_available(src):
+            raise RuntimeError_(f"{src}: --runtime tensorrt needs the `tensorrt` package and engines in the bundle "
+                                "(`clipheads export build-engine BUNDLE` on this device)")
+        return TensorRTRuntime(src)
+    if kind == "auto" and tensorrt_available(src):
+        try:
+            return TensorRTRuntime(src)
+        except RuntimeError_ as err:  # incompatible/missing engines: the next runtime in line
+            log.warning("TensorRT not used (%s); falling back to ONNX Runtime", err)
+    import onnxruntime as ort
+
+    providers = None
+    if kind == "onnx-cpu":
+        providers = ["CPUExecutionProvider"]
+    elif kind == "onnx-cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RuntimeError_("onnx-cuda requested but onnxruntime has no CUDAExecutionProvider here")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return OnnxRuntime(src, providers=providers)

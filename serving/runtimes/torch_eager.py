@@ -1,0 +1,92 @@
+"""Eager PyTorch over a head artifact: the fallback runtime and the reference for parity."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .base import Runtime, TaskInfo
+from .bundle import backbone_identity
+
+
+class TorchRuntime(Runtime):
+    """Runs a head artifact eagerly: the fallback and the reference for parity."""
+
+    def __init__(self, head_path: str | os.PathLike, device: Optional[str] = None):
+        super().__init__()
+        import torch
+
+        from clipheads.training.artifact import load_head
+
+        self._torch = torch
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device
+        self.name = f"torch-{'cuda' if device.startswith('cuda') else 'cpu'}"
+        art = load_head(head_path)
+        head = art.build(device=device).eval()
+        self.head = head
+        bb = head.backbone
+        pre = art.preprocess
+        self.preprocess = pre.to_json()
+        self._mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
+        self.logit_scale = float(bb.logit_scale.detach().cpu())
+        self.identity = backbone_identity(art.backbone)
+        has_vision = "vision" in type(head).towers or not head.foldable
+        self.paths, self.tasks, self._path_task = [], {}, []
+        self._class_w: dict[int, "torch.Tensor"] = {}
+        with torch.no_grad():
+            for i, spec in enumerate(head.tasks):
+                if has_vision or not self.paths:
+                    self.paths.append(f"head#{i}")
+                    self._path_task.append(i)
+                p = len(self.paths) - 1 if has_vision else 0
+                start = sum(len(t.classnames) for t in self.tasks.values() if t.path == p)
+                self.tasks[spec.name] = TaskInfo(
+                    spec.name, tuple(spec.classnames), p, (start, start + len(spec.classnames)), tuple(spec.templates)
+                )
+                if head.foldable:
+                    self._class_w[i] = head.text_features(spec.classnames, i).float()  # (C, E)
+        self._task_index = {spec.name: i for i, spec in enumerate(head.tasks)}
+        if has_vision:  # the plain CLIP image path for zero-shot / few-shot scoring
+            self.paths.append("backbone")
+            self._path_task.append(-1)
+            self.base_path = len(self.paths) - 1
+        else:
+            self.base_path = 0
+
+    def _pixels(self, pixels: np.ndarray):
+        torch = self._torch
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device).float().div_(255.0)
+        return (x - self._mean) / self._std
+
+    def run_path(self, path: int, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        torch = self._torch
+        head = self.head
+        with self._lock, torch.no_grad():
+            x = self._pixels(pixels)
+            ti = self._path_task[path]
+            if ti < 0:
+                f = head.backbone.encode_image(x)
+                return np.zeros((len(x), 0), np.float32), f.float().cpu().numpy()
+            f = head.image_features(x, ti).float()  # (N, E)
+            cols = []
+            for name, t in self.tasks.items():
+                if t.path != path:
+                    continue
+                i = self._task_index[name]
+                if i in self._class_w:
+                    cols.append(self.logit_scale * f @ self._class_w[i].t())
+                else:  # image-conditioned heads (CoCoOp): the method computes its own logits
+                    cols.append(head.logits(x, i).float())
+            return torch.cat(cols, dim=1).cpu().numpy(), f.cpu().numpy()
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        torch = self._torch
+        bb = self.head.backbone
+        with self._lock, torch.no_grad():
+            tokens = bb.tokenize(list(texts)).to(self.device)
+            return bb.encode_text(tokens).float().cpu().numpy()
+
+
