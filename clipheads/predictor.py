@@ -30,6 +30,8 @@ class Predictor:
         runtime: "auto" (the best available here) or one of `serving.runtimes.RUNTIME_KINDS`.
         device: the PyTorch device for head files (default: CUDA when available).
         batch_size: images per runtime call.
+        pretrained: where a head file's backbone weights are now, if they moved (checked against
+            the sha256 the head records; a bundle holds its backbone and ignores it).
 
     Example:
         >>> from clipheads import Predictor
@@ -41,12 +43,12 @@ class Predictor:
     """
 
     def __init__(self, source: Any, *, runtime: str = "auto", device: Optional[str] = None, batch_size: int = 32,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, pretrained: Optional[str] = None):
         from clipheads.serving.runtimes import open_runtime
 
         self._tmp = None
         path = self._source_path(source)
-        self.runtime = open_runtime(str(path), runtime, device=device)
+        self.runtime = open_runtime(str(path), runtime, device=device, weights=pretrained)
         self.source = str(path) if self._tmp is None else "<in-memory head>"
         self.spec = PreprocessSpec.from_json(self.runtime.preprocess)
         self.batch_size = max(1, int(batch_size))

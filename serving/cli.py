@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reload-root", default=None,
                    help="reload paths must lie inside this folder (default: the served source's folder)")
     p.add_argument("--model-configs", default=None, help="extra open_clip model-config directory (custom archs)")
+    p.add_argument("--pretrained", default=None, metavar="WEIGHTS",
+                   help="a head file's backbone weights if they moved (path, tag or hf-hub id; sha256-checked)")
     p.add_argument("--allow-tracking", action="store_true", help="let BentoML send usage statistics")
     p.add_argument("--dry-run", action="store_true", help="print the command and environment, do not start")
     return p
@@ -92,6 +94,9 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         env["CLIPHEADS_RELOAD_ROOT"] = str(Path(args.reload_root).expanduser().resolve())
     if args.model_configs:
         env["CLIPHEADS_MODEL_CONFIGS"] = str(Path(args.model_configs).expanduser().resolve())
+    if args.pretrained:
+        weights = Path(args.pretrained).expanduser()
+        env["CLIPHEADS_BACKBONE_WEIGHTS"] = str(weights.resolve()) if weights.exists() else args.pretrained
     if not args.allow_tracking:
         env["BENTOML_DO_NOT_TRACK"] = "true"
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -110,6 +115,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"clipheads serve: no such bundle or head: {err}", file=sys.stderr)
         return 2
     args.source = str(src)
+    if args.pretrained and not src.is_file():
+        print(f"clipheads serve: --pretrained applies to a head file; the bundle {src} holds its backbone in its graphs",
+              file=sys.stderr)
+        return 2
+    if src.is_file():  # moved or mismatched backbone weights: one line here, not a crashing server
+        from clipheads.training.artifact import ArtifactError, load_head
+        from clipheads.training.backbone import BackboneError
+        from clipheads.training.backbone_record import check_weights_override
+
+        try:
+            check_weights_override(load_head(src).backbone, args.pretrained)
+        except (ArtifactError, BackboneError) as err:
+            print(f"clipheads serve: {src}: {err}", file=sys.stderr)
+            return 2
     if src.is_file() and args.runtime not in ("auto", "torch", "torch-folded"):
         print(f"clipheads serve: {src} is a head file; --runtime {args.runtime} needs a bundle", file=sys.stderr)
         return 2
@@ -128,7 +147,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if k.startswith("CLIPHEADS_") and k != "CLIPHEADS_AUTH_TOKEN":
                 print(f"{k}={redact(env[k]) if k == 'CLIPHEADS_TASKS_STORE' else env[k]}")
         return 0
-    print(f"clipheads serve: {src} on http://{args.host}:{args.port} (runtime {args.runtime})", file=sys.stderr)
+    weights = f", backbone weights {env['CLIPHEADS_BACKBONE_WEIGHTS']} (sha256-checked at load)" if args.pretrained else ""
+    print(f"clipheads serve: {src} on http://{args.host}:{args.port} (runtime {args.runtime}{weights})", file=sys.stderr)
     proc = subprocess.Popen(cmd, env=env)
 
     def forward(sig, _frame):

@@ -72,7 +72,8 @@ class Encoder:
             self._wrap = getattr(importlib.import_module(mod), fn)
             log.warning("runtime wrapped by CLIPHEADS_RUNTIME_HOOK=%s", hook)
         # warmed below: a failing warm-up is reported through readiness, not a crash loop
-        self.slot = HeadSlot(load_head(source, CONFIG.runtime, self._wrap, warm=False))
+        weights = CONFIG.backbone_weights or None
+        self.slot = HeadSlot(load_head(source, CONFIG.runtime, self._wrap, warm=False, weights=weights), weights)
         HEAD_INFO.labels(version=self.slot.current.version).set(1)
         self.error: Optional[str] = None
         self.fronts = FrontRegistry(CONFIG.grace_s)

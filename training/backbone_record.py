@@ -94,14 +94,11 @@ def _legacy_note(record: Mapping, err: BackboneError) -> BackboneError:
     )
 
 
-def open_head_backbone(record: Mapping, weights_override: Optional[str] = None, device: str = "cpu",
-                       log: Optional[Callable[[str], None]] = None) -> "Backbone":
-    """The backbone a head (or bundle) was made on, from its record. `weights_override`: where the
-    weights are now (path, tag or hf-hub id); its sha256 must equal the recorded one. The
-    architecture and activation always come from the record. `log` gets one line naming the file."""
-    from .backbone import load_backbone
-
-    arch, recorded = str(record.get("arch")), str(record.get("pretrained") or "")
+def check_weights_override(record: Mapping, weights_override: Optional[str] = None) -> str:
+    """Where a head's backbone weights will be read (the override, else the recorded source), after
+    the checks that need no model: a recorded file that moved, random weights for a trained head,
+    a local override whose sha256 differs from the recorded one. BackboneError says what to do."""
+    recorded = str(record.get("pretrained") or "")
     source = weights_override or recorded
     if not weights_override and looks_like_path(recorded) and not Path(recorded).expanduser().is_file():
         sha = record.get("weights_sha256")
@@ -117,6 +114,18 @@ def open_head_backbone(record: Mapping, weights_override: Optional[str] = None, 
         if got != sha:
             raise BackboneError(f"{source} is not the weights this head was trained on: sha256 {got[:12]}…, the head "
                                 f"records {sha[:12]}… ({recorded}). Pass the original weights file.")
+    return source
+
+
+def open_head_backbone(record: Mapping, weights_override: Optional[str] = None, device: str = "cpu",
+                       log: Optional[Callable[[str], None]] = None) -> "Backbone":
+    """The backbone a head (or bundle) was made on, from its record. `weights_override`: where the
+    weights are now (path, tag or hf-hub id); its sha256 must equal the recorded one. The
+    architecture and activation always come from the record. `log` gets one line naming the file."""
+    from .backbone import load_backbone
+
+    arch = str(record.get("arch"))
+    source = check_weights_override(record, weights_override)
     legacy = record.get("act") not in ACTS
     try:
         bb = load_backbone(arch, source, device=device, act=recorded_act(record))

@@ -70,12 +70,13 @@ class LoadedHead:
 
 
 def load_head(source: str | Path, kind: str = "auto",
-              wrap: Optional[Callable[[Runtime], Runtime]] = None, warm: bool = True) -> LoadedHead:
+              wrap: Optional[Callable[[Runtime], Runtime]] = None, warm: bool = True,
+              weights: Optional[str] = None) -> LoadedHead:
     """Open (and unless `warm=False` warm up) a head; HeadLoadError with the reason if that fails.
     `wrap` (runtime -> runtime) is the fault-injection hook of the serving tests."""
     try:
         version = head_version(source)
-        runtime = open_runtime(str(source), kind)
+        runtime = open_runtime(str(source), kind, weights=weights)
         if wrap is not None:
             runtime = wrap(runtime)
         if warm:
@@ -88,8 +89,9 @@ def load_head(source: str | Path, kind: str = "auto",
 class HeadSlot:
     """The serving head. Readers take `current` once per unit of work; `swap` replaces it."""
 
-    def __init__(self, head: LoadedHead):
+    def __init__(self, head: LoadedHead, weights: Optional[str] = None):
         self.current = head
+        self._weights = weights  # backbone weights override, reused by every swap (same backbone)
         self._layout = layout(head.runtime)
         self._swap_lock = threading.Lock()  # one load at a time
 
@@ -97,7 +99,7 @@ class HeadSlot:
              wrap: Optional[Callable[[Runtime], Runtime]] = None) -> tuple[LoadedHead, LoadedHead]:
         """Load, warm up and check `source`, then make it current. Returns (old, new)."""
         with self._swap_lock:
-            new = load_head(source, kind, wrap)
+            new = load_head(source, kind, wrap, weights=self._weights)
             diffs = layout_differences(self._layout, layout(new.runtime))
             if diffs:
                 raise HeadIncompatible("the new head changes " + "; ".join(diffs)

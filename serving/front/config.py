@@ -25,6 +25,7 @@ class ServeConfig:
 
     source: str = ""  # CLIPHEADS_SOURCE: bundle dir or *.head.safetensors (required)
     runtime: str = "auto"  # CLIPHEADS_RUNTIME: auto|onnx|onnx-cpu|onnx-cuda|torch|tensorrt
+    backbone_weights: str = ""  # CLIPHEADS_BACKBONE_WEIGHTS: where a head file's backbone weights are now
     # CLIPHEADS_TASKS_STORE (or CLIPHEADS_TASKS_DIR): few-shot tasks in a directory or a postgresql:// URL ("" = memory)
     tasks_store: str = field(default="", repr=False)
     max_body_bytes: int = 20 * 1024 * 1024  # CLIPHEADS_MAX_BODY_BYTES
@@ -64,6 +65,7 @@ class ServeConfig:
         return cls(
             source=e("CLIPHEADS_SOURCE", ""),
             runtime=e("CLIPHEADS_RUNTIME", "auto") or "auto",
+            backbone_weights=e("CLIPHEADS_BACKBONE_WEIGHTS", ""),
             tasks_store=e("CLIPHEADS_TASKS_STORE", "") or e("CLIPHEADS_TASKS_DIR", ""),
             max_body_bytes=_env_int("CLIPHEADS_MAX_BODY_BYTES", d.max_body_bytes),
             max_pixels=_env_int("CLIPHEADS_MAX_PIXELS", d.max_pixels),

@@ -34,8 +34,11 @@ def register_extra_model_configs() -> None:
             open_clip.add_model_config(d)
 
 
-def open_runtime(source: str | os.PathLike, kind: str = "auto", device: Optional[str] = None) -> Runtime:
-    """A Runtime for a bundle directory or a head file. Raises RuntimeError_ with a reason."""
+def open_runtime(source: str | os.PathLike, kind: str = "auto", device: Optional[str] = None,
+                 weights: Optional[str] = None) -> Runtime:
+    """A Runtime for a bundle directory or a head file. Raises RuntimeError_ with a reason.
+    `weights`: where a head file's backbone weights are now (sha256-checked against the head);
+    a bundle's graphs hold the backbone already, so it is not used there."""
     if kind not in RUNTIME_KINDS:
         raise RuntimeError_(f"unknown runtime {kind!r}; choose from {', '.join(RUNTIME_KINDS)}")
     src = Path(source)
@@ -47,15 +50,23 @@ def open_runtime(source: str | os.PathLike, kind: str = "auto", device: Optional
         register_extra_model_configs()
         import torch
 
+        from clipheads.training.artifact import ArtifactError
+        from clipheads.training.backbone import BackboneError
+
         on_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-        if kind == "torch-folded" or (kind == "auto" and on_cuda):
-            try:  # fp16 + CUDA graphs on a GPU (bench/gpu); refuses heads that do not fold (CoCoOp)
-                return FoldedTorchRuntime(src, device=device)
-            except RuntimeError_ as err:
-                if kind == "torch-folded":
-                    raise
-                log.warning("folded runtime not used (%s); running the head eagerly", err)
-        return TorchRuntime(src, device=device)
+        try:  # a head whose backbone cannot be opened (moved weights, sha or activation mismatch): a reason
+            if kind == "torch-folded" or (kind == "auto" and on_cuda):
+                try:  # fp16 + CUDA graphs on a GPU (bench/gpu); refuses heads that do not fold (CoCoOp)
+                    return FoldedTorchRuntime(src, device=device, weights=weights)
+                except RuntimeError_ as err:
+                    if kind == "torch-folded":
+                        raise
+                    log.warning("folded runtime not used (%s); running the head eagerly", err)
+            return TorchRuntime(src, device=device, weights=weights)
+        except (ArtifactError, BackboneError) as err:
+            raise RuntimeError_(f"{src}: {err}") from err
+    if weights:
+        log.info("%s is a bundle: its graphs hold the backbone, backbone weights %s not used", src, weights)
     if kind in ("torch", "torch-folded"):
         raise RuntimeError_(f"{src} is a bundle; the {kind} runtime runs a head file (*.head.safetensors)")
     if kind == "tensorrt":

@@ -1,6 +1,7 @@
 """Eager PyTorch over a head artifact: the fallback runtime and the reference for parity."""
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional, Sequence
 
@@ -9,11 +10,13 @@ import numpy as np
 from .base import Runtime, TaskInfo
 from .bundle import backbone_identity
 
+log = logging.getLogger("clipheads.serving")
+
 
 class TorchRuntime(Runtime):
     """Runs a head artifact eagerly: the fallback and the reference for parity."""
 
-    def __init__(self, head_path: str | os.PathLike, device: Optional[str] = None):
+    def __init__(self, head_path: str | os.PathLike, device: Optional[str] = None, weights: Optional[str] = None):
         super().__init__()
         import torch
 
@@ -24,8 +27,9 @@ class TorchRuntime(Runtime):
         self.device = device
         self.name = f"torch-{'cuda' if device.startswith('cuda') else 'cpu'}"
         art = load_head(head_path)
-        head = art.build(device=device).eval()
+        head = art.build(device=device, weights_override=weights, log=log.info).eval()  # weights: moved backbone
         self.head = head
+        self.backbone_weights = head.backbone.describe_weights()  # which weights file it used
         bb = head.backbone
         pre = art.preprocess
         self.preprocess = pre.to_json()

@@ -10,6 +10,7 @@ CPU it runs the same modules in fp32 without graphs (the reference the tests com
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -18,6 +19,8 @@ import numpy as np
 
 from .base import Runtime, RuntimeError_
 from .bundle import backbone_identity, index_tasks
+
+log = logging.getLogger("clipheads.serving")
 
 
 class CudaGraphed:
@@ -58,7 +61,7 @@ def bucket(n: int) -> int:
 
 class FoldedTorchRuntime(Runtime):
     def __init__(self, head_path: str | os.PathLike, device: Optional[str] = None, precision: Optional[str] = None,
-                 cuda_graphs: Optional[bool] = None):
+                 cuda_graphs: Optional[bool] = None, weights: Optional[str] = None):
         super().__init__()
         import torch
 
@@ -77,7 +80,8 @@ class FoldedTorchRuntime(Runtime):
         self.device, self.precision = device, precision
         self.name = f"torch-folded-{'cuda' if on_cuda else 'cpu'}-{precision}"
         art = load_head(Path(head_path))
-        head = art.build(device=device).eval()
+        head = art.build(device=device, weights_override=weights, log=log.info).eval()  # weights: moved backbone
+        self.backbone_weights = head.backbone.describe_weights()  # which weights file it used
         try:
             plan = fold_heads([head])
         except FoldError as err:

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=None, help="per-image pixel cap read from the header (default 40 MP)")
     p.add_argument("--threads", type=int, default=0, help="runtime intra-op threads (default: the runtime's own)")
     p.add_argument("--device", default=None, help="torch runtime device (cpu, cuda, cuda:1)")
+    p.add_argument("--pretrained", default=None, metavar="WEIGHTS",
+                   help="a head file's backbone weights if they moved (path, tag or hf-hub id; sha256-checked)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing output instead of resuming it")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
     p.add_argument("--ray-num-gpus", type=float, default=0.0, help="GPUs per Ray scoring actor")
@@ -61,7 +63,7 @@ def job_from_args(args: argparse.Namespace) -> ScoreJob:
         errors=args.errors, runtime=args.runtime, shard_size=args.shard_size, path_column=args.path_column,
         commit_every_s=args.commit_every, follow_symlinks=args.follow_symlinks,
         overwrite=args.overwrite, progress=not args.no_progress, max_bytes=args.max_bytes,
-        max_pixels=args.max_pixels, device=args.device, runtime_threads=args.threads, ray_address=args.ray_address,
+        max_pixels=args.max_pixels, device=args.device, weights=args.pretrained, runtime_threads=args.threads, ray_address=args.ray_address,
         ray_num_gpus=args.ray_num_gpus, ray_num_cpus=args.ray_num_cpus, ray_decode=args.ray_decode,
     )
 
@@ -93,6 +95,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         traceback.print_exc()
         print(f"clipheads score: failed: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
+    if summary.extra.get("backbone"):
+        print(f"clipheads score: backbone: {summary.extra['backbone']}", file=sys.stderr)
     print(f"clipheads score: {summary.line()}", file=sys.stderr)
     if args.json:
         print(json.dumps(asdict(summary), indent=1))

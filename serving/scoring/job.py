@@ -48,6 +48,7 @@ class ScoreJob:
     max_bytes: Optional[int] = None
     max_pixels: Optional[int] = None
     device: Optional[str] = None  # torch runtime device
+    weights: Optional[str] = None  # a head file's backbone weights if they moved (sha256-checked)
     runtime_threads: int = 0  # intra-op threads of the runtime (torch / ORT); 0: the library default
     ray_address: Optional[str] = None
     ray_num_gpus: float = 0.0  # per scoring actor

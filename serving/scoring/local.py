@@ -164,8 +164,10 @@ def run_local(job: ScoreJob, info: dict, listing: InputListing, store: ShardStor
                summary: ScoreSummary, counts: dict, runtime=None) -> None:
     if runtime is None:
         set_runtime_threads(job.runtime_threads)
-        runtime = open_runtime(job.source, job.runtime, device=job.device)
+        runtime = open_runtime(job.source, job.runtime, device=job.device, weights=job.weights)
     summary.runtime = runtime.name
+    if getattr(runtime, "backbone_weights", None):  # a head file: which weights file it used
+        summary.extra["backbone"] = runtime.backbone_weights
     tasks = {t: info["tasks"][t] for t in task_names(job, info)}
     cols = Columns(tasks, job.top_k, job.embeddings)
     cols.table()  # pyarrow's first table build initialises lazily (~0.4 s): count it as start-up

@@ -81,7 +81,8 @@ class RayScorer:
     (decodes them itself, in a thread pool of its CPU share) or batches from `decode_batch`."""
 
     def __init__(self, source: str, runtime: str, device: Optional[str], tasks: dict, top_k: int, embeddings: bool,
-                 info: dict, max_bytes: Optional[int], max_pixels: Optional[int], env: dict, decode_threads: int):
+                 info: dict, max_bytes: Optional[int], max_pixels: Optional[int], env: dict, decode_threads: int,
+                 weights: Optional[str] = None):
         os.environ.update(env)
         threads = max(1, decode_threads)  # = the actor's CPU share: one slot, no oversubscription
         os.environ.setdefault("CLIPHEADS_ORT_THREADS", str(threads))
@@ -92,7 +93,7 @@ class RayScorer:
                 torch.set_num_threads(threads)
             except ImportError:
                 pass
-        self.runtime = open_runtime(source, runtime, device=device)
+        self.runtime = open_runtime(source, runtime, device=device, weights=weights)
         self.tasks = tasks
         self.embeddings = embeddings
         self.cols = Columns(tasks, top_k, embeddings)
@@ -218,7 +219,7 @@ def run_ray(job: ScoreJob, info: dict, listing: InputListing, store: ShardStore,
             fn_constructor_kwargs=dict(
                 source=info["path"], runtime=job.runtime, device=job.device, tasks=tasks, top_k=job.top_k,
                 embeddings=job.embeddings, info=info, max_bytes=job.max_bytes, max_pixels=job.max_pixels,
-                env=env, decode_threads=max(1, int(job.ray_num_cpus)),
+                env=env, decode_threads=max(1, int(job.ray_num_cpus)), weights=job.weights,
             ),
             batch_size=job.batch_size,
             batch_format="numpy" if decode_stage else "pyarrow",

@@ -75,7 +75,7 @@ def score(job: ScoreJob, runtime=None) -> ScoreSummary:
     identity = job_identity(job, info, listing)
     if job.engine == "local" and runtime is None:  # a broken bundle fails before OUT is touched
         set_runtime_threads(job.runtime_threads)
-        runtime = open_runtime(job.source, job.runtime, device=job.device)
+        runtime = open_runtime(job.source, job.runtime, device=job.device, weights=job.weights)
     store = ShardStore(out, identity, overwrite=job.overwrite)
     total = listing.count()
     summary = ScoreSummary(output=str(out), errors_file=str(errors_file), engine=job.engine, runtime=job.runtime,
