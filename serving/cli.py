@@ -115,9 +115,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"clipheads serve: no such bundle or head: {err}", file=sys.stderr)
         return 2
     args.source = str(src)
+    # Flag checks first: they cost nothing, opening the head reads and hashes files.
+    if args.allow_reload and not (args.auth_token or os.environ.get("CLIPHEADS_AUTH_TOKEN")):
+        print("clipheads serve: --allow-reload needs --auth-token (or CLIPHEADS_AUTH_TOKEN): "
+              "admin routes are never open", file=sys.stderr)
+        return 2
     if args.pretrained and not src.is_file():
         print(f"clipheads serve: --pretrained applies to a head file; the bundle {src} holds its backbone in its graphs",
               file=sys.stderr)
+        return 2
+    if src.is_file() and args.runtime not in ("auto", "torch", "torch-folded"):
+        print(f"clipheads serve: {src} is a head file; --runtime {args.runtime} needs a bundle", file=sys.stderr)
         return 2
     if src.is_file():  # moved or mismatched backbone weights: one line here, not a crashing server
         from clipheads.training.artifact import ArtifactError, load_head
@@ -127,15 +135,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             check_weights_override(load_head(src).backbone, args.pretrained)
         except (ArtifactError, BackboneError) as err:
-            print(f"clipheads serve: {src}: {err}", file=sys.stderr)
+            reason = str(err)
+            print(f"clipheads serve: {reason if str(src) in reason else f'{src}: {reason}'}", file=sys.stderr)
             return 2
-    if src.is_file() and args.runtime not in ("auto", "torch", "torch-folded"):
-        print(f"clipheads serve: {src} is a head file; --runtime {args.runtime} needs a bundle", file=sys.stderr)
-        return 2
-    if args.allow_reload and not (args.auth_token or os.environ.get("CLIPHEADS_AUTH_TOKEN")):
-        print("clipheads serve: --allow-reload needs --auth-token (or CLIPHEADS_AUTH_TOKEN): "
-              "admin routes are never open", file=sys.stderr)
-        return 2
     problem = check_tasks_store(args)
     if problem:
         print(f"clipheads serve: {problem}", file=sys.stderr)

@@ -180,8 +180,9 @@ def test_cli_refuses_reload_without_a_token(tmp_path, monkeypatch, capsys):
     from clipheads.serving.cli import main
 
     monkeypatch.delenv("CLIPHEADS_AUTH_TOKEN", raising=False)
-    head = tmp_path / "h.head.safetensors"
-    head.write_bytes(b"{}")
+    from test_serving import make_micro_head
+
+    head = make_micro_head(tmp_path)  # a real head: serve opens it before starting
     assert main([str(head), "--allow-reload", "--dry-run"]) == 2
     assert "--allow-reload needs --auth-token" in capsys.readouterr().err
     assert main([str(head), "--allow-reload", "--auth-token", "t", "--dry-run"]) == 0
