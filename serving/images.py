@@ -9,9 +9,10 @@ Order of checks (cheapest first, nothing decoded before the header is trusted):
 2. format chosen from magic bytes (JPEG, PNG, WEBP only) -- the client's content type is ignored;
 3. width x height read from the header and checked against the pixel cap (Pillow itself only
    raises above ~179 MP) and an aspect-ratio cap (a 1 x 40M strip would explode when resized);
-4. decode (our pixel cap is below Pillow's bomb-warning threshold by default), JPEG draft mode when
-   shrinking a lot,
-   EXIF orientation applied, RGB conversion, resize + center crop.
+4. decode, then the one preprocessing path every part of clipheads uses
+   (`clipheads.training.preprocess.pixels_from_image`: JPEG draft mode when shrinking a lot, EXIF
+   orientation, RGB conversion, resize + center crop). Our pixel cap is below Pillow's
+   bomb-warning threshold by default.
 Every failure is an `ImageRejected(kind, detail, http_status)`; nothing else escapes `decode_image`.
 """
 from __future__ import annotations
@@ -23,20 +24,14 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+from clipheads.training.preprocess import jpeg_draft_size, pixels_from_image
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024  # per image; the HTTP body cap is separate
 DEFAULT_MAX_PIXELS = 40_000_000  # ~40 MP, checked from the header before decoding
 DEFAULT_MAX_ASPECT = 30.0  # long side / short side
-
-_FILTERS = {
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "nearest": Image.Resampling.NEAREST,
-    "lanczos": Image.Resampling.LANCZOS,
-}
-
 
 class ImageRejected(ValueError):
     """An input image we refuse. `kind` is a stable machine-readable code used in HTTP error
@@ -84,14 +79,6 @@ def sniff_format(data: bytes) -> Optional[str]:
     return None
 
 
-def _resized_size(w: int, h: int, size: int) -> tuple[int, int]:
-    """torchvision `Resize(int)` semantics: the short side becomes `size`, the long side keeps
-    the aspect ratio (truncated), which is what open_clip's eval transform does."""
-    if w <= h:
-        return size, max(size, int(size * h / w))
-    return max(size, int(size * w / h)), size
-
-
 @dataclass(frozen=True)
 class ImageHeader:
     """What the header says, before anything is decoded."""
@@ -100,15 +87,6 @@ class ImageHeader:
     width: int
     height: int
     decode_pixels: int  # pixels the decoder will materialise (JPEG: after draft scaling)
-
-
-def jpeg_draft_size(w: int, h: int, size: int) -> Optional[tuple[int, int]]:
-    """The size to ask libjpeg's draft mode for (it decodes at 1/2, 1/4 or 1/8 scale, keeping at
-    least this), or None when the image is not much larger than needed."""
-    if min(w, h) <= 4 * size:
-        return None
-    scale = 2 * size / min(w, h)  # keep >= 2x the target resolution
-    return math.ceil(w * scale), math.ceil(h * scale)
 
 
 def _decoded_pixels(fmt: str, w: int, h: int, size: int) -> int:
@@ -160,31 +138,13 @@ def probe_image(data: bytes, spec: DecodeSpec) -> ImageHeader:
 def decode_image(data: bytes, spec: DecodeSpec) -> np.ndarray:
     """Untrusted bytes -> (3, S, S) uint8 pixels. Raises only ImageRejected."""
     im, header = _open_checked(data, spec)
-    fmt, w, h = header.format, header.width, header.height
-    size = spec.image_size
     try:
-        draft = jpeg_draft_size(w, h, size) if fmt == "JPEG" else None
-        if draft is not None:  # let libjpeg decode at 1/2, 1/4 or 1/8 scale
-            im.draft("RGB", draft)
-        im = ImageOps.exif_transpose(im)  # loads the image
-        if im.mode != "RGB":
-            im = im.convert("RGBA").convert("RGB") if im.mode in ("P", "PA") else im.convert("RGB")
-        rw, rh = _resized_size(im.width, im.height, size)
-        if (rw, rh) != im.size:
-            gap = 3.0 if min(im.size) > 3 * size else None  # fast two-step shrink for big inputs
-            im = im.resize((rw, rh), _FILTERS.get(spec.interpolation, Image.Resampling.BICUBIC), reducing_gap=gap)
-        left = int(round((rw - size) / 2.0))
-        top = int(round((rh - size) / 2.0))
-        if (rw, rh) != (size, size):
-            im = im.crop((left, top, left + size, top + size))
-        arr = np.asarray(im, dtype=np.uint8)  # (S, S, 3)
+        pixels = pixels_from_image(im, spec.image_size, spec.interpolation)
     except ImageRejected:
         raise
     except Exception as err:  # noqa: BLE001 - truncated data, corrupt chunks, bombs, ...
-        raise ImageRejected("invalid_image", f"cannot decode {fmt} image ({type(err).__name__})", 422) from None
-    if arr.shape != (size, size, 3):
-        raise ImageRejected("invalid_image", f"decoded to unexpected shape {arr.shape}", 422)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (3, S, S)
+        raise ImageRejected("invalid_image", f"cannot decode {header.format} image ({type(err).__name__})", 422) from None
+    return pixels  # (3, S, S)
 
 
 DecodeResult = Union[np.ndarray, ImageRejected]

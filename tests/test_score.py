@@ -142,8 +142,14 @@ def local_run(head_file, corpus, tmp_path_factory):
     return out, summary
 
 
+def _flat(t):
+    """`predictions.<task>.<field>` struct columns -> `<task>.<field>` columns (test convenience)."""
+    t = t.flatten().flatten()
+    return t.rename_columns([n.removeprefix("predictions.") for n in t.column_names])
+
+
 def _read(out: Path):
-    return pq.read_table(out).sort_by("index")
+    return _flat(pq.read_table(out)).sort_by("index")
 
 
 def _errors(path: Path) -> list[dict]:
@@ -245,6 +251,56 @@ def test_real_onnx_bundle_scores_like_its_head_and_its_runtime(real_bundle, loca
         for task in TASKS:
             got = dict(zip(r[f"{task}.top_labels"], r[f"{task}.top_scores"]))
             assert max(abs(got[c] - ref[r["path"]][task][c]) for c in TASKS[task]) < 1e-5
+
+
+def _parts_metadata(out: Path) -> list[dict]:
+    """The `clipheads` key-value metadata of every committed part, read from the Parquet footers."""
+    manifest = json.loads((out / "_manifest.json").read_text())
+    return [json.loads(pq.ParquetFile(out / rec["file"]).schema_arrow.metadata[b"clipheads"])
+            for rec in manifest["shards"].values()]
+
+
+def test_parquet_schema_and_provenance_in_every_part(real_bundle, corpus, small, tmp_path):
+    """Issue 15.8: no dots in column names (a `predictions` struct per task), embeddings and top-k
+    as fixed-size lists, and the schema + provenance (bundle sha256, head version, heads,
+    preprocessing, the real runtime) in the key-value metadata of every part."""
+    import pyarrow as pa
+
+    from clipheads.serving.runtimes import read_manifest, source_sha256
+    from clipheads.serving.scoring import score
+
+    out = tmp_path / "p.parquet"
+    lst = tmp_path / "l.csv"
+    lst.write_text("path\n" + "".join(f"{corpus[0] / q}\n" for q in small[:10]))
+    s = score(_job(real_bundle, lst, out, runtime="auto", embeddings=True, top_k=3, shard_size=4))
+    assert s.shards_committed == 3 and s.runtime == "onnx-cpu"
+    manifest = read_manifest(real_bundle)
+    dim = manifest["backbone"]["embed_dim"]
+    for part in sorted(out.glob("part-*.parquet")):
+        schema = pq.ParquetFile(part).schema_arrow
+        assert schema.names == ["index", "path", "predictions", "embedding"]
+        assert all("." not in f.name for f in schema) and not any("." in n for n in schema.field("predictions").type.names)
+        assert schema.field("embedding").type == pa.list_(pa.float32(), dim)  # fixed size
+        shape = schema.field("predictions").type.field("shape").type
+        assert shape.field("top_labels").type == pa.list_(pa.string(), 3)
+        assert shape.field("top_scores").type == pa.list_(pa.float32(), 3)
+        assert shape.field("label").type == pa.string() and shape.field("score").type == pa.float32()
+    metas = _parts_metadata(out)
+    sha = source_sha256(real_bundle)
+    assert len(metas) == 3 and [m["part"]["start"] for m in metas] == [0, 4, 8]
+    for m in metas:
+        assert m["format"] == "clipheads-scores" and m["format_version"] == 2
+        assert m["source_kind"] == "bundle" and m["source_sha256"] == sha and m["source_version"] == sha[:12]
+        assert m["heads"] == [{"file": manifest["heads"][0]["file"], "method": "zeroshot", "tasks": list(TASKS)}]
+        assert m["preprocess"] == manifest["preprocess"] and m["preprocess"]["orientation"] == "exif"
+        assert m["tasks"] == {k: list(v) for k, v in TASKS.items()}
+        assert m["runtime"] == "onnx-cpu" and m["engine"] == "local"
+        assert set(m["columns"]) >= {"index", "path", "predictions.<task>.label", "embedding"}
+        assert m["backbone"]["arch"] == "test-vit-micro" and m["package_version"]
+    t = _read(out)  # the values behind the types: best first, top-1 == first of top-k, unit embeddings
+    emb = np.asarray(t.column("embedding").to_pylist())
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert t.column("shape.label").to_pylist() == [r[0] for r in t.column("shape.top_labels").to_pylist()]
 
 
 def test_rerun_of_a_finished_job_rescores_nothing(local_run, head_file, corpus):
@@ -368,7 +424,9 @@ def test_task_subset_top1_only(head_file, corpus, small, tmp_path):
     lst.write_text("path\n" + "".join(f"{corpus[0] / p}\n" for p in small))
     assert main([str(head_file), "--input", str(lst), "--output", str(out), "--tasks", "color", "--top-k", "1",
                  "--no-progress"]) == 0
-    assert pq.read_table(out).column_names == ["index", "path", "color.label", "color.score"]
+    t = pq.read_table(out)
+    assert t.column_names == ["index", "path", "predictions"]
+    assert _flat(t).column_names == ["index", "path", "color.label", "color.score"]
 
 
 def test_exit_codes(head_file, corpus, small, tmp_path, capsys):
@@ -450,6 +508,10 @@ def test_ray_engine_matches_local_engine(head_file, corpus, local_run, small, tm
     assert (_errors(tmp_path / "onnx-ray.parquet" / "_errors.jsonl")
             == _errors(tmp_path / "onnx-local.parquet" / "_errors.jsonl") != [])
     assert (s.scored, s.failed) == (N_GOOD, N_BAD)
+    # the runtime the actors really opened, not the requested "auto"
+    assert s.runtime == "ray:torch-cpu" and {m["runtime"] for m in _parts_metadata(out)} == {"torch-cpu"}
+    assert {m["runtime"] for m in _parts_metadata(tmp_path / "onnx-ray.parquet")} == {"onnx-cpu"}
+    assert {m["engine"] for m in _parts_metadata(tmp_path / "onnx-ray.parquet")} == {"ray"}
     local, got = _read(local_run[0]), _read(out)
     assert got.schema == local.schema
     for name in local.column_names:
@@ -576,7 +638,7 @@ def test_onnx_bundle_scores_match_numpy_reference(corpus, small, tmp_path):
     out = tmp_path / "onnx.parquet"
     assert main([str(bundle), "--input", str(lst), "--output", str(out), "--runtime", "onnx-cpu", "--top-k", "10",
                  "--embeddings", "--batch-size", "8", "--no-progress"]) == 0
-    t = pq.read_table(out).sort_by("index")
+    t = _read(out)
     spec = DecodeSpec.from_preprocess(json.loads((bundle / "manifest.json").read_text())["preprocess"])
     px = np.stack([decode_image((root / q).read_bytes(), spec) for q in small]).astype(np.float32)
     x = (px / 255 - p["mean"]) / p["std"]

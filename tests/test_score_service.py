@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import TEST_CONFIGS, make_backbone
+from test_score import _flat
 
 pytestmark = pytest.mark.integration
 httpx = pytest.importorskip("httpx")
@@ -125,7 +126,7 @@ def test_batch_scores_equal_http_classify(server, head_file, images, tmp_path):
     out = tmp_path / "preds.parquet"
     assert main([str(head_file), "--input", str(images), "--output", str(out), "--top-k", "10", "--batch-size", "16",
                  "--no-progress"]) == 0
-    rows = pq.read_table(out).to_pylist()
+    rows = _flat(pq.read_table(out)).to_pylist()
     assert sorted(r["path"] for r in rows) == sorted(http)
     for r in rows:
         for task in TASKS:

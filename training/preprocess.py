@@ -6,7 +6,7 @@ scoring and the Python `Predictor`. So an EXIF-rotated photo is upright everywhe
 palette PNG is composited the same way at training and at serving time.
 
     open_image(source)        file path, bytes, PIL image or numpy array -> a lazily opened PIL image
-    prepare_pixels(img, spec) -> (3, S, S) uint8:
+    prepare_pixels(img, spec) -> (3, S, S) uint8 (= open_image + pixels_from_image):
         1. JPEG draft decoding when the image is much larger than S (libjpeg's 1/2, 1/4, 1/8 DCT
            scaling, keeping >= 2x the target resolution: 4-10x faster on camera photos);
         2. EXIF orientation applied (`ImageOps.exif_transpose`);
@@ -111,13 +111,23 @@ def _from_array(a: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(a))
 
 
+def jpeg_draft_size(w: int, h: int, size: int) -> tuple[int, int] | None:
+    """Step 1: the size to ask libjpeg's draft mode for (it decodes at 1/2, 1/4 or 1/8 scale,
+    keeping at least this), or None when the image is not much larger than `size`. Serving's
+    decode budget counts pixels with the same rule."""
+    if min(w, h) <= 4 * size:
+        return None
+    scale = 2 * size / min(w, h)  # keep >= 2x the target resolution
+    return math.ceil(w * scale), math.ceil(h * scale)
+
+
 def oriented_rgb(img: Image.Image, shrink_to: int | None = None) -> Image.Image:
     """Steps 1-3: draft decoding (only with `shrink_to`), EXIF orientation, RGB. Training's
     augmentation starts from this (full resolution: random crops may zoom in)."""
-    w, h = img.size
-    if shrink_to and getattr(img, "format", None) == "JPEG" and min(w, h) > 4 * shrink_to:
-        scale = 2 * shrink_to / min(w, h)
-        img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+    if shrink_to and getattr(img, "format", None) == "JPEG":
+        draft = jpeg_draft_size(img.width, img.height, shrink_to)
+        if draft is not None:
+            img.draft("RGB", draft)
     img = ImageOps.exif_transpose(img)  # loads the image
     if img.mode != "RGB":
         img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "PA") else img.convert("RGB")
@@ -136,13 +146,17 @@ def prepare_pixels(source: ImageSource, spec: PreprocessSpec, max_pixels: int = 
     """Any image -> (3, S, S) uint8 pixels, the one way every part of clipheads does it.
 
     `spec`: a PreprocessSpec, or anything with `image_size` and `interpolation` (serving's DecodeSpec)."""
-    img = open_image(source, max_pixels)
-    size = int(spec.image_size)
+    return pixels_from_image(open_image(source, max_pixels), int(spec.image_size), spec.interpolation)
+
+
+def pixels_from_image(img: Image.Image, size: int, interpolation: str = "bicubic") -> np.ndarray:
+    """Steps 1-5 on an opened (ideally not yet decoded) PIL image -> (3, S, S) uint8. Serving calls
+    this after its own header checks on untrusted bytes (serving/images.py `decode_image`)."""
     img = oriented_rgb(img, shrink_to=size)
     rw, rh = resized_size(img.width, img.height, size)
     if (rw, rh) != img.size:
         gap = 3.0 if min(img.size) > 3 * size else None  # fast two-step shrink for big inputs
-        img = img.resize((rw, rh), FILTERS.get(spec.interpolation, Image.Resampling.BICUBIC), reducing_gap=gap)
+        img = img.resize((rw, rh), FILTERS.get(interpolation, Image.Resampling.BICUBIC), reducing_gap=gap)
     if (rw, rh) != (size, size):
         left, top = int(round((rw - size) / 2.0)), int(round((rh - size) / 2.0))
         img = img.crop((left, top, left + size, top + size))

@@ -104,16 +104,28 @@ def source_info(source: str) -> dict:
         except RuntimeError_ as err:
             raise UsageError(str(err)) from None
         tasks = {t["name"]: list(t["classnames"]) for t in m["tasks"]}
-        return {"kind": "bundle", "path": str(src.resolve()), "sha256": source_sha256(src),
-                "tasks": tasks, "preprocess": dict(m["preprocess"])}
+        sha = source_sha256(src)
+        heads = [{k: h[k] for k in ("file", "method", "tasks") if k in h} for h in m.get("heads") or []]
+        return {"kind": "bundle", "path": str(src.resolve()), "sha256": sha, "version": sha[:12],
+                "tasks": tasks, "preprocess": dict(m["preprocess"]), "heads": heads,
+                "embed_dim": (m.get("backbone") or {}).get("embed_dim"),
+                "backbone": _backbone_summary(m.get("backbone") or {})}
     from clipheads.training.artifact import ArtifactError, load_head
 
     try:
         art = load_head(src)
     except (ArtifactError, OSError, ValueError) as err:
         raise UsageError(f"{src}: {err}") from None
-    return {"kind": "head", "path": str(src.resolve()), "sha256": source_sha256(src),
-            "tasks": {t.name: list(t.classnames) for t in art.tasks}, "preprocess": art.preprocess.to_json()}
+    sha = source_sha256(src)
+    return {"kind": "head", "path": str(src.resolve()), "sha256": sha, "version": sha[:12],
+            "tasks": {t.name: list(t.classnames) for t in art.tasks}, "preprocess": art.preprocess.to_json(),
+            "heads": [{"file": str(src.resolve()), "method": art.method, "tasks": [t.name for t in art.tasks],
+                       "sha256": sha, "version": sha[:12]}],
+            "embed_dim": art.backbone.get("embed_dim"), "backbone": _backbone_summary(art.backbone)}
+
+
+def _backbone_summary(record: dict) -> dict:
+    return {k: record[k] for k in ("arch", "pretrained", "weights_sha256", "act") if k in record}
 
 
 def decode_spec(info: dict, job: ScoreJob) -> DecodeSpec:
@@ -166,6 +178,9 @@ def job_identity(job: ScoreJob, info: dict, listing: InputListing) -> dict:
         "source": info["path"],
         "source_kind": info["kind"],
         "source_sha256": info["sha256"],
+        "source_version": info["version"],  # what POST /classify answers as head_version
+        "heads": info["heads"],
+        "backbone": info["backbone"],
         "tasks": {t: info["tasks"][t] for t in task_names(job, info)},
         "top_k": job.top_k,
         "embeddings": job.embeddings,

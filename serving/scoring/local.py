@@ -22,7 +22,7 @@ import numpy as np
 
 from ..images import DecodeSpec, ImageRejected
 from ..runtimes import open_runtime
-from .columns import Columns, run_batch
+from .columns import Columns, embedding_dim, run_batch
 from .job import ScoreJob, ScoreSummary, decode_spec, load_item, pending_shards, progress_bar, set_runtime_threads, task_names
 from .shards import InputItem, InputListing, Shard, ShardStore
 
@@ -169,7 +169,7 @@ def run_local(job: ScoreJob, info: dict, listing: InputListing, store: ShardStor
     if getattr(runtime, "backbone_weights", None):  # a head file: which weights file it used
         summary.extra["backbone"] = runtime.backbone_weights
     tasks = {t: info["tasks"][t] for t in task_names(job, info)}
-    cols = Columns(tasks, job.top_k, job.embeddings)
+    cols = Columns(tasks, job.top_k, job.embeddings, embedding_dim(runtime, info) if job.embeddings else 0)
     cols.table()  # pyarrow's first table build initialises lazily (~0.4 s): count it as start-up
     spec = decode_spec(info, job)
     bar = progress_bar(job, total)

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..images import ImageRejected
 from ..runtimes import open_runtime
-from .columns import Columns, run_batch
+from .columns import Columns, embedding_dim, run_batch
 from .job import ScoreJob, ScoreSummary, UsageError, decode_spec, load_item, pending_shards, progress_bar, task_names
 from .shards import InputListing, Shard, ShardStore
 
@@ -33,6 +33,7 @@ ERROR_KIND = "_error_kind"
 ERROR_DETAIL = "_error_detail"
 LISTING_KIND = "listing_error_kind"
 LISTING_DETAIL = "listing_error_detail"
+RUNTIME = "_runtime"  # the actor's real runtime name (e.g. onnx-cpu), recorded per part and in the summary
 
 
 def decode_batch(batch, info: dict, max_bytes: Optional[int], max_pixels: Optional[int], threads: int = 1) -> dict:
@@ -96,7 +97,7 @@ class RayScorer:
         self.runtime = open_runtime(source, runtime, device=device, weights=weights)
         self.tasks = tasks
         self.embeddings = embeddings
-        self.cols = Columns(tasks, top_k, embeddings)
+        self.cols = Columns(tasks, top_k, embeddings, embedding_dim(self.runtime, info) if embeddings else 0)
         job = ScoreJob(source=source, input="", output="", max_bytes=max_bytes, max_pixels=max_pixels)
         self.spec = decode_spec(info, job)
         self.pool = ThreadPoolExecutor(max_workers=max(1, decode_threads), thread_name_prefix="ray-decode")
@@ -129,6 +130,7 @@ class RayScorer:
         scored = self.cols.table()
         scored = scored.append_column(ERROR_KIND, pa.nulls(len(ok), pa.string()))
         scored = scored.append_column(ERROR_DETAIL, pa.nulls(len(ok), pa.string()))
+        scored = scored.append_column(RUNTIME, pa.array([self.runtime.name] * len(ok), pa.string()))
         schema = scored.schema
         arrays = []
         for f in schema:
@@ -140,6 +142,8 @@ class RayScorer:
                 arrays.append(pa.array([results[i].kind for i in bad], pa.string()))
             elif f.name == ERROR_DETAIL:
                 arrays.append(pa.array([results[i].detail for i in bad], pa.string()))
+            elif f.name == RUNTIME:
+                arrays.append(pa.array([self.runtime.name] * len(bad), pa.string()))
             else:
                 arrays.append(pa.nulls(len(bad), f.type))
         errors = pa.Table.from_arrays(arrays, schema=schema)
@@ -181,7 +185,8 @@ def run_ray(job: ScoreJob, info: dict, listing: InputListing, store: ShardStore,
 
     tasks = {t: info["tasks"][t] for t in task_names(job, info)}
     pending: list[Shard] = list(pending_shards(listing, job, store, counts))
-    summary.runtime = f"ray:{job.runtime}"
+    summary.runtime = f"ray:{job.runtime}"  # until the actors say which runtime they opened
+    runtimes: set = set()
     bar = progress_bar(job, total)
     bar.update(counts["skipped"])
     if not pending:
@@ -243,18 +248,18 @@ def run_ray(job: ScoreJob, info: dict, listing: InputListing, store: ShardStore,
             last_commit = time.monotonic()
             if not shard.items:
                 return
-            if t is None:
-                t = Columns(tasks, job.top_k, job.embeddings).table().append_column(
-                    ERROR_KIND, pa.nulls(0, pa.string())).append_column(ERROR_DETAIL, pa.nulls(0, pa.string()))
-            if t.num_rows != len(shard.items) or t.column("index").to_pylist() != [it.index for it in shard.items]:
-                raise RuntimeError(f"ray returned {t.num_rows} rows for shard {sid} of {len(shard.items)} inputs")
+            if t is None or t.num_rows != len(shard.items) or t.column("index").to_pylist() != [it.index for it in shard.items]:
+                raise RuntimeError(f"ray returned {0 if t is None else t.num_rows} rows for shard {sid} of {len(shard.items)} inputs")
+            names = sorted(set(t.column(RUNTIME).to_pylist()))
+            runtimes.update(names)
+            summary.runtime = "ray:" + ",".join(sorted(runtimes))
             failed = pc.is_valid(t.column(ERROR_KIND))
             errs = t.filter(failed)
             errors = [{"index": i, "path": p, "kind": k, "detail": d} for i, p, k, d in zip(
                 errs.column("index").to_pylist(), errs.column("path").to_pylist(),
                 errs.column(ERROR_KIND).to_pylist(), errs.column(ERROR_DETAIL).to_pylist())]
-            scored = t.filter(pc.invert(failed)).drop_columns([ERROR_KIND, ERROR_DETAIL])
-            store.commit(shard, scored, errors, {"runtime": summary.runtime, "engine": "ray"})
+            scored = t.filter(pc.invert(failed)).drop_columns([ERROR_KIND, ERROR_DETAIL, RUNTIME])
+            store.commit(shard, scored, errors, {"runtime": ",".join(names), "engine": "ray"})
             summary.shards_committed += 1
             summary.scored += scored.num_rows
             summary.failed += len(errors)

@@ -15,15 +15,19 @@ Local engine (one process):
 At most `2 * batch_size` images are in flight in the pool, two full batches wait in the queue, one
 is being filled and one is in the runtime: never more than `6 * batch_size` decoded images (384 at
 batch 64, 58 MB at 224 px), whatever the input size. Rows keep the listing order. Output layout, resume and
-error records: see shards.py. Columns of each `part-*.parquet`:
+error records: see shards.py. Columns of each `part-*.parquet` (no dots in any name):
 
-    index                int64   position of the input in the listing
-    path                 string  relative to DIR, or as written in the CSV/Parquet `path` column
-    {task}.label         string  top-1 label
-    {task}.score         float32 top-1 softmax probability
-    {task}.top_labels    list<string>   top-k labels, best first (only when --top-k > 1)
-    {task}.top_scores    list<float32>  their probabilities
-    embedding            list<float32>  L2-normalized image features (only with --embeddings)
+    index        int64   position of the input in the listing
+    path         string  relative to DIR, or as written in the CSV/Parquet `path` column
+    predictions  struct: one field per task, each struct<label string (top-1), score float32 (its
+                 softmax probability), top_labels fixed_size_list<string, k>, top_scores
+                 fixed_size_list<float32, k> (best first; only when --top-k > 1)>, k = min(top-k, classes)
+    embedding    fixed_size_list<float32, E>  L2-normalized image features (only with --embeddings)
+
+Every part's Parquet key-value metadata holds, under `clipheads`, JSON with the column meanings and
+the provenance of its rows: source kind/path/sha256/version (the `head_version` HTTP answers), its
+heads (file, method, tasks), backbone, tasks and labels, top_k, preprocessing, the runtime that
+really ran (`onnx-cpu`, `torch-cpu`, ... also for Ray actors), the engine and the inputs it covers.
 
 Scores are the softmax of each task's logits, the same numbers the HTTP `/classify` returns
 (there rounded to 6 decimals). Batches hold `batch_size` decoded images; only the last batch of

@@ -42,7 +42,8 @@ from typing import Iterator, Optional, Sequence
 MANIFEST = "_manifest.json"
 ERRORS_DIR = "_errors"
 OUTPUT_FORMAT = "clipheads-scores"
-OUTPUT_FORMAT_VERSION = 1
+OUTPUT_FORMAT_VERSION = 2  # 2: nested `predictions` struct, fixed-size lists, provenance in every part
+METADATA_KEY = "clipheads"  # each part's Parquet key-value metadata: JSON, see part_metadata
 
 
 class InputError(ValueError):
@@ -353,6 +354,7 @@ class ShardStore:
         err_path = self.root / ERRORS_DIR / name.replace(".parquet", ".jsonl")
         lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors).encode("utf-8")
         atomic_write(err_path, lambda f: f.write(lines))
+        table = table.replace_schema_metadata({METADATA_KEY: json.dumps(self.part_metadata(piece, name, extra))})
         atomic_write(self.root / name, lambda f: pq.write_table(table, f, compression="zstd"))
         rec = {
             "file": name,
@@ -377,6 +379,24 @@ class ShardStore:
             (self.root / name_k).unlink(missing_ok=True)
             (self.root / ERRORS_DIR / name_k.replace(".parquet", ".jsonl")).unlink(missing_ok=True)
         return rec
+
+    def part_metadata(self, piece: Shard, name: str, extra: Optional[dict]) -> dict:
+        """What every part carries in its Parquet key-value metadata (key `clipheads`), so a part
+        copied out of OUT still says what it is: the column meanings, the source (bundle or head
+        sha256 and version, its heads, backbone, tasks and labels, preprocessing), the runtime
+        and engine that produced these rows, and which inputs it covers."""
+        from clipheads import __version__
+
+        from .columns import COLUMN_DOCS
+
+        return {
+            "format": OUTPUT_FORMAT, "format_version": OUTPUT_FORMAT_VERSION, "package_version": __version__,
+            "columns": COLUMN_DOCS,
+            **{k: v for k, v in self.identity.items() if k != "input"},
+            **(extra or {}),
+            "part": {"file": name, "shard": piece.id, "start": piece.start, "stop": piece.stop,
+                     "keys_sha256": piece.keys_sha256},
+        }
 
     def write_manifest(self, complete: bool = False, summary: Optional[dict] = None) -> None:
         m = {
