@@ -228,3 +228,65 @@ def test_official_fp16_precision_trains_in_half_and_restores_the_backbone(folder
     assert res.history and res.final_loss == res.final_loss  # finite
     with pytest.raises(ValueError, match="precision must be one of"):
         train_head(head, {0: ds.train}, TrainConfig(precision="bf16", progress=False))
+
+
+def _micro_weights(path: Path, seed: int) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in make_backbone("test-vit-micro", seed=seed).model.state_dict().items()},
+              str(path))
+    return path
+
+
+def test_same_weights_path_with_other_weights_is_another_configuration(folders, tmp_path):
+    """The resume key holds the weights' sha256, not only their path: a unit trained on one file is
+    not reported as done after the file at that path changed (it was, before)."""
+    from dataclasses import replace
+
+    from clipheads.training.protocols.runner import StaleResultsError
+
+    weights = _micro_weights(tmp_path / "micro.safetensors", seed=3)
+    recipe = replace(_recipe("coop", "few_shot", [{"reader": "image_folder", "path": "a", "test_fraction": 0.5, "name": "a"}]),
+                     seeds=(1,), backbone={"arch": "test-vit-micro", "pretrained": str(weights)})
+    out = tmp_path / "bench"
+    quiet = dict(progress=False, log=lambda s: None)
+    first = run_recipe(recipe, folders, out, **quiet)
+    logs = []
+    assert run_recipe(recipe, folders, out, progress=False, log=logs.append) == first  # same file: resumed
+    assert any("done earlier" in s for s in logs)
+    _micro_weights(weights, seed=4)  # other weights, same path
+    with pytest.raises(StaleResultsError, match="backbone.weights_sha256"):
+        run_recipe(recipe, folders, out, **quiet)
+
+
+def test_method_code_revision_and_regenerated_world_are_other_configurations(tmp_path, monkeypatch):
+    """A results-changing fix inside a method (revisions.py) and a world regenerated at the same
+    path with another seed make finished units stale; the same world reached from another checkout
+    (same path relative to the working directory) resumes."""
+    import shutil
+
+    from clipheads.training.data import synth
+    from clipheads.training.protocols import revisions
+    from clipheads.training.protocols.cli import main
+
+    size = synth.WorldSize(train=2, val=1, test=1)
+    monkeypatch.chdir(tmp_path)
+    synth.generate_world(tmp_path / "w", seed=0, size=size, image_size=48, workers=1)
+    common = ["protocol", "synth_coop_heldout", "--data-root", "w", "--out", "o", "--pretrained", "none",
+              "--seeds", "1", "--epochs", "1", "--quiet"]
+    assert main(common) == 0
+    # another checkout: a copy of the tree elsewhere, run from its own root, resumes
+    other = tmp_path / "copy"
+    other.mkdir()
+    shutil.copytree(tmp_path / "w", other / "w")
+    (other / "o").symlink_to(tmp_path / "o")
+    monkeypatch.chdir(other)
+    logs = []
+    monkeypatch.setattr("clipheads.training.console.info", lambda msg, quiet=False: logs.append(msg))
+    assert main(common) == 0 and any("done earlier" in s for s in logs)
+    monkeypatch.setitem(revisions.METHOD_REVISIONS, "coop", (2, "a fix that changes results"))
+    assert main(common) == 2
+    assert main(common + ["--recompute"]) == 0
+    monkeypatch.chdir(tmp_path)
+    synth.generate_world(tmp_path / "w", seed=1, size=size, image_size=48, workers=1)  # same path, other world
+    assert main(common) == 2

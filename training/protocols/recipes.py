@@ -160,23 +160,27 @@ class Recipe:
             "overrides": [o.to_json() for o in self.overrides], "eval_split": self.eval_split,
         }
 
-    def unit_config(self, data_root: str, seed: int, shots: int, dataset: Optional[DatasetRef] = None) -> dict:
+    def unit_config(self, data_root: str, seed: int, shots: int, dataset: Optional[DatasetRef] = None,
+                    data_fingerprint: Optional[str] = None) -> dict:
         """Everything that decides one unit's result (its resume key), as effective values: the
-        method and train settings after overrides with every default filled in, the unit's
-        dataset (None: a unit over all the recipe's datasets), seed, shots, evaluation split and
-        data root. Not the name, description, published numbers or evaluation batch size."""
+        method and train settings after overrides with every default filled in, the method's
+        code revision (`revisions.py`), the unit's dataset (None: a unit over all the recipe's
+        datasets), seed, shots, evaluation split, data root and data fingerprint (`runner.
+        data_identity`). Not the name, description, published numbers or evaluation batch size.
+        The backbone (arch, weights, their sha256) is added by the runner."""
         from ..loop import TrainConfig
         from ..methods import get_method
+        from .revisions import method_revision
 
         method_config, train = self.settings(dataset, shots)
         refs = [dataset] if dataset is not None else list(self.datasets)
         return {
-            "method": self.method, "protocol": self.protocol,
+            "method": self.method, "protocol": self.protocol, **method_revision(self.method),
             "method_config": get_method(self.method).Config.from_dict(method_config).to_dict(),
             "train": {k: list(v) if isinstance(v, tuple) else v for k, v in TrainConfig(**train).to_dict().items()
                       if k not in ("device", "progress")},
             "datasets": [_ref_json(r) for r in refs], "eval_split": self.eval_split,
-            "data_root": str(data_root), "seed": seed, "shots": shots,
+            "data_root": str(data_root), "data_fingerprint": data_fingerprint, "seed": seed, "shots": shots,
         }
 
 

@@ -6,9 +6,12 @@ the configuration that produced it (`Recipe.unit_config`), so an interrupted `cl
 protocol` resumes where it stopped and never re-runs a finished unit, while a rerun with other
 settings into the same folder is refused (`StaleResultsError`) instead of passing old units off as
 new ones; `recompute=True` moves the stale files to `OUT/runs/<recipe>/stale/` and runs again.
+The key holds the backbone's weights sha256 (the same path with other weights is another
+configuration), the method's code revision and the data's identity (`data_identity`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -227,10 +230,25 @@ def _group_tasks(ctx: RunContext, tasks, splits, seed, shots):
     return list(assign_groups(tasks, report.groups)), report.to_dict()
 
 
-def _backbone_spec(recipe: Recipe, backbone: Optional[Backbone]) -> dict:
-    if backbone is not None:
-        return {"arch": backbone.arch, "pretrained": backbone.pretrained, "weights_sha256": backbone.weights_sha256}
-    return {"arch": recipe.backbone.get("arch", "clipheads-tiny"), "pretrained": recipe.backbone.get("pretrained")}
+def _backbone_spec(backbone: Backbone) -> dict:
+    return {"arch": backbone.arch, "pretrained": backbone.pretrained, "weights_sha256": backbone.weights_sha256}
+
+
+DATA_FINGERPRINT_FILE = "world.json"  # a synthetic world's seed and size (`clipheads data synth`)
+
+
+def data_identity(data_root: str | os.PathLike) -> tuple[str, Optional[str]]:
+    """(data root as the resume key holds it, fingerprint). The root is made absolute and written
+    relative to the working directory when it lies below it (`runs/world-s1` in any checkout),
+    absolute otherwise. The fingerprint is the sha256 of the root's `world.json` when it has one:
+    a world regenerated at the same path with another seed or size is other data."""
+    path = Path(os.path.abspath(Path(data_root).expanduser()))  # links kept: a checkout may link its data
+    try:
+        key = str(path.relative_to(Path(os.path.abspath(os.getcwd()))))
+    except ValueError:
+        key = str(path)
+    marker = path / DATA_FINGERPRINT_FILE
+    return key, hashlib.sha256(marker.read_bytes()).hexdigest() if marker.is_file() else None
 
 
 def _config_diff(old: Optional[dict], new: dict, prefix: str = "") -> list[str]:
@@ -247,7 +265,8 @@ def _config_diff(old: Optional[dict], new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _expected_config(recipe: Recipe, old: Optional[dict], res: dict, root: str, bb_spec: dict) -> Optional[dict]:
+def _expected_config(recipe: Recipe, old: Optional[dict], res: dict, data: tuple[str, Optional[str]],
+                     bb_spec: dict) -> Optional[dict]:
     """What a result file outside the current plan (e.g. a seed not asked for now) should hold:
     the recipe's configuration for that file's dataset, seed and shots."""
     if not isinstance(old, dict) or "seed" not in res or "shots" not in res:
@@ -258,15 +277,16 @@ def _expected_config(recipe: Recipe, old: Optional[dict], res: dict, root: str, 
         ref = next((r for r in recipe.datasets if r.label == label), None)
         if ref is None:
             return None  # the dataset left the recipe
-    return _jsonable({**recipe.unit_config(root, res["seed"], res["shots"], ref), "backbone": bb_spec})
+    return _jsonable({**recipe.unit_config(data[0], res["seed"], res["shots"], ref, data[1]), "backbone": bb_spec})
 
 
 def _jsonable(d: dict) -> dict:
     return json.loads(json.dumps(d))  # as a result file holds it (tuples -> lists)
 
 
-def check_finished_units(recipe: Recipe, run_dir: Path, units: list[Unit], configs: dict[str, dict], root: str,
-                         bb_spec: dict, recompute: bool, log: Callable[[str], None]) -> None:
+def check_finished_units(recipe: Recipe, run_dir: Path, units: list[Unit], configs: dict[str, dict],
+                         data: tuple[str, Optional[str]], bb_spec: dict, recompute: bool,
+                         log: Callable[[str], None]) -> None:
     """Every result file in `run_dir` must come from the recipe's current configuration (files of
     seeds or datasets not run now count too, since the report reads them). Otherwise refuse, or
     with `recompute` move them to `run_dir/stale/<time>/`, so nothing is lost."""
@@ -278,7 +298,7 @@ def check_finished_units(recipe: Recipe, run_dir: Path, units: list[Unit], confi
         res = json.loads(path.read_text())
         old = res.get("config")
         unit = planned.get(path.stem)
-        want = configs[unit.key] if unit is not None else _expected_config(recipe, old, res, root, bb_spec)
+        want = configs[unit.key] if unit is not None else _expected_config(recipe, old, res, data, bb_spec)
         if old != want:
             stale.append((path, _config_diff(old, want) if want is not None else
                           ["no recorded configuration, or a dataset the recipe no longer has"]))
@@ -314,11 +334,14 @@ def run_recipe(
         raise ValueError(f"unknown protocol {recipe.protocol!r}; known: {', '.join(list_protocols())}")
     run_dir = Path(out_dir) / "runs" / recipe.name
     units = list(_PROTOCOLS[recipe.protocol](recipe))
-    root = str(Path(data_root).expanduser().resolve())
-    bb_spec = _backbone_spec(recipe, backbone)
-    configs = {u.key: _jsonable({**recipe.unit_config(root, u.seed, u.shots, u.dataset), "backbone": bb_spec}) for u in units}
+    data = data_identity(data_root)
+    # loaded before the check, even when every unit is done: the key holds the weights' sha256
+    bb = backbone or load_backbone(recipe.backbone.get("arch", "clipheads-tiny"), recipe.backbone.get("pretrained"), device=device)
+    bb_spec = _backbone_spec(bb)
+    configs = {u.key: _jsonable({**recipe.unit_config(data[0], u.seed, u.shots, u.dataset, data[1]), "backbone": bb_spec})
+               for u in units}
     run_dir.mkdir(parents=True, exist_ok=True)
-    check_finished_units(recipe, run_dir, units, configs, root, bb_spec, recompute, log)
+    check_finished_units(recipe, run_dir, units, configs, data, bb_spec, recompute, log)
     (run_dir / "recipe.json").write_text(json.dumps(recipe.to_json(), indent=2))
     ctx = None
     results = []
@@ -329,7 +352,6 @@ def run_recipe(
             log(f"[{recipe.name} {i}/{len(units)}] {unit.key}: done earlier, kept")
             continue
         if ctx is None:
-            bb = backbone or load_backbone(recipe.backbone.get("arch", "clipheads-tiny"), recipe.backbone.get("pretrained"), device=device)
             ctx = RunContext(recipe, Path(data_root), bb, device=device, progress=progress)
         start = time.perf_counter()
         res = {"recipe": recipe.name, "method": recipe.method, "protocol": recipe.protocol, "unit": unit.key,
