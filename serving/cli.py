@@ -7,7 +7,6 @@ usage tracking off unless `--allow-tracking` is given.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import signal
 import subprocess
@@ -16,7 +15,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .runtimes import RUNTIME_KINDS  # a light import: torch/ORT load only when a runtime opens
-from .tasks import TaskStoreError, redact, store_scheme
+from .startup import tasks_store_problem
+from .tasks import redact
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVICE = "clipheads.serving.service:ClipHeads"
@@ -35,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "shared by every replica")
     p.add_argument("--auth-token", default=None, help="require 'Authorization: Bearer TOKEN' (or CLIPHEADS_AUTH_TOKEN)")
     p.add_argument("--max-concurrency", type=int, default=None)
-    p.add_argument("--timeout", type=int, default=None, help="per-request timeout in seconds")
+    p.add_argument("--timeout", type=int, default=None,
+                   help="seconds a request may take once its body has arrived (default 30, then 504)")
+    p.add_argument("--body-timeout", type=float, default=None,
+                   help="seconds a request body may take to arrive (default 10, then 408)")
     p.add_argument("--grace", type=int, default=30,
                    help="seconds in-flight requests get to finish after SIGTERM/SIGINT (default 30)")
     p.add_argument("--allow-reload", action="store_true",
@@ -51,24 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_tasks_store(args: argparse.Namespace) -> Optional[str]:
-    """A one-line problem with --tasks-dir/--tasks-store, or None. The database itself is not
-    contacted here: a replica may start before it (readiness waits for it)."""
+    """A one-line problem with --tasks-dir/--tasks-store, or None."""
     if args.tasks_dir and args.tasks_store:
         return "give --tasks-dir or --tasks-store, not both"
-    location = args.tasks_store or args.tasks_dir
-    if not location:
-        return None
-    try:
-        scheme = store_scheme(location)
-    except TaskStoreError as err:
-        return err.detail
-    if scheme in ("", "file"):
-        path = Path(location[len("file://"):] if scheme == "file" else location).expanduser()
-        if path.exists() and not path.is_dir():
-            return f"tasks store {path} exists and is not a directory"
-    elif importlib.util.find_spec("psycopg") is None:
-        return f"a {scheme}:// task store needs psycopg: pip install -r requirements/serve.txt"
-    return None
+    return tasks_store_problem(args.tasks_store or args.tasks_dir or "")
 
 
 def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
@@ -87,6 +76,8 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         env["CLIPHEADS_MAX_CONCURRENCY"] = str(args.max_concurrency)
     if args.timeout:
         env["CLIPHEADS_TIMEOUT_S"] = str(args.timeout)
+    if args.body_timeout:
+        env["CLIPHEADS_BODY_TIMEOUT_S"] = str(args.body_timeout)
     env["CLIPHEADS_GRACE_S"] = str(args.grace)
     if args.allow_reload:
         env["CLIPHEADS_ALLOW_RELOAD"] = "1"

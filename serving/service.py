@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import bentoml
+from pydantic import StrictBool, StrictInt
 
 from .drain import FrontRegistry, chain_exit_signals, pin_dependency
 from .encoder.batching import ContinuousBatcher
@@ -30,12 +31,17 @@ from .front import routes
 from .front.config import CONFIG, ServeConfig
 from .front.core import Front
 from .front.guard import GuardMiddleware
+from .front.http_layer import install_json_400
 from .metrics import HEAD_INFO, HEAD_LOAD_FAILURES, install_bounded_labels
+from .process_manager import install_private_endpoints
 from .runtimes import Runtime
+from .startup import startup_problem
 
 log = logging.getLogger("clipheads.serving")
 
 install_bounded_labels()  # BentoML's request metrics: one series per route, not per client-sent path
+install_json_400()  # uvicorn's own 400 for unparseable HTTP in our error shape (front/http_layer.py)
+install_private_endpoints()  # circus' control endpoints on unix sockets in a 0700 dir, not TCP ports
 
 __all__ = ["ClipHeads", "Encoder", "CONFIG", "ServeConfig", "GuardMiddleware"]
 
@@ -161,7 +167,7 @@ class Encoder:
     name="clipheads",
     http={"host": os.environ.get("CLIPHEADS_HOST", "127.0.0.1")},
     # BentoML's own limits are backstops; GuardMiddleware answers first with JSON bodies.
-    traffic={"timeout": CONFIG.timeout_s + 5, "max_concurrency": CONFIG.max_concurrency * 2},
+    traffic={"timeout": CONFIG.backstop_timeout_s, "max_concurrency": CONFIG.backstop_concurrency},
 )
 class ClipHeads(Front):
     encoder = bentoml.depends(Encoder)
@@ -170,6 +176,15 @@ class ClipHeads(Front):
         super().__init__(CONFIG)
         # the encoder client, through a link to its socket that outlives BentoML's shutdown (drain.py)
         self.enc, self._enc_link = pin_dependency(self, "encoder", Encoder)
+
+    @bentoml.on_deployment
+    def _refuse_a_server_that_cannot_serve() -> None:
+        """Runs once in `bentoml serve`'s own process before any worker starts (never at build):
+        no or an unknown source, or a task store that is a file, stops the server (exit 1, one
+        line) instead of an encoder that restarts forever or a front that is never ready."""
+        problem = startup_problem(CONFIG.source, CONFIG.tasks_store)
+        if problem:
+            raise SystemExit(f"clipheads: {problem}")
 
     @bentoml.on_startup
     async def _open_encoder_client(self) -> None:
@@ -190,7 +205,7 @@ class ClipHeads(Front):
         images: list[Path] = [],  # noqa: B006 - BentoML builds the schema from defaults
         images_b64: list[str] = [],  # noqa: B006
         tasks: Optional[list[str]] = None,
-        top_k: int = 5,
+        top_k: StrictInt = 5,  # strict: `true` is not 1
     ) -> dict:
         """Classify images with the bundle's tasks and registered few-shot tasks.
         multipart: `images` files, `tasks` JSON list (default: all bundle tasks), `top_k`;
@@ -205,7 +220,7 @@ class ClipHeads(Front):
         images: list[Path] = [],  # noqa: B006
         images_b64: list[str] = [],  # noqa: B006
         templates: Optional[list[str]] = None,
-        top_k: int = 5,
+        top_k: StrictInt = 5,
     ) -> dict:
         """Rank free-text `labels` (JSON list) for each image; `templates` like "a photo of a {}."."""
         return await self.answer(ctx, "zero_shot",
@@ -221,7 +236,7 @@ class ClipHeads(Front):
         images: list[Path] = [],  # noqa: B006
         images_b64: list[str] = [],  # noqa: B006
         templates: Optional[list[str]] = None,
-        replace: bool = False,
+        replace: StrictBool = False,  # strict: "yes" is not true
     ) -> dict:
         """Register a training-free few-shot task: `labels`, example `images` and, per image, its
         label in `example_labels`. Persisted to CLIPHEADS_TASKS_DIR."""

@@ -185,5 +185,52 @@ def test_cli_refuses_reload_without_a_token(tmp_path, monkeypatch, capsys):
     head = make_micro_head(tmp_path)  # a real head: serve opens it before starting
     assert main([str(head), "--allow-reload", "--dry-run"]) == 2
     assert "--allow-reload needs --auth-token" in capsys.readouterr().err
-    assert main([str(head), "--allow-reload", "--auth-token", "t", "--dry-run"]) == 0
-    assert "CLIPHEADS_ALLOW_RELOAD=1" in capsys.readouterr().out
+    assert main([str(head), "--allow-reload", "--auth-token", "t", "--dry-run", "--body-timeout", "2.5"]) == 0
+    out = capsys.readouterr().out
+    assert "CLIPHEADS_ALLOW_RELOAD=1" in out and "CLIPHEADS_BODY_TIMEOUT_S=2.5" in out
+
+
+# ---- issue 16.1 / 16.4 in-process: the body is read before the request counts in flight ----------
+def test_slow_body_gets_408_and_holds_no_in_flight_slot():
+    async def go():
+        guard = GuardMiddleware(stub_app(), ServeConfig(max_concurrency=1, body_timeout_s=0.3))
+        sent: list = []
+
+        async def never():  # a client that announced a body and sends nothing more
+            await asyncio.sleep(10)
+
+        async def send(msg):
+            sent.append(msg)
+
+        scope = {"type": "http", "path": "/classify", "method": "POST",
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")]}
+        slow = asyncio.ensure_future(guard(scope, never, send))
+        await asyncio.sleep(0.05)
+        assert guard.uploading == 1 and guard.in_flight == 0
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=guard), base_url="http://t") as c:
+            assert (await c.post("/classify", json={})).status_code == 200  # the slot was free
+        await slow
+        assert sent[0]["status"] == 408 and json.loads(sent[1]["body"])["error"] == "body_timeout"
+        assert guard.uploading == 0
+
+    run(go())
+
+
+def test_uploads_over_their_own_limit_are_429():
+    async def go():
+        guard = GuardMiddleware(stub_app(), ServeConfig(max_uploads=0))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=guard), base_url="http://t") as c:
+            r = await c.post("/classify", json={})
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+
+    run(go())
+
+
+@pytest.mark.parametrize("body,ok", [(b'{"a": ' + b"[" * 31 + b"]" * 31 + b"}", True),
+                                     (b'{"a": ' + b"[" * 32 + b"]" * 32 + b"}", False),
+                                     (b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}", False),
+                                     (b"[1]", False), (b"{", False)])
+def test_json_shape_and_depth(body, ok):
+    from clipheads.serving.front.body import json_problem
+
+    assert (json_problem(body) is None) == ok

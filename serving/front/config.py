@@ -19,6 +19,11 @@ def _env_int(name: str, default: int) -> int:
     return int(v) if v not in (None, "") else default
 
 
+def _env_float(name: str, default: float) -> float:
+    v = os.environ.get(name)
+    return float(v) if v not in (None, "") else default
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """All knobs, from `CLIPHEADS_*` environment variables (defaults in parentheses)."""
@@ -39,7 +44,10 @@ class ServeConfig:
     max_label_chars: int = 100  # CLIPHEADS_MAX_LABEL_CHARS
     max_templates: int = 16  # CLIPHEADS_MAX_TEMPLATES
     max_concurrency: int = 64  # CLIPHEADS_MAX_CONCURRENCY in-flight API requests, then 429
-    timeout_s: int = 30  # CLIPHEADS_TIMEOUT_S per request, then 504
+    timeout_s: int = 30  # CLIPHEADS_TIMEOUT_S per request once its body has arrived, then 504
+    body_timeout_s: float = 10.0  # CLIPHEADS_BODY_TIMEOUT_S: the whole body must arrive within it, else 408
+    max_uploads: int = 1024  # CLIPHEADS_MAX_UPLOADS: requests whose body is still arriving, then 429
+    max_upload_bytes: int = 1024 * 1024 * 1024  # CLIPHEADS_MAX_UPLOAD_BYTES: bytes of bodies still arriving, then 503
     max_batch_size: int = 64  # CLIPHEADS_MAX_BATCH_SIZE images per encoder pass
     batch_wait_ms: int = 0  # CLIPHEADS_BATCH_WAIT_MS extra wait for more images before a pass (GPU: 2-5)
     decode_threads: int = 2  # CLIPHEADS_DECODE_THREADS
@@ -57,6 +65,18 @@ class ServeConfig:
     def encoder_timeout_s(self) -> int:
         """Encoder calls; also the admin routes' request timeout (a reload loads a model)."""
         return max(self.timeout_s * 2, 60)
+
+    @property
+    def backstop_timeout_s(self) -> float:
+        """BentoML's own request timeout (its TimeoutMiddleware wraps the guard and counts the
+        upload too): later than any answer of ours, so the client always gets our 408/504."""
+        return self.body_timeout_s + self.encoder_timeout_s + 5
+
+    @property
+    def backstop_concurrency(self) -> int:
+        """BentoML's own concurrency limit (it counts requests from their first byte, uploads
+        included): above ours, so the client always gets our 429."""
+        return self.max_uploads + self.max_concurrency + 64
 
     @classmethod
     def from_env(cls) -> "ServeConfig":
@@ -79,6 +99,9 @@ class ServeConfig:
             max_templates=_env_int("CLIPHEADS_MAX_TEMPLATES", d.max_templates),
             max_concurrency=_env_int("CLIPHEADS_MAX_CONCURRENCY", d.max_concurrency),
             timeout_s=_env_int("CLIPHEADS_TIMEOUT_S", d.timeout_s),
+            body_timeout_s=_env_float("CLIPHEADS_BODY_TIMEOUT_S", d.body_timeout_s),
+            max_uploads=_env_int("CLIPHEADS_MAX_UPLOADS", d.max_uploads),
+            max_upload_bytes=_env_int("CLIPHEADS_MAX_UPLOAD_BYTES", d.max_upload_bytes),
             max_batch_size=_env_int("CLIPHEADS_MAX_BATCH_SIZE", d.max_batch_size),
             batch_wait_ms=_env_int("CLIPHEADS_BATCH_WAIT_MS", d.batch_wait_ms),
             decode_threads=_env_int("CLIPHEADS_DECODE_THREADS", d.decode_threads),

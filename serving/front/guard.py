@@ -1,10 +1,14 @@
 """`GuardMiddleware`: the pure-ASGI front door; everything here runs before BentoML parses a request.
 
-Bearer auth, content-type allow-list (pickle/octet-stream -> 415), body byte cap while streaming
-(413, also without Content-Length), no URL strings where files are expected, concurrency limit
-(fast 429 + Retry-After), request timeout (504), the REST aliases BentoML cannot route
-(`GET /tasks`, `DELETE /tasks/{name}`), and BentoML's own 4xx/5xx bodies for unparseable input
-rewritten into `{"error", "detail"}` (as 400), so bad input never yields a 500.
+Order of checks on an API route: bearer auth (scheme case-insensitive, one Authorization header),
+the REST aliases BentoML cannot route (`GET /tasks`, `DELETE /tasks/{name}`), method, content-type
+allow-list (pickle/octet-stream -> 415), then the body: read under its own deadline (408) and byte
+caps (413, also without Content-Length; 503 when the process holds too many arriving bytes), with a
+separate limit on connections still uploading (body.py). Only then does the request count in
+flight (fast 429 + Retry-After over the limit), so slow uploads never hold the door for complete
+requests. JSON shape (object, depth), no URL strings where files are expected, then BentoML runs
+under the request timeout (504). Whatever BentoML or Starlette answer themselves with an error
+status, on any path, is reshaped into `{"error", "detail"}` (reshape.py).
 """
 from __future__ import annotations
 
@@ -17,9 +21,11 @@ from typing import Optional
 from urllib.parse import unquote
 
 from ..metrics import IN_FLIGHT, REJECTIONS
+from .body import BodyRejected, ClientGone, UploadBudget, json_problem, read_body
 from .config import ADMIN_ROUTES, API_ROUTES, CONFIG, OPEN_PATHS, ServeConfig
 from .errors import error_body
 from .openapi import patch_openapi
+from .reshape import OURS, Reshaper, classify_api_error, classify_other_error
 
 log = logging.getLogger("clipheads.serving")
 
@@ -33,34 +39,50 @@ class GuardMiddleware:
     def __init__(self, app, config: ServeConfig = CONFIG):
         self.app = app
         self.cfg = config
-        self.in_flight = 0
+        self.in_flight = 0  # requests whose body has arrived, until answered
+        self.uploading = 0  # requests whose body is still arriving
+        self.upload_bytes = UploadBudget(config.max_upload_bytes)
 
     async def _reply(self, send, status: int, kind: str, detail: str, headers: Optional[list] = None) -> None:
         REJECTIONS.labels(kind=kind).inc()
         body = error_body(kind, detail)
-        hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                (b"x-clipheads", b"1")]
+        hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), OURS]
+        if status in (429, 503) and not any(k == b"retry-after" for k, _ in headers or ()):
+            hdrs.append((b"retry-after", b"1"))
         await send({"type": "http.response.start", "status": status, "headers": hdrs + (headers or [])})
         await send({"type": "http.response.body", "body": body})
+
+    async def _passthrough(self, scope, receive, send, path: str) -> None:
+        """Not an API route (probes, docs, UI, unknown paths): BentoML's, errors reshaped."""
+        out = Reshaper(send, lambda s, k, d: self._reply(send, s, k, d),
+                       lambda status, raw: classify_other_error(status, raw, path))
+        await self._run(scope, receive, out, path)
+
+    async def _run(self, scope, receive, out: Reshaper, path: str) -> None:
+        """The app; an exception it lets out is a generic JSON 500 (Starlette's would be plain text)."""
+        try:
+            await self.app(scope, receive, out)
+        except Exception:  # noqa: BLE001 - logged; the client gets the generic body
+            log.exception("unhandled error on %s", path[:100])
+            if not out.started:
+                await self._reply(out.downstream, 500, "internal", "unexpected server error; see the server log")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         method = scope.get("method", "GET")
-        if path in OPEN_PATHS:
-            return await self.app(scope, receive, send)
         if path == "/docs.json" and method == "GET":
             return await self._docs(scope, receive, send)
+        if path in OPEN_PATHS:
+            return await self._passthrough(scope, receive, send, path)
         if path.startswith("/admin") and not self.cfg.admin_enabled:
             return await self._reply(send, 404, "not_found", f"{path[:100]} does not exist")
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.cfg.auth_token:
-            got = headers.get("authorization", "")
-            want = f"Bearer {self.cfg.auth_token}"
-            if not hmac.compare_digest(got.encode(), want.encode()):
-                return await self._reply(send, 401, "unauthorized", "missing or wrong bearer token",
-                                         [(b"www-authenticate", b"Bearer")])
+        raw_headers = scope.get("headers", [])
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw_headers}
+        problem = self._auth_problem(raw_headers)
+        if problem:
+            return await self._reply(send, *problem)
         # REST aliases BentoML cannot route itself (its APIs are POST and have no path parameters).
         body_override: Optional[bytes] = None
         if method == "GET" and path in ("/tasks", "/tasks/"):
@@ -70,16 +92,15 @@ class GuardMiddleware:
             name = unquote(raw.decode("latin-1")[len("/tasks/"):])
             path, method, body_override = "/tasks/delete", "POST", json.dumps({"name": name}).encode()
         if path not in API_ROUTES and path not in ADMIN_ROUTES:
-            return await self.app(scope, receive, send)  # docs, schema, UI, 404s: BentoML's business
+            return await self._passthrough(scope, receive, send, path)  # docs, schema, UI, 404s
         if method != "POST":
             return await self._reply(send, 405, "method_not_allowed", f"{method} {path} is not supported")
         if body_override is not None:
             scope = dict(scope, path=path, raw_path=path.encode(), method="POST",
                          headers=[(b"content-type", b"application/json"),
                                   (b"content-length", str(len(body_override)).encode())]
-                         + [(k, v) for k, v in scope.get("headers", [])
-                            if k.lower() not in (b"content-type", b"content-length")])
-            ctype = "application/json"
+                         + [(k, v) for k, v in raw_headers if k.lower() not in (b"content-type", b"content-length")])
+            ctype, body = "application/json", body_override
         else:
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype not in ("multipart/form-data", "application/json"):
@@ -87,17 +108,49 @@ class GuardMiddleware:
                     send, 415, "unsupported_media_type",
                     f"content type {ctype or '(none)'!r} is not accepted; use multipart/form-data or application/json",
                 )
+            body = await self._receive_body(receive, send, headers.get("content-length"))
+            if body is None:
+                return
         if self.in_flight >= self.cfg.max_concurrency:
-            return await self._reply(send, 429, "overloaded", "too many concurrent requests; retry shortly",
-                                     [(b"retry-after", b"1")])
+            return await self._reply(send, 429, "overloaded", "too many concurrent requests; retry shortly")
         self.in_flight += 1
         IN_FLIGHT.inc()
         try:
             timeout = self.cfg.encoder_timeout_s if path in ADMIN_ROUTES else self.cfg.timeout_s
-            await self._guarded(scope, receive, send, path, ctype, headers, body_override, timeout)
+            await self._guarded(scope, receive, send, path, ctype, body, timeout)
         finally:
             self.in_flight -= 1
             IN_FLIGHT.dec()
+
+    def _auth_problem(self, raw_headers) -> Optional[tuple]:
+        """(status, kind, detail, headers) when the request's credentials are not acceptable."""
+        given = [v.decode("latin-1") for k, v in raw_headers if k.lower() == b"authorization"]
+        if len(given) > 1:
+            return 400, "invalid_request", "more than one Authorization header"
+        if not self.cfg.auth_token:
+            return None
+        scheme, _, token = (given[0] if given else "").strip().partition(" ")
+        # RFC 7235: the scheme is case-insensitive; compare_digest on the token alone
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.cfg.auth_token.encode())
+        return None if ok else (401, "unauthorized", "missing or wrong bearer token", [(b"www-authenticate", b"Bearer")])
+
+    async def _receive_body(self, receive, send, content_length: Optional[str]) -> Optional[bytes]:
+        """The body, or None when it was refused (answered here) or the client left."""
+        if self.uploading >= self.cfg.max_uploads:
+            await self._reply(send, 429, "overloaded", "too many request bodies arriving at once; retry shortly",
+                              [(b"connection", b"close")])
+            return None
+        self.uploading += 1
+        try:
+            return await read_body(receive, content_length=content_length, cap=self.cfg.max_body_bytes,
+                                   timeout_s=self.cfg.body_timeout_s, budget=self.upload_bytes)
+        except BodyRejected as err:
+            await self._reply(send, err.status, err.kind, err.detail, [(b"connection", b"close")] if err.close else None)
+        except ClientGone:
+            pass
+        finally:
+            self.uploading -= 1
+        return None
 
     async def _docs(self, scope, receive, send):
         """BentoML's OpenAPI document, made true to what this service answers: our error body
@@ -113,47 +166,22 @@ class GuardMiddleware:
 
         await self.app(scope, receive, capture)
         body = b"".join(chunks)
-        if start.get("status") == 200:
-            try:
-                body = json.dumps(patch_openapi(json.loads(body), self.cfg.admin_enabled)).encode()
-            except (ValueError, KeyError, TypeError, AttributeError):
-                log.exception("could not patch the OpenAPI document; serving BentoML's")
+        if start.get("status") != 200:
+            return await self._reply(send, 500, "internal", "could not build the OpenAPI document")
+        try:
+            body = json.dumps(patch_openapi(json.loads(body), self.cfg.admin_enabled)).encode()
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.exception("could not patch the OpenAPI document; serving BentoML's")
         hdrs = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-        await send({"type": "http.response.start", "status": start.get("status", 500),
+        await send({"type": "http.response.start", "status": 200,
                     "headers": hdrs + [(b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-    async def _guarded(self, scope, receive, send, path, ctype, headers, body_override, timeout):
-        cap = self.cfg.max_body_bytes
-        if body_override is not None:
-            body = body_override
-        else:
-            clen = headers.get("content-length")
-            if clen is not None and (not clen.isdigit() or int(clen) > cap):
-                return await self._reply(send, 413, "body_too_large", f"request body over {cap} bytes",
-                                         [(b"connection", b"close")])
-            chunks, total = [], 0
-            while True:
-                msg = await receive()
-                if msg["type"] == "http.disconnect":
-                    return
-                chunk = msg.get("body", b"")
-                total += len(chunk)
-                if total > cap:
-                    return await self._reply(send, 413, "body_too_large", f"request body over {cap} bytes",
-                                             [(b"connection", b"close")])
-                chunks.append(chunk)
-                if not msg.get("more_body", False):
-                    break
-            body = b"".join(chunks)
-            del chunks  # one copy of the body per request, not two (memory under bursts of large uploads)
+    async def _guarded(self, scope, receive, send, path, ctype, body, timeout):
         if ctype == "application/json":
-            try:
-                is_object = isinstance(json.loads(body or b"{}"), dict)  # not kept: the app parses it again
-            except (ValueError, UnicodeDecodeError):
-                return await self._reply(send, 400, "invalid_json", "request body is not valid JSON")
-            if not is_object:
-                return await self._reply(send, 400, "invalid_json", "request body must be a JSON object")
+            problem = json_problem(body)
+            if problem:
+                return await self._reply(send, 400, "invalid_json", problem)
         else:
             for m in _DISPOSITION.finditer(body):
                 line = m.group(0)
@@ -171,53 +199,9 @@ class GuardMiddleware:
                 return {"type": "http.request", "body": pending.pop(), "more_body": False}
             return await receive()
 
-        state = {"started": False, "rewrite": False, "status": 200, "headers": [], "buf": []}
-
-        async def send_wrapper(msg):
-            if msg["type"] == "http.response.start":
-                status = msg["status"]
-                hdrs = msg.get("headers", [])
-                ours = any(k.lower() == b"x-clipheads" for k, _ in hdrs)
-                state["status"] = status
-                if status >= 400 and not ours:
-                    state["rewrite"] = True  # BentoML's own error (input parsing): reshape it
-                    return
-                state["started"] = True
-                return await send(msg)
-            if msg["type"] == "http.response.body" and state["rewrite"]:
-                state["buf"].append(msg.get("body", b""))
-                if msg.get("more_body", False):
-                    return
-                raw = b"".join(state["buf"])
-                try:
-                    parsed = json.loads(raw)
-                    if isinstance(parsed, list) and parsed:
-                        parsed = parsed[0]
-                    detail = parsed.get("error", "") if isinstance(parsed, dict) else str(parsed)
-                    extra = parsed.get("detail") if isinstance(parsed, dict) else None
-                    if extra:
-                        detail = f"{detail}: " + "; ".join(
-                            f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', '')}"
-                            for e in extra if isinstance(e, dict)) if isinstance(extra, list) else f"{detail}: {extra}"
-                except (ValueError, UnicodeDecodeError, AttributeError):
-                    detail = raw[:200].decode("utf-8", "replace")
-                status = state["status"]
-                if status >= 500 and status not in (503, 504):
-                    status, kind, detail = 400, "invalid_request", "malformed request (could not be parsed)"
-                elif status == 503:
-                    kind = "overloaded"
-                elif status == 504:
-                    kind = "timeout"
-                elif status == 404:
-                    kind = "not_found"
-                else:
-                    status, kind = (status if status in (401, 403, 405, 413, 415, 422, 429) else 400), "invalid_request"
-                state["started"] = True
-                return await self._reply(send, status, kind, detail[:1000])
-            return await send(msg)
-
+        out = Reshaper(send, lambda s, k, d: self._reply(send, s, k, d), classify_api_error)
         try:
-            await asyncio.wait_for(self.app(scope, replay, send_wrapper), timeout=timeout)
+            await asyncio.wait_for(self._run(scope, replay, out, path), timeout=timeout)
         except asyncio.TimeoutError:
-            if not state["started"]:
+            if not out.started:
                 await self._reply(send, 504, "timeout", f"not processed within {timeout} s")

@@ -17,7 +17,7 @@ from ..runtimes import softmax
 from ..tasks import check_name
 from .core import Front
 from .errors import ApiError
-from .validate import check_labels, check_templates, check_top_k, read_images, reload_source
+from .validate import check_labels, check_templates, check_top_k, read_images, reload_source, without_server_paths
 
 
 def ranked(probs: np.ndarray, labels: list[str] | tuple[str, ...], k: int) -> list[dict]:
@@ -122,6 +122,7 @@ async def reload_head(front: Front, source: Any) -> dict:
     path = reload_source(front.cfg, source)
     res = await front.call_encoder("reload", str(path))
     if "error" in res:
-        raise ApiError(409 if res["error"] == "incompatible_head" else 422, res["error"], res["detail"])
+        raise ApiError(409 if res["error"] == "incompatible_head" else 422, res["error"],
+                       without_server_paths(res["detail"], path, source))
     front.head_version = res["version"]
     return {"head_version": res["version"], "previous": res["previous"]}

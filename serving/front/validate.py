@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -68,22 +69,44 @@ def check_top_k(top_k: Any) -> int:
     return top_k
 
 
+def reload_root(cfg: ServeConfig) -> Optional[Path]:
+    """The folder reload paths must lie in: --reload-root, else the served source's folder (None
+    when the server was started from a model-store tag without --reload-root)."""
+    if cfg.reload_root:
+        return Path(cfg.reload_root).resolve()
+    served = Path(cfg.source)
+    return served.resolve().parent if served.exists() else None
+
+
 def reload_source(cfg: ServeConfig, source: Any) -> Path:
-    """A model-store tag, or an existing path inside the reload root (after resolving symlinks)."""
+    """A model-store tag, or an existing path inside the reload root (after resolving symlinks).
+    Answers never name server paths, and a path outside the root gets the same answer whether it
+    exists or not (the root is checked before the file system is asked)."""
     from ..model_store import ModelStoreError, resolve_source
 
     if not isinstance(source, str) or not source.strip() or len(source) > 512 or "\x00" in source:
         raise ApiError(422, "invalid_source", "'source' is a model tag or a path (at most 512 characters)")
+    root = reload_root(cfg)
     given = Path(source).expanduser()
-    if given.exists():  # as in resolve_source: an existing path wins over a tag
-        served = Path(cfg.source)  # a path, or a model-store tag (then only --reload-root allows paths)
-        if not cfg.reload_root and not served.exists():
-            raise ApiError(422, "source_not_allowed", "reloading from a path needs --reload-root; or give a model tag")
-        root = Path(cfg.reload_root or served.resolve().parent).resolve()
-        if not given.resolve().is_relative_to(root):
-            raise ApiError(422, "source_not_allowed", f"reload paths must lie inside {root}")
-        return given.resolve()
+    pathlike = given.is_absolute() or "/" in source or source.startswith((".", "~"))
+    refused = ApiError(422, "source_not_allowed", f"{source[:200]!r} is not a file inside the reload root"
+                       if root is not None else "reloading from a path needs --reload-root; or give a model tag")
+    if root is not None:
+        candidate = (given if given.is_absolute() else root / given).resolve()
+        if candidate.is_relative_to(root) and candidate.exists():
+            return candidate
+    if pathlike:
+        raise refused
     try:
         return resolve_source(source)
-    except ModelStoreError as err:
-        raise ApiError(422, "unknown_source", str(err)[:300]) from None
+    except ModelStoreError:
+        raise ApiError(422, "unknown_source", f"no model {source[:200]!r} in the model store") from None
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/])/(?:[^\s'\"/:]+/)*[^\s'\":,)]*")
+
+
+def without_server_paths(detail: str, path: Path, source: str) -> str:
+    """An encoder's reason for refusing a head, with the server's paths taken out: the head's own
+    path as the client named it, any other absolute path as <path>."""
+    return _ABSOLUTE_PATH.sub("<path>", detail.replace(str(path), source[:200]))

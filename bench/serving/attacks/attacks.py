@@ -166,56 +166,72 @@ class GoodClient:
 
 # ---- attacks --------------------------------------------------------------------------------------
 class SlowBodies:
-    """N connections that announce a 100 kB body, send one byte and then dribble a byte every 2 s."""
+    """N connections that announce a 100 kB body, send one byte and then dribble a byte every 2 s;
+    a connection the server answers or closes is replaced at once, so N stay open all phase long
+    (an attacker simply reconnects)."""
+
+    HEAD = (b"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000\r\n\r\n{")
 
     def __init__(self, port: int, n: int):
         self.port, self.n = port, n
         self.socks: list[socket.socket] = []
         self._stop = threading.Event()
         self.refused = 0
+        self.opened = 0
         self.answered: dict[str, int] = {}
 
+    def _open(self) -> None:
+        try:
+            s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+            s.sendall(self.HEAD)
+            s.setblocking(False)
+            self.socks.append(s)
+            self.opened += 1
+        except OSError:
+            self.refused += 1
+
     def __enter__(self):
-        head = (b"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 100000\r\n\r\n{")
         for _ in range(self.n):
-            try:
-                s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
-                s.sendall(head)
-                s.setblocking(False)
-                self.socks.append(s)
-            except OSError:
-                self.refused += 1
+            self._open()
         self._t = threading.Thread(target=self._dribble, daemon=True)
         self._t.start()
         return self
 
     def _dribble(self) -> None:
-        while not self._stop.wait(2.0):
+        while not self._stop.wait(0.25):
             for s in list(self.socks):
-                try:
-                    s.send(b" ")
-                except OSError:
+                if self._answered(s):
                     self.socks.remove(s)
-                    self._note(s)
+                    s.close()
+                    self._open()
+            if int(time.time() * 4) % 8 == 0:  # a byte every 2 s on every connection
+                for s in list(self.socks):
+                    try:
+                        s.send(b" ")
+                    except OSError:
+                        pass
 
-    def _note(self, s: socket.socket) -> None:
+    def _answered(self, s: socket.socket) -> bool:
         try:
             data = s.recv(200)
-            status = data.split(b" ", 2)[1].decode() if data.startswith(b"HTTP/") else "closed"
-        except (OSError, IndexError):
-            status = "closed"
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        status = data.split(b" ", 2)[1].decode() if data.startswith(b"HTTP/") else "closed"
         self.answered[status] = self.answered.get(status, 0) + 1
+        return True
 
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join(5)
         for s in self.socks:
-            self._note(s)
             s.close()
 
     def summary(self) -> dict:
-        return {"connections": self.n, "connect_refused": self.refused, "server_answers": self.answered}
+        return {"connections": self.n, "opened": self.opened, "connect_refused": self.refused,
+                "server_answers": self.answered}
 
 
 class DecodeFlood:
@@ -379,6 +395,9 @@ def hostile_cases(bomb: bytes) -> list[tuple[str, dict]]:
         ("raw: bad Content-Length", {"raw": b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: abc\r\n\r\n{}"}),
         ("raw: negative Content-Length", {"raw": b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: -5\r\n\r\n{}"}),
         ("raw: garbage request line", {"raw": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 hello\r\n\r\n"}),
+        ("raw: conflicting Content-Length", {"raw": b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}"}),
+        ("method: POST /livez", {"method": "POST", "path": "/livez", "headers": {}, "body": b""}),
+        ("multipart: tasks nested 5000 deep", mp([("images", ("a.png", GOOD, "image/png")), ("tasks", "[" * 5000 + "]" * 5000)])),
         ("raw: duplicate Authorization", {"raw": b"POST /classify HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer a\r\nAuthorization: Bearer b\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"}),
     ]
     return cases

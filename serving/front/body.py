@@ -1,0 +1,96 @@
+"""Reading a request body before anything else may hold a slot: a deadline, byte caps, JSON shape.
+
+A client that announces a body and sends it slowly (or never) must cost the server nothing but a
+connection: the body is read under its own deadline (`CLIPHEADS_BODY_TIMEOUT_S`, then 408) and only
+a request whose body has arrived counts against the in-flight limit (guard.py). Bytes of bodies
+still arriving are capped per request (`CLIPHEADS_MAX_BODY_BYTES`) and for the whole process
+(`CLIPHEADS_MAX_UPLOAD_BYTES`, then 503), so many slow uploads cannot fill the memory either.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Optional
+
+# The API's deepest JSON is a list inside an object (3 levels): 32 leaves room and stops the
+# nesting that makes recursive parsers raise RecursionError (Python's json, pydantic's own limit).
+MAX_JSON_DEPTH = 32
+
+
+class BodyRejected(Exception):
+    """The body cannot be taken: answered with `status` and our error body."""
+
+    def __init__(self, status: int, kind: str, detail: str, close: bool = True):
+        super().__init__(detail)
+        self.status, self.kind, self.detail, self.close = status, kind, detail, close
+
+
+class ClientGone(Exception):
+    """The client disconnected before its body arrived: nothing to answer."""
+
+
+class UploadBudget:
+    """Bytes held by bodies still arriving, process-wide (one front worker = one event loop)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.held = 0
+
+    def take(self, n: int) -> None:
+        if self.held + n > self.max_bytes:
+            raise BodyRejected(503, "overloaded", "too many request bodies arriving at once; retry shortly", close=True)
+        self.held += n
+
+    def give_back(self, n: int) -> None:
+        self.held -= n
+
+
+async def read_body(receive, *, content_length: Optional[str], cap: int, timeout_s: float,
+                    budget: UploadBudget) -> bytes:
+    """The whole body within `timeout_s`, at most `cap` bytes (also without Content-Length)."""
+    if content_length is not None and (not content_length.isdigit() or int(content_length) > cap):
+        raise BodyRejected(413, "body_too_large", f"request body over {cap} bytes")
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    raise ClientGone()
+                chunk = msg.get("body", b"")
+                if total + len(chunk) > cap:
+                    raise BodyRejected(413, "body_too_large", f"request body over {cap} bytes")
+                budget.take(len(chunk))
+                total += len(chunk)
+                chunks.append(chunk)
+                if not msg.get("more_body", False):
+                    break
+    except TimeoutError:
+        raise BodyRejected(408, "body_timeout", f"request body not received within {timeout_s:g} s") from None
+    finally:
+        budget.give_back(total)
+    body = b"".join(chunks)
+    del chunks  # one copy of the body per request, not two (memory under bursts of large uploads)
+    return body
+
+
+def json_problem(body: bytes) -> Optional[str]:
+    """Why `body` is not a JSON object we accept, or None. The parsed value is not kept (BentoML
+    parses it again); its depth is measured without recursion."""
+    try:
+        value = json.loads(body or b"{}")
+    except RecursionError:
+        return f"request body is nested deeper than {MAX_JSON_DEPTH} levels"
+    except (ValueError, UnicodeDecodeError):
+        return "request body is not valid JSON"
+    if not isinstance(value, dict):
+        return "request body must be a JSON object"
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return f"request body is nested deeper than {MAX_JSON_DEPTH} levels"
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return None

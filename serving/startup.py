@@ -1,0 +1,42 @@
+"""Checks a server must pass before any worker starts, shared by `clipheads serve` (exit 2 with one
+line) and `bentoml serve` of the service (ClipHeads' `on_deployment` hook: exit 1 with one line),
+so a wrong configuration stops the server instead of a worker that restarts forever or a front
+that is never ready."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Optional
+
+from .tasks import TaskStoreError, store_scheme
+
+
+def tasks_store_problem(location: str) -> Optional[str]:
+    """A one-line problem with a task-store location, or None. A database is not contacted: a
+    replica may start before it (readiness waits for it)."""
+    if not location:
+        return None
+    try:
+        scheme = store_scheme(location)
+    except TaskStoreError as err:
+        return err.detail
+    if scheme in ("", "file"):
+        path = Path(location[len("file://"):] if scheme == "file" else location).expanduser()
+        if path.exists() and not path.is_dir():
+            return f"tasks store {path} exists and is not a directory"
+    elif importlib.util.find_spec("psycopg") is None:
+        return f"a {scheme}:// task store needs psycopg: pip install -r requirements/serve.txt"
+    return None
+
+
+def startup_problem(source: str, tasks_store: str) -> Optional[str]:
+    """What stops a server with this configuration from ever serving, or None."""
+    from .model_store import ModelStoreError, resolve_source
+
+    if not source:
+        return "set CLIPHEADS_SOURCE to a bundle directory, a *.head.safetensors file or a model tag"
+    try:
+        resolve_source(source)
+    except ModelStoreError as err:
+        return f"no such bundle or head: {err}"
+    return tasks_store_problem(tasks_store)

@@ -1,0 +1,238 @@
+"""The front door against a real `clipheads serve` (issue 16.1, 16.4, 16.5, 16.6, 16.7 front items).
+
+One server: bearer token, admin reload enabled, at most 4 requests in flight, a 2 s body deadline.
+- slow bodies: more connections than the in-flight limit announce a body and never finish it; a
+  good request is still 200 meanwhile (it was 429 for ~35 s), and each slow one gets our 408;
+- deeply nested JSON is a fast 400 invalid_json (it was a 35 s plain-text 500);
+- every answer is `{"error", "detail"}`: unknown paths, wrong methods, unparseable HTTP (bad
+  Content-Length, garbage request line), the upload deadline;
+- circus' control endpoints are not TCP ports: the process tree listens on the HTTP port only,
+  and every unix socket it listens on lies in a 0700 directory;
+- strict types (`top_k=true`, `replace="yes"`), a case-insensitive bearer scheme, duplicate
+  Authorization headers refused, reload errors that name no server path and do not tell whether a
+  path outside the root exists.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_serving import Server, make_micro_head, png
+
+pytestmark = pytest.mark.integration
+httpx = pytest.importorskip("httpx")
+psutil = pytest.importorskip("psutil")
+
+TOKEN = "Guard-t0ken"
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+MAX_CONC, BODY_TIMEOUT_S = 4, 2.0
+IMG = base64.b64encode(png()).decode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("guard")
+    (d / "heads").mkdir()
+    srv = Server(make_micro_head(d / "heads"), None, d / "server.log",
+                 env_extra={"CLIPHEADS_MAX_CONCURRENCY": str(MAX_CONC), "CLIPHEADS_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S)},
+                 args=("--auth-token", TOKEN, "--allow-reload"))
+    srv.heads = d / "heads"
+    yield srv
+    srv.stop()
+
+
+def good(server, **kw):
+    return httpx.post(server.url + "/classify", json={"images_b64": [IMG], "tasks": ["color"]},
+                      headers=kw.pop("headers", AUTH), timeout=30, **kw)
+
+
+def raw(server, data: bytes, timeout: float = 10.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except (socket.timeout, ConnectionResetError):
+            pass
+    return out
+
+
+def assert_ours(r: httpx.Response, status: int, kind: str) -> None:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert set(body) == {"error", "detail"} and body["error"] == kind and body["detail"], body
+
+
+# ---- 16.1: slow bodies do not hold the door --------------------------------------------------
+def test_slow_bodies_do_not_count_in_flight_and_get_408(server):
+    head = (b"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{") % TOKEN.encode()
+    slow = []
+    try:
+        t0 = time.perf_counter()
+        for _ in range(4 * MAX_CONC):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=BODY_TIMEOUT_S + 8)
+            s.sendall(head)
+            slow.append(s)
+        time.sleep(0.3)  # all of them are reading their bodies now
+        for _ in range(3):
+            assert good(server).status_code == 200  # was 429: the slow ones held every slot
+        assert time.perf_counter() - t0 < BODY_TIMEOUT_S
+        answers = []
+        for s in slow:
+            data = b""
+            while b"}" not in data.partition(b"\r\n\r\n")[2]:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            answers.append(data)
+        took = time.perf_counter() - t0
+    finally:
+        for s in slow:
+            s.close()
+    assert all(a.startswith(b"HTTP/1.1 408 ") and b'"error": "body_timeout"' in a for a in answers), answers[0][:300]
+    assert BODY_TIMEOUT_S - 0.2 < took < BODY_TIMEOUT_S + 5, took
+    assert good(server).status_code == 200
+
+
+# ---- 16.4: deep JSON ----------------------------------------------------------------------------
+@pytest.mark.parametrize("depth", [40, 1100, 100_000])
+def test_deeply_nested_json_is_a_fast_400(server, depth):
+    body = '{"images_b64": ' + "[" * depth + "]" * depth + "}"
+    t = time.perf_counter()
+    r = httpx.post(server.url + "/classify", content=body, timeout=40,
+                   headers={**AUTH, "content-type": "application/json"})
+    assert time.perf_counter() - t < 2.0
+    assert_ours(r, 400, "invalid_json")
+    assert good(server).status_code == 200
+
+
+# ---- 16.5: one error shape everywhere -------------------------------------------------------------
+def test_unknown_paths_and_methods_answer_our_json(server):
+    assert_ours(httpx.get(server.url + "/no/such/path", timeout=10), 401, "unauthorized")  # the token first
+    assert_ours(httpx.get(server.url + "/no/such/path", headers=AUTH, timeout=10), 404, "not_found")
+    assert_ours(httpx.get(server.url + "/static/%2e%2e/x", headers=AUTH, timeout=10), 404, "not_found")
+    assert_ours(httpx.post(server.url + "/livez", timeout=10), 405, "method_not_allowed")
+    assert_ours(httpx.put(server.url + "/classify", headers=AUTH, timeout=10), 405, "method_not_allowed")
+    assert httpx.get(server.url + "/docs.json", timeout=10).json()["paths"]  # BentoML's own routes still work
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: abc\r\n\r\n{}",
+    b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+    b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    b"\x16\x03\x01garbage request line\r\n\r\n",
+], ids=["non_numeric", "negative", "conflicting", "garbage"])
+def test_unparseable_http_gets_our_json_400(server, request_bytes):
+    reply = raw(server, request_bytes)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head.lower(), reply[:300]
+    assert httpx.Response(400, content=body).json()["error"] == "invalid_request"
+
+
+# ---- 16.6: the process manager is not reachable over TCP ------------------------------------------
+def test_only_the_http_port_listens_and_unix_sockets_are_private(server):
+    procs = [psutil.Process(server.proc.pid)] + psutil.Process(server.proc.pid).children(recursive=True)
+    tcp = {(c.laddr.ip, c.laddr.port) for p in procs for c in p.net_connections("inet")
+           if c.status == psutil.CONN_LISTEN}
+    assert tcp == {("127.0.0.1", server.port)}, tcp  # before: two more ports answering circus commands
+    unix = {c.laddr for p in procs for c in p.net_connections("unix") if c.laddr and not c.raddr}
+    assert any("clipheads-circus-" in path for path in unix), unix  # circus' endpoints moved here
+    for path in unix:
+        folder = Path(path).parent
+        mode = folder.stat()
+        assert stat.S_IMODE(mode.st_mode) == 0o700 and mode.st_uid == psutil.Process().uids().real, (path, oct(mode.st_mode))
+
+
+# ---- 16.7: strict types, auth header parsing, reload answers ---------------------------------------
+def test_strict_types(server):
+    r = httpx.post(server.url + "/classify", json={"images_b64": [IMG], "top_k": True}, headers=AUTH, timeout=30)
+    assert_ours(r, 400, "invalid_request")
+    assert "top_k" in r.json()["detail"]
+    r = httpx.post(server.url + "/classify", files=[("images", ("a.png", png(), "image/png"))],
+                   data={"top_k": "true"}, headers=AUTH, timeout=30)
+    assert_ours(r, 400, "invalid_request")
+    r = httpx.post(server.url + "/classify", files=[("images", ("a.png", png(), "image/png"))],
+                   data={"top_k": "2"}, headers=AUTH, timeout=30)
+    assert r.status_code == 200 and len(r.json()["predictions"][0]["color"]) == 2  # multipart numbers still work
+    task = {"images_b64": [IMG], "name": "strict", "labels": ["a"], "example_labels": ["a"]}
+    r = httpx.post(server.url + "/tasks", json={**task, "replace": "yes"}, headers=AUTH, timeout=30)
+    assert_ours(r, 400, "invalid_request")
+    assert "replace" in r.json()["detail"]
+    assert httpx.post(server.url + "/tasks", json={**task, "replace": True}, headers=AUTH, timeout=30).status_code == 201
+
+
+def test_bearer_scheme_is_case_insensitive_and_duplicates_are_refused(server):
+    for scheme in ("bearer", "BEARER", "BeArEr"):
+        assert good(server, headers={"authorization": f"{scheme} {TOKEN}"}).status_code == 200, scheme
+    assert_ours(good(server, headers={"authorization": f"bearer {TOKEN.lower()}"}), 401, "unauthorized")  # the token is not
+    assert_ours(good(server, headers={"authorization": f"Basic {TOKEN}"}), 401, "unauthorized")
+    dup = httpx.Headers([("authorization", f"Bearer {TOKEN}"), ("authorization", "Bearer other")])
+    assert_ours(good(server, headers=dup), 400, "invalid_request")
+    dup = httpx.Headers([("authorization", f"Bearer {TOKEN}"), ("authorization", f"Bearer {TOKEN}")])
+    assert_ours(good(server, headers=dup), 400, "invalid_request")
+
+
+def test_reload_errors_name_no_server_path_and_do_not_reveal_existence(server, tmp_path):
+    def reload(source):
+        return httpx.post(server.url + "/admin/reload", json={"source": source}, headers=AUTH, timeout=60)
+
+    existing, missing = tmp_path / "real.head.safetensors", tmp_path / "missing.head.safetensors"
+    existing.write_bytes(b"x")
+    a, b = reload(str(existing)), reload(str(missing))
+    assert a.status_code == b.status_code == 422 and a.json()["error"] == b.json()["error"] == "source_not_allowed"
+    assert a.json()["detail"].replace("real", "missing") == b.json()["detail"]  # same answer, exists or not
+    for r in (a, b, reload("/etc/passwd"), reload("../../../etc/passwd"), reload("no-such-model:v9")):
+        assert r.status_code == 422, r.text
+        assert str(server.heads) not in r.text and str(Path.home()) not in r.text and "bentoml-home" not in r.text, r.text
+    corrupt = server.heads / "corrupt.head.safetensors"  # inside the reload root: loaded, refused
+    corrupt.write_bytes(b"\0" * 64)
+    r = reload("corrupt.head.safetensors")
+    assert_ours(r, 422, "head_load_failed")
+    assert str(server.heads) not in r.json()["detail"] and "/tmp" not in r.json()["detail"], r.json()
+    assert good(server).status_code == 200  # the serving head stayed
+
+
+# ---- 16.7: a configuration that can never serve is refused at start ----------------------------------
+def _bentoml_serve(env_extra: dict, tmp_path: Path) -> subprocess.CompletedProcess:
+    from test_serving import REPO, free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPHEADS_")}
+    env.update(BENTOML_DO_NOT_TRACK="true", BENTOML_HOME=str(tmp_path / "bentoml-home"), PYTHONPATH=str(REPO),
+               **env_extra)
+    return subprocess.run([sys.executable, "-m", "bentoml", "serve", "clipheads.serving.service:ClipHeads",
+                           "--port", str(free_port()), "--working-dir", str(REPO)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_bentoml_serve_without_a_source_exits_instead_of_restarting(tmp_path):
+    done = _bentoml_serve({}, tmp_path)  # before: the encoder restarted forever (timeout here)
+    assert done.returncode != 0
+    assert "set CLIPHEADS_SOURCE" in done.stderr, done.stderr[-2000:]
+    done = _bentoml_serve({"CLIPHEADS_SOURCE": "no-such-model:v1"}, tmp_path)
+    assert done.returncode != 0 and "no such bundle or head" in done.stderr, done.stderr[-2000:]
+
+
+def test_a_tasks_store_that_is_a_file_is_refused_at_start(server, tmp_path):
+    from test_serving import REPO
+
+    afile = tmp_path / "tasks"
+    afile.write_text("not a directory")
+    head = next(server.heads.glob("*.head.safetensors"))
+    done = subprocess.run([sys.executable, "-m", "clipheads.serving.cli", str(head), "--tasks-dir", str(afile),
+                           "--model-configs", str(REPO / "tests" / "model_configs")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "is not a directory" in done.stderr, done.stderr
+    done = _bentoml_serve({"CLIPHEADS_SOURCE": str(head), "CLIPHEADS_TASKS_DIR": str(afile)}, tmp_path)
+    assert done.returncode != 0 and "is not a directory" in done.stderr, done.stderr[-2000:]
