@@ -86,3 +86,56 @@ def test_a_fixed_length_text_graph_still_exports_and_says_so(micro_backbone, tmp
 
     path = export_text_graph(TextEncoder(micro_backbone), tmp_path / "t.onnx", variable_length=False)
     assert graph_io(path)["inputs"][0]["shape"] == ["batch", micro_backbone.context_length]
+
+
+def test_every_runtime_feeds_the_used_length_and_gets_the_full_contexts_features(tmp_path):
+    """Zero-shot labels and few-shot registration reach the text tower through `encode_texts`:
+    ONNX Runtime (bundle), eager and folded PyTorch (head file) all cut the call to its bucketed
+    longest label, and give the full context's features."""
+    from safetensors.torch import save_file
+
+    from conftest import make_backbone
+
+    from clipheads.export.pipeline import ExportOptions, export_heads
+    from clipheads.serving.runtimes import OnnxRuntime, TorchRuntime
+    from clipheads.serving.runtimes.torch_folded import FoldedTorchRuntime
+    from clipheads.training.artifact import save_head
+    from clipheads.training.backbone import load_backbone
+
+    bb = make_backbone("test-vit-micro", seed=0)
+    save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    bb = load_backbone("test-vit-micro", str(tmp_path / "w.safetensors"))
+    head = build_method("zeroshot", bb, TASK)
+    head_file = save_head(head, tmp_path / "zs.head.safetensors")
+    assert export_heads([head], tmp_path / "b", ExportOptions(probes=8)).passed
+
+    texts = [t.format(c) for c in LABELS[:2] for t in TASK[0].templates]  # short labels: 1 bucket
+    tok = bb.tokenize(texts)
+    used, ctx = bb.trimmed_length(tok), bb.context_length
+    assert used < ctx
+    with torch.no_grad():
+        want = bb.encode_text(tok, trim=False).numpy()
+
+    class Recorder:  # the real session; records what the runtime feeds it
+        def __init__(self, sess):
+            self.sess, self.lengths = sess, []
+
+        def run(self, names, feed):
+            self.lengths.append(feed["tokens"].shape[1])
+            return self.sess.run(names, feed)
+
+    ort_rt = OnnxRuntime(tmp_path / "b", providers=["CPUExecutionProvider"])
+    ort_rt._text = rec = Recorder(ort_rt._text)
+    got = ort_rt.encode_texts(texts)
+    assert rec.lengths == [used] and np.abs(got - want).max() <= 1e-5
+
+    for rt in (TorchRuntime(head_file, device="cpu"), FoldedTorchRuntime(head_file, device="cpu")):
+        tower = (rt.head.backbone if isinstance(rt, TorchRuntime) else rt._backbone)._text.transformer
+        seen = []
+        hook = tower.resblocks[0].register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[:2])))
+        try:
+            got = rt.encode_texts(texts)
+        finally:
+            hook.remove()
+        assert len(seen) == 1 and used in seen[0] and ctx not in seen[0], (rt.name, seen)
+        assert np.abs(got - want).max() <= 1e-5, rt.name

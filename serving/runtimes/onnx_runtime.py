@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from clipheads.training.files import file_sha256
+from clipheads.training.text_length import LENGTH_BUCKET, trim_tokens
 
 from .base import Runtime, RuntimeError_
 from .bundle import backbone_identity, index_tasks, read_manifest
@@ -64,6 +65,10 @@ class OnnxRuntime(Runtime):
         self._text = session(text["graph"]) if text.get("graph") else None
         self.has_text = self._text is not None
         self._ctx_len = int(text.get("context_length", 77))
+        # a "dynamic" text graph takes each call cut to its longest label (BUNDLE.md, Text length)
+        pool = text.get("pool") or {}
+        self._text_cut = ((pool.get("type", "argmax"), pool.get("eos_id"), int(text.get("length_bucket", LENGTH_BUCKET)))
+                          if text.get("sequence") == "dynamic" else None)
         self._tokenizer = None
         self._tokenizer_name = text.get("tokenizer") or bb.get("arch")
         self.base_path = 0
@@ -95,7 +100,11 @@ class OnnxRuntime(Runtime):
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         if self._text is None:
             raise RuntimeError_("this bundle has no text graph; request-time labels are unavailable")
-        (feats,) = self._text.run(["features"], {"tokens": self._tokenize(texts)})
+        tokens = self._tokenize(texts)
+        if self._text_cut is not None:
+            pool_type, eos_id, bucket = self._text_cut
+            tokens = trim_tokens(tokens, pool_type, eos_id, bucket=bucket)
+        (feats,) = self._text.run(["features"], {"tokens": np.ascontiguousarray(tokens)})
         return feats.astype(np.float32, copy=False)
 
 

@@ -91,6 +91,6 @@ class TorchRuntime(Runtime):
         bb = self.head.backbone
         with self._lock, torch.no_grad():
             tokens = bb.tokenize(list(texts)).to(self.device)
-            return bb.encode_text(tokens).float().cpu().numpy()
+            return bb.encode_text(tokens, trim=True).float().cpu().numpy()  # the used length: same features
 
 

@@ -117,4 +117,7 @@ class FoldedTorchRuntime(Runtime):
         torch = self._torch
         with self._lock, torch.inference_mode():
             tokens = self._backbone.tokenize(list(texts)).to(self.device)
+            length = self._backbone.trimmed_length(tokens)  # the used length: same features (text_length.py)
+            if length is not None and length < tokens.shape[1]:
+                tokens = tokens[:, :length]
             return self._text(tokens).float().cpu().numpy()
