@@ -234,3 +234,24 @@ def test_json_shape_and_depth(body, ok):
     from clipheads.serving.front.body import json_problem
 
     assert (json_problem(body) is None) == ok
+
+
+def test_library_answers_on_other_paths_are_reshaped():
+    """A not-ready probe, a Starlette 404 and an exception the app lets out: our JSON each time."""
+    async def app(scope, receive, send):
+        if scope["path"] == "/boom":
+            raise RuntimeError("secret internals")
+        status = 503 if scope["path"] == "/readyz" else 404
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"Service Unavailable" if status == 503 else b"Not Found"})
+
+    async def go():
+        async with client(app) as c:
+            r = await c.get("/readyz")
+            assert r.status_code == 503 and r.json()["error"] == "not_ready" and r.headers["retry-after"] == "1"
+            r = await c.get("/nope")
+            assert r.status_code == 404 and r.json() == {"error": "not_found", "detail": "/nope does not exist"}
+            r = await c.get("/boom")
+            assert r.status_code == 500 and r.json()["error"] == "internal" and "secret" not in r.text
+
+    run(go())

@@ -10,7 +10,9 @@ ERROR_CODES = {
     "409": "task_exists / task_readonly / incompatible_head",
     "413": "body_too_large / too_many_bytes / too_many_pixels", "415": "unsupported_media_type / unsupported_format",
     "422": "invalid input (image, labels, task, top_k, ...)", "429": "overloaded (Retry-After)",
-    "500": "internal (generic body)", "503": "not_ready / overloaded / decode_busy / tasks_store_unavailable (Retry-After)", "504": "timeout",
+    "500": "internal (generic body)",
+    "503": "not_ready / overloaded / decode_busy / tasks_store_unavailable / unavailable (Retry-After)",
+    "504": "timeout",
 }
 
 

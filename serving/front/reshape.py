@@ -58,6 +58,8 @@ def classify_other_error(status: int, raw: bytes, path: str) -> tuple[int, str, 
         return 405, "method_not_allowed", f"this method is not supported on {path[:100]}"
     if status in (500, 503) and path == "/readyz":
         return 503, "not_ready", "the service is not ready"
+    if status == 503:
+        return 503, "unavailable", "the service is not available"
     if status >= 500:
         return status, "internal", "unexpected server error; see the server log"
     return status, "invalid_request", _library_detail(raw)[:1000]
