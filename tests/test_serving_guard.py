@@ -255,3 +255,15 @@ def test_library_answers_on_other_paths_are_reshaped():
             assert r.status_code == 500 and r.json()["error"] == "internal" and "secret" not in r.text
 
     run(go())
+
+
+def test_bytes_of_arriving_bodies_are_capped_per_process():
+    async def go():
+        guard = GuardMiddleware(stub_app(), ServeConfig(max_upload_bytes=1000))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=guard), base_url="http://t") as c:
+            r = await c.post("/classify", content=b"{" + b" " * 2000 + b"}", headers={"content-type": "application/json"})
+            assert r.status_code == 503 and r.json()["error"] == "overloaded" and r.headers["retry-after"] == "1"
+            assert (await c.post("/classify", json={})).status_code == 200  # the budget was given back
+        assert guard.upload_bytes.held == 0
+
+    run(go())
