@@ -95,14 +95,19 @@ class Raw:
 
 
 def server_procs(proc) -> dict:
-    """{'front': psutil.Process, 'encoder': ...} of a `clipheads serve` started by this script."""
+    """{'front': psutil.Process, 'encoder': ..., 'front_child_<pid>': ...} of a `clipheads serve`
+    started by this script. The two BentoML workers are children of `bentoml serve`; processes
+    they start themselves (the front's large-image decode lane) inherit their command line and are
+    listed as their children, so every server process's CPU is counted once."""
     import psutil
 
     out = {}
-    for p in psutil.Process(proc.pid).children(recursive=True):
-        cmd = " ".join(p.cmdline())
-        if "_bentoml_impl.worker.service" in cmd:
-            out["encoder" if "clipheads_encoder" in cmd else "front"] = p
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "_bentoml_impl.worker.service" in " ".join(p.cmdline())]
+    pids = {p.pid for p in workers}
+    for p in workers:
+        role = "encoder" if "clipheads_encoder" in " ".join(p.cmdline()) else "front"
+        out[role if p.ppid() not in pids else f"{role}_child_{p.pid}"] = p
     return out
 
 
