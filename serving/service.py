@@ -24,6 +24,7 @@ from typing import Any, Optional
 import bentoml
 from pydantic import StrictBool, StrictInt
 
+from .bento_speed import pin_output_media_types
 from .drain import FrontRegistry, chain_exit_signals, pin_dependency
 from .encoder.batching import ContinuousBatcher
 from .encoder.heads import HeadIncompatible, HeadLoadError, HeadSlot, load_head
@@ -32,6 +33,7 @@ from .front.config import CONFIG, ServeConfig
 from .front.core import Front
 from .front.guard import GuardMiddleware
 from .front.http_layer import install_json_400
+from .hop import HopServer
 from .metrics import HEAD_INFO, HEAD_LOAD_FAILURES, install_bounded_labels
 from .process_manager import install_private_endpoints
 from .runtimes import Runtime
@@ -84,6 +86,8 @@ class Encoder:
         self.error: Optional[str] = None
         self.fronts = FrontRegistry(CONFIG.grace_s)
         self.batcher = ContinuousBatcher(self.slot, CONFIG.max_batch_size, CONFIG.batch_wait_ms)
+        # the front's encode calls (hop.py); BentoML's own route below stays for in-process use
+        self.hop = HopServer(self.batcher.submit, max_images=max(CONFIG.max_images, CONFIG.max_examples))
         try:
             self.runtime.warmup()
         except Exception as err:  # noqa: BLE001 - reported through readiness, not a crash loop
@@ -107,14 +111,19 @@ class Encoder:
         """Cheap liveness of this process for the front's /readyz (pid changes on a restart).
         A front pings with its pid once warm: on SIGTERM this encoder outlives those fronts."""
         self.fronts.register(int(front_pid))
-        return {"pid": os.getpid(), "error": self.error}
+        return {"pid": os.getpid(), "error": self.error, "hop": self.hop.path}
 
     @bentoml.on_startup
     def _defer_exit_to_fronts(self) -> None:
         chain_exit_signals(self.fronts.on_exit_signal)
 
+    @bentoml.on_startup
+    async def _start_hop(self) -> None:
+        await self.hop.start()
+
     @bentoml.on_shutdown
-    def _stop_runner(self) -> None:
+    async def _stop_runner(self) -> None:
+        await self.hop.close()
         self.batcher.close()
 
     @bentoml.api
@@ -128,7 +137,8 @@ class Encoder:
         rt = head.runtime
         d = rt.describe()
         d.update(preprocess=rt.preprocess, base_path=rt.base_path, logit_scale=rt.logit_scale, error=self.error,
-                 slices={t.name: list(t.logit_slice) for t in rt.tasks.values()}, version=head.version)
+                 slices={t.name: list(t.logit_slice) for t in rt.tasks.values()}, version=head.version,
+                 hop=self.hop.path)
         return d
 
     @bentoml.api
@@ -193,6 +203,7 @@ class ClipHeads(Front):
 
     @bentoml.on_shutdown
     async def _close_encoder_client(self) -> None:
+        await self.hop.close()
         if self._enc_link is not None:
             await self.enc.close()
             self._enc_link.remove()
@@ -262,3 +273,4 @@ class ClipHeads(Front):
 
 
 ClipHeads.add_asgi_middleware(GuardMiddleware, config=CONFIG)
+pin_output_media_types(ClipHeads)  # the encoder answers BentoML calls in pickle: left alone

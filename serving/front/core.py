@@ -17,6 +17,7 @@ import numpy as np
 from bentoml.exceptions import ServiceUnavailable
 
 from ..drain import chain_exit_signals
+from ..hop import EncoderUnavailable, HopClient
 from ..images import DecodeSpec, ImageRejected
 from ..metrics import IMAGES, REJECTIONS, REQUESTS, RUNTIME_ERRORS
 from ..tasks import LRUCache, TaskStore, TaskStoreError, open_task_store
@@ -46,6 +47,7 @@ class Front:
         self.draining = False
         self.encoder_pid: Optional[int] = None
         self.head_version: str = ""  # the version of the last result from the encoder
+        self.hop = HopClient()  # the encode calls' path to the encoder (hop.py), once the encoder names it
         self._warm_lock = asyncio.Lock()
         self._warm_task: Optional[asyncio.Future] = None
         if self.cfg.allow_reload and not self.cfg.auth_token:
@@ -69,6 +71,7 @@ class Front:
                 ping = await asyncio.wait_for(self.enc.to_async.ping(front_pid=os.getpid()), 2.0)
                 if ping.get("error"):
                     raise RuntimeError(ping["error"])
+                self.hop.point_to(ping.get("hop") or "")  # "" (in-process encoder): BentoML's call
                 s = int(self.info["image_size"])
                 px = np.full((1, 3, s, s), 127, np.uint8)
                 await self.encode(px, list(range(len(self.info["paths"]))), count=False)
@@ -103,6 +106,12 @@ class Front:
         self._start_warm()
         return False
 
+    def encoder_lost(self) -> None:
+        """The encoder went away under a request: not ready until a re-warm reaches the new one."""
+        self.ready = False
+        if not self.draining:
+            self._start_warm()
+
     @bentoml.on_startup
     def _install_drain_handler(self) -> None:
         """SIGTERM/SIGINT: flip /readyz to 503 at once, then let uvicorn drain in-flight requests."""
@@ -136,6 +145,10 @@ class Front:
             return self.error(ctx, endpoint, ApiError(err.http_status, err.kind, err.detail))
         except TaskStoreError as err:
             return self.error(ctx, endpoint, ApiError(err.http_status, err.kind, err.detail))
+        except EncoderUnavailable as err:  # dead, restarting or stopped encoder: retryable, never a 500
+            log.warning("%s: encoder unavailable: %s", endpoint, err)
+            self.encoder_lost()
+            return self.error(ctx, endpoint, ApiError(503, "not_ready", "the model is restarting; retry shortly"))
         except Exception as err:  # noqa: BLE001 - a runtime failure: generic body, no internals
             if isinstance(err, ServiceUnavailable) or "overloaded" in str(err).lower():
                 return self.error(ctx, endpoint, ApiError(503, "overloaded", "encoder queue is full; retry shortly"))
@@ -172,9 +185,9 @@ class Front:
         for attempt in range(3):
             try:
                 return await getattr(self.enc.to_async, method)(*args, **kw)
-            except aiohttp.ClientConnectionError:
+            except aiohttp.ClientConnectionError as err:
                 if attempt == 2:
-                    raise
+                    raise EncoderUnavailable(f"{method}: {type(err).__name__}: {err}") from err
                 log.info("encoder connection dropped; retrying %s", method)
                 await asyncio.sleep(0.01 * (attempt + 1))
 
@@ -182,20 +195,20 @@ class Front:
         """One encoder call per request: one job per image (uint8), each naming every path it
         needs, so an image is sent once and encoded once per distinct path. Returns
         ({path: {"logits", "features"}}, head version): a request runs in one pass, one version."""
-        jobs = [{"paths": paths, "pixels": px} for px in pixels]
-        res = await self.call_encoder("encode", jobs, deadline=time.time() + self.cfg.timeout_s)
-        if len(res) != len(jobs) or any("error" in r for r in res):
-            if any(r.get("error") == "timeout" for r in res):
+        deadline = time.time() + self.cfg.timeout_s
+        if self.hop.path:  # raw frames on the encoder's own socket (hop.py)
+            version, errors, out = await self.hop.encode(pixels, paths, deadline, timeout=self.cfg.encoder_timeout_s)
+        else:  # an in-process encoder (tests): BentoML's call
+            version, errors, out = _from_jobs(await self.call_encoder(
+                "encode", [{"paths": paths, "pixels": px} for px in pixels], deadline=deadline), paths, len(pixels))
+        if errors:
+            if "timeout" in errors:
                 raise ApiError(504, "timeout", f"not processed within {self.cfg.timeout_s} s")
             raise EncoderFailure("the encoder failed on this request")
-        versions = {r.get("version", "") for r in res}
-        if len(versions) != 1:
-            raise EncoderFailure(f"one request came back from several head versions {sorted(versions)}")
-        self.head_version = version = versions.pop()
+        self.head_version = version
         if count:
             IMAGES.labels(runtime=self.info["runtime"]).inc(len(pixels))
-        return {p: {"logits": np.stack([r["logits"][p] for r in res]),
-                    "features": np.stack([r["features"][p] for r in res])} for p in paths}, version
+        return out, version
 
     async def text_weights(self, labels: list[str], templates: tuple[str, ...], version: str) -> tuple[np.ndarray, str]:
         """(L, E) label embeddings and the head version that computed them (the text tower carries
@@ -228,3 +241,12 @@ class Front:
     def all_tasks(self) -> dict[str, dict]:
         return {t["name"]: t for t in self.info["tasks"]}
 
+
+
+def _from_jobs(res: list[dict], paths: list[int], n: int) -> tuple[str, Optional[list], dict]:
+    """BentoML's `encode` answer (one dict per image) in the hop's shape: (version, errors, outputs)."""
+    versions = {r.get("version", "") for r in res}
+    if len(res) != n or len(versions) != 1 or any("error" in r for r in res):
+        return "", [r.get("error", "internal") for r in res] or ["internal"], {}
+    return versions.pop(), None, {p: {"logits": np.stack([r["logits"][p] for r in res]),
+                                      "features": np.stack([r["features"][p] for r in res])} for p in paths}
