@@ -160,8 +160,8 @@ def all_server_cpu(procs: dict) -> float:
     return sum(v for k, v in c.items() if k != "client")
 
 
-def measure_variant(name, source, code_dir, raw: Raw, blobs, levels, duration, work) -> list[dict]:
-    proc, port = start_server(source, code_dir, work, {})
+def measure_variant(name, source, code_dir, raw: Raw, blobs, levels, duration, work, env: dict) -> list[dict]:
+    proc, port = start_server(source, code_dir, work, env)
     url = f"http://127.0.0.1:{port}"
     out = []
     try:
@@ -226,7 +226,10 @@ def summarize(rows: list[dict]) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bundle", action="append", required=True, help="NAME=DIR (repeat)")
-    ap.add_argument("--base", default="main", help="git ref of the 'before' service")
+    ap.add_argument("--base", default="main", help="git ref of the 'before' service; 'tree' = this working tree "
+                    "too (then the variants differ by --base-env / --env only)")
+    ap.add_argument("--base-env", nargs="*", default=[], help="KEY=VALUE server settings of the 'before' variant")
+    ap.add_argument("--env", nargs="*", default=[], help="KEY=VALUE server settings of this tree's variant")
     ap.add_argument("--base-name", default="before")
     ap.add_argument("--name", default="after", help="name of this working tree's variant")
     ap.add_argument("--rounds", type=int, default=2)
@@ -238,15 +241,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("CLIPHEADS_MODEL_CONFIGS", str(REPO / "tests" / "model_configs"))
     work = Path(tempfile.mkdtemp(prefix="clipheads-overhead-"))
-    base_dir = checkout(args.base, work / "base")
-    base_commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.base], capture_output=True,
-                                 text=True).stdout.strip()
+    base_dir = None if args.base == "tree" else checkout(args.base, work / "base")
+    base_commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD" if args.base == "tree" else args.base],
+                                 capture_output=True, text=True).stdout.strip()
     tree_commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                                  text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
                                 capture_output=True, text=True).stdout.strip())
     blobs = [jpeg(i) for i in range(64)]
     info = machine()
+    envs = {args.base_name: dict(kv.split("=", 1) for kv in args.base_env), args.name: dict(kv.split("=", 1) for kv in args.env)}
     variants = [(args.base_name, base_dir), (args.name, None)]
     rows, raw1 = [], {}
     try:
@@ -257,14 +261,15 @@ def main(argv=None) -> int:
                 raw1.setdefault(bname, []).append(round(raw_batch1_cpu(raw, 2.0), 3))
                 order = variants if rnd % 2 == 0 else variants[::-1]
                 for vname, code in order:
-                    for r in measure_variant(vname, source, code, raw, blobs, args.concurrency, args.duration, work):
+                    for r in measure_variant(vname, source, code, raw, blobs, args.concurrency, args.duration, work,
+                                             envs[vname]):
                         rows.append({**r, "bundle": bname, "round": rnd, "runtime": raw.rt.name})
                 del raw
     finally:
         info["loadavg_after"] = os.getloadavg()
         shutil.rmtree(work / "base", ignore_errors=True)
     summary = summarize(rows)
-    result = {"tag": args.tag, "machine": info, "base": f"{args.base} ({base_commit})",
+    result = {"tag": args.tag, "machine": info, "base": f"{args.base} ({base_commit})", "envs": envs,
               "tree": f"{tree_commit}{' + uncommitted changes' if dirty else ''}", "rounds": args.rounds,
               "duration_s": args.duration, "note": args.note, "raw_cpu_ms_per_image_batch1": raw1,
               "request": "POST /classify, 1 JPEG 320x240 per request, all tasks, keep-alive connections",
@@ -275,7 +280,7 @@ def main(argv=None) -> int:
     md = [f"# Server overhead per request, A/B: {args.tag}", "",
           f"`{args.base_name}` = {result['base']}, `{args.name}` = working tree {result['tree']}; "
           f"{args.rounds} rounds, variants interleaved (the first variant alternates per round), "
-          f"{args.duration:g} s per level; medians over rounds.",
+          f"{args.duration:g} s per level; medians over rounds. Server settings: {envs}.",
           f"Machine: {info['cpu']}, {info['cores']} cores, **shared with other engineers' jobs** (load average "
           f"{info['loadavg_before'][0]:.1f} before, {info['loadavg_after'][0]:.1f} after): absolute numbers are "
           "contended; compare the variants, measured in the same minutes.",

@@ -51,6 +51,7 @@ class ServeConfig:
     max_batch_size: int = 64  # CLIPHEADS_MAX_BATCH_SIZE images per encoder pass
     batch_wait_ms: int = 0  # CLIPHEADS_BATCH_WAIT_MS extra wait for more images before a pass (GPU: 2-5)
     decode_threads: int = 2  # CLIPHEADS_DECODE_THREADS
+    inline_decode_pixels: int = DecodeBudget.inline_pixels  # CLIPHEADS_INLINE_DECODE_PIXELS: at most, on the event loop
     grace_s: int = 30  # CLIPHEADS_GRACE_S: after SIGTERM, how long in-flight requests get to finish
     allow_reload: bool = False  # CLIPHEADS_ALLOW_RELOAD=1: POST /admin/reload (needs an auth token)
     reload_root: str = ""  # CLIPHEADS_RELOAD_ROOT: reload paths must lie inside (default: the source's folder)
@@ -105,6 +106,7 @@ class ServeConfig:
             max_batch_size=_env_int("CLIPHEADS_MAX_BATCH_SIZE", d.max_batch_size),
             batch_wait_ms=_env_int("CLIPHEADS_BATCH_WAIT_MS", d.batch_wait_ms),
             decode_threads=_env_int("CLIPHEADS_DECODE_THREADS", d.decode_threads),
+            inline_decode_pixels=_env_int("CLIPHEADS_INLINE_DECODE_PIXELS", d.inline_decode_pixels),
             grace_s=_env_int("CLIPHEADS_GRACE_S", d.grace_s),
             allow_reload=e("CLIPHEADS_ALLOW_RELOAD", "") in ("1", "true", "yes"),
             reload_root=e("CLIPHEADS_RELOAD_ROOT", ""),

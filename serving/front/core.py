@@ -37,7 +37,8 @@ class Front:
         self.cfg = config
         # one image at the per-image cap must always fit the process budget
         self.lanes = DecodeLanes(DecodeBudget(config.max_request_pixels, max(config.max_decode_pixels, config.max_pixels),
-                                              config.large_image_pixels), small_threads=config.decode_threads)
+                                              config.large_image_pixels, config.inline_decode_pixels),
+                                 small_threads=config.decode_threads)
         self.text_cache = LRUCache(256)
         self.ready = False
         self.info: Optional[dict] = None
