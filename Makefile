@@ -37,9 +37,15 @@ bench-methods: $(STAMP)
 
 # A Bento (bentofile.yaml): the code travels as the clipheads wheel, so the Bento imports the
 # same `clipheads.*` namespace as an install. Offline: no locking against an index.
+# MODEL=TAG: a Bento whose `models:` carry that model-store entry (head + stored backbone weights)
+# and whose CLIPHEADS_SOURCE names it (build/bentofile.yaml from `clipheads models bentofile`).
+MODEL ?=
 bento: $(STAMP)
 	rm -rf dist && $(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w dist .
-	$(BIN)/bentoml build
+	if [ -n "$(MODEL)" ]; then \
+	  mkdir -p build && $(BIN)/clipheads models bentofile "$(MODEL)" --out build/bentofile.yaml && \
+	  $(BIN)/bentoml build -f build/bentofile.yaml . ; \
+	else $(BIN)/bentoml build ; fi
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

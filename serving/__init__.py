@@ -9,6 +9,7 @@
     images.py    safe decoding of untrusted image bytes (front and scoring)
     tasks/       few-shot tasks registered at run time and their stores (directory, PostgreSQL)
     model_store.py  heads and bundles in BentoML's model store (`clipheads models`)
+    model_entry.py  the layout of one stored entry (read by runtimes: a stored head's backbone weights)
     metrics.py   Prometheus metrics; bounded labels for BentoML's own
     drain.py     ordered shutdown of the two serving processes
 

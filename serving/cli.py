@@ -7,12 +7,15 @@ usage tracking off unless `--allow-tracking` is given.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
+
+from clipheads.training import console
 
 from .runtimes import RUNTIME_KINDS  # a light import: torch/ORT load only when a runtime opens
 from .startup import tasks_store_problem
@@ -23,7 +26,7 @@ SERVICE = "clipheads.serving.service:ClipHeads"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clipheads serve", description="Serve a bundle or head over HTTP (BentoML).")
+    p = console.ArgumentParser(prog="clipheads serve", description="Serve a bundle or head over HTTP (BentoML).")
     p.add_argument("source", help="export bundle directory, a *.head.safetensors file (eager PyTorch), or the tag "
                                   "of a model saved with `clipheads models save` (name[:version])")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 to expose)")
@@ -50,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a head file's backbone weights if they moved (path, tag or hf-hub id; sha256-checked)")
     p.add_argument("--allow-tracking", action="store_true", help="let BentoML send usage statistics")
     p.add_argument("--dry-run", action="store_true", help="print the command and environment, do not start")
+    console.add_output_flags(p)  # --json: the dry run (or the address served) as JSON; -q: no start-up line
     return p
 
 
@@ -97,51 +101,52 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .model_store import ModelStoreError, resolve_source
+    args, code = console.parse(build_parser(), argv)
+    if args is None:
+        return code
+    return console.run("clipheads serve", lambda: _serve(args), as_json=args.json)
+
+
+def _serve(args) -> int:
+    """Bad flags and sources raise console.BadInput (one line, exit 2) before anything starts."""
+    from .model_store import ModelStoreError, resolve_source, stored_weights
 
     try:
         src = resolve_source(args.source)
     except ModelStoreError as err:
-        print(f"clipheads serve: no such bundle or head: {err}", file=sys.stderr)
-        return 2
+        raise console.BadInput(f"no such bundle or head: {err}") from None
     args.source = str(src)
     # Flag checks first: they cost nothing, opening the head reads and hashes files.
     if args.allow_reload and not (args.auth_token or os.environ.get("CLIPHEADS_AUTH_TOKEN")):
-        print("clipheads serve: --allow-reload needs --auth-token (or CLIPHEADS_AUTH_TOKEN): "
-              "admin routes are never open", file=sys.stderr)
-        return 2
+        raise console.BadInput("--allow-reload needs --auth-token (or CLIPHEADS_AUTH_TOKEN): admin routes are never open")
     if args.pretrained and not src.is_file():
-        print(f"clipheads serve: --pretrained applies to a head file; the bundle {src} holds its backbone in its graphs",
-              file=sys.stderr)
-        return 2
+        raise console.BadInput(f"--pretrained applies to a head file; the bundle {src} holds its backbone in its graphs")
     if src.is_file() and args.runtime not in ("auto", "torch", "torch-folded"):
-        print(f"clipheads serve: {src} is a head file; --runtime {args.runtime} needs a bundle", file=sys.stderr)
-        return 2
+        raise console.BadInput(f"{src} is a head file; --runtime {args.runtime} needs a bundle")
     if src.is_file():  # moved or mismatched backbone weights: one line here, not a crashing server
         from clipheads.training.artifact import ArtifactError, load_head
         from clipheads.training.backbone import BackboneError
         from clipheads.training.backbone_record import check_weights_override
 
         try:
-            check_weights_override(load_head(src).backbone, args.pretrained)
+            check_weights_override(load_head(src).backbone, args.pretrained or stored_weights(src))
         except (ArtifactError, BackboneError) as err:
             reason = str(err)
-            print(f"clipheads serve: {reason if str(src) in reason else f'{src}: {reason}'}", file=sys.stderr)
-            return 2
+            raise console.BadInput(reason if str(src) in reason else f"{src}: {reason}") from None
     problem = check_tasks_store(args)
     if problem:
-        print(f"clipheads serve: {problem}", file=sys.stderr)
-        return 2
+        raise console.BadInput(problem)
     cmd, env = serve_command(args)
+    shown = {k: redact(env[k]) if k == "CLIPHEADS_TASKS_STORE" else env[k]
+             for k in sorted(env) if k.startswith("CLIPHEADS_") and k != "CLIPHEADS_AUTH_TOKEN"}
     if args.dry_run:
-        print(" ".join(cmd))
-        for k in sorted(env):
-            if k.startswith("CLIPHEADS_") and k != "CLIPHEADS_AUTH_TOKEN":
-                print(f"{k}={redact(env[k]) if k == 'CLIPHEADS_TASKS_STORE' else env[k]}")
+        console.emit({"command": cmd, "env": shown}, args.json,
+                      "\n".join([" ".join(cmd), *(f"{k}={v}" for k, v in shown.items())]))
         return 0
     weights = f", backbone weights {env['CLIPHEADS_BACKBONE_WEIGHTS']} (sha256-checked at load)" if args.pretrained else ""
-    print(f"clipheads serve: {src} on http://{args.host}:{args.port} (runtime {args.runtime}{weights})", file=sys.stderr)
+    console.info(f"clipheads serve: {src} on http://{args.host}:{args.port} (runtime {args.runtime}{weights})", args.quiet)
+    if args.json:  # one line for a supervisor; BentoML's own logs follow on stderr
+        print(json.dumps({"url": f"http://{args.host}:{args.port}", "source": str(src), "runtime": args.runtime}), flush=True)
     proc = subprocess.Popen(cmd, env=env)
 
     def forward(sig, _frame):

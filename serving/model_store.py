@@ -1,28 +1,36 @@
 """Heads and bundles in BentoML's local model store.
 
-    clipheads models save SOURCE [--name NAME]     # SOURCE: export bundle dir or *.head.safetensors
+    clipheads models save SOURCE [--name NAME] [--with-weights|--no-weights] [--pretrained FILE]
     clipheads models list                          # our models (`bentoml models list` shows them too)
+    clipheads models bentofile TAG [--out FILE]    # a bentofile whose Bento carries TAG (`make bento MODEL=TAG`)
     clipheads serve NAME[:VERSION]                 # serve from the store by tag
 
 A stored model is a copy of the bundle directory (`<model>/bundle/`) or of the head file
 (`<model>/model.head.safetensors`), labelled `framework=clipheads` and `kind=bundle|head`, so it
 moves between machines with `bentoml models export/import` and rides along in `bentoml build`.
+A head's backbone weights can travel in the entry too (`<model>/backbone/<file>` + `backbone.json`
+with its sha256): by default when the head was trained on a local weights file (the head only
+records its absolute path), with `--with-weights` for a downloadable tag (read from the local
+open_clip / Hugging Face cache); otherwise `save` warns what the serving machine will need. Every
+runtime opened on a stored head uses stored weights (`stored_weights`), sha256-checked.
 `BENTOML_HOME` chooses the store (default ~/bentoml).
 """
 from __future__ import annotations
 
-import argparse
+import json
 import re
 import shutil
 import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from clipheads.training import console
 from clipheads.training.files import apply_umask
 
+from .model_entry import BUNDLE_DIR, HEAD_FILE, WEIGHTS_DIR, WEIGHTS_RECORD, stored_weights  # noqa: F401 (re-exported)
+
 FRAMEWORK = "clipheads"
-HEAD_FILE = "model.head.safetensors"
-BUNDLE_DIR = "bundle"
 HEAD_SUFFIX = ".head.safetensors"
 
 
@@ -59,12 +67,105 @@ def _describe(source: Path) -> tuple[str, dict]:
     raise ModelStoreError(f"{source}: not an export bundle directory or a *{HEAD_SUFFIX} file")
 
 
-def save(source: str | Path, name: Optional[str] = None) -> str:
-    """Copy a bundle or head into the local store; returns the new tag ("name:version")."""
+@dataclass
+class SaveResult:
+    tag: str
+    kind: str
+    weights: Optional[dict] = None  # {file, sha256, bytes, pretrained} when the entry holds the backbone weights
+    warnings: list[str] = field(default_factory=list)
+
+
+def weights_kind(pretrained: str) -> str:
+    """How a head's recorded `pretrained` is found again: `packaged` (ships with clipheads),
+    `none` (random init), `file` (a local path: only this machine has it), `hf-hub` or `tag`
+    (downloadable, given network or a filled Hugging Face cache)."""
+    from clipheads.training.backbone import PACKAGED_TAG
+    from clipheads.training.backbone_source import HF_PREFIX, NO_WEIGHTS, looks_like_path
+
+    if pretrained == PACKAGED_TAG:
+        return "packaged"
+    if pretrained == NO_WEIGHTS or not pretrained:
+        return "none"
+    if pretrained.startswith(HF_PREFIX):
+        return "hf-hub"
+    return "file" if looks_like_path(pretrained) else "tag"
+
+
+def _cached_tag_file(arch: str, tag: str) -> Path:
+    """The local file of an open_clip tag's weights (the Hugging Face / open_clip cache; offline)."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(arch, tag) or open_clip.get_pretrained_cfg(arch.removesuffix("-quickgelu"), tag)
+    try:
+        path = open_clip.download_pretrained(cfg) if cfg else ""
+    except Exception as err:  # noqa: BLE001 - offline cache miss, hub errors: one reason
+        raise ModelStoreError(f"the weights of {arch} --pretrained {tag} are not in the local cache ({type(err).__name__}); "
+                              "pass the file with --pretrained FILE") from None
+    if not path:
+        raise ModelStoreError(f"no local file for {arch} --pretrained {tag}; pass it with --pretrained FILE")
+    return Path(path)
+
+
+def _weights_to_store(record: dict, with_weights: Optional[bool], pretrained: Optional[str]) -> tuple[Optional[Path], list[str]]:
+    """(the file to copy into the entry or None, warnings). `with_weights` None: the default
+    (store when the head records a local file)."""
+    from clipheads.training.backbone import BackboneError
+    from clipheads.training.backbone_record import check_weights_override
+
+    recorded = str(record.get("pretrained") or "")
+    kind = weights_kind(recorded)
+    store = (kind == "file" or pretrained is not None) if with_weights is None else with_weights
+    if kind in ("packaged", "none"):
+        if with_weights or pretrained:
+            raise ModelStoreError(f"this head's backbone is {recorded!r}: there are no weights to store")
+        return None, []
+    if not store:
+        if kind == "file":
+            return None, [f"the entry does not hold the backbone weights: it points at {recorded}, a file on this "
+                          "machine only; serving it elsewhere needs --pretrained NEWPATH (drop --no-weights to store them)"]
+        return None, [f"the entry does not hold the backbone weights: the serving machine needs {record.get('arch')} "
+                      f"--pretrained {recorded} (network or a filled Hugging Face cache with HF_HUB_OFFLINE=1); "
+                      "--with-weights stores them in the entry"]
+    if pretrained:
+        src = Path(pretrained).expanduser()
+        if not src.is_file():
+            raise ModelStoreError(f"--pretrained {pretrained}: not a file")
+    elif kind == "file":
+        src = Path(recorded)
+    elif kind == "tag":
+        src = _cached_tag_file(str(record.get("arch")), recorded)
+    else:
+        raise ModelStoreError(f"--with-weights for {recorded}: pass the weights file with --pretrained FILE")
+    try:  # the sha256 the head records, checked before anything is copied
+        check_weights_override(record, str(src.resolve()))
+    except BackboneError as err:
+        raise ModelStoreError(str(err)) from None
+    return src.resolve(), []
+
+
+def save_model(source: str | Path, name: Optional[str] = None, with_weights: Optional[bool] = None,
+               pretrained: Optional[str] = None) -> SaveResult:
+    """Copy a bundle or head (and, for a head, its backbone weights: see the module doc) into the
+    local store."""
     import bentoml
+
+    from clipheads.training.files import file_sha256
 
     src = Path(source).expanduser().resolve()
     kind, meta = _describe(src)
+    weights, warnings, record = None, [], {}
+    if kind == "head":
+        from clipheads.training.artifact import load_head
+
+        record = load_head(src).backbone
+        weights, warnings = _weights_to_store(record, with_weights, pretrained)
+    elif with_weights or pretrained:
+        raise ModelStoreError(f"{src} is a bundle: its graphs hold the backbone already")
+    stored = None
+    if weights is not None:
+        stored = {"file": f"{WEIGHTS_DIR}/{weights.name}", "sha256": file_sha256(weights),
+                  "bytes": weights.stat().st_size, "pretrained": str(record.get("pretrained") or "")}
+        meta["backbone_weights"] = stored["file"]
     with bentoml.models.create(name or default_name(src), labels={"framework": FRAMEWORK, "kind": kind},
                                metadata=meta) as model:
         dest = Path(model.path)
@@ -76,7 +177,17 @@ def save(source: str | Path, name: Optional[str] = None) -> str:
                 apply_umask(d, is_dir=True)
         else:
             shutil.copyfile(src, dest / HEAD_FILE)
-    return str(model.tag)
+        if stored is not None:
+            (dest / WEIGHTS_DIR).mkdir()
+            apply_umask(dest / WEIGHTS_DIR, is_dir=True)
+            shutil.copyfile(weights, dest / stored["file"])
+            (dest / WEIGHTS_RECORD).write_text(json.dumps(stored, indent=1))
+    return SaveResult(str(model.tag), kind, stored, warnings)
+
+
+def save(source: str | Path, name: Optional[str] = None, **kw) -> str:
+    """Copy a bundle or head into the local store; returns the new tag ("name:version")."""
+    return save_model(source, name, **kw).tag
 
 
 def resolve_source(ref: str | Path) -> Path:
@@ -107,29 +218,86 @@ def list_models() -> list[dict]:
     for m in bentoml.models.list():
         if m.info.labels.get("framework") == FRAMEWORK:
             rows.append({"tag": str(m.tag), "kind": m.info.labels.get("kind"), "created": str(m.info.creation_time)[:19],
-                         **{k: v for k, v in m.info.metadata.items() if k in ("tasks", "method", "precision")}})
+                         **{k: v for k, v in m.info.metadata.items() if k in ("tasks", "method", "precision", "backbone_weights")}})
     return rows
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="clipheads models", description="clipheads heads/bundles in BentoML's model store")
-    sub = p.add_subparsers(dest="what", required=True)
-    s = sub.add_parser("save", help="copy a bundle or head into the local model store")
-    s.add_argument("source")
-    s.add_argument("--name", default=None, help="model name (default: clipheads-<file or folder name>)")
-    sub.add_parser("list", help="list clipheads models in the store")
-    args = p.parse_args(argv)
+def bentofile(tag: str, base: Path) -> str:
+    """`base` (the repository's bentofile.yaml) plus the model to serve: listed under `models:`
+    (so the Bento, `bentoml export` of it and its container carry the entry, stored weights
+    included) and named by CLIPHEADS_SOURCE."""
+    import bentoml
+    import yaml
+    from bentoml.exceptions import BentoMLException
+
     try:
-        if args.what == "save":
-            print(save(args.source, args.name))
-            return 0
-        for row in list_models():
-            extra = ", ".join(f"{k} {v}" for k, v in row.items() if k not in ("tag", "kind", "created"))
-            print(f"{row['tag']:<48} {row['kind']:<7} {row['created']}  {extra}")
+        model = bentoml.models.get(tag)
+    except (BentoMLException, ValueError) as err:
+        raise ModelStoreError(f"{tag}: not a model in the BentoML store ({err})") from None
+    if model.info.labels.get("framework") != FRAMEWORK:
+        raise ModelStoreError(f"{model.tag} is not a clipheads model")
+    cfg = yaml.safe_load(base.read_text())
+    cfg["models"] = [str(model.tag)]
+    cfg["envs"] = [e for e in cfg.get("envs") or [] if e.get("name") != "CLIPHEADS_SOURCE"]
+    cfg["envs"].append({"name": "CLIPHEADS_SOURCE", "value": str(model.tag)})
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def _parser() -> console.ArgumentParser:
+    p = console.ArgumentParser(prog="clipheads models", description="clipheads heads/bundles in BentoML's model store")
+    sub = p.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("save", help="copy a bundle or head (with its backbone weights, see --with-weights) into the store")
+    s.add_argument("source", help="an export bundle directory or a *.head.safetensors file")
+    s.add_argument("--name", default=None, help="model name (default: clipheads-<file or folder name>)")
+    w = s.add_mutually_exclusive_group()
+    w.add_argument("--with-weights", dest="with_weights", action="store_true", default=None,
+                   help="store a head's backbone weights in the entry (default when the head records a local file)")
+    w.add_argument("--no-weights", dest="with_weights", action="store_false",
+                   help="store only the head (a warning says what the serving machine will need)")
+    s.add_argument("--pretrained", default=None, metavar="FILE",
+                   help="the backbone weights file to store (if it moved; sha256-checked against the head)")
+    console.add_output_flags(s)
+    ls = sub.add_parser("list", help="list clipheads models in the store")
+    console.add_output_flags(ls)
+    bf = sub.add_parser("bentofile", help="bentofile.yaml plus TAG under models: (`make bento MODEL=TAG`)")
+    bf.add_argument("tag")
+    bf.add_argument("--base", default=None, help="the bentofile to extend (default: the repository's bentofile.yaml)")
+    bf.add_argument("--out", default=None, help="write here instead of stdout")
+    console.add_output_flags(bf)
+    return p
+
+
+def _main(args) -> int:
+    if args.what == "save":
+        res = save_model(args.source, args.name, with_weights=args.with_weights, pretrained=args.pretrained)
+        for w in res.warnings:
+            print(f"clipheads models save: warning: {w}", file=sys.stderr)
+        if res.weights:
+            console.info(f"clipheads models save: stored the backbone weights {res.weights['pretrained']} "
+                         f"({res.weights['bytes']:,} bytes, sha256 {res.weights['sha256'][:12]}…)", args.quiet)
+        console.emit(asdict(res), args.json, res.tag)
         return 0
-    except ModelStoreError as err:
-        print(f"clipheads models: {err}", file=sys.stderr)
-        return 2
+    if args.what == "bentofile":
+        base = Path(args.base) if args.base else Path(__file__).resolve().parents[1] / "bentofile.yaml"
+        if not base.is_file():
+            raise ModelStoreError(f"{base}: no bentofile.yaml to extend (pass --base FILE)")
+        text = bentofile(args.tag, base)
+        if args.out:
+            Path(args.out).write_text(text)
+        console.emit({"bentofile": args.out, "model": args.tag}, args.json, "" if args.out else text.rstrip())
+        return 0
+    rows = list_models()
+    lines = [f"{row['tag']:<48} {row['kind']:<7} {row['created']}  "
+             + ", ".join(f"{k} {v}" for k, v in row.items() if k not in ("tag", "kind", "created")) for row in rows]
+    console.emit(rows, args.json, "\n".join(lines) or "no clipheads models in the store")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args, code = console.parse(_parser(), argv)
+    if args is None:
+        return code
+    return console.run(f"clipheads models {args.what}", lambda: _main(args), (ModelStoreError,), as_json=args.json)
 
 
 if __name__ == "__main__":

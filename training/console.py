@@ -96,6 +96,8 @@ def parse(parser: argparse.ArgumentParser, argv) -> tuple[Optional[argparse.Name
         return parser.parse_args(argv), None
     except BadInput as err:
         print(f"{getattr(err, 'prog', parser.prog)}: error: {err}", file=sys.stderr)
+        if "--json" in (sys.argv[1:] if argv is None else list(argv)):  # bad usage under --json: still a JSON answer
+            print(json.dumps({"ok": False, "exit_code": EXIT_BAD_INPUT, "error": str(err)}))
         return None, EXIT_BAD_INPUT
     except SystemExit as e:  # --help / --version
         return None, int(e.code or 0)

@@ -48,6 +48,10 @@ def open_runtime(source: str | os.PathLike, kind: str = "auto", device: Optional
         if kind not in ("auto", "torch", "torch-folded"):
             raise RuntimeError_(f"{src} is a head file; runtime {kind!r} needs an exported bundle directory")
         register_extra_model_configs()
+        if weights is None:  # a head in the model store whose entry holds its backbone weights
+            from ..model_entry import stored_weights
+
+            weights = stored_weights(src)
         import torch
 
         from clipheads.training.artifact import ArtifactError

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
+
+from clipheads.training import console
 
 from ..runtimes import RUNTIME_KINDS as RUNTIMES, RuntimeError_
 from .job import DEFAULT_SHARD_SIZE, ENGINES, ScoreJob, UsageError
@@ -15,8 +16,11 @@ from .run import score
 from .shards import InputError, OutputConflict
 
 
+BAD_INPUT = (UsageError, InputError, OutputConflict, RuntimeError_)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = console.ArgumentParser(
         prog="clipheads score",
         description="Batch-score images into sharded Parquet (resumable; bad images go to an errors file).",
     )
@@ -50,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-decode", choices=("actor", "tasks"), default="actor",
                    help="ray: decode inside the scoring actors, or in a separate CPU task stage (for GPU actors)")
     p.add_argument("--model-configs", default=None, help="extra open_clip model-config directory (custom archs)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
-    p.add_argument("--no-progress", action="store_true")
+    console.add_output_flags(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is drawn only on a terminal anyway)")
     return p
 
 
@@ -62,45 +66,43 @@ def job_from_args(args: argparse.Namespace) -> ScoreJob:
         batch_size=args.batch_size, workers=args.workers, engine=args.engine, embeddings=args.embeddings,
         errors=args.errors, runtime=args.runtime, shard_size=args.shard_size, path_column=args.path_column,
         commit_every_s=args.commit_every, follow_symlinks=args.follow_symlinks,
-        overwrite=args.overwrite, progress=not args.no_progress, max_bytes=args.max_bytes,
+        overwrite=args.overwrite, progress=not (args.no_progress or args.quiet), max_bytes=args.max_bytes,
         max_pixels=args.max_pixels, device=args.device, weights=args.pretrained, runtime_threads=args.threads, ray_address=args.ray_address,
         ray_num_gpus=args.ray_num_gpus, ray_num_cpus=args.ray_num_cpus, ray_decode=args.ray_decode,
     )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse: 2 for bad usage, 0 for --help
-        return int(e.code or 0)
+    args, code = console.parse(build_parser(), argv)
+    if args is None:
+        return code
     if args.model_configs:
         os.environ["CLIPHEADS_MODEL_CONFIGS"] = str(Path(args.model_configs).expanduser().resolve())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        summary = score(job_from_args(args))
-    except (UsageError, InputError, OutputConflict) as err:
-        print(f"clipheads score: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("clipheads score: interrupted; committed shards are kept, run the same command to resume",
-              file=sys.stderr)
-        return 130
-    except Exception as err:  # noqa: BLE001 - report, exit 1
-        if isinstance(err, RuntimeError_):
-            print(f"clipheads score: {err}", file=sys.stderr)
-            return 2
-        import traceback
 
-        traceback.print_exc()
-        print(f"clipheads score: failed: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
-    if summary.extra.get("backbone"):
-        print(f"clipheads score: backbone: {summary.extra['backbone']}", file=sys.stderr)
-    print(f"clipheads score: {summary.line()}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(asdict(summary), indent=1))
-    return 0
+    def run() -> int:
+        try:
+            summary = score(job_from_args(args))
+        except KeyboardInterrupt:
+            print("clipheads score: interrupted; committed shards are kept, run the same command to resume",
+                  file=sys.stderr)
+            return console.EXIT_INTERRUPTED
+        except BAD_INPUT:
+            raise
+        except Exception as err:  # noqa: BLE001 - a failure, not bad input: traceback, exit 1
+            import traceback
+
+            traceback.print_exc()
+            print(f"clipheads score: failed: {type(err).__name__}: {err}", file=sys.stderr)
+            return console.EXIT_FAIL
+        if summary.extra.get("backbone"):
+            console.info(f"clipheads score: backbone: {summary.extra['backbone']}", args.quiet)
+        console.info(f"clipheads score: {summary.line()}", args.quiet)
+        console.emit(asdict(summary), args.json)
+        return console.EXIT_OK
+
+    # bad usage or input (a broken bundle or head included): one line, exit 2; anything else keeps its traceback
+    return console.run("clipheads score", run, BAD_INPUT, as_json=args.json)
 
 
 if __name__ == "__main__":

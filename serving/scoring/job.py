@@ -219,7 +219,8 @@ def pending_shards(listing: InputListing, job: ScoreJob, store: ShardStore, coun
 
 
 def progress_bar(job: ScoreJob, total: int):
-    from tqdm import tqdm
+    """Drawn only when `job.progress` and stderr is a terminal (a redirected run writes no `\\r` frames)."""
+    from clipheads.training.console import progress
 
-    return tqdm(total=total, unit="img", desc="scoring", dynamic_ncols=True, smoothing=0.1,
-                file=sys.stderr, disable=not job.progress, mininterval=0.5)
+    return progress(total=total, enabled=job.progress, file=sys.stderr, unit="img", desc="scoring",
+                    dynamic_ncols=True, smoothing=0.1, mininterval=0.5)

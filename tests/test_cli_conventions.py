@@ -1,0 +1,191 @@
+"""Issue 15.7: every `clipheads` command follows the same conventions (training/console.py), run as a
+user runs them, in subprocesses whose stdout/stderr are pipes (not a terminal):
+
+* a real `clipheads demo` (world -> train -> export -> serve over HTTP) redirected writes no `\\r`
+  progress frames; the same progress bar does draw on a pseudo-terminal (so the check can fail);
+* `--json` on every command prints one JSON document on stdout;
+* bad input exits 2 with one `clipheads CMD: error: ...` line and no traceback (with `--json`:
+  `{"ok": false, ...}` on stdout);
+* `info` prints readable text, and heads record their data as absolute paths.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parent.parent
+
+
+def clipheads(*args, home: Path, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="true", HF_HUB_OFFLINE="1")
+    env.pop("FORCE_COLOR", None)
+    return subprocess.run([sys.executable, "-m", "clipheads", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ok_json(res: subprocess.CompletedProcess):
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "\r" not in res.stdout + res.stderr
+    return json.loads(res.stdout)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A real `clipheads demo` (2 shots, 1 epoch, served over HTTP), stdout/stderr redirected."""
+    d = tmp_path_factory.mktemp("cli")
+    res = clipheads("demo", "--out", d / "demo", "--shots", 2, "--epochs", 1, home=d / "bentoml")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return d, res
+
+
+def test_redirected_demo_writes_no_carriage_returns(demo):
+    _, res = demo
+    assert "[7/7] serve the bundle" in res.stdout and "demo finished" in res.stdout
+    assert "\r" not in res.stdout and "\r" not in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_progress_bars_draw_on_a_terminal_only(demo, tmp_path):
+    """`clipheads score` with stderr on a pseudo-terminal draws its bar (`\\r` frames); the same
+    command with stderr redirected writes none."""
+    d, _ = demo
+    head = next((d / "demo").glob("*.head.safetensors"))
+    images = d / "demo" / "world" / "sketch" / "circle"
+    cmd = [sys.executable, "-m", "clipheads", "score", str(head), "--input", str(images), "--runtime", "torch",
+           "--batch-size", "4"]
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([*cmd, "--output", str(tmp_path / "tty.parquet")], cwd=REPO, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=slave, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        os.close(slave)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert proc.wait(300) == 0, seen[-2000:]
+    finally:
+        os.close(master)
+    assert b"\r" in seen and b"scoring" in seen
+    piped = subprocess.run([*cmd, "--output", str(tmp_path / "pipe.parquet")], cwd=REPO, capture_output=True,
+                           text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert piped.returncode == 0 and "\r" not in piped.stderr and "scored" in piped.stderr
+
+
+def test_every_command_takes_json(demo, tmp_path):
+    d, res = demo
+    home = d / "bentoml"
+    out = d / "demo"
+    head = next(out.glob("*.head.safetensors"))
+    summary = json.loads(res.stdout.strip().splitlines()[-1]) if res.stdout.strip().startswith("{") else None
+    demo_json = ok_json(clipheads("demo", "--out", tmp_path / "d2", "--shots", 1, "--epochs", 1, "--no-serve", "--json",
+                                  home=home))
+    assert demo_json["tuned_top1"] and summary is None  # human text without --json, JSON with it
+
+    world = ok_json(clipheads("data", "synth", tmp_path / "w", "--per-class", "2,1,1", "--json", home=home))
+    assert Path(world["out"] if "out" in world else world["root"]).exists()
+    methods = ok_json(clipheads("methods", "--json", home=home))
+    assert {m["name"] for m in methods["methods"]} >= {"coop", "maple", "mma"}
+    trained = ok_json(clipheads("train", "--method", "coop", "--data", tmp_path / "w" / "photo", "--epochs", 1,
+                                "--out", tmp_path / "h.head.safetensors", "--test-fraction", 0.5, "--json", home=home))
+    assert Path(trained["out"]).is_file()
+    evald = ok_json(clipheads("eval", tmp_path / "h.head.safetensors", "--data", tmp_path / "w" / "photo", "--json",
+                              home=home))
+    assert evald["split"] == "test"
+    info = ok_json(clipheads("info", head, "--json", home=home))
+    assert info["method"] == "coop"
+    for data_path in _recorded_paths(info["training"]["data"]):  # absolute: valid from anywhere
+        assert Path(data_path).is_absolute(), data_path
+    text = clipheads("info", head, home=home)
+    assert text.returncode == 0 and "coop" in text.stdout and "{'" not in text.stdout  # readable, not a dict repr
+
+    exported = ok_json(clipheads("export", head, "--out", tmp_path / "bundle", "--json", home=home))
+    assert exported["ok"] is True and Path(exported["bundle"]).is_dir()
+    scored = ok_json(clipheads("score", tmp_path / "bundle", "--input", out / "world" / "sketch" / "circle",
+                               "--output", tmp_path / "p.parquet", "--json", home=home))
+    assert scored["scored"] > 0 and scored["runtime"] == "onnx-cpu"
+    saved = ok_json(clipheads("models", "save", head, "--name", "demo-head", "--json", home=home))
+    assert saved["tag"].startswith("demo-head:") and saved["warnings"] == []  # the packaged tiny CLIP: nothing to store
+    listed = ok_json(clipheads("models", "list", "--json", home=home))
+    assert [r["tag"] for r in listed] == [saved["tag"]]
+    bf = ok_json(clipheads("models", "bentofile", "demo-head", "--out", tmp_path / "bentofile.yaml", "--json", home=home))
+    assert bf["model"] == "demo-head"
+    dry = ok_json(clipheads("serve", "demo-head", "--dry-run", "--json", home=home))
+    assert dry["command"][:4] == [sys.executable, "-m", "bentoml", "serve"] and dry["env"]["CLIPHEADS_SOURCE"]
+    recipes = ok_json(clipheads("bench", "list", "--json", home=home))
+    assert any(r["name"] == "coop_base2novel" for r in recipes["recipes"])
+    ckpt = tmp_path / "sd.pt"
+    _state_dict_checkpoint(ckpt)
+    conv = ok_json(clipheads("convert", ckpt, "--out", tmp_path / "sd.safetensors", "--arch", "clipheads-tiny",
+                             "--act", "gelu", "--json", home=home))
+    assert conv["tensors"] > 0
+    for global_first in (["--json", "methods"], ["-q", "--json", "methods"]):  # global flags before the command
+        assert ok_json(clipheads(*global_first, home=home))["methods"]
+
+
+def _recorded_paths(data) -> list[str]:
+    found = []
+    if isinstance(data, dict):
+        for k, v in data.items():
+            if k in ("path", "root", "source") and isinstance(v, str) and ("/" in v):
+                found.append(v.split(":", 1)[1] if ":" in v and not v.startswith("/") else v)
+            else:
+                found += _recorded_paths(v)
+    elif isinstance(data, list):
+        for v in data:
+            found += _recorded_paths(v)
+    return found
+
+
+def _state_dict_checkpoint(path: Path) -> None:
+    import torch
+
+    from clipheads.training.backbone import load_backbone
+
+    bb = load_backbone("clipheads-tiny", "clipheads")
+    torch.save({k: v.contiguous() for k, v in bb.model.state_dict().items()}, path)
+
+
+BAD = [
+    (["train", "--method", "nosuch", "--data", "x", "--out", "x.head.safetensors"], "train"),
+    (["eval", "nosuch.head.safetensors", "--data", "x"], "eval"),
+    (["info", "nosuch.head.safetensors"], "info"),
+    (["methods", "--backbone", "NoSuchArch"], "methods"),
+    (["data", "synth"], "data"),
+    (["convert", "nosuch.pt", "--out", "x.safetensors"], "convert"),
+    (["export", "nosuch.head.safetensors", "--out", "b"], "export"),
+    (["export", "build-engine", "nosuch-bundle"], "export build-engine"),
+    (["score", "nosuch-bundle", "--input", ".", "--output", "o.parquet"], "score"),
+    (["serve", "nosuch-model:v1", "--dry-run"], "serve"),
+    (["models", "save", "nosuch.head.safetensors"], "models save"),
+    (["models", "bentofile", "nosuch:v1"], "models bentofile"),
+    (["bench", "protocol", "coop_base2novel", "--data-root", "nosuch-root", "--out", "r"], "bench protocol"),
+    (["bench", "report", "nosuch-runs"], "bench report"),
+    (["demo", "--domain", "nosuch"], "demo"),
+    (["train", "--bogus-flag"], "train"),
+]
+
+
+@pytest.mark.parametrize("args,prog", BAD, ids=[" ".join(a[:2]) for a, _ in BAD])
+def test_bad_input_is_one_line_and_exit_2(args, prog, tmp_path):
+    """One error line (after any progress lines the command printed first), no traceback, exit 2,
+    and under --json a JSON error document on stdout."""
+    res = clipheads(*args, "--json", home=tmp_path / "bentoml", cwd=tmp_path, timeout=300)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and lines, res.stderr
+    assert lines[-1].startswith(f"clipheads {prog}: error: "), res.stderr
+    assert sum(": error: " in line for line in lines) == 1, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["ok"] is False and doc["exit_code"] == 2 and doc["error"]
