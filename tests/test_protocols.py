@@ -290,3 +290,18 @@ def test_method_code_revision_and_regenerated_world_are_other_configurations(tmp
     monkeypatch.chdir(tmp_path)
     synth.generate_world(tmp_path / "w", seed=1, size=size, image_size=48, workers=1)  # same path, other world
     assert main(common) == 2
+
+
+def test_a_units_result_depends_on_its_seed_not_on_the_units_run_before_it(folders, tmp_path):
+    """Seed 2 run alone (as after a resume) equals seed 2 run after seed 1 in the same process:
+    the head's init is drawn from the unit's seed (it was drawn from the RNG state the previous
+    unit left)."""
+    from dataclasses import replace
+
+    bb = make_backbone("test-vit-micro", seed=2)
+    recipe = _recipe("maple", "few_shot", [{"reader": "image_folder", "path": "a", "test_fraction": 0.5, "name": "a"}])
+    both = run_recipe(recipe, folders, tmp_path / "both", backbone=bb, progress=False, log=lambda s: None)
+    alone = run_recipe(replace(recipe, seeds=(2,)), folders, tmp_path / "alone", backbone=bb, progress=False,
+                       log=lambda s: None)
+    assert both[1]["seed"] == alone[0]["seed"] == 2
+    assert both[1]["first_loss"] == alone[0]["first_loss"] and both[1]["final_loss"] == alone[0]["final_loss"]

@@ -102,7 +102,10 @@ def _fit(ctx: RunContext, tasks: list[TaskSpec], train_sets: dict[int, tuple], s
          ref: Optional[DatasetRef], shots: int):
     """Build the recipe's head for `tasks` with the unit's settings; train it unless the method
     has nothing to train."""
+    from ..loop import seed_everything
+
     method_config, train = ctx.settings(ref, shots)
+    seed_everything(seed)  # the init is the unit's own: not what earlier units left in the RNG
     head = build_method(ctx.recipe.method, ctx.backbone, tasks, method_config)
     info = {"trainable_parameters": head.num_trainable(), "train_time_s": 0.0}
     if head.num_trainable() > 0:
