@@ -32,7 +32,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--input-dtype", default="uint8", choices=("uint8", "float32"),
                    help="uint8: resized/cropped pixels, normalised in the graph (default); float32: normalised input")
-    p.add_argument("--int8-mode", default="dynamic", choices=("dynamic", "static"))
+    p.add_argument("--int8-mode", default="static", choices=("static", "dynamic"),
+                   help="static (default): calibrated QDQ, per-channel weights, the most sensitive MatMuls kept "
+                        "fp32 (manifest int8.kept_fp32); dynamic: activations quantized at run time")
+    p.add_argument("--calibration-images", type=int, default=128,
+                   help="static int8: calibration images (the heads' training data, else the synthetic world)")
+    p.add_argument("--calibration-method", default="minmax", choices=("minmax", "percentile", "entropy"))
+    p.add_argument("--int8-keep", type=int, default=None, metavar="K",
+                   help="static int8: keep exactly the K most sensitive MatMuls in fp32 (default: as few as "
+                        "reach 99.8%% top-1 agreement with fp32 on the calibration images)")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--exporter", default="torchscript", choices=("torchscript", "dynamo"))
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
@@ -48,7 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", "--backbone-weights", dest="backbone_weights", default=None, metavar="WEIGHTS",
                    help="where the heads' backbone weights are now (path, tag or hf-hub id) if not where they were "
                         "trained; checked against the recorded sha256")
-    p.add_argument("--probes", type=int, default=24, help="probe images for the parity gate")
+    p.add_argument("--probes", "--gate-images", dest="probes", type=int, default=256,
+                   help="real images the parity gate judges on (default 256)")
+    p.add_argument("--image-source", default="auto", choices=("auto", "world"),
+                   help="gate and calibration images: auto = the heads' training/validation images when their "
+                        "data is on disk, else the synthetic world; world = always the world")
+    p.add_argument("--gate", default="auto", choices=("auto", "real", "random-init"),
+                   help="auto: random-init (decided-half agreement + feature cosine) for backbones without "
+                        "pretrained weights, else real (top-1 agreement on every gate image)")
     p.add_argument("--allow-parity-failure", action="store_true", help="write the bundle even if the gate fails")
     console.add_output_flags(p)
     return p
@@ -100,8 +115,9 @@ def _export(args) -> int:
     options = ExportOptions(
         target=args.target, precision=args.precision, max_batch=args.max_batch, input_dtype=args.input_dtype,
         opset=args.opset, exporter=args.exporter, fuse=args.fuse, fused_attention=args.fused_attention,
-        int8_mode=args.int8_mode,
-        text=not args.no_text, probes=args.probes,
+        int8_mode=args.int8_mode, calibration_images=args.calibration_images,
+        calibration_method=args.calibration_method, int8_keep=args.int8_keep,
+        text=not args.no_text, probes=args.probes, image_source=args.image_source, gate=args.gate,
     )
     say = _logger(args.quiet)
     say(f"loading {len(args.heads)} head(s)")

@@ -20,7 +20,9 @@ from . import bundle as bundle_io
 from .attention import fused_attention
 from .fold import FoldPlan, fold_heads
 from .onnx_export import DEFAULT_OPSET, export_image_graph, export_text_graph
-from .parity import check_parity, probe_images
+from .gate_images import ImageSet, gate_and_calibration
+from .parity import GATE_MODES, agreement, check_parity, gate_mode_for
+from .quantize import Int8Recipe
 
 TARGETS = ("onnx", "tensorrt")
 # The text graph stays fp32 in fp16 bundles: label embeddings are computed once per label set and
@@ -50,10 +52,17 @@ class ExportOptions:
     #   at batch 1 (ViT-B/32 10.4 vs 16.9 images/s): turn it off for single-image, latency-bound use.
     fuse: Optional[bool] = None
     fused_attention: bool = True
-    int8_mode: str = "dynamic"  # dynamic | static (QDQ)
+    # int8 (issue 17.3): static = calibrated QDQ with the most sensitive MatMuls kept fp32 (quantize.py);
+    # dynamic = activations quantized on the fly (the recipe before: 98.7% top-1 on the world)
+    int8_mode: str = "static"
+    calibration_images: int = 128  # drawn like the gate's images, never the same ones
+    calibration_method: str = "minmax"  # minmax | percentile | entropy
+    int8_keep: Optional[int] = None  # None: as few fp32 MatMuls as reach the target; k: the k most sensitive
     text: bool = True
-    probes: int = 24
+    probes: int = 256  # real gate images (gate_images.py)
     probe_seed: int = 0
+    image_source: str = "auto"  # auto: the heads' training/validation images, else the world | world
+    gate: str = "auto"  # auto | real | random-init (parity.py)
 
     @property
     def offline_fusions(self) -> bool:
@@ -79,6 +88,20 @@ class ExportOptions:
             raise ExportUsageError(f"--max-batch must be in 1..65536, got {self.max_batch}")
         if self.probes < 4:
             raise ExportUsageError("the parity gate needs at least 4 probe images")
+        if self.image_source not in ("auto", "world"):
+            raise ExportUsageError(f"image source must be auto or world, got {self.image_source!r}")
+        if self.gate not in ("auto",) + GATE_MODES:
+            raise ExportUsageError(f"--gate must be auto, real or random-init, got {self.gate!r}")
+        if self.precision == "int8" and self.int8_mode == "static":
+            if self.calibration_images < 4:
+                raise ExportUsageError("static int8 needs at least 4 calibration images")
+            try:
+                self.int8_recipe().validate()
+            except ValueError as err:
+                raise ExportUsageError(str(err)) from None
+
+    def int8_recipe(self) -> Int8Recipe:
+        return Int8Recipe(mode=self.int8_mode, calibrate_method=self.calibration_method, keep=self.int8_keep)
 
 
 @dataclass
@@ -179,6 +202,18 @@ def export_heads(
     heads_meta = list(heads_meta or [{"method": h.name, "config": h.config.to_dict(),
                                       "tasks": [t.name for t in h.tasks]} for h in heads])
     manifest = build_manifest(plan, options, heads_meta)
+    t0 = time.perf_counter()
+    static_int8 = options.precision == "int8" and options.int8_mode == "static"
+    gate_set, calib_set = gate_and_calibration(heads, plan.preprocess, options.probes,
+                                               options.calibration_images if static_int8 else 0,
+                                               options.probe_seed, options.image_source)
+    if static_int8 and calib_set is None:  # the heads' data was too small to share: calibrate on the world
+        calib_set = gate_and_calibration([], plan.preprocess, 1, options.calibration_images, options.probe_seed + 7,
+                                         "world")[1]
+    mode = gate_mode_for(plan.backbone.record(), options.gate)
+    timings["images_s"] = time.perf_counter() - t0
+    log(f"gate: {len(gate_set.pixels)} images from the {gate_set.source} ({mode} gate)"
+        + (f"; calibration: {len(calib_set.pixels)} from the {calib_set.source}" if calib_set is not None else ""))
 
     tmp_ctx = tempfile.TemporaryDirectory(prefix="clipheads-export-") if workdir is None else None
     work = Path(workdir or tmp_ctx.name)
@@ -198,7 +233,9 @@ def export_heads(
         timings["export_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        gated, shipped, extra, fused_ops = _optimise(plan, plain, text_plain, options, work, log)
+        gated, shipped, extra, fused_ops, int8 = _optimise(plan, plain, text_plain, options, work, log, calib_set, mode)
+        if int8:
+            manifest["int8"] = int8
         timings["optimise_s"] = time.perf_counter() - t0
         from .optimize import op_counts
 
@@ -211,16 +248,16 @@ def export_heads(
         manifest["fused_ops"] = fused_ops
 
         t0 = time.perf_counter()
-        probes, desc = probe_images(plan.preprocess.image_size, options.probes, options.probe_seed)
+        probes, desc = gate_set.pixels, gate_set.describe()
         gated = dict(gated)
         text_gated = gated.pop("text.onnx", None)
         parity = check_parity(plan, {k: str(v) for k, v in gated.items()}, options.precision,
-                              str(text_gated) if text_gated else None, probes, desc)
+                              str(text_gated) if text_gated else None, probes, desc, mode=mode)
         timings["parity_s"] = time.perf_counter() - t0
         if options.precision != "fp32":  # the fp32 graphs' own gate, for the record
             parity["fp32_reference_graphs"] = {
                 k: v for k, v in check_parity(plan, {k: str(v) for k, v in plain.items()}, "fp32", None, probes,
-                                              desc).items() if k in ("passed", "worst", "failures")}
+                                              desc, mode=mode).items() if k in ("passed", "worst", "failures")}
         manifest["parity"] = parity
         log(f"parity ({options.precision}): {'passed' if parity['passed'] else 'FAILED'}"
             + ("" if parity["passed"] else ": " + "; ".join(parity["failures"][:5])))
@@ -273,17 +310,32 @@ def _declared_opset(path) -> Optional[int]:
     return graph_io(path).get("opset")
 
 
+def _selection_score(mode: str, target: float):
+    """How the int8 search judges a candidate on the calibration images: like the gate (all images
+    for a real backbone, the decided half for a random-init one), by the lower of the measured and
+    the expected agreement (`parity.expected_agreement`: 128 images cannot tell 99.8% from 100%)."""
+    suffix = "" if mode == "real" else "_decided_half"
+
+    def score(ref, got):
+        a = agreement(ref, got)
+        value = min(a["top1_agreement" + suffix], a["expected_agreement" + suffix])
+        return value >= target, value
+    return score
+
+
 def _optimise(plan: FoldPlan, plain: dict, text_plain: Optional[Path], options: ExportOptions, work: Path,
-              log: Callable[[str], None]) -> tuple[dict, dict, dict, dict]:
-    """-> (graphs to gate, graphs to ship, extra files to ship, fused-op report); keys are bundle
-    names ("image_0.onnx", "text.onnx")."""
+              log: Callable[[str], None], calib: Optional[ImageSet] = None,
+              mode: str = "real") -> tuple[dict, dict, dict, dict, dict]:
+    """-> (graphs to gate, graphs to ship, extra files to ship, fused-op report, int8 report); keys
+    are bundle names ("image_0.onnx", "text.onnx")."""
     from .optimize import fuse_transformer, to_fp16, tower_geometry
-    from .quantize import quantize_dynamic_int8, quantize_static_qdq
+    from .quantize import image_feeds, quantize_calibrated, quantize_dynamic_int8
 
     sources = dict(plain)
     if text_plain is not None:
         sources["text.onnx"] = text_plain
     fused_ops: dict = {}
+    int8: dict = {}
     current = dict(sources)
     if options.offline_fusions:
         for name, src in sources.items():
@@ -311,22 +363,30 @@ def _optimise(plan: FoldPlan, plain: dict, text_plain: Optional[Path], options: 
         fp16 = {name: src if name == "text.onnx" else to_fp16(src, work / f"fp16_{name}") for name, src in current.items()}
         extra = {name.replace(".onnx", ".fp16.onnx"): path for name, path in fp16.items() if name != "text.onnx"}
         log("tensorrt fp16: gate runs the fp16 ONNX variants (what a strongly typed TRT 11 build compiles)")
-        return fp16, current, extra, fused_ops
+        return fp16, current, extra, fused_ops, int8
     elif options.precision == "int8":
+        recipe = options.int8_recipe()
         for name, src in list(current.items()):
-            if name == "text.onnx" or options.int8_mode == "dynamic":
+            if name == "text.onnx" or options.int8_mode == "dynamic":  # text: label sets are encoded once, cached
                 current[name] = quantize_dynamic_int8(src, work / f"int8_{name}")
-            else:
-                g = next(g for g in plan.graphs if g.name == name)
-                calib, _ = probe_images(plan.preprocess.image_size, 16, seed=options.probe_seed + 1)
-                if options.input_dtype == "float32":
-                    import numpy as np
+                int8[name] = {"mode": "dynamic", "weights": "int8 per output channel",
+                              "activations": "uint8 per tensor, ranges at run time"}
+                continue
+            g = next(g for g in plan.graphs if g.name == name)
+            px = calib.pixels
+            if options.input_dtype == "float32":
+                import numpy as np
 
-                    m = np.asarray(plan.preprocess.mean, np.float32).reshape(1, 3, 1, 1)
-                    s = np.asarray(plan.preprocess.std, np.float32).reshape(1, 3, 1, 1)
-                    calib = ((calib.astype(np.float32) / 255.0 - m) / s).astype(np.float32)
-                current[name] = quantize_static_qdq(src, work / f"int8_{name}", calib,
-                                                    sorted({t.task_index for t in g.tasks}))
+                m = np.asarray(plan.preprocess.mean, np.float32).reshape(1, 3, 1, 1)
+                s = np.asarray(plan.preprocess.std, np.float32).reshape(1, 3, 1, 1)
+                px = ((px.astype(np.float32) / 255.0 - m) / s).astype(np.float32)
+            feeds = image_feeds(px, sorted({t.task_index for t in g.tasks}), recipe.batch)
+            (work / f"q_{name}").mkdir(exist_ok=True)
+            rep = quantize_calibrated(src, work / f"int8_{name}", feeds, recipe,
+                                      _selection_score(mode, recipe.target_agreement), log, work / f"q_{name}")
+            rep["calibration"] = calib.describe()
+            int8[name] = rep
+            current[name] = work / f"int8_{name}"
         log(f"quantized to int8 ({options.int8_mode})")
     if options.target == "onnx" and not options.offline_fusions:
         for name, path in current.items():
@@ -334,4 +394,4 @@ def _optimise(plan: FoldPlan, plain: dict, text_plain: Optional[Path], options: 
                 fused_ops[name] = _load_time_fusions(path, work / f"ort_cpu_{name}")
         log("fusions: left to ONNX Runtime at load time; on the CPU: "
             + ", ".join(f"{k}: {v.get('fused') or v.get('error')}" for k, v in fused_ops.items()))
-    return current, current, {}, fused_ops
+    return current, current, {}, fused_ops, int8

@@ -1,16 +1,52 @@
-"""INT8 for CPU (ECOSYSTEM.md 3.2).
+"""INT8 for CPU (ECOSYSTEM.md 3.2, issue 17.3).
 
-* `quantize_dynamic_int8`: weights int8 per output channel, activations quantised on the fly
-  (MatMul/Gemm with constant B), clip-as-service's recipe (`reduce_range` keeps u8s8 VNNI-less
-  CPUs exact-overflow-free).
-* `quantize_static_qdq`: QDQ format with calibration on seeded probe images (MinMax); optional.
+* `quantize_calibrated` (what `--precision int8` ships): static QDQ, weights int8 per output
+  channel, activations uint8 with ranges calibrated on real images (the head's training data or
+  the synthetic world, `gate_images.py`), and the MatMuls that lose the most kept in fp32:
+    1. MatMuls that see one row per image (the pooled projection, the class matrix: < 0.1% of
+       the FLOPs, but their error lands on the logits unfiltered) always stay fp32;
+    2. every other MatMul with constant weights is ranked by its own output error under
+       quantization (`local_error`: its fp32 input and weights quantized as the recipe would,
+       against its fp32 output, on the calibration images);
+    3. the most sensitive are kept fp32, 0, 1, 2, 4, ... of them, until the quantized graph agrees
+       with fp32 on the calibration images (`Int8Recipe.target_agreement`, judged by the caller's
+       `score`) or the kept ones reach `max_keep_flops` of the quantized FLOPs.
+  The report (manifest `int8`) names every kept node with its reason, error and FLOP share.
+* `quantize_dynamic_int8` (`--int8-mode dynamic`): weights int8 per channel, activations quantised
+  on the fly (MatMul/Gemm with constant B), clip-as-service's recipe (`reduce_range` keeps u8s8
+  VNNI-less CPUs exact-overflow-free).
 """
 from __future__ import annotations
 
+import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
+
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
+@dataclass(frozen=True)
+class Int8Recipe:
+    mode: str = "static"  # static (calibrated QDQ) | dynamic
+    calibrate_method: str = "minmax"
+    keep: Optional[int] = None  # None: auto (as few as reach target_agreement); k: exactly the k most sensitive
+    # on the calibration images, by the caller's score (the pipeline's: the lower of measured and expected
+    # agreement, parity.expected_agreement); headroom over the 99.5% target: the gate judges other images
+    target_agreement: float = 0.997
+    max_keep_flops: float = 0.5  # share of the quantizable FLOPs the auto search may keep in fp32
+    keep_pooled: bool = True  # the one-row-per-image MatMuls (projection, class matrix) stay fp32
+    batch: int = 16
+
+    def validate(self) -> None:
+        if self.mode not in ("static", "dynamic"):
+            raise ValueError(f"int8 mode must be static or dynamic, got {self.mode!r}")
+        if self.calibrate_method not in CALIBRATION_METHODS:
+            raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {self.calibrate_method!r}")
+        if self.keep is not None and self.keep < 0:
+            raise ValueError("keep must be >= 0")
 
 
 def quantize_dynamic_int8(src: str | Path, dst: str | Path, per_channel: bool = True, reduce_range: bool = True) -> Path:
@@ -20,45 +56,242 @@ def quantize_dynamic_int8(src: str | Path, dst: str | Path, per_channel: bool = 
     quantize_dynamic(  # DefaultTensorType: shape inference cannot type outputs of contrib ops (fused graphs)
         str(src), str(dst), per_channel=per_channel, reduce_range=reduce_range, weight_type=QuantType.QInt8,
         op_types_to_quantize=["MatMul", "Gemm"],
-        extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+        # fp32 out of every quantized MatMul: ORT runs Q + MatMulIntegerToFloat, no requantize/dequantize pass
+        extra_options={"MatMulConstBOnly": True, "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"], "DefaultTensorType": onnx.TensorProto.FLOAT},
     )
     return Path(dst)
 
 
-class _Calibration:
-    """onnxruntime CalibrationDataReader over uint8/float probe batches."""
+# ---- the calibrated recipe ------------------------------------------------------------------
+class FeedReader:
+    """onnxruntime CalibrationDataReader over a list of feeds (re-iterable: histogram methods)."""
 
-    def __init__(self, pixels: np.ndarray, task_indices: list[int], batch: int = 4):
-        self._feeds = iter([
-            {"pixels": pixels[i:i + batch], "task_index": np.full(len(pixels[i:i + batch]), k, np.int64)}
-            for k in task_indices for i in range(0, len(pixels), batch)
-        ])
+    def __init__(self, feeds: Sequence[dict]):
+        self._feeds = list(feeds)
+        self._it = iter(self._feeds)
 
     def get_next(self) -> Optional[dict]:
-        return next(self._feeds, None)
+        return next(self._it, None)
 
-    def rewind(self) -> None:  # pragma: no cover - not used by MinMax
-        raise NotImplementedError
+    def rewind(self) -> None:
+        self._it = iter(self._feeds)
+
+
+def image_feeds(pixels: np.ndarray, task_indices: Sequence[int], batch: int = 16) -> list[dict]:
+    """{pixels, task_index} batches: every image once per prompt-bank row of the graph."""
+    return [{"pixels": pixels[i:i + batch], "task_index": np.full(len(pixels[i:i + batch]), k, np.int64)}
+            for k in task_indices for i in range(0, len(pixels), batch)]
+
+
+@dataclass
+class Candidate:
+    node: str
+    kind: str  # "MatMul" | "Gemm"
+    activation: str  # the input tensor that gets quantized
+    weight: str  # the constant input (initializer)
+    rows_per_image: float = 0.0
+    flops_per_image: float = 0.0
+    local_error: float = 0.0
+
+
+def _session(path, threads: int = 0):
+    import onnxruntime as ort
+
+    o = ort.SessionOptions()
+    o.log_severity_level = 3
+    if threads:
+        o.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+
+
+def candidates(model) -> list[Candidate]:
+    """MatMul/Gemm nodes whose second input is a constant (what int8 quantizes)."""
+    inits = {i.name for i in model.graph.initializer}
+    consts = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    out = []
+    for n in model.graph.node:
+        if n.op_type in ("MatMul", "Gemm") and len(n.input) >= 2 and (n.input[1] in inits or n.input[1] in consts):
+            out.append(Candidate(n.name, n.op_type, n.input[0], n.input[1]))
+    return out
+
+
+def _weights(model, name: str) -> np.ndarray:
+    from onnx import numpy_helper
+
+    for i in model.graph.initializer:
+        if i.name == name:
+            return numpy_helper.to_array(i).astype(np.float32)
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            return numpy_helper.to_array(n.attribute[0].t).astype(np.float32)
+    raise KeyError(name)
+
+
+def _fake_quant_activation(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    lo, hi = min(lo, 0.0), max(hi, 0.0)  # uint8 asymmetric with 0 exactly representable
+    scale = max(hi - lo, 1e-12) / 255.0
+    zp = np.round(-lo / scale)
+    return (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale
+
+
+def _fake_quant_weight(w: np.ndarray, trans_b: bool) -> np.ndarray:
+    axis = 1 if not trans_b else 0  # output channels: columns of B (rows when Gemm transposes it)
+    amax = np.abs(w).max(axis=1 - axis, keepdims=True).clip(1e-12)
+    scale = amax / 127.0
+    return np.clip(np.round(w / scale), -127, 127) * scale
+
+
+def measure_local_errors(model_path: Path, model, cands: list[Candidate], feeds: Sequence[dict], work: Path) -> None:
+    """Fill `rows_per_image`, `flops_per_image` and `local_error` of every candidate from one fp32 run
+    that also returns each candidate's input (ranges from all feeds, errors on the first ones)."""
+    import onnx
+
+    aug = onnx.ModelProto()
+    aug.CopyFrom(model)
+    have = {o.name for o in aug.graph.output}
+    for c in cands:
+        if c.activation not in have:
+            aug.graph.output.append(onnx.helper.make_empty_tensor_value_info(c.activation))
+            have.add(c.activation)
+    path = work / "local_error_probe.onnx"
+    onnx.save(aug, str(path))
+    sess = _session(path)
+    names = [c.activation for c in cands]
+    lo = {n: np.inf for n in names}
+    hi = {n: -np.inf for n in names}
+    kept: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    images = 0
+    for i, feed in enumerate(feeds):
+        outs = dict(zip(names, sess.run(names, feed)))
+        images += len(feed["pixels"])
+        for n, x in outs.items():
+            lo[n], hi[n] = min(lo[n], float(x.min())), max(hi[n], float(x.max()))
+            if i < 2:  # errors on the first two batches (the ranges need all)
+                kept[n].append(x.reshape(-1, x.shape[-1]).astype(np.float32))
+    first = sum(len(f["pixels"]) for f in feeds[:2])
+    trans = {n.name: any(a.name == "transB" and a.i for a in n.attribute) for n in model.graph.node}
+    for c in cands:
+        x = np.concatenate(kept[c.activation])
+        w = _weights(model, c.weight)
+        tb = trans.get(c.node, False)
+        wm = w.T if tb else w
+        wq = _fake_quant_weight(w, tb)
+        y = x @ wm
+        yq = _fake_quant_activation(x, lo[c.activation], hi[c.activation]) @ (wq.T if tb else wq)
+        c.local_error = float(np.linalg.norm(yq - y) / max(np.linalg.norm(y), 1e-12))
+        c.rows_per_image = len(x) / first
+        c.flops_per_image = 2.0 * c.rows_per_image * wm.shape[0] * wm.shape[1]
+
+
+def _static(src: Path, dst: Path, reader: Optional[FeedReader], exclude: Sequence[str], method: str,
+            cache: Path) -> Path:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+             "entropy": CalibrationMethod.Entropy}[method]
+    quantize_static(
+        str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+        nodes_to_exclude=list(exclude), calibrate_method=calib, calibration_cache_path=str(cache),
+        # fp32 out of every quantized MatMul: ORT runs Q + MatMulIntegerToFloat, no requantize/dequantize pass
+        extra_options={"MatMulConstBOnly": True, "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
+                       **({"CalibPercentile": 99.999} if method == "percentile" else {})},
+    )
+    return dst
+
+
+def _preprocessed(src: Path, work: Path) -> Path:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = work / "pre.onnx"
+    try:
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        return pre
+    except Exception:  # noqa: BLE001 - pre-processing is an optimisation, not a requirement
+        return Path(src)
+
+
+Score = Callable[[np.ndarray, np.ndarray], tuple[bool, float]]
+
+
+def top1_score(target: float) -> Score:
+    """The lower of measured and expected top-1 agreement (`parity.expected_agreement`)."""
+    from .parity import expected_agreement
+
+    def score(ref: np.ndarray, got: np.ndarray) -> tuple[bool, float]:
+        a = min(float((ref.argmax(1) == got.argmax(1)).mean()), expected_agreement(ref, got))
+        return a >= target, a
+    return score
+
+
+def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[dict], recipe: Int8Recipe = Int8Recipe(),
+                        score: Optional[Score] = None, log: Callable[[str], None] = lambda m: None,
+                        workdir: Optional[Path] = None) -> dict:
+    """Static int8 of `src` (an image graph with a `logits` output) -> `dst`; returns the report."""
+    import onnx
+
+    recipe.validate()
+    score = score or top1_score(recipe.target_agreement)
+    src, dst = Path(src), Path(dst)
+    tmp = tempfile.TemporaryDirectory(prefix="clipheads-int8-") if workdir is None else None
+    work = Path(workdir or tmp.name)
+    try:
+        pre = _preprocessed(src, work)
+        model = onnx.load(str(pre))
+        cands = candidates(model)
+        measure_local_errors(pre, model, cands, calib_feeds, work)
+        total = sum(c.flops_per_image for c in cands) or 1.0
+        pooled = [c for c in cands if c.rows_per_image <= 1.0 + 1e-9] if recipe.keep_pooled else []
+        ranked = sorted((c for c in cands if c not in pooled), key=lambda c: -c.local_error)
+        fp32 = _session(pre)
+        ref = np.concatenate([fp32.run(["logits"], f)[0] for f in calib_feeds])
+        cache = work / "calibration.json"
+        reader = FeedReader(calib_feeds)
+        tried, chosen = [], None
+        if recipe.keep is not None:
+            ks = [min(recipe.keep, len(ranked))]
+        else:
+            ks, k = [0], 1
+            while k <= len(ranked) and sum(c.flops_per_image for c in ranked[:k]) / total <= recipe.max_keep_flops:
+                ks.append(k)
+                k *= 2
+        for k in ks:
+            keep = pooled + ranked[:k]
+            out = work / f"int8_keep{k}.onnx"
+            reader.rewind()
+            _static(pre, out, reader, [c.node for c in keep], recipe.calibrate_method, cache)
+            sess = _session(out)
+            got = np.concatenate([sess.run(["logits"], f)[0] for f in calib_feeds])
+            ok, value = score(ref, got)
+            share = sum(c.flops_per_image for c in keep) / total
+            tried.append({"kept_sensitive": k, "calibration_score": value, "kept_flops_share": share, "passed": ok})
+            log(f"int8 static ({recipe.calibrate_method}): {k} sensitive MatMul(s) + {len(pooled)} pooled in fp32 "
+                f"({share:.1%} of the FLOPs): calibration score {value:.4f}")
+            chosen = (k, keep, out, share)
+            if ok and recipe.keep is None:
+                break
+        k, keep, out, share = chosen
+        out.replace(dst)
+        n_images = sum(len(f["pixels"]) for f in calib_feeds)
+        return {
+            "mode": "static", "format": "QDQ", "weights": "int8 per output channel (symmetric)",
+            "activations": f"uint8 per tensor, {recipe.calibrate_method} calibration",
+            "recipe": asdict(recipe), "calibration_feeds": len(calib_feeds), "calibration_rows": n_images,
+            "quantized_nodes": len(cands) - len(keep), "candidate_nodes": len(cands),
+            "kept_fp32": [{"node": c.node, "reason": "pooled: one row per image" if c in pooled else "sensitive",
+                           "local_error": round(c.local_error, 6),
+                           "flops_share": round(c.flops_per_image / total, 6)} for c in keep],
+            "kept_flops_share": round(share, 6),
+            "search": tried,
+            "most_sensitive": [{"node": c.node, "local_error": round(c.local_error, 6)} for c in ranked[:8]],
+        }
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
 
 
 def quantize_static_qdq(src: str | Path, dst: str | Path, calib_pixels: np.ndarray, task_indices: list[int],
                         per_channel: bool = True) -> Path:
-    """Static QDQ (activations uint8, weights int8) calibrated on `calib_pixels` for each bank row."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    pre = Path(dst).with_suffix(".pre.onnx")
-    try:
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        src_q = pre
-    except Exception:  # noqa: BLE001 - pre-processing is an optimisation, not a requirement
-        src_q = Path(src)
-    quantize_static(
-        str(src_q), str(dst), _Calibration(calib_pixels, task_indices), quant_format=QuantFormat.QDQ,
-        per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul", "Gemm", "Conv"], calibrate_method=CalibrationMethod.MinMax,
-        extra_options={"MatMulConstBOnly": True},
-    )
-    if pre.exists():
-        pre.unlink()
+    """Static QDQ of every MatMul/Gemm (nothing kept in fp32), MinMax on `calib_pixels` (benchmarks)."""
+    quantize_calibrated(src, dst, image_feeds(calib_pixels, task_indices), Int8Recipe(keep=0))
     return Path(dst)

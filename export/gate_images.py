@@ -1,0 +1,128 @@
+"""Real images for the parity gate and for int8 calibration (issue 17.3).
+
+A gate on 24 probes (half of them noise) both passed int8 bundles that disagree with fp32 on 1.2%
+of real images and failed random-init ones whose logits are all near-tied. So the gate and the
+int8 calibration both draw from images a head will actually see:
+
+1. the head's own training/validation images, when its record names data that is still on disk
+   (`head.training_record["data"]`, written by `clipheads train`), else
+2. the synthetic world (`clipheads.training.data.synth`): every domain and class in turn, rendered
+   at the world's size and prepared like any image file (resize + center crop).
+
+`gate_and_calibration` returns two disjoint sets from one source: the gate never scores an image
+the quantizer calibrated on. Every set says where it came from (for the manifest).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+from clipheads.training.preprocess import PreprocessSpec, prepare_pixels
+
+WORLD_IMAGE_SIZE = 64  # what `clipheads data synth` writes
+
+
+@dataclass
+class ImageSet:
+    pixels: np.ndarray  # (n, 3, S, S) uint8
+    source: str  # "head data" | "synthetic world"
+    detail: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"n": int(len(self.pixels)), "source": self.source, **self.detail}
+
+
+def _head_samples(heads: Sequence) -> tuple[list, list[str]]:
+    """Train + val samples of every dataset the heads' records name (existing files only)."""
+    from clipheads.training.fit import resolve_data
+
+    samples, specs = [], []
+    for h in heads:
+        data = (getattr(h, "training_record", None) or {}).get("data") or {}
+        for name, spec in data.items():
+            try:
+                splits = resolve_data({name: spec})
+            except Exception:  # noqa: BLE001 - moved or unreadable data: fall back to the world
+                continue
+            for s in splits.values():
+                found = [x for x in (*s.train, *s.val) if _is_file(x.path)]
+                if found:
+                    samples += found
+                    specs.append(str(spec))
+    return samples, specs
+
+
+def _is_file(path: str) -> bool:
+    from pathlib import Path
+
+    return Path(path).is_file()
+
+
+def head_images(heads: Sequence, spec: PreprocessSpec, n: int, seed: int = 0) -> Optional[ImageSet]:
+    """Up to `n` of the heads' own training/validation images (seeded draw), or None."""
+    samples, specs = _head_samples(heads)
+    if not samples:
+        return None
+    order = np.random.default_rng(seed).permutation(len(samples))[:n]
+    px = np.stack([prepare_pixels(samples[i].path, spec) for i in order])
+    return ImageSet(px, "head data", {"data": specs, "available": len(samples), "seed": seed})
+
+
+def world_images(spec: PreprocessSpec, n: int, seed: int = 0) -> ImageSet:
+    """`n` synthetic-world images, domains and classes taken in turn."""
+    from clipheads.training.data import synth
+
+    return ImageSet(_world_pixels(spec, n, seed).copy(), "synthetic world",
+                    {"seed": seed, "domains": list(synth.DOMAINS), "render_size": WORLD_IMAGE_SIZE})
+
+
+@functools.lru_cache(maxsize=8)  # one export renders its sets once; tests export many bundles on one spec
+def _world_pixels(spec: PreprocessSpec, n: int, seed: int) -> np.ndarray:
+    from clipheads.training.data import synth
+
+    imgs = []
+    for i in range(n):
+        domain = synth.DOMAINS[i % len(synth.DOMAINS)]
+        cls = synth.CLASSES[(i // len(synth.DOMAINS)) % len(synth.CLASSES)]
+        inst = synth.sample_instance(domain, cls, (seed, 1717, i))
+        imgs.append(prepare_pixels(synth.render(inst, WORLD_IMAGE_SIZE), spec))
+    out = np.stack(imgs)
+    out.setflags(write=False)
+    return out
+
+
+def gate_and_calibration(heads: Sequence, spec: PreprocessSpec, n_gate: int, n_calib: int = 0,
+                         seed: int = 0, source: str = "auto") -> tuple[ImageSet, Optional[ImageSet]]:
+    """Disjoint gate and calibration sets from one source (`auto`: the heads' data, else the world;
+    `world`: always the world). The calibration set is None when `n_calib` is 0."""
+    if source not in ("auto", "world"):
+        raise ValueError(f"image source must be auto or world, got {source!r}")
+    both = head_images(heads, spec, n_gate + n_calib, seed) if source == "auto" else None
+    if both is not None and len(both.pixels) >= 2:
+        have = len(both.pixels)  # fewer than asked: split in proportion (the gate reports n and its interval)
+        k = n_gate if have >= n_gate + n_calib else max(1, have * n_gate // (n_gate + n_calib))
+        gate = ImageSet(both.pixels[:k], both.source, {**both.detail, "role": "gate"})
+        calib = (ImageSet(both.pixels[k:], both.source, {**both.detail, "role": "calibration"})
+                 if n_calib and k < have else None)
+        return gate, calib
+    gate = world_images(spec, n_gate, seed)
+    gate.detail["role"] = "gate"
+    calib = None
+    if n_calib:
+        calib = world_images(spec, n_calib, seed + 1)  # another seed: other instances
+        calib.detail["role"] = "calibration"
+    return gate, calib
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n (sound near 0 and 1, unlike the normal one)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return float(max(0.0, mid - half)), float(min(1.0, mid + half))

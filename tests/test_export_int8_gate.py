@@ -1,0 +1,109 @@
+"""Issue 17.3: the gate judges real images (the head's data, else the world) with a confidence
+interval, random-init backbones get a gate that near-ties cannot move, and static int8 is
+calibrated on real images with its fp32-kept MatMuls named in the manifest. Small sets here (the
+world-wide agreement is bench/export/bench_int8_world.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from clipheads.export import parity
+from clipheads.export.gate_images import gate_and_calibration, wilson_interval, world_images
+from clipheads.training.methods import TaskSpec, build_method
+
+ort = pytest.importorskip("onnxruntime")
+
+TASKS = (TaskSpec("shapes", ("circle", "square", "triangle", "star")),)
+
+
+def test_wilson_interval_and_expected_agreement():
+    lo, hi = wilson_interval(256, 256)
+    assert hi == 1.0 and 0.98 < lo < 0.99  # 256 of 256 cannot show 99.5% either way
+    lo, hi = wilson_interval(990, 1000)
+    assert lo < 0.99 < hi
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(500, 10)) * 3
+    assert parity.expected_agreement(ref, ref) == 1.0
+    noisy = ref + rng.normal(size=ref.shape) * 0.3
+    measured = (noisy.argmax(1) == ref.argmax(1)).mean()
+    assert abs(parity.expected_agreement(ref, noisy) - measured) < 0.05
+    assert parity.expected_agreement(ref, ref + rng.normal(size=ref.shape) * 0.03) > parity.expected_agreement(ref, noisy)
+
+
+def test_the_random_init_gate_ignores_near_ties_but_not_real_errors():
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(200, 5))
+    ref[:100, 1] = ref[:100, 0] = ref[:100].max(1) + 1.0  # 100 exact ties between classes 0 and 1
+    ref[:100, 0] += 1e-4
+    flipped = ref.copy()
+    flipped[:100, 1] += 2e-4  # every near-tie flips
+    a = parity.agreement(ref, flipped)
+    assert a["top1_agreement"] == 0.5 and a["top1_agreement_decided_half"] == 1.0
+    wrong = ref.copy()
+    wrong[100:, 4] += 10.0  # real errors on decided rows
+    assert parity.agreement(ref, wrong)["top1_agreement_decided_half"] < 0.99
+
+
+def test_gate_images_come_from_the_world_and_calibration_never_overlaps(micro_backbone):
+    spec = micro_backbone.preprocess
+    gate, calib = gate_and_calibration([], spec, 12, 8, seed=0)
+    assert gate.source == calib.source == "synthetic world"
+    assert gate.pixels.shape == (12, 3, spec.image_size, spec.image_size) and gate.pixels.dtype == np.uint8
+    assert calib.pixels.shape[0] == 8
+    flat_g = {p.tobytes() for p in gate.pixels}
+    assert not flat_g & {p.tobytes() for p in calib.pixels}
+    assert len(flat_g) == 12  # distinct images, every domain in turn
+    np.testing.assert_array_equal(world_images(spec, 12, 0).pixels, gate.pixels)  # seeded
+
+
+def test_gate_uses_the_heads_own_data_when_it_is_on_disk(micro_backbone, tmp_path):
+    from clipheads.training.data.synth import WorldSize, generate_world
+
+    root = generate_world(tmp_path / "w", seed=3, size=WorldSize(train=2, val=1, test=1), workers=1)
+    head = build_method("zeroshot", micro_backbone, TASKS)
+    head.training_record = {"data": {"shapes": f"synthetic:{root}:sketch"}}
+    gate, calib = gate_and_calibration([head], micro_backbone.preprocess, 40, 16, seed=0)
+    assert gate.source == calib.source == "head data" and gate.detail["available"] == 32 * 3
+    assert len(gate.pixels) == 40 and len(calib.pixels) == 16
+    assert not {p.tobytes() for p in gate.pixels} & {p.tobytes() for p in calib.pixels}
+    head.training_record = {"data": {"shapes": f"synthetic:{tmp_path / 'moved'}:sketch"}}  # data gone: the world
+    assert gate_and_calibration([head], micro_backbone.preprocess, 8, 0)[0].source == "synthetic world"
+
+
+def test_static_int8_names_its_fp32_matmuls_and_the_gate_reports_an_interval(micro_backbone, tmp_path):
+    from clipheads.export.bundle import load_bundle
+    from clipheads.export.pipeline import ExportOptions, export_heads
+
+    torch.manual_seed(0)
+    head = build_method("coop", micro_backbone, TASKS).eval()
+    res = export_heads([head], tmp_path / "b", ExportOptions(precision="int8", probes=32, calibration_images=16),
+                       allow_parity_failure=True)
+    m = load_bundle(tmp_path / "b").manifest
+    rep = m["int8"]["image_0.onnx"]
+    assert rep["mode"] == "static" and rep["calibration"]["source"] == "synthetic world"
+    assert rep["calibration"]["n"] == 16 and rep["calibration"]["role"] == "calibration"
+    kept = {k["node"]: k for k in rep["kept_fp32"]}
+    # the pooled projection and the class matrix stay fp32; everything else was ranked and searched
+    assert sum(k["reason"].startswith("pooled") for k in kept.values()) == 2
+    assert rep["quantized_nodes"] == rep["candidate_nodes"] - len(kept) > 0
+    assert rep["search"] and all(0.0 <= s["calibration_score"] <= 1.0 for s in rep["search"])
+    assert m["int8"]["text.onnx"]["mode"] == "dynamic"
+    p = res.parity
+    assert p["mode"] == "random-init" and p["probe"]["source"] == "synthetic world" and p["probe"]["n"] == 32
+    t = p["tasks"]["shapes"]
+    lo, hi = t["top1_ci95"]
+    assert lo <= t["top1_agreement"] <= hi and t["n"] == 32 and t["decided_half_n"] >= 16
+    assert p["passed"] == (not p["failures"])
+    from clipheads.export.optimize import op_counts
+
+    ops = op_counts(tmp_path / "b" / "image_0.onnx")
+    assert ops.get("QuantizeLinear", 0) > 0 and ops.get("DequantizeLinear", 0) > 0
+
+
+def test_gate_mode_follows_the_backbone_record():
+    assert parity.gate_mode_for({"pretrained": "none"}) == "random-init"
+    assert parity.gate_mode_for({"pretrained": "clipheads"}) == "real"
+    assert parity.gate_mode_for({"pretrained": "none"}, "real") == "real"
+    with pytest.raises(ValueError):
+        parity.gate_mode_for({}, "lenient")
