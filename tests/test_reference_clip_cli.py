@@ -98,6 +98,38 @@ def test_openai_tag_offline_exports_openai_features(world):
     assert bb["weights_sha256"] == file_sha256(world["cached"])
 
 
+def test_models_save_a_tag_head_warns_or_stores_the_cached_weights(world, tmp_path):
+    """Issue 15.4: a head on a downloadable tag is saved without its weights by default, with a
+    warning; `--with-weights` copies the tag's file from the local Hugging Face cache (sha256 as
+    the head records). On a machine with an empty cache only the entry with weights opens."""
+    from clipheads.training.files import file_sha256
+
+    head = world["root"] / "tag.head.safetensors"
+    if not head.exists():  # written by the test above
+        r = _clipheads(world, *_train_args(world, head, "--backbone", "ViT-B-16", "--pretrained", "openai"))
+        assert r.returncode == 0, r.stderr[-3000:]
+    world = {**world, "env": {**world["env"], "BENTOML_HOME": str(tmp_path / "bentoml")}}
+    bare = _clipheads(world, "models", "save", str(head), "--name", "tag-bare", "--json")
+    assert bare.returncode == 0, bare.stderr
+    assert "warning: the entry does not hold the backbone weights" in bare.stderr and "--with-weights" in bare.stderr
+    assert json.loads(bare.stdout)["weights"] is None
+    full = _clipheads(world, "models", "save", str(head), "--name", "tag-full", "--with-weights", "--json")
+    assert full.returncode == 0, full.stderr
+    stored = json.loads(full.stdout)["weights"]
+    assert stored["sha256"] == file_sha256(world["cached"]) and stored["pretrained"] == "openai"
+    elsewhere = {**world, "env": {**world["env"], "HF_HOME": str(tmp_path / "empty-hf")}}  # another machine
+    probe = ("from clipheads import Predictor; import numpy as np; "
+             "p = Predictor('{}', runtime='torch'); print(p.runtime.backbone_weights); "
+             "print(p.predict(np.zeros((32, 32, 3), np.uint8), top_k=1))")
+    ok = subprocess.run([sys.executable, "-c", probe.format("tag-full")], capture_output=True, text=True, cwd=ROOT,
+                        env=elsewhere["env"], timeout=900)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "tag-full" in ok.stdout and stored["file"] in ok.stdout  # the entry's own copy
+    missing = subprocess.run([sys.executable, "-c", probe.format("tag-bare")], capture_output=True, text=True,
+                             cwd=ROOT, env=elsewhere["env"], timeout=900)
+    assert missing.returncode != 0
+
+
 def test_local_file_with_quickgelu_stated_exports_openai_features(world, capsys):
     """In-process (the same `main` the entry point calls): no HF cache is involved."""
     from clipheads.export.cli import main as export_main
