@@ -105,13 +105,30 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _listening(sock_path: Path) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        try:
+            s.connect(str(sock_path))
+        except OSError:
+            return False
+    return True
+
+
 def sweep_stale_dirs(root: Optional[str] = None) -> None:
-    """Remove hop directories left by encoders that were SIGKILLed (their pid is in the name)."""
+    """Remove hop directories left by encoders that were SIGKILLed: the pid in the name is gone
+    and nothing listens on the socket (a pid from another pid namespace sharing /tmp still listens)."""
     base = Path(root or tempfile.gettempdir())
     for d in base.glob(_DIR_PREFIX + "*"):
         m = re.match(re.escape(_DIR_PREFIX) + r"(\d+)-", d.name)
-        if m and d.is_dir() and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(d, ignore_errors=True)
+        try:
+            if m and d.is_dir() and d.stat().st_uid == os.getuid() and not _pid_alive(int(m.group(1))) \
+                    and not _listening(d / "encoder.sock"):
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            continue
 
 
 class HopServer:
