@@ -42,6 +42,22 @@ next overwrite, so a uniform rescale of A_v (or of a whole visual prompt) barely
 features; A_v's useful freedom is the ratio between its D_v/d_s entries. The text tower has no
 `ln_pre`, so the scale of the shallow text prompt does matter.
 
+Design study (`bench/mmap_study/`, issue 14.5; synthetic world, 4 domains as tasks, tiny CLIP,
+selected on the validation split with seed 1, reported on test with 3 seeds; README.md there):
+* Why it is unstable: the untrained head is already 6-10 points below zero-shot CLIP on val
+  (81.4 -> 71.7..74.3 over seeds 1-3; sketch 46..53), before any step. The appended visual
+  tokens (near-zero, then LayerNorm'd to unit scale) and the random text slots move CLIP away from
+  its zero-shot point by a seed-dependent amount, and 10 epochs at lr 0.002 do not bring photo and
+  painting back (val photo 91.7 zero-shot -> 88.8 trained). The grouping decision depends on the
+  init too (S = 0 grouped {photo, sketch, painting} + {clipart}; every other init {photo,
+  clipart, painting} + {sketch}).
+* One factor at a time (val, seed 1): residual text init `ctx_init="a photo of a"` (the shallow
+  text prompt starts at the template's embeddings) 83.3 > `combine="sum"` 82.8 > the shipped
+  recipe 82.4 > S = 0 (`init_std=0`, no seed dependence at init, 74.7 on every seed) 82.0.
+  `ctx_init` is the chosen text-side init where the prompt is no longer than the phrase (the
+  world's P = 4); ViT-B/16's default P = 16 cannot take a 4-token phrase, so the defaults and
+  their 135,198 parameters are unchanged.
+
 Inference: prompts are constants after training but task-dependent: `image_hooks(task)` under
 `torch.no_grad()` gives that task's folded visual prompts, `text_features(names, task)` its W_k.
 """
