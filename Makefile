@@ -31,9 +31,10 @@ test-fast: $(STAMP)
 WORLD  ?= runs/world-s1
 DEVICE ?= cpu
 JOBS   ?= 1
+BENCH_ARGS ?=
 bench-methods: $(STAMP)
 	test -f $(WORLD)/world.json || $(BIN)/clipheads data synth $(WORLD) --seed 1 --size full
-	$(BIN)/clipheads bench protocol 'synth_*' --data-root $(WORLD) --out bench/methods_synthetic --device $(DEVICE) --jobs $(JOBS)
+	$(BIN)/clipheads bench protocol 'synth_*' --data-root $(WORLD) --out bench/methods_synthetic --device $(DEVICE) --jobs $(JOBS) $(BENCH_ARGS)
 
 # A Bento (bentofile.yaml): the code travels as the clipheads wheel, so the Bento imports the
 # same `clipheads.*` namespace as an install. Offline: no locking against an index.
