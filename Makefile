@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/clipheads demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --timeout=600
+	$(BIN)/python -m pytest -q --timeout=600 --durations=20
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not integration"
