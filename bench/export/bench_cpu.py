@@ -91,18 +91,24 @@ def machine() -> dict:
     return info
 
 
+def best_time(call, seconds: float, min_reps: int = 3) -> tuple[float, int]:
+    """Fastest of repeated `call()`s over `seconds` (at least `min_reps`): contention only adds time."""
+    best, t_end, reps = float("inf"), time.perf_counter() + seconds, 0
+    while time.perf_counter() < t_end or reps < min_reps:
+        t0 = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - t0)
+        reps += 1
+    return best, reps
+
+
 def gemm_peak(threads: int, n: int = 2048, seconds: float = 3.0) -> dict:
     import torch
 
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
-    best, t_end, reps = float("inf"), time.perf_counter() + seconds, 0
-    while time.perf_counter() < t_end or reps < 3:
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-        reps += 1
+    best, reps = best_time(lambda: torch.mm(a, b), seconds)
     return {"n": n, "threads": threads, "best_s": best, "gflops": 2 * n ** 3 / best / 1e9, "reps": reps}
 
 
@@ -130,12 +136,7 @@ def ort_matmul_roof(threads: int, n: int = 2048, seconds: float = 3.0, int8: boo
     else:
         feed = {"a": rng.standard_normal((n, n), dtype=np.float32), "b": rng.standard_normal((n, n), dtype=np.float32)}
     sess.run(None, feed)
-    best, t_end, reps = float("inf"), time.perf_counter() + seconds, 0
-    while time.perf_counter() < t_end or reps < 3:
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        best = min(best, time.perf_counter() - t0)
-        reps += 1
+    best, reps = best_time(lambda: sess.run(None, feed), seconds)
     return {"n": n, "threads": threads, "op": op, "best_s": best, "gflops": 2 * n ** 3 / best / 1e9, "reps": reps}
 
 
