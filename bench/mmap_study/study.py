@@ -48,7 +48,13 @@ VARIANTS: dict[str, tuple[dict, dict, str]] = {
     "one_group": ({"n_groups": 1}, {}, "grouping off: one group-shared prompt for all tasks + task-specific"),
     "task_only": ({"group_shared": False}, {}, "task-specific prompts only"),
     "lr0.005": ({}, {"lr": 0.005}, "learning rate 0.005 (0.002 was chosen on single-task held-out sketch)"),
+    "factor_per_layer": ({"factor_per_layer": True}, {}, "one (A_t, A_v) pair per prompted block instead of per instance"),
+    "factor_frozen": ({"factor_lr_scale": 0.0}, {}, "A_t, A_v frozen at 1: the Kronecker product only repeats S"),
+    "warmup200": ({"grouping_steps": 200}, {}, "grouping warm-up of 200 steps instead of the default 5..50"),
 }
+# second pass (stacked on the first pass's choice, `ctx_init`): every remaining unknown of issue 14.5
+SECOND_PASS = tuple(f"ctx_init+{v}" for v in ("depth2", "n_ctx1", "d_s16", "factor_noise", "factor_per_layer",
+                                              "factor_frozen", "one_group", "task_only", "sum", "warmup200")) + ("n_ctx4",)
 FIRST_PASS = ("base", "ctx_init", "init0", "sum", "shallow", "one_group", "lr0.005")
 
 

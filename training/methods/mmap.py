@@ -51,14 +51,18 @@ selected on the validation split with seed 1, reported on test with 3 seeds; REA
   painting back (val photo 91.7 zero-shot -> 88.8 trained). The grouping decision depends on the
   init too (S = 0 grouped {photo, sketch, painting} + {clipart}; every other init {photo,
   clipart, painting} + {sketch}).
-* One factor at a time (val, seed 1): residual text init `ctx_init="a photo of a"` (the shallow
-  text prompt starts at the template's embeddings) 83.3 > no grouping (`n_groups=1`) 83.1 >
-  `combine="sum"` 82.8 > the shipped recipe 82.4 > lr 0.005 82.2 > S = 0 (`init_std=0`, no seed
-  dependence at init, 74.7 on every seed) 82.0 >> prompts at the input only (`depth=1`) 67.2.
-  Test, 3 seeds: `ctx_init` 84.3 +- 0.2 (the shipped recipe: 83.7 +- 0.6, H100 runs).
-  `ctx_init` is the chosen text-side init where the prompt is no longer than the phrase (the
-  world's P = 4); ViT-B/16's default P = 16 cannot take a 4-token phrase, so the defaults and
-  their 135,198 parameters are unchanged.
+* Selection on val (seed 1, two passes of one factor at a time): depth matters most (all blocks
+  83.3 > 2 blocks 79.4 > input only 67.2), then prompt length (1 token 82.9, 2 tokens 83.3, 4
+  tokens 71.7 on the tiny ViT's 16 patches) and source width (d_s 16: 81.9); the Kronecker
+  factors' init/shape (frozen, noisy, per layer), concat vs sum, task-only prompts and a longer
+  grouping warm-up are within noise; the residual text init `ctx_init="a photo of a"` (+0.9) and
+  one group for all tasks (`n_groups=1`, grouping off: 83.7, the best) help.
+* Test, 3 seeds, same machine and precision: `ctx_init` + `n_groups=1` 84.7 +- 0.3 (112,665 =
+  0.075% of ViT-B/16 in that layout) vs MaPLe-MT 84.8 +- 0.4: a tie within noise, 0.1 below on the
+  mean (the issue's ">=" is not met); `ctx_init` alone 84.3 +- 0.2. The shipped recipes keep the
+  paper's layout (grouping on); the study's choice is `--set ctx_init="a photo of a" --set
+  n_groups=1` where the prompt is no longer than the phrase (the world's P = 4; ViT-B/16's default
+  P = 16 cannot take a 4-token phrase, so the defaults and their 135,198 parameters are unchanged).
 
 Inference: prompts are constants after training but task-dependent: `image_hooks(task)` under
 `torch.no_grad()` gives that task's folded visual prompts, `text_features(names, task)` its W_k.
