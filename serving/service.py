@@ -24,13 +24,14 @@ from typing import Any, Optional
 import bentoml
 from pydantic import StrictBool, StrictInt
 
-from .bento_speed import pin_output_media_types
+from .bento_speed import install_outermost, pin_output_media_types
 from .drain import FrontRegistry, chain_exit_signals, pin_dependency
 from .encoder.batching import ContinuousBatcher
 from .encoder.heads import HeadIncompatible, HeadLoadError, HeadSlot, load_head
 from .front import routes
 from .front.config import CONFIG, ServeConfig
 from .front.core import Front
+from .front.fast import FastEntrance, Lane
 from .front.guard import GuardMiddleware
 from .front.http_layer import install_json_400
 from .hop import HopServer
@@ -44,6 +45,8 @@ log = logging.getLogger("clipheads.serving")
 install_bounded_labels()  # BentoML's request metrics: one series per route, not per client-sent path
 install_json_400()  # uvicorn's own 400 for unparseable HTTP in our error shape (front/http_layer.py)
 install_private_endpoints()  # circus' control endpoints on unix sockets in a 0700 dir, not TCP ports
+
+LANE = Lane(CONFIG.fast_classify)  # POST /classify's fast path: front/fast.py
 
 __all__ = ["ClipHeads", "Encoder", "CONFIG", "ServeConfig", "GuardMiddleware"]
 
@@ -186,6 +189,7 @@ class ClipHeads(Front):
         super().__init__(CONFIG)
         # the encoder client, through a link to its socket that outlives BentoML's shutdown (drain.py)
         self.enc, self._enc_link = pin_dependency(self, "encoder", Encoder)
+        LANE.bind(self)
 
     @bentoml.on_deployment
     def _refuse_a_server_that_cannot_serve() -> None:
@@ -272,5 +276,6 @@ class ClipHeads(Front):
         return await self.answer(ctx, "reload", lambda: routes.reload_head(self, source))
 
 
-ClipHeads.add_asgi_middleware(GuardMiddleware, config=CONFIG)
+ClipHeads.add_asgi_middleware(GuardMiddleware, config=CONFIG, lane=LANE)
+install_outermost("clipheads", FastEntrance, lane=LANE)  # before BentoML's own middlewares
 pin_output_media_types(ClipHeads)  # the encoder answers BentoML calls in pickle: left alone

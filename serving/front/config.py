@@ -56,6 +56,7 @@ class ServeConfig:
     allow_reload: bool = False  # CLIPHEADS_ALLOW_RELOAD=1: POST /admin/reload (needs an auth token)
     reload_root: str = ""  # CLIPHEADS_RELOAD_ROOT: reload paths must lie inside (default: the source's folder)
     auth_token: str = field(default="", repr=False)  # CLIPHEADS_AUTH_TOKEN: bearer token; "" = no auth
+    fast_classify: bool = True  # CLIPHEADS_FAST_CLASSIFY=0: POST /classify through BentoML's request path (fast.py)
 
     @property
     def admin_enabled(self) -> bool:
@@ -111,6 +112,7 @@ class ServeConfig:
             allow_reload=e("CLIPHEADS_ALLOW_RELOAD", "") in ("1", "true", "yes"),
             reload_root=e("CLIPHEADS_RELOAD_ROOT", ""),
             auth_token=e("CLIPHEADS_AUTH_TOKEN", ""),
+            fast_classify=e("CLIPHEADS_FAST_CLASSIFY", "1") not in ("0", "false", "no"),
         )
 
 

@@ -21,6 +21,7 @@ from typing import Optional
 from urllib.parse import unquote
 
 from ..metrics import IN_FLIGHT, REJECTIONS
+from . import fast
 from .body import BodyRejected, ClientGone, UploadBudget, json_problem, read_body
 from .config import ADMIN_ROUTES, API_ROUTES, CONFIG, OPEN_PATHS, ServeConfig
 from .errors import error_body
@@ -58,9 +59,12 @@ def disposition_lines(body: bytes) -> list[bytes]:
 class GuardMiddleware:
     """Pure ASGI front door: everything here runs before BentoML touches the request."""
 
-    def __init__(self, app, config: ServeConfig = CONFIG):
+    def __init__(self, app, config: ServeConfig = CONFIG, lane: Optional[fast.Lane] = None):
         self.app = app
         self.cfg = config
+        self.lane = lane  # POST /classify enters here from the outermost FastEntrance (fast.py)
+        if lane is not None:
+            lane.guard = self
         self.in_flight = 0  # requests whose body has arrived, until answered
         self.uploading = 0  # requests whose body is still arriving
         self.upload_bytes = UploadBudget(config.max_upload_bytes)
@@ -86,6 +90,14 @@ class GuardMiddleware:
             await self.app(scope, receive, out)
         except Exception:  # noqa: BLE001 - logged; the client gets the generic body
             log.exception("unhandled error on %s", path[:100])
+            if not out.started:
+                await self._reply(out.downstream, 500, "internal", "unexpected server error; see the server log")
+
+    async def _fast(self, front, fields, out: Reshaper, path: str) -> None:
+        try:
+            await fast.classify(front, fields, out)
+        except Exception:  # noqa: BLE001 - as _run: logged, the client gets the generic body
+            log.exception("unhandled error on %s", path)
             if not out.started:
                 await self._reply(out.downstream, 500, "internal", "unexpected server error; see the server log")
 
@@ -139,7 +151,7 @@ class GuardMiddleware:
         IN_FLIGHT.inc()
         try:
             timeout = self.cfg.encoder_timeout_s if path in ADMIN_ROUTES else self.cfg.timeout_s
-            await self._guarded(scope, receive, send, path, ctype, body, timeout)
+            await self._guarded(scope, receive, send, path, ctype, body, timeout, headers.get("content-type", ""))
         finally:
             self.in_flight -= 1
             IN_FLIGHT.dec()
@@ -199,7 +211,7 @@ class GuardMiddleware:
                     "headers": hdrs + [(b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-    async def _guarded(self, scope, receive, send, path, ctype, body, timeout):
+    async def _guarded(self, scope, receive, send, path, ctype, body, timeout, content_type=""):
         if ctype == "application/json":
             problem = json_problem(body)
             if problem:
@@ -211,6 +223,18 @@ class GuardMiddleware:
                         send, 422, "url_not_allowed",
                         "'images' fields must be uploaded files; URLs and strings are not fetched",
                     )
+
+        front = self.lane.front if self.lane is not None and self.lane.takes(scope) else None
+        fields = fast.read_fields(ctype, content_type, body, self.cfg.max_images) if front is not None else None
+        if fields is not None:  # the fast path (fast.py): our endpoint body without BentoML's request path
+            del body
+            out = Reshaper(send, lambda s, k, d: self._reply(send, s, k, d), classify_api_error)
+            try:
+                await asyncio.wait_for(self._fast(front, fields, out, path), timeout=timeout)
+            except asyncio.TimeoutError:
+                if not out.started:
+                    await self._reply(send, 504, "timeout", f"not processed within {timeout} s")
+            return
 
         pending = [body]  # handed to the app once and dropped here: the app holds the only copy
         del body

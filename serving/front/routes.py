@@ -25,7 +25,7 @@ def ranked(probs: np.ndarray, labels: list[str] | tuple[str, ...], k: int) -> li
     return [{"label": labels[i], "score": round(float(probs[i]), 6)} for i in order]
 
 
-async def classify(front: Front, images: list[Path], images_b64: list[str], tasks: Optional[list[str]],
+async def classify(front: Front, images: list[Path | bytes], images_b64: list[str], tasks: Optional[list[str]],
                    top_k: int) -> dict:
     k = check_top_k(top_k)
     bundle_tasks = front.all_tasks()

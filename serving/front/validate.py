@@ -13,8 +13,9 @@ from .errors import ApiError
 from .templates import check_templates as template_problems
 
 
-def read_images(cfg: ServeConfig, images: list[Path], images_b64: list[str], limit: int) -> list[bytes]:
-    """The request's image bytes: uploaded files (BentoML's temp paths) and base64 strings."""
+def read_images(cfg: ServeConfig, images: list[Path | bytes], images_b64: list[str], limit: int) -> list[bytes]:
+    """The request's image bytes: uploaded files (BentoML's temp paths, or the bytes themselves
+    from the fast path, fast.py) and base64 strings."""
     n = len(images) + len(images_b64)
     if n == 0:
         raise ApiError(422, "no_images", "send at least one image (multipart 'images' files or JSON 'images_b64')")
@@ -23,6 +24,11 @@ def read_images(cfg: ServeConfig, images: list[Path], images_b64: list[str], lim
     blobs: list[bytes] = []
     cap = cfg.max_body_bytes
     for p in images:
+        if isinstance(p, (bytes, bytearray)):
+            if len(p) > cap:
+                raise ImageRejected("too_many_bytes", f"image over {cap} bytes", 413)
+            blobs.append(bytes(p))
+            continue
         p = Path(p)
         if p.stat().st_size > cap:
             raise ImageRejected("too_many_bytes", f"image over {cap} bytes", 413)
