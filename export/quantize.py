@@ -39,6 +39,10 @@ class Int8Recipe:
     max_keep_flops: float = 0.5  # share of the quantizable FLOPs the auto search may keep in fp32
     keep_pooled: bool = True  # the one-row-per-image MatMuls (projection, class matrix) stay fp32
     batch: int = 16
+    smooth_alpha: Optional[float] = None  # SmoothQuant migration strength (smooth.py); None: off
+    symmetric_activations: bool = False  # int8 symmetric instead of uint8 asymmetric activations
+    reduce_range: bool = False  # 7-bit weights (VNNI-less CPUs' overflow guard)
+    percentile: float = 99.999  # the percentile method's range
 
     def validate(self) -> None:
         if self.mode not in ("static", "dynamic"):
@@ -47,6 +51,8 @@ class Int8Recipe:
             raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {self.calibrate_method!r}")
         if self.keep is not None and self.keep < 0:
             raise ValueError("keep must be >= 0")
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ValueError(f"smooth alpha must be in [0, 1], got {self.smooth_alpha}")
 
 
 def quantize_dynamic_int8(src: str | Path, dst: str | Path, per_channel: bool = True, reduce_range: bool = True) -> Path:
@@ -141,33 +147,41 @@ def _fake_quant_weight(w: np.ndarray, trans_b: bool) -> np.ndarray:
     return np.clip(np.round(w / scale), -127, 127) * scale
 
 
-def measure_local_errors(model_path: Path, model, cands: list[Candidate], feeds: Sequence[dict], work: Path) -> None:
-    """Fill `rows_per_image`, `flops_per_image` and `local_error` of every candidate from one fp32 run
-    that also returns each candidate's input (ranges from all feeds, errors on the first ones)."""
+def _probe(model, names: Sequence[str], feeds: Sequence[dict], work: Path, keep_batches: int = 2):
+    """One fp32 run over `feeds` that also returns the tensors `names`: per-tensor min/max and
+    per-channel (last axis) max |x| over all feeds, and the rows of the first `keep_batches`."""
     import onnx
 
     aug = onnx.ModelProto()
     aug.CopyFrom(model)
     have = {o.name for o in aug.graph.output}
-    for c in cands:
-        if c.activation not in have:
-            aug.graph.output.append(onnx.helper.make_empty_tensor_value_info(c.activation))
-            have.add(c.activation)
-    path = work / "local_error_probe.onnx"
+    for n in names:
+        if n not in have:
+            aug.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+            have.add(n)
+    path = work / "activation_probe.onnx"
     onnx.save(aug, str(path))
     sess = _session(path)
-    names = [c.activation for c in cands]
+    names = list(dict.fromkeys(names))
     lo = {n: np.inf for n in names}
     hi = {n: -np.inf for n in names}
+    amax: dict[str, np.ndarray] = {}
     kept: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    images = 0
     for i, feed in enumerate(feeds):
-        outs = dict(zip(names, sess.run(names, feed)))
-        images += len(feed["pixels"])
-        for n, x in outs.items():
+        for n, x in zip(names, sess.run(names, feed)):
             lo[n], hi[n] = min(lo[n], float(x.min())), max(hi[n], float(x.max()))
-            if i < 2:  # errors on the first two batches (the ranges need all)
-                kept[n].append(x.reshape(-1, x.shape[-1]).astype(np.float32))
+            flat = x.reshape(-1, x.shape[-1]).astype(np.float32)
+            a = np.abs(flat).max(axis=0)
+            amax[n] = a if n not in amax else np.maximum(amax[n], a)
+            if i < keep_batches:
+                kept[n].append(flat)
+    return lo, hi, amax, kept
+
+
+def measure_local_errors(model_path: Path, model, cands: list[Candidate], feeds: Sequence[dict], work: Path) -> None:
+    """Fill `rows_per_image`, `flops_per_image` and `local_error` of every candidate from one fp32 run
+    that also returns each candidate's input (ranges from all feeds, errors on the first ones)."""
+    lo, hi, _, kept = _probe(model, [c.activation for c in cands], feeds, work)
     first = sum(len(f["pixels"]) for f in feeds[:2])
     trans = {n.name: any(a.name == "transB" and a.i for a in n.attribute) for n in model.graph.node}
     for c in cands:
@@ -183,19 +197,43 @@ def measure_local_errors(model_path: Path, model, cands: list[Candidate], feeds:
         c.flops_per_image = 2.0 * c.rows_per_image * wm.shape[0] * wm.shape[1]
 
 
-def _static(src: Path, dst: Path, reader: Optional[FeedReader], exclude: Sequence[str], method: str,
+def smoothed(model, cands: list[Candidate], feeds: Sequence[dict], cfg, work: Path, skip: set[str]):
+    """`model` with SmoothQuant scale migration on every candidate not in `skip` (smooth.py) ->
+    (saved path, model, report)."""
+    import onnx
+
+    from .smooth import smooth_model
+
+    groups: dict[str, list[str]] = {}
+    for c in cands:
+        if c.node not in skip:
+            groups.setdefault(c.activation, []).append(c.node)
+    _, _, amax, _ = _probe(model, list(groups), feeds, work, keep_batches=0)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    report = smooth_model(out, groups, amax, cfg)
+    path = work / "smoothed.onnx"
+    onnx.save(out, str(path))
+    return path, out, report
+
+
+def _static(src: Path, dst: Path, reader: Optional[FeedReader], exclude: Sequence[str], recipe: Int8Recipe,
             cache: Path) -> Path:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    method = recipe.calibrate_method
     calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
              "entropy": CalibrationMethod.Entropy}[method]
     quantize_static(
         str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+        reduce_range=recipe.reduce_range,
+        activation_type=QuantType.QInt8 if recipe.symmetric_activations else QuantType.QUInt8,
+        weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
         nodes_to_exclude=list(exclude), calibrate_method=calib, calibration_cache_path=str(cache),
         # fp32 out of every quantized MatMul: ORT runs Q + MatMulIntegerToFloat, no requantize/dequantize pass
         extra_options={"MatMulConstBOnly": True, "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
-                       **({"CalibPercentile": 99.999} if method == "percentile" else {})},
+                       "ActivationSymmetric": recipe.symmetric_activations,
+                       **({"CalibPercentile": recipe.percentile} if method == "percentile" else {})},
     )
     return dst
 
@@ -240,6 +278,15 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
         model = onnx.load(str(pre))
         cands = candidates(model)
         measure_local_errors(pre, model, cands, calib_feeds, work)
+        smooth_report = None
+        if recipe.smooth_alpha is not None:  # migrate, then rank the migrated graph's MatMuls
+            from .smooth import SmoothConfig
+
+            one_row = {c.node for c in cands if c.rows_per_image <= 1.0 + 1e-9}
+            pre, model, smooth_report = smoothed(model, cands, calib_feeds, SmoothConfig(recipe.smooth_alpha),
+                                                 work, one_row)
+            cands = candidates(model)
+            measure_local_errors(pre, model, cands, calib_feeds, work)
         total = sum(c.flops_per_image for c in cands) or 1.0
         pooled = [c for c in cands if c.rows_per_image <= 1.0 + 1e-9] if recipe.keep_pooled else []
         ranked = sorted((c for c in cands if c not in pooled), key=lambda c: -c.local_error)
@@ -259,7 +306,7 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
             keep = pooled + ranked[:k]
             out = work / f"int8_keep{k}.onnx"
             reader.rewind()
-            _static(pre, out, reader, [c.node for c in keep], recipe.calibrate_method, cache)
+            _static(pre, out, reader, [c.node for c in keep], recipe, cache)
             sess = _session(out)
             got = np.concatenate([sess.run(["logits"], f)[0] for f in calib_feeds])
             ok, value = score(ref, got)
@@ -284,6 +331,7 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
             "kept_flops_share": round(share, 6),
             "search": tried,
             "most_sensitive": [{"node": c.node, "local_error": round(c.local_error, 6)} for c in ranked[:8]],
+            **({"smooth": {"alpha": recipe.smooth_alpha, "activations": smooth_report}} if smooth_report else {}),
         }
     finally:
         if tmp is not None:
