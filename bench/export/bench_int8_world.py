@@ -18,6 +18,11 @@ world** (all four domains, train/val/test), comparing top-1 answers on the head'
   static-auto        what `--precision int8` ships: + the most sensitive MatMuls fp32 until 99.8%
                      agreement on the calibration images
   static-auto-percentile  the same with percentile (99.999) activation ranges
+  static-smooth*, static-symmetric, static-reduce-range, static-entropy, static-calib512, ...
+                     what else was tried (see RECIPES): SmoothQuant, int8 activations, 7-bit
+                     weights, other ranges, 512 calibration images
+  sim-*              int8_sim.py: the rounding emulated in fp32 ops, one error source at a time
+                     (weights only, activations only) and per-row activation ranges (no ORT kernel)
 
 Calibration images come from where the export takes them (`gate_images.gate_and_calibration`:
 the head's own training/validation images, 128 of them, disjoint from the gate's; the small world
