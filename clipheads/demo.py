@@ -94,6 +94,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--shots", type=int, default=16, help="images per class for the CoOp head")
     p.add_argument("--epochs", type=int, default=None, help="default: the synth_coop_heldout recipe's")
     p.add_argument("--no-serve", action="store_true", help="stop after the export step")
+    p.add_argument("--gate-images", "--probes", dest="probes", type=int, default=None,
+                   help="real images the export's parity gate judges on (default: the exporter's, 256)")
     p.add_argument("--backbone", default=None, help="default: the packaged clipheads-tiny")
     p.add_argument("--pretrained", default=None, help="default: the backbone's default weights")
     p.add_argument("--domain", default=None, help="domain to tune on (default: the one the tiny CLIP saw least)")
@@ -161,7 +163,8 @@ def _demo(args) -> int:
     bundle = out / "bundle"
 
     def export():
-        result = export_bundle(head_path, bundle, target="onnx", precision="fp32")
+        result = export_bundle(head_path, bundle, target="onnx", precision="fp32",
+                               **({"probes": args.probes} if args.probes else {}))
         if not result.passed:
             raise RuntimeError(f"export failed the parity gate: {result.parity.get('failures')}")
         m = result.manifest

@@ -42,10 +42,11 @@ def ok_json(res: subprocess.CompletedProcess):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """A real `clipheads demo --json` (2 shots, 1 epoch, served over HTTP), stdout/stderr redirected:
+    """A real `clipheads demo --json` (2 shots, 1 epoch, 16 gate images: the test is about output, not
+    the gate; served over HTTP), stdout/stderr redirected:
     the steps and any progress go to stderr, the result to stdout."""
     d = tmp_path_factory.mktemp("cli")
-    res = clipheads("demo", "--out", d / "demo", "--shots", 2, "--epochs", 1, "--json", home=d / "bentoml")
+    res = clipheads("demo", "--out", d / "demo", "--shots", 2, "--epochs", 1, "--gate-images", 16, "--json", home=d / "bentoml")
     assert res.returncode == 0, res.stderr[-3000:]
     return d, res
 
@@ -115,7 +116,7 @@ def test_every_command_takes_json(demo, tmp_path):
     text = clipheads("info", head, home=home)
     assert text.returncode == 0 and "coop" in text.stdout and "{'" not in text.stdout  # readable, not a dict repr
 
-    exported = ok_json(clipheads("export", head, "--out", tmp_path / "bundle", "--json", home=home))
+    exported = ok_json(clipheads("export", head, "--out", tmp_path / "bundle", "--probes", 16, "--json", home=home))
     assert exported["ok"] is True and Path(exported["bundle"]).is_dir()
     scored = ok_json(clipheads("score", tmp_path / "bundle", "--input", out / "world" / "sketch" / "circle",
                                "--output", tmp_path / "p.parquet", "--json", home=home))
