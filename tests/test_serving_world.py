@@ -31,7 +31,7 @@ def trained(tmp_path_factory):
     from clipheads.training.protocols.recipes import load_recipe
 
     d = tmp_path_factory.mktemp("world")
-    world = generate_world(d / "world", seed=0, size="small")
+    world = generate_world(d / "world", seed=0, size="small", domains=(HELD_OUT_DOMAIN,))  # the only one used
     split = load_world_splits(world, HELD_OUT_DOMAIN)
     backbone = load_backbone(PACKAGED_ARCH)
     task = [TaskSpec(HELD_OUT_DOMAIN, split.classnames, split.templates)]

@@ -45,6 +45,23 @@ def test_same_seed_gives_identical_bytes_and_other_seed_differs(world, tmp_path)
     assert a["world.json"] != other["world.json"]
 
 
+def test_one_domain_has_the_full_worlds_bytes(world, tmp_path):
+    """`domains=` (tests that need one domain render a quarter of the world): the same images and
+    split file as that domain of the full world; world.json lists only it; unknown names refused."""
+    one = synth.generate_world(tmp_path / "one", seed=0, size=COUNTS, image_size=SIZE, workers=1, domains=("sketch",))
+    a, full = _tree(one), _tree(world)
+    sketch = [k for k in a if k.startswith("sketch/") or k == "splits/sketch.json"]
+    assert sketch and [k for k in sketch if a[k] != full[k]] == []
+    assert {k.split("/")[0] for k in a if "/" in k} == {"sketch", "splits"} and set(a) - set(full) == set()
+    desc = json.loads(a["world.json"])
+    assert desc["domains"] == ["sketch"] and list(desc["counts"]) == ["sketch"]
+    mine, theirs = synth.load_world_splits(one, "sketch"), synth.load_world_splits(world, "sketch")
+    assert mine.classnames == theirs.classnames and [(Path(s.path).relative_to(one), s.label) for s in mine.test] == [
+        (Path(s.path).relative_to(world), s.label) for s in theirs.test]
+    with pytest.raises(ValueError, match="domains must be some of"):
+        synth.generate_world(tmp_path / "bad", seed=0, size=COUNTS, image_size=SIZE, workers=1, domains=("moon",))
+
+
 def test_layout_world_json_and_counts(world):
     desc = json.loads((world / "world.json").read_text())
     ws = COUNTS

@@ -383,25 +383,31 @@ def _render_job(job: tuple[str, int, int, int, int]) -> tuple[str, int, int, byt
     return domain, label, index, _png_bytes(render(inst, image_size)), {"colour": inst.colour, "size": inst.size, "caption": caption(inst)}
 
 
-def _jobs(seed: int, ws: WorldSize, image_size: int) -> Iterator[tuple[str, int, int, int, int]]:
-    for domain in DOMAINS:
+def _jobs(seed: int, ws: WorldSize, image_size: int, domains: Sequence[str] = DOMAINS) -> Iterator[tuple[str, int, int, int, int]]:
+    for domain in domains:
         for label in range(len(CLASSES)):
             for index in range(ws.per_class):
                 yield domain, label, index, seed, image_size
 
 
 def generate_world(out_dir: str | os.PathLike, seed: int = 0, size: str | WorldSize = "small", image_size: int = 64,
-                   workers: int | None = None, progress: bool = False) -> Path:
+                   workers: int | None = None, progress: bool = False, domains: Sequence[str] | None = None) -> Path:
     """Write the world (layout in the module docstring) and return its root.
 
     `size` is a preset name or explicit per-(domain, class) counts (tests use a few images each).
+    `domains` writes only those domains (default all): each image is seeded by its own (domain,
+    class, index), so a domain's bytes are the same as in the full world.
     """
     ws = _world_size(size)
+    domains = tuple(DOMAINS if domains is None else domains)
+    unknown = sorted(set(domains) - set(DOMAINS))
+    if unknown or not domains:
+        raise ValueError(f"domains must be some of {', '.join(DOMAINS)}; got {list(domains)}")
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    jobs = list(_jobs(seed, ws, image_size))
+    jobs = list(_jobs(seed, ws, image_size, domains))
     workers = workers if workers is not None else min(2, os.cpu_count() or 1)
-    splits = {d: {"train": [], "val": [], "test": []} for d in DOMAINS}
+    splits = {d: {"train": [], "val": [], "test": []} for d in domains}
     captions: list[dict] = []
     results = _run_jobs(jobs, workers, progress)
     for domain, label, index, png, attrs in results:  # ordered like `jobs`
@@ -415,10 +421,10 @@ def generate_world(out_dir: str | os.PathLike, seed: int = 0, size: str | WorldS
         captions.append({"path": f"{domain}/{rel}", "caption": attrs["caption"], "domain": domain, "class": name,
                          "colour": attrs["colour"], "size": attrs["size"], "split": split})
     (out / "splits").mkdir(exist_ok=True)
-    for domain in DOMAINS:
+    for domain in domains:
         (out / "splits" / f"{domain}.json").write_text(json.dumps(splits[domain], indent=4) + "\n")
     (out / "captions.jsonl").write_text("".join(json.dumps(c, sort_keys=True) + "\n" for c in captions))
-    (out / "world.json").write_text(json.dumps(world_description(seed, size, image_size), indent=2) + "\n")
+    (out / "world.json").write_text(json.dumps(world_description(seed, size, image_size, domains), indent=2) + "\n")
     return out
 
 
@@ -452,8 +458,9 @@ def _world_size(size: str | WorldSize) -> WorldSize:
     return WORLD_SIZES[size]
 
 
-def world_description(seed: int, size: str | WorldSize, image_size: int) -> dict:
+def world_description(seed: int, size: str | WorldSize, image_size: int, domains: Sequence[str] = DOMAINS) -> dict:
     ws = _world_size(size)
+    domains = list(domains)
     n = len(CLASSES)
     return {
         "name": "clipheads-synthetic-world",
@@ -461,14 +468,14 @@ def world_description(seed: int, size: str | WorldSize, image_size: int) -> dict
         "seed": seed,
         "size": size if isinstance(size, str) else "custom",
         "image_size": image_size,
-        "domains": list(DOMAINS),
+        "domains": domains,
         "classes": list(CLASSES),
         "colours": list(COLOURS),
         "sizes": list(SIZES),
         "templates": list(TEMPLATES),
         "per_class_per_domain": {"train": ws.train, "val": ws.val, "test": ws.test},
-        "counts": {d: {"train": ws.train * n, "val": ws.val * n, "test": ws.test * n} for d in DOMAINS},
-        "total_images": ws.per_class * n * len(DOMAINS),
+        "counts": {d: {"train": ws.train * n, "val": ws.val * n, "test": ws.test * n} for d in domains},
+        "total_images": ws.per_class * n * len(domains),
     }
 
 
