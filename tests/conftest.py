@@ -57,3 +57,17 @@ def openai_vitb16(tmp_path_factory):
     from reference_clip import openai_case
 
     return openai_case("ViT-B-16", tmp_path_factory.mktemp("openai_vitb16"))
+
+
+@pytest.fixture(scope="session")
+def clipheads_wheel(tmp_path_factory) -> Path:
+    """The repository's clipheads wheel, built once per session (`pip wheel --no-deps
+    --no-build-isolation`, as `make bento` does): the packaging test and the Bento test read it."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "-w", str(out), str(Path(__file__).resolve().parents[1])], check=True, cwd=out, timeout=300)
+    (wheel,) = out.glob("clipheads-*.whl")
+    return wheel

@@ -55,11 +55,8 @@ def test_editable_install_ignores_a_decoy_training_package(tmp_path):
 
 
 @pytest.mark.slow
-def test_wheel_has_one_namespace_and_beats_a_decoy(tmp_path):
-    wheel_dir = tmp_path / "wheel"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "-w", str(wheel_dir), str(ROOT)], check=True, cwd=tmp_path)
-    (wheel,) = wheel_dir.glob("clipheads-*.whl")
+def test_wheel_has_one_namespace_and_beats_a_decoy(tmp_path, clipheads_wheel):
+    wheel = clipheads_wheel  # `pip wheel` of this repository (conftest; the Bento test reuses it)
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"clipheads"}, top
