@@ -105,7 +105,7 @@ def simulate(src: str | Path, dst: str | Path, recipe: str, calib_feeds: Sequenc
         if recipe in ("sim-acts-only", "sim-static"):
             _act_per_tensor(model, node, lo[c.activation], hi[c.activation])
         elif recipe.startswith("sim-per-row"):
-            _act_per_row(model, node, symmetric=recipe.endswith("sym"))
+            _act_per_row(model, node, symmetric=recipe == "sim-per-row-sym")
     onnx.save(model, str(dst))
     total = sum(c.flops_per_image for c in cands) or 1.0
     return {"simulated_nodes": len(blocks), "fp32_flops_share": round(1 - sum(c.flops_per_image for c in blocks) / total, 6)}
