@@ -212,6 +212,7 @@ def main(argv=None) -> int:
     r["roofs_end"] = roofs(args.threads)
     r["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "int8_speed.json").write_text(json.dumps(r, indent=1))
     write_md(r, out / "int8_speed.md")
     log(f"wrote {out / 'int8_speed.md'}")
