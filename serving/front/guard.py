@@ -82,22 +82,15 @@ class GuardMiddleware:
         """Not an API route (probes, docs, UI, unknown paths): BentoML's, errors reshaped."""
         out = Reshaper(send, lambda s, k, d: self._reply(send, s, k, d),
                        lambda status, raw: classify_other_error(status, raw, path))
-        await self._run(scope, receive, out, path)
+        await self._run(lambda: self.app(scope, receive, out), out, path)
 
-    async def _run(self, scope, receive, out: Reshaper, path: str) -> None:
-        """The app; an exception it lets out is a generic JSON 500 (Starlette's would be plain text)."""
+    async def _run(self, handler, out: Reshaper, path: str) -> None:
+        """`handler()` (the app, or the fast path): an exception it lets out is a generic JSON 500
+        (Starlette's would be plain text)."""
         try:
-            await self.app(scope, receive, out)
+            await handler()
         except Exception:  # noqa: BLE001 - logged; the client gets the generic body
             log.exception("unhandled error on %s", path[:100])
-            if not out.started:
-                await self._reply(out.downstream, 500, "internal", "unexpected server error; see the server log")
-
-    async def _fast(self, front, fields, out: Reshaper, path: str) -> None:
-        try:
-            await fast.classify(front, fields, out)
-        except Exception:  # noqa: BLE001 - as _run: logged, the client gets the generic body
-            log.exception("unhandled error on %s", path)
             if not out.started:
                 await self._reply(out.downstream, 500, "internal", "unexpected server error; see the server log")
 
@@ -224,29 +217,24 @@ class GuardMiddleware:
                         "'images' fields must be uploaded files; URLs and strings are not fetched",
                     )
 
+        out = Reshaper(send, lambda s, k, d: self._reply(send, s, k, d), classify_api_error)
         front = self.lane.front if self.lane is not None and self.lane.takes(scope) else None
         fields = fast.read_fields(ctype, content_type, body, self.cfg.max_images) if front is not None else None
         if fields is not None:  # the fast path (fast.py): our endpoint body without BentoML's request path
             del body
-            out = Reshaper(send, lambda s, k, d: self._reply(send, s, k, d), classify_api_error)
-            try:
-                await asyncio.wait_for(self._fast(front, fields, out, path), timeout=timeout)
-            except asyncio.TimeoutError:
-                if not out.started:
-                    await self._reply(send, 504, "timeout", f"not processed within {timeout} s")
-            return
+            handler = lambda: fast.classify(front, fields, out)  # noqa: E731
+        else:
+            pending = [body]  # handed to the app once and dropped here: the app holds the only copy
+            del body
 
-        pending = [body]  # handed to the app once and dropped here: the app holds the only copy
-        del body
+            async def replay():
+                if pending:
+                    return {"type": "http.request", "body": pending.pop(), "more_body": False}
+                return await receive()
 
-        async def replay():
-            if pending:
-                return {"type": "http.request", "body": pending.pop(), "more_body": False}
-            return await receive()
-
-        out = Reshaper(send, lambda s, k, d: self._reply(send, s, k, d), classify_api_error)
+            handler = lambda: self.app(scope, replay, out)  # noqa: E731
         try:
-            await asyncio.wait_for(self._run(scope, replay, out, path), timeout=timeout)
+            await asyncio.wait_for(self._run(handler, out, path), timeout=timeout)
         except asyncio.TimeoutError:
             if not out.started:
                 await self._reply(send, 504, "timeout", f"not processed within {timeout} s")
