@@ -340,6 +340,18 @@ def write_md(results: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+
+def run_header(threads: int, **extra) -> dict:
+    """The start of every CPU bench result: time, machine, load and roofs before the first round."""
+    return {"started_unix": int(time.time()), "threads": threads, **extra, "machine": machine(),
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()], "roofs_start": roofs(threads), "archs": []}
+
+
+def close_run(results: dict, threads: int) -> None:
+    """Roofs and load after the last round (a loaded run shows as roofs that moved)."""
+    results["roofs_end"] = roofs(threads)
+    results["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--archs", nargs="+", default=["ViT-B-32", "ViT-B-16"])
@@ -361,17 +373,14 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
-    results = {"started_unix": int(time.time()), "threads": args.threads, "machine": machine(),
-               "loadavg_start": [round(x, 2) for x in os.getloadavg()], "roofs_start": roofs(args.threads),
-               "archs": []}
+    results = run_header(args.threads)
     log(f"roofs {dict((k, round(v['gflops'])) for k, v in results['roofs_start'].items() if isinstance(v, dict))}; "
         f"load {results['loadavg_start']}")
     with tempfile.TemporaryDirectory(prefix="clipheads-bench-") as tmp:
         for arch in args.archs:
             results["archs"].append(bench_arch(arch, args.batches, args.threads, args.min_seconds, not args.no_compile,
                                                Path(tmp), log, args.rounds, tuple(args.skip)))
-    results["roofs_end"] = roofs(args.threads)
-    results["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    close_run(results, args.threads)
     busy = max(results["loadavg_start"][0], results["loadavg_end"][0]) > 0.5 * (os.cpu_count() or 1)
     results["contention_note"] = (
         "the machine was shared with other jobs (load above half the cores): absolute numbers are pessimistic "

@@ -198,10 +198,9 @@ def main(argv=None) -> int:
         res = one_arch(args.archs[0], args.batches, args.threads, args.rounds, args.compile, log)
         Path(args.child).write_text(json.dumps(res))
         return 0
-    from bench_cpu import machine, roofs
+    from bench_cpu import close_run, run_header
 
-    r = {"started_unix": int(time.time()), "threads": args.threads, "rounds": args.rounds, "machine": machine(),
-         "loadavg_start": [round(x, 2) for x in os.getloadavg()], "roofs_start": roofs(args.threads), "archs": []}
+    r = run_header(args.threads, rounds=args.rounds)
     for arch in args.archs:  # a child each: one ViT-B in memory at a time, freed before the next
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             cmd = [sys.executable, __file__, "--archs", arch, "--threads", str(args.threads), "--rounds",
@@ -209,8 +208,7 @@ def main(argv=None) -> int:
             cmd += ["--model-configs", args.model_configs] if args.model_configs else []
             subprocess.run(cmd + (["--compile"] if args.compile else []), check=True)
             r["archs"].append(json.loads(Path(f.name).read_text()))
-    r["roofs_end"] = roofs(args.threads)
-    r["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    close_run(r, args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "int8_speed.json").write_text(json.dumps(r, indent=1))
