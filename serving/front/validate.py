@@ -24,15 +24,10 @@ def read_images(cfg: ServeConfig, images: list[Path | bytes], images_b64: list[s
     blobs: list[bytes] = []
     cap = cfg.max_body_bytes
     for p in images:
-        if isinstance(p, (bytes, bytearray)):
-            if len(p) > cap:
-                raise ImageRejected("too_many_bytes", f"image over {cap} bytes", 413)
-            blobs.append(bytes(p))
-            continue
-        p = Path(p)
-        if p.stat().st_size > cap:
+        in_memory = isinstance(p, (bytes, bytearray))
+        if (len(p) if in_memory else Path(p).stat().st_size) > cap:  # size before reading a file
             raise ImageRejected("too_many_bytes", f"image over {cap} bytes", 413)
-        blobs.append(p.read_bytes())
+        blobs.append(bytes(p) if in_memory else Path(p).read_bytes())
     for i, s in enumerate(images_b64):
         if not isinstance(s, str) or len(s) > cap * 4 // 3 + 4:
             raise ImageRejected("too_many_bytes", f"image_b64[{i}] over {cap} bytes", 413)
