@@ -107,3 +107,43 @@ def test_gate_mode_follows_the_backbone_record():
     assert parity.gate_mode_for({"pretrained": "none"}, "real") == "real"
     with pytest.raises(ValueError):
         parity.gate_mode_for({}, "lenient")
+
+
+def test_patch_conv_as_a_gemm_is_the_conv():
+    """The patch embedding's sensitivity is measured as patches @ weights: that product must be the
+    Conv's own output (a wrong patch order would rank it on a different function)."""
+    from clipheads.export.quantize import Candidate, _as_gemm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 33, 32, generator=g)  # 33: a ragged edge the stride-p Conv drops
+    w = torch.randn(5, 3, 8, 8, generator=g)
+    want = torch.nn.functional.conv2d(x, w, stride=8)  # (2, 5, 4, 4)
+    rows, wm = _as_gemm(Candidate("c", "Conv", "x", "w"), x.numpy(), w.numpy(), False)
+    got = (rows @ wm).reshape(2, 4, 4, 5).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("patch_embedding", [True, False])
+def test_static_int8_quantizes_the_patch_embedding_unless_told_not_to(micro_backbone, tmp_path, patch_embedding):
+    import onnx
+
+    from clipheads.export.fold import fold_heads
+    from clipheads.export.onnx_export import export_image_graph
+    from clipheads.export.quantize import Int8Recipe, candidates, image_feeds, quantize_calibrated
+
+    torch.manual_seed(0)
+    enc = fold_heads([build_method("zeroshot", micro_backbone, TASKS)]).graphs[0].encoder
+    src = export_image_graph(enc, tmp_path / "fp32.onnx")
+    conv = [n.name for n in onnx.load(str(src)).graph.node if n.op_type == "Conv"]
+    assert len(conv) == 1 and [c.kind for c in candidates(onnx.load(str(src)))].count("Conv") == 1
+    pixels = world_images(micro_backbone.preprocess, 8, seed=1).pixels
+    rep = quantize_calibrated(src, tmp_path / "int8.onnx", image_feeds(pixels, [0], batch=4),
+                              Int8Recipe(keep=0, patch_embedding=patch_embedding))
+    g = onnx.load(str(tmp_path / "int8.onnx")).graph
+    inits = {i.name for i in g.initializer}
+    int8_weight = {o for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits for o in n.output}
+    node = next(n for n in g.node if n.op_type == "Conv")
+    assert (node.input[1] in int8_weight) == patch_embedding
+    assert rep["candidate_nodes"] == rep["quantized_nodes"] + len(rep["kept_fp32"])
+    assert rep["quantized_nodes"] == len([n for n in g.node if n.op_type in ("MatMul", "Gemm", "Conv")
+                                          and n.input[1] in int8_weight])

@@ -56,6 +56,7 @@ RECIPES = {
     "static-pooled-fp32": dict(keep=0),
     "static-auto": dict(),
     "static-auto-percentile": dict(calibrate_method="percentile"),
+    "static-auto-conv-fp32": dict(patch_embedding=False),  # the patch embedding left fp32 (before 2026-12-02 late)
     # the trade-off past the auto search's 50%-of-FLOPs cap (not in the default list)
     "static-keep8": dict(keep=8),
     "static-keep12": dict(keep=12),
