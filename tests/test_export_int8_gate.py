@@ -140,10 +140,59 @@ def test_static_int8_quantizes_the_patch_embedding_unless_told_not_to(micro_back
     rep = quantize_calibrated(src, tmp_path / "int8.onnx", image_feeds(pixels, [0], batch=4),
                               Int8Recipe(keep=0, patch_embedding=patch_embedding))
     g = onnx.load(str(tmp_path / "int8.onnx")).graph
+    ops = [n.op_type for n in g.node]
     inits = {i.name for i in g.initializer}
     int8_weight = {o for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits for o in n.output}
     node = next(n for n in g.node if n.op_type == "Conv")
     assert (node.input[1] in int8_weight) == patch_embedding
     assert rep["candidate_nodes"] == rep["quantized_nodes"] + len(rep["kept_fp32"])
     assert rep["quantized_nodes"] == len([n for n in g.node if n.op_type in ("MatMul", "Gemm", "Conv")
-                                          and n.input[1] in int8_weight])
+                                          and n.input[1] in int8_weight]) + ops.count("MatMulIntegerToFloat")
+
+
+def test_int8_matmuls_take_their_bias_and_compute_the_same(micro_backbone, tmp_path):
+    """int8_fuse: every DQ -> MatMul (-> Add bias) of a static QDQ graph becomes one
+    MatMulIntegerToFloat with the bias as input; ORT's answers do not change."""
+    import onnx
+
+    from clipheads.export.fold import fold_heads
+    from clipheads.export.int8_fuse import fuse_int8_matmuls
+    from clipheads.export.onnx_export import export_image_graph
+    from clipheads.export.quantize import FeedReader, Int8Recipe, _static, image_feeds
+
+    torch.manual_seed(0)
+    enc = fold_heads([build_method("zeroshot", micro_backbone, TASKS)]).graphs[0].encoder
+    src = export_image_graph(enc, tmp_path / "fp32.onnx")
+    pixels = world_images(micro_backbone.preprocess, 8, seed=1).pixels
+    feeds = image_feeds(pixels, [0], batch=4)
+    fused_path = _static(src, tmp_path / "q.onnx", FeedReader(feeds), [], Int8Recipe(), tmp_path / "c.json")
+    fused = onnx.load(str(fused_path))
+    # the unfused QDQ graph: same quantizer, fusion undone by quantizing again without the rewrite
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    quantize_static(str(src), str(tmp_path / "plain.onnx"), FeedReader(feeds), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=["MatMul", "Gemm"], calibration_cache_path=str(tmp_path / "c.json"),
+                    extra_options={"MatMulConstBOnly": True, "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]})
+    plain = onnx.load(str(tmp_path / "plain.onnx"))
+    inits = {i.name for i in plain.graph.initializer}
+    int8_weight = {o for n in plain.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                   for o in n.output}
+    n_int8 = sum(1 for n in plain.graph.node if n.op_type == "MatMul" and n.input[1] in int8_weight)
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops.count("MatMulIntegerToFloat") == n_int8 > 0
+    with_bias = [n for n in fused.graph.node if n.op_type == "MatMulIntegerToFloat" and len(n.input) == 7]
+    assert with_bias and len(ops) < len(plain.graph.node) - n_int8  # each bias Add and weight DQ is gone
+    assert fuse_int8_matmuls(fused) == 0  # nothing left to fuse
+    px = pixels[:4]
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+        ["logits"], {"pixels": px, "task_index": np.zeros(len(px), np.int64)})[0]
+    ref, got = run(tmp_path / "plain.onnx"), run(fused_path)
+    assert np.abs(got - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+    # not vacuous: dropping one fused (non-zero: attention biases start at 0) bias changes the answers
+    from onnx import numpy_helper
+
+    biases = {i.name: np.abs(numpy_helper.to_array(i)).max() for i in fused.graph.initializer}
+    del max(with_bias, key=lambda n: biases[n.input[6]]).input[6]
+    onnx.save(fused, str(tmp_path / "nobias.onnx"))
+    assert np.abs(run(tmp_path / "nobias.onnx") - ref).max() > 1e-4
