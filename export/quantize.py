@@ -8,9 +8,10 @@
     2. every other MatMul with constant weights is ranked by its own output error under
        quantization (`local_error`: its fp32 input and weights quantized as the recipe would,
        against its fp32 output, on the calibration images);
-    3. the most sensitive are kept fp32, 0, 1, 2, 4, ... of them, until the quantized graph agrees
-       with fp32 on the calibration images (`Int8Recipe.target_agreement`, judged by the caller's
-       `score`) or the kept ones reach `max_keep_flops` of the quantized FLOPs.
+    3. the most sensitive are kept fp32, 0, 1, 2, 4, ... of them and then the most the cap allows,
+       until the quantized graph agrees with fp32 on the calibration images
+       (`Int8Recipe.target_agreement`, judged by the caller's `score`) or the kept ones reach
+       `max_keep_flops` of the quantized FLOPs.
   A ViT's patch embedding (a Conv whose stride is its kernel: a GEMM over patches) is a candidate
   like the MatMuls (`Int8Recipe.patch_embedding`): fp32 it was 11% of the int8 graph's time on
   ViT-B/32, as QLinearConv 2%. Other Convs (ResNet towers) stay fp32.
@@ -334,10 +335,14 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
         if recipe.keep is not None:
             ks = [min(recipe.keep, len(ranked))]
         else:
+            fits = lambda k: sum(c.flops_per_image for c in ranked[:k]) / total <= recipe.max_keep_flops  # noqa: E731
             ks, k = [0], 1
-            while k <= len(ranked) and sum(c.flops_per_image for c in ranked[:k]) / total <= recipe.max_keep_flops:
+            while k <= len(ranked) and fits(k):
                 ks.append(k)
                 k *= 2
+            most = max((k for k in range(len(ranked) + 1) if fits(k)), default=0)
+            if most > ks[-1]:  # and the most the FLOP cap allows (doubling stops short of it)
+                ks.append(most)
         for k in ks:
             keep = pooled + ranked[:k]
             out = work / f"int8_keep{k}.onnx"
