@@ -16,8 +16,14 @@ from clipheads.serving.drain import FrontRegistry, PinnedSocket
 pytest.importorskip("psutil")
 
 
-def test_pinned_socket_reaches_the_listener_after_its_directory_is_deleted(tmp_path):
-    bento_dir = tmp_path / "bentoml-uds-x"  # what BentoML rmtree's on SIGTERM
+def test_pinned_socket_reaches_the_listener_after_its_directory_is_deleted():
+    import tempfile
+    from pathlib import Path
+
+    # a short base (AF_UNIX paths stop at 108 bytes; pytest-xdist's tmp_path can be longer), as
+    # BentoML's own socket directory under /tmp
+    base = Path(tempfile.mkdtemp(prefix="chd-", dir="/tmp"))
+    bento_dir = base / "bentoml-uds-x"  # what BentoML rmtree's on SIGTERM
     bento_dir.mkdir()
     path = bento_dir / "123.sock"
     server = socket.socket(socket.AF_UNIX)
@@ -40,6 +46,7 @@ def test_pinned_socket_reaches_the_listener_after_its_directory_is_deleted(tmp_p
         server.close()
         pinned.remove()
     assert not pinned.dir.exists()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def _exit_recorder():
