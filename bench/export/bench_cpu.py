@@ -352,6 +352,16 @@ def close_run(results: dict, threads: int) -> None:
     results["roofs_end"] = roofs(threads)
     results["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
 
+
+def save_run(results: dict, out: str | Path, stem: str, write_md, log) -> None:
+    """OUT/STEM.json (every round) and OUT/STEM.md (the tables `write_md` makes of it)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    write_md(results, out / f"{stem}.md")
+    log(f"wrote {out / stem}.json and .md")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--archs", nargs="+", default=["ViT-B-32", "ViT-B-16"])
@@ -385,11 +395,7 @@ def main(argv=None) -> int:
     results["contention_note"] = (
         "the machine was shared with other jobs (load above half the cores): absolute numbers are pessimistic "
         "and noisy; compare variants within this run only." if busy else "machine was mostly idle.")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    write_md(results, out / "results.md")
-    log(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    save_run(results, args.out, "results", write_md, log)
     return 0
 
 

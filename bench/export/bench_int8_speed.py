@@ -198,7 +198,7 @@ def main(argv=None) -> int:
         res = one_arch(args.archs[0], args.batches, args.threads, args.rounds, args.compile, log)
         Path(args.child).write_text(json.dumps(res))
         return 0
-    from bench_cpu import close_run, run_header
+    from bench_cpu import close_run, run_header, save_run
 
     r = run_header(args.threads, rounds=args.rounds)
     for arch in args.archs:  # a child each: one ViT-B in memory at a time, freed before the next
@@ -209,11 +209,7 @@ def main(argv=None) -> int:
             subprocess.run(cmd + (["--compile"] if args.compile else []), check=True)
             r["archs"].append(json.loads(Path(f.name).read_text()))
     close_run(r, args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "int8_speed.json").write_text(json.dumps(r, indent=1))
-    write_md(r, out / "int8_speed.md")
-    log(f"wrote {out / 'int8_speed.md'}")
+    save_run(r, args.out, "int8_speed", write_md, log)
     return 0
 
 
