@@ -244,9 +244,8 @@ def smoothed(model, cands: list[Candidate], feeds: Sequence[dict], cfg, work: Pa
 
 
 def _static(src: Path, dst: Path, reader: Optional[FeedReader], exclude: Sequence[str], recipe: Int8Recipe,
-            cache: Path, op_types: Sequence[str] = ("MatMul", "Gemm"), fuse: bool = True) -> Path:
-    """ORT's static QDQ quantizer with the recipe's options; with `fuse`, each int8 MatMul then
-    takes its bias (int8_fuse.py: bit-identical, 11% faster on ViT-B/32)."""
+            cache: Path, op_types: Sequence[str] = ("MatMul", "Gemm")) -> Path:
+    """ORT's static QDQ quantizer with the recipe's options."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     method = recipe.calibrate_method
@@ -263,13 +262,6 @@ def _static(src: Path, dst: Path, reader: Optional[FeedReader], exclude: Sequenc
                        "ActivationSymmetric": recipe.symmetric_activations,
                        **({"CalibPercentile": recipe.percentile} if method == "percentile" else {})},
     )
-    import onnx
-
-    from .int8_fuse import fuse_int8_matmuls
-
-    model = onnx.load(str(dst)) if fuse else None
-    if model is not None and fuse_int8_matmuls(model):
-        onnx.save(model, str(dst))
     return dst
 
 
@@ -357,7 +349,11 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
             if ok and recipe.keep is None:
                 break
         k, keep, out, share = chosen
-        out.replace(dst)
+        from .int8_fuse import fuse_int8_matmuls
+
+        shipped = onnx.load(str(out))  # only the chosen graph: the rewrite is bit-identical, 11% faster on ViT-B/32
+        fuse_int8_matmuls(shipped)
+        onnx.save(shipped, str(dst))
         n_images = sum(len(f["pixels"]) for f in calib_feeds)
         return {
             "mode": "static", "format": "QDQ, int8 MatMuls as MatMulIntegerToFloat with their bias (int8_fuse.py)",

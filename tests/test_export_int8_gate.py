@@ -146,6 +146,7 @@ def test_static_int8_quantizes_the_patch_embedding_unless_told_not_to(micro_back
     node = next(n for n in g.node if n.op_type == "Conv")
     assert (node.input[1] in int8_weight) == patch_embedding
     assert rep["candidate_nodes"] == rep["quantized_nodes"] + len(rep["kept_fp32"])
+    assert "MatMulIntegerToFloat" in ops and "MatMul" in ops  # shipped fused; the kept-fp32 ones stay MatMul
     assert rep["quantized_nodes"] == len([n for n in g.node if n.op_type in ("MatMul", "Gemm", "Conv")
                                           and n.input[1] in int8_weight]) + ops.count("MatMulIntegerToFloat")
 
@@ -165,11 +166,12 @@ def test_int8_matmuls_take_their_bias_and_compute_the_same(micro_backbone, tmp_p
     src = export_image_graph(enc, tmp_path / "fp32.onnx")
     pixels = world_images(micro_backbone.preprocess, 8, seed=1).pixels
     feeds = image_feeds(pixels, [0], batch=4)
-    fused_path = _static(src, tmp_path / "q.onnx", FeedReader(feeds), [], Int8Recipe(), tmp_path / "c.json")
-    fused = onnx.load(str(fused_path))
-    # the unfused QDQ graph: the same quantizer call without the rewrite
-    _static(src, tmp_path / "plain.onnx", FeedReader(feeds), [], Int8Recipe(), tmp_path / "c.json", fuse=False)
+    _static(src, tmp_path / "plain.onnx", FeedReader(feeds), [], Int8Recipe(), tmp_path / "c.json")
     plain = onnx.load(str(tmp_path / "plain.onnx"))
+    fused = onnx.load(str(tmp_path / "plain.onnx"))
+    assert fuse_int8_matmuls(fused) > 0
+    fused_path = tmp_path / "q.onnx"
+    onnx.save(fused, str(fused_path))
     inits = {i.name for i in plain.graph.initializer}
     int8_weight = {o for n in plain.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
                    for o in n.output}
