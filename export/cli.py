@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-keep", type=int, default=None, metavar="K",
                    help="static int8: keep exactly the K most sensitive MatMuls in fp32 (default: as few as "
                         "reach 99.8%% top-1 agreement with fp32 on the calibration images)")
+    p.add_argument("--int8-activations", default="auto", choices=("auto", "per-tensor", "per-row"),
+                   help="static int8 activation ranges: per-tensor (calibrated, fastest), per-row (each token's "
+                        "range at run time: closer to fp32, slower); auto (default): per-row only if per-tensor "
+                        "cannot reach the agreement target")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--exporter", default="torchscript", choices=("torchscript", "dynamo"))
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
@@ -117,6 +121,7 @@ def _export(args) -> int:
         opset=args.opset, exporter=args.exporter, fuse=args.fuse, fused_attention=args.fused_attention,
         int8_mode=args.int8_mode, calibration_images=args.calibration_images,
         calibration_method=args.calibration_method, int8_keep=args.int8_keep,
+        int8_activations=args.int8_activations,
         text=not args.no_text, probes=args.probes, image_source=args.image_source, gate=args.gate,
     )
     say = _logger(args.quiet)

@@ -58,6 +58,7 @@ class ExportOptions:
     calibration_images: int = 128  # drawn like the gate's images, never the same ones
     calibration_method: str = "minmax"  # minmax | percentile | entropy
     int8_keep: Optional[int] = None  # None: as few fp32 MatMuls as reach the target; k: the k most sensitive
+    int8_activations: str = "auto"  # auto | per-tensor | per-row (quantize.Int8Recipe.activations)
     text: bool = True
     probes: int = 256  # real gate images (gate_images.py)
     probe_seed: int = 0
@@ -101,7 +102,8 @@ class ExportOptions:
                 raise ExportUsageError(str(err)) from None
 
     def int8_recipe(self) -> Int8Recipe:
-        return Int8Recipe(mode=self.int8_mode, calibrate_method=self.calibration_method, keep=self.int8_keep)
+        return Int8Recipe(mode=self.int8_mode, calibrate_method=self.calibration_method, keep=self.int8_keep,
+                          activations=self.int8_activations)
 
 
 @dataclass

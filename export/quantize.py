@@ -11,7 +11,10 @@
     3. the most sensitive are kept fp32, 0, 1, 2, 4, ... of them and then the most the cap allows,
        until the quantized graph agrees with fp32 on the calibration images
        (`Int8Recipe.target_agreement`, judged by the caller's `score`) or the kept ones reach
-       `max_keep_flops` of the quantized FLOPs.
+       `max_keep_flops` of the quantized FLOPs;
+    4. only if no such graph passes (`Int8Recipe.activations="auto"`), the same keep counts again
+       with each token's own activation range taken at run time (`int8_per_row.py`: more accurate,
+       slower element-wise work); if nothing passes, the best-scoring graph tried ships.
   A ViT's patch embedding (a Conv whose stride is its kernel: a GEMM over patches) is a candidate
   like the MatMuls (`Int8Recipe.patch_embedding`): fp32 it was 11% of the int8 graph's time on
   ViT-B/32, as QLinearConv 2%. Other Convs (ResNet towers) stay fp32.
@@ -31,6 +34,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+ACTIVATION_RANGES = ("auto", "per-tensor", "per-row")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,9 @@ class Int8Recipe:
     reduce_range: bool = False  # 7-bit weights (VNNI-less CPUs' overflow guard)
     percentile: float = 99.999  # the percentile method's range
     patch_embedding: bool = True  # the ViT patch Conv is a candidate too (False: MatMul/Gemm only)
+    # per-tensor: calibrated ranges; per-row: each token's own range at run time (int8_per_row.py,
+    # slower); auto: per-tensor, and per-row only where per-tensor cannot reach target_agreement
+    activations: str = "auto"
 
     def validate(self) -> None:
         if self.mode not in ("static", "dynamic"):
@@ -57,6 +64,8 @@ class Int8Recipe:
             raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {self.calibrate_method!r}")
         if self.keep is not None and self.keep < 0:
             raise ValueError("keep must be >= 0")
+        if self.activations not in ACTIVATION_RANGES:
+            raise ValueError(f"int8 activations must be one of {ACTIVATION_RANGES}, got {self.activations!r}")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
             raise ValueError(f"smooth alpha must be in [0, 1], got {self.smooth_alpha}")
 
@@ -104,6 +113,10 @@ class Candidate:
     rows_per_image: float = 0.0
     flops_per_image: float = 0.0
     local_error: float = 0.0
+    local_error_per_row: float = 0.0  # the same with each row's own activation range (int8_per_row.py; Convs: per tensor)
+
+    def error(self, activations: str) -> float:
+        return self.local_error_per_row if activations == "per-row" else self.local_error
 
 
 def _session(path, threads: int = 0):
@@ -169,6 +182,14 @@ def _fake_quant_activation(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale
 
 
+def _fake_quant_rows(x: np.ndarray) -> np.ndarray:
+    """uint8 asymmetric with each row's own range (what int8_per_row.py computes at run time)."""
+    lo, hi = np.minimum(x.min(1, keepdims=True), 0.0), np.maximum(x.max(1, keepdims=True), 0.0)
+    scale = np.maximum((hi - lo) / 255.0, 1e-12)
+    zp = np.round(-lo / scale)
+    return (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale
+
+
 def _fake_quant_weight(w: np.ndarray, trans_b: bool) -> np.ndarray:
     axis = 1 if not trans_b else 0  # output channels: columns of B (rows when Gemm transposes it)
     amax = np.abs(w).max(axis=1 - axis, keepdims=True).clip(1e-12)
@@ -217,8 +238,9 @@ def measure_local_errors(model_path: Path, model, cands: list[Candidate], feeds:
         x, wm = _as_gemm(c, np.concatenate(kept[c.activation]), _weights(model, c.weight), trans.get(c.node, False))
         wq = _fake_quant_weight(wm, False)
         y = x @ wm
-        yq = _fake_quant_activation(x, lo[c.activation], hi[c.activation]) @ wq
-        c.local_error = float(np.linalg.norm(yq - y) / max(np.linalg.norm(y), 1e-12))
+        rel = lambda xq: float(np.linalg.norm(xq @ wq - y) / max(np.linalg.norm(y), 1e-12))  # noqa: E731
+        c.local_error = rel(_fake_quant_activation(x, lo[c.activation], hi[c.activation]))
+        c.local_error_per_row = c.local_error if c.kind == "Conv" else rel(_fake_quant_rows(x))
         c.rows_per_image = len(x) / first
         c.flops_per_image = 2.0 * c.rows_per_image * wm.shape[0] * wm.shape[1]
 
@@ -262,6 +284,22 @@ def _static(src: Path, dst: Path, reader: Optional[FeedReader], exclude: Sequenc
                        "ActivationSymmetric": recipe.symmetric_activations,
                        **({"CalibPercentile": recipe.percentile} if method == "percentile" else {})},
     )
+    return dst
+
+
+def _shipped(static: Path, dst: Path, activations: str) -> Path:
+    """The static QDQ graph as it ships: int8 MatMuls fused with their bias (int8_fuse.py, bit-identical,
+    11% faster on ViT-B/32), with per-row activation ranges if asked (int8_per_row.py)."""
+    import onnx
+
+    from .int8_fuse import fuse_int8_matmuls
+    from .int8_per_row import per_row_activations
+
+    model = onnx.load(str(static))
+    fuse_int8_matmuls(model)
+    if activations == "per-row":
+        per_row_activations(model)
+    onnx.save(model, str(dst))
     return dst
 
 
@@ -316,7 +354,8 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
             measure_local_errors(pre, model, cands, calib_feeds, work)
         total = sum(c.flops_per_image for c in cands) or 1.0
         pooled = [c for c in cands if c.rows_per_image <= 1.0 + 1e-9] if recipe.keep_pooled else []
-        ranked = sorted((c for c in cands if c not in pooled), key=lambda c: -c.local_error)
+        rest = [c for c in cands if c not in pooled]
+        ranking = {act: sorted(rest, key=lambda c: -c.error(act)) for act in ("per-tensor", "per-row")}
         fp32 = _session(pre)
         ref = np.concatenate([fp32.run(["logits"], f)[0] for f in calib_feeds])
         cache = work / "calibration.json"
@@ -325,48 +364,61 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
         op_types = ("MatMul", "Gemm", "Conv") if patch else ("MatMul", "Gemm")
         other_convs = [n.name for n in model.graph.node if n.op_type == "Conv" and n.name not in patch]
         reader = FeedReader(calib_feeds)
-        tried, chosen = [], None
-        if recipe.keep is not None:
-            ks = [min(recipe.keep, len(ranked))]
-        else:
+
+        def keep_counts(ranked: list[Candidate]) -> list[int]:
+            if recipe.keep is not None:
+                return [min(recipe.keep, len(ranked))]
             # 0, 1, 2, 4, ... and the most the FLOP cap allows (the shares only grow with k)
             shares = np.cumsum([0.0] + [c.flops_per_image for c in ranked]) / total
             most = int(np.searchsorted(shares, recipe.max_keep_flops, side="right")) - 1
-            ks = sorted({0, most} | {2 ** i for i in range(most.bit_length()) if 2 ** i <= most})
-        for k in ks:
-            keep = pooled + ranked[:k]
-            out = work / f"int8_keep{k}.onnx"
-            reader.rewind()
-            _static(pre, out, reader, [c.node for c in keep] + other_convs, recipe, cache, op_types)
-            sess = _session(out)
-            got = np.concatenate([sess.run(["logits"], f)[0] for f in calib_feeds])
-            ok, value = score(ref, got)
-            share = sum(c.flops_per_image for c in keep) / total
-            tried.append({"kept_sensitive": k, "calibration_score": value, "kept_flops_share": share, "passed": ok})
-            log(f"int8 static ({recipe.calibrate_method}): {k} sensitive MatMul(s) + {len(pooled)} pooled in fp32 "
-                f"({share:.1%} of the FLOPs): calibration score {value:.4f}")
-            chosen = (k, keep, out, share)
-            if ok and recipe.keep is None:
-                break
-        k, keep, out, share = chosen
-        from .int8_fuse import fuse_int8_matmuls
+            return sorted({0, most} | {2 ** i for i in range(most.bit_length()) if 2 ** i <= most})
 
-        shipped = onnx.load(str(out))  # only the chosen graph: the rewrite is bit-identical, 11% faster on ViT-B/32
-        fuse_int8_matmuls(shipped)
-        onnx.save(shipped, str(dst))
+        ranges = ["per-tensor", "per-row"] if recipe.activations == "auto" else [recipe.activations]
+        tried, chosen, built = [], None, {}
+        for act in ranges:  # per-row only when no per-tensor graph passed: it costs element-wise passes
+            # ranked by the error under this range: per row, the MatMuls lose far less and the patch
+            # Conv (per tensor either way) comes first
+            ranked = ranking[act]
+            for k in keep_counts(ranked):
+                keep = pooled + ranked[:k]
+                key = frozenset(c.node for c in keep)
+                static = built.get(key)
+                if static is None:  # one static graph per keep set, shared by both activation ranges
+                    reader.rewind()
+                    static = built[key] = _static(pre, work / f"int8_keep{len(built)}.onnx", reader,
+                                                  [c.node for c in keep] + other_convs, recipe, cache, op_types)
+                out = static if act == "per-tensor" else _shipped(static, static.with_suffix(".per_row.onnx"), act)
+                sess = _session(out)
+                got = np.concatenate([sess.run(["logits"], f)[0] for f in calib_feeds])
+                ok, value = score(ref, got)
+                share = sum(c.flops_per_image for c in keep) / total
+                tried.append({"kept_sensitive": k, "activations": act, "calibration_score": value,
+                              "kept_flops_share": share, "passed": ok})
+                log(f"int8 static ({recipe.calibrate_method}, {act} activations): {k} sensitive MatMul(s) + "
+                    f"{len(pooled)} pooled in fp32 ({share:.1%} of the FLOPs): calibration score {value:.4f}")
+                if chosen is None or ok or value > chosen[4]:  # none passing: the best one tried
+                    chosen = (ranked, keep, static, share, value, act)
+                if ok:
+                    break
+            if chosen is not None and tried[-1]["passed"]:
+                break
+        ranked, keep, static, share, _, act = chosen
+        _shipped(static, dst, act)
         n_images = sum(len(f["pixels"]) for f in calib_feeds)
         return {
             "mode": "static", "format": "QDQ, int8 MatMuls as MatMulIntegerToFloat with their bias (int8_fuse.py)",
             "weights": "int8 per output channel (symmetric)",
-            "activations": f"uint8 per tensor, {recipe.calibrate_method} calibration",
+            "activations": (f"uint8 per tensor, {recipe.calibrate_method} calibration" if act == "per-tensor" else
+                            "uint8 per row (token), range at run time (int8_per_row.py)"),
+            "activation_ranges": act,
             "recipe": asdict(recipe), "calibration_feeds": len(calib_feeds), "calibration_rows": n_images,
             "quantized_nodes": len(cands) - len(keep), "candidate_nodes": len(cands),
             "kept_fp32": [{"node": c.node, "reason": "pooled: one row per image" if c in pooled else "sensitive",
-                           "local_error": round(c.local_error, 6),
+                           "local_error": round(c.error(act), 6),
                            "flops_share": round(c.flops_per_image / total, 6)} for c in keep],
             "kept_flops_share": round(share, 6),
             "search": tried,
-            "most_sensitive": [{"node": c.node, "local_error": round(c.local_error, 6)} for c in ranked[:8]],
+            "most_sensitive": [{"node": c.node, "local_error": round(c.error(act), 6)} for c in ranked[:8]],
             **({"smooth": {"alpha": recipe.smooth_alpha, "activations": smooth_report}} if smooth_report else {}),
         }
     finally:

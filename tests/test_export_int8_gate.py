@@ -193,3 +193,88 @@ def test_int8_matmuls_take_their_bias_and_compute_the_same(micro_backbone, tmp_p
     del max(with_bias, key=lambda n: biases[n.input[6]]).input[6]
     onnx.save(fused, str(tmp_path / "nobias.onnx"))
     assert np.abs(run(tmp_path / "nobias.onnx") - ref).max() > 1e-4
+
+
+def _one_int8_matmul(x_dims, k, n, readers=1, seed=0):
+    """QuantizeLinear(x) read by `readers` fused int8 MatMuls with bias, as int8_fuse writes them."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits, outs, ref = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"])], [], [], []
+    for r in range(readers):
+        w = rng.standard_normal((k, n)).astype(np.float32)
+        ws = (np.abs(w).max(0) / 127).astype(np.float32)
+        wq = np.clip(np.round(w / ws), -127, 127).astype(np.int8)
+        b = rng.standard_normal(n).astype(np.float32)
+        inits += [numpy_helper.from_array(a, f"{nm}{r}") for a, nm in
+                  ((wq, "wq"), (ws, "ws"), (np.zeros(n, np.int8), "wz"), (b, "b"))]
+        nodes.append(helper.make_node("MatMulIntegerToFloat", ["xq", f"wq{r}", "s", f"ws{r}", "z", f"wz{r}", f"b{r}"],
+                                      [f"y{r}"], name=f"mm{r}", domain="com.microsoft"))
+        outs.append(helper.make_tensor_value_info(f"y{r}", TensorProto.FLOAT, None))
+        ref.append((wq.astype(np.float32) * ws, b))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None] * len(x_dims))],
+                              outs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]), ref
+
+
+def test_per_row_activations_are_each_rows_own_int8_range():
+    """int8_per_row: the rewritten graph computes dequant(x_q per row) @ dequant(w_q) + bias exactly,
+    which is closer to fp32 than the per-tensor range when rows differ in scale; q/k/v-style readers
+    of one input share one quantizer."""
+    from onnx import numpy_helper
+
+    from clipheads.export.int8_per_row import per_row_activations
+
+    rng = np.random.default_rng(1)
+    k, n = 16, 8
+    x = (rng.standard_normal((3, 7, k)) * rng.uniform(0.05, 8.0, (3, 7, 1))).astype(np.float32)  # tokens of many scales
+    model, ref = _one_int8_matmul(x.shape, k, n, readers=2)
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    s = (hi - lo) / 255
+    model.graph.initializer.extend([numpy_helper.from_array(np.float32(s), "s"),
+                                    numpy_helper.from_array(np.uint8(round(-lo / s)), "z")])
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+        None, {"x": x})
+    per_tensor = run(model)
+    assert per_row_activations(model) == 2
+    ops = [nd.op_type for nd in model.graph.node]
+    assert ops.count("ReduceMax") == 1 and ops.count("MatMulIntegerToFloat") == 2  # one quantizer for both readers
+    assert {i.name for i in model.graph.initializer}.isdisjoint({"s", "z"})  # the per-tensor range is gone
+    per_row = run(model)
+    x2 = x.reshape(-1, k)
+    rlo, rhi = np.minimum(x2.min(1, keepdims=True), 0), np.maximum(x2.max(1, keepdims=True), 0)
+    rs = np.maximum((rhi - rlo) / 255, 1e-12)
+    rz = np.round(-rlo / rs)
+    x_dq = ((np.clip(np.round(x2 / rs) + rz, 0, 255) - rz) * rs).reshape(x.shape)
+    for got, pt, (w_dq, b) in zip(per_row, per_tensor, ref):
+        assert got.shape == (3, 7, n)
+        np.testing.assert_allclose(got, x_dq @ w_dq + b, rtol=1e-5, atol=1e-5)
+        exact_x = x @ w_dq + b  # only the activations' rounding differs from this
+        assert np.abs(got - exact_x).mean() < 0.5 * np.abs(pt - exact_x).mean()
+
+
+def test_auto_activation_ranges_go_per_row_only_when_per_tensor_fails(micro_backbone, tmp_path):
+    import onnx
+
+    from clipheads.export.fold import fold_heads
+    from clipheads.export.onnx_export import export_image_graph
+    from clipheads.export.quantize import Int8Recipe, image_feeds, quantize_calibrated
+
+    torch.manual_seed(0)
+    enc = fold_heads([build_method("zeroshot", micro_backbone, TASKS)]).graphs[0].encoder
+    src = export_image_graph(enc, tmp_path / "fp32.onnx")
+    feeds = image_feeds(world_images(micro_backbone.preprocess, 8, seed=1).pixels, [0], batch=4)
+    passes = lambda ref, got: (True, 1.0)  # noqa: E731
+    rep = quantize_calibrated(src, tmp_path / "a.onnx", feeds, Int8Recipe(keep=0), passes)
+    assert [t["activations"] for t in rep["search"]] == ["per-tensor"] and rep["activation_ranges"] == "per-tensor"
+
+    def closest_wins(ref, got):  # never passes: the best-scoring graph tried must ship
+        return False, -float(np.abs(got - ref).mean())
+    rep = quantize_calibrated(src, tmp_path / "b.onnx", feeds, Int8Recipe(keep=0), closest_wins)
+    scores = {t["activations"]: t["calibration_score"] for t in rep["search"]}
+    assert set(scores) == {"per-tensor", "per-row"} and scores["per-row"] > scores["per-tensor"]
+    assert rep["activation_ranges"] == "per-row" and "per row" in rep["activations"]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "b.onnx")).graph.node]
+    assert "ReduceMax" in ops and "MatMulIntegerToFloat" in ops
+    with pytest.raises(ValueError, match="activations"):
+        Int8Recipe(activations="per-channel").validate()

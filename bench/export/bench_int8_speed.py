@@ -15,6 +15,8 @@ interleaved round by round on the same threads, medians and bests of the rounds:
   ort-int8-static      ort-mha + what `--precision int8` ships: calibrated static QDQ, 64 world
                        calibration images, the random-init selection (pipeline._selection_score),
                        with whatever fp32 MatMuls the search keeps on this model (reported)
+  ort-int8-per-row     (--per-row) the same graph with per-row activation ranges (int8_per_row.py):
+                       what the search falls back to where per-tensor ranges lose too much
 
 at batch 1 and 16, plus the roofs (roofs.py: torch.mm / ORT MatMul / ORT MatMulInteger 2048^3) at
 the start and end. Writes OUT/int8_speed.json and OUT/int8_speed.md.
@@ -37,7 +39,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 
 
-def one_arch(arch: str, batches: list[int], threads: int, rounds: int, compile_: bool, log) -> dict:
+def one_arch(arch: str, batches: list[int], threads: int, rounds: int, compile_: bool, log,
+             per_row: bool = False) -> dict:
     import onnxruntime as ort
     import open_clip
     import torch
@@ -74,6 +77,9 @@ def one_arch(arch: str, batches: list[int], threads: int, rounds: int, compile_:
         rep = quantize_calibrated(mha, static, image_feeds(calib, [0]), recipe,
                                   _selection_score("random-init", recipe.target_agreement), log, tmp)
         res["quantize_static_s"] = time.perf_counter() - t0
+        if per_row:
+            quantize_calibrated(mha, tmp / "int8_per_row.onnx", image_feeds(calib, [0]),
+                                Int8Recipe(keep=0, activations="per-row"), log=log)
         res["int8_static"] = {k: rep[k] for k in ("kept_fp32", "kept_flops_share", "quantized_nodes",
                                                   "candidate_nodes", "search")}
         log(f"{arch}: static int8 keeps {len(rep['kept_fp32'])} MatMuls fp32 ({rep['kept_flops_share']:.1%} of FLOPs)")
@@ -97,6 +103,8 @@ def one_arch(arch: str, batches: list[int], threads: int, rounds: int, compile_:
             runners["torch-compile"] = torch_runner(torch.compile(enc))
         runners.update({"ort-plain": session(plain), "ort-mha": session(mha), "ort-int8-dynamic": session(dyn),
                         "ort-int8-static": session(static)})
+        if per_row:
+            runners["ort-int8-per-row"] = session(tmp / "int8_per_row.onnx")
         probes = world_images(bb.preprocess, 32, seed=0).pixels
         first: dict = {}
         for name, run in runners.items():  # parity (and torch.compile's compile for batch 32)
@@ -181,6 +189,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--per-row", action="store_true", help="also the per-row activation variant")
     ap.add_argument("--out", default=str(HERE))
     ap.add_argument("--model-configs", default=None, help="extra open_clip config dir (e.g. tests/model_configs)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one arch, JSON to this path
@@ -195,7 +204,7 @@ def main(argv=None) -> int:
 
         open_clip.add_model_config(args.model_configs)
     if args.child:
-        res = one_arch(args.archs[0], args.batches, args.threads, args.rounds, args.compile, log)
+        res = one_arch(args.archs[0], args.batches, args.threads, args.rounds, args.compile, log, args.per_row)
         Path(args.child).write_text(json.dumps(res))
         return 0
     from bench_cpu import close_run, run_header, save_run
@@ -206,7 +215,8 @@ def main(argv=None) -> int:
             cmd = [sys.executable, __file__, "--archs", arch, "--threads", str(args.threads), "--rounds",
                    str(args.rounds), "--child", f.name, "--batches", *map(str, args.batches)]
             cmd += ["--model-configs", args.model_configs] if args.model_configs else []
-            subprocess.run(cmd + (["--compile"] if args.compile else []), check=True)
+            subprocess.run(cmd + (["--compile"] if args.compile else []) + (["--per-row"] if args.per_row else []),
+                           check=True)
             r["archs"].append(json.loads(Path(f.name).read_text()))
     close_run(r, args.threads)
     save_run(r, args.out, "int8_speed", write_md, log)
