@@ -14,7 +14,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from clipheads.export.bundle import BundleError, load_bundle  # noqa: E402
 from clipheads.export.fold import FoldError, fold_heads  # noqa: E402
-from clipheads.export.pipeline import ExportOptions, export_heads  # noqa: E402
+from clipheads.export.pipeline import ExportOptions, ExportUsageError, export_heads  # noqa: E402
 
 TASKS = (TaskSpec("animals", ("cat", "dog", "bird")), TaskSpec("vehicles", ("car", "bus", "boat", "bike")))
 FAST = dict(probes=12)
@@ -353,6 +353,15 @@ def test_int8_static_qdq_is_calibrated_and_gated(micro_backbone, tmp_path):
     assert ops.get("QuantizeLinear", 0) > 0 and ops.get("DequantizeLinear", 0) > 0
     assert res.parity["precision"] == "int8" and 0.0 <= res.parity["worst"]["min_top1_agreement"] <= 1.0
     assert res.parity["worst"]["min_feature_cosine"] > 0.9  # quantized, not broken
+    # --int8-activations per-row: the same bundle with each token's own range, named in the manifest
+    pr = export_heads([head], tmp_path / "r", ExportOptions(precision="int8", int8_activations="per-row", text=False,
+                                                             **FAST), allow_parity_failure=True)
+    rec = load_bundle(tmp_path / "r").manifest["int8"]["image_0.onnx"]
+    assert rec["activation_ranges"] == "per-row" and {t["activations"] for t in rec["search"]} == {"per-row"}
+    assert op_counts(tmp_path / "r" / "image_0.onnx").get("ReduceMax", 0) > 0
+    assert pr.parity["worst"]["min_feature_cosine"] > 0.9
+    with pytest.raises(ExportUsageError, match="activations"):
+        ExportOptions(precision="int8", int8_activations="per-block").validate()
 
 
 def test_dynamo_exporter_passes_the_gate_and_records_its_opset(micro_backbone, tmp_path):
