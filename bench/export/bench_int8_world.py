@@ -214,6 +214,7 @@ def main(argv=None) -> int:
                     row["kept_fp32"], row["kept_flops_share"] = [("pooled MatMuls", "pooled")], sim["fp32_flops_share"]
                 if report is not None:
                     row["kept_fp32"] = [(x["node"], x["reason"]) for x in report["kept_fp32"]]
+                    row["activation_ranges"] = report["activation_ranges"]
                     row["kept_flops_share"] = report["kept_flops_share"]
                     row["search"] = report["search"]
                 hr["recipes"][recipe] = row
@@ -253,6 +254,8 @@ def write_md(res: dict, path: Path) -> None:
             kept = r.get("kept_fp32")
             kept_s = "-" if kept is None else (f"{len(kept)} ({100 * r['kept_flops_share']:.1f}% of FLOPs): "
                                                + ", ".join(k[0] for k in kept))
+            if r.get("activation_ranges"):
+                kept_s = f"[{r['activation_ranges']} ranges] {kept_s}"
             lines.append(f"| {name} | {recipe} | **{100 * r['top1_agreement']:.2f}%** | {100 * r['ci95'][0]:.2f}-"
                          f"{100 * r['ci95'][1]:.2f}% | {r['disagreements']} | {r.get('logit_rms_diff', float('nan')):.4f} | "
                          + " | ".join(dom)
