@@ -253,6 +253,20 @@ def test_per_row_activations_are_each_rows_own_int8_range():
         assert np.abs(got - exact_x).mean() < 0.5 * np.abs(pt - exact_x).mean()
 
 
+def test_zero_point_rows_sum_to_minus_colsum_within_int8():
+    from clipheads.export.int8_per_row import zero_point_rows
+
+    rng = np.random.default_rng(0)
+    for k in (16, 768, 3072):  # up to every weight at +-127: the largest colsum a K can have
+        wq = rng.integers(-127, 128, (k, 5))
+        wq[:, 0], wq[:, 1] = 127, -127
+        colsum = wq.sum(0)
+        m = int(np.ceil(np.abs(colsum).max() / 127))
+        rows = zero_point_rows(colsum, m)
+        assert rows.dtype == np.int8 and rows.shape == (m, 5)
+        np.testing.assert_array_equal(rows.astype(np.int64).sum(0), -colsum)
+
+
 def test_auto_activation_ranges_go_per_row_only_when_per_tensor_fails(micro_backbone, tmp_path):
     import onnx
 
