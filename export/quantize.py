@@ -18,6 +18,9 @@
   A ViT's patch embedding (a Conv whose stride is its kernel: a GEMM over patches) is a candidate
   like the MatMuls (`Int8Recipe.patch_embedding`): fp32 it was 11% of the int8 graph's time on
   ViT-B/32, as QLinearConv 2%. Other Convs (ResNet towers) stay fp32.
+  The int8 weights of the MatMuls are rounded by GPTQ (`int8_gptq.py`: each rounding error spread
+  over the weights not yet rounded, weighted by the calibration inputs' X^T X) at ORT's per-channel
+  scales; `Int8Recipe.weight_rounding="nearest"` rounds each weight alone.
   The report (manifest `int8`) names every kept node with its reason, error and FLOP share.
   Each int8 MatMul is written as ORT's MatMulIntegerToFloat with its bias (`int8_fuse.py`).
 * `quantize_dynamic_int8` (`--int8-mode dynamic`): weights int8 per channel, activations quantised
@@ -35,6 +38,7 @@ import numpy as np
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 ACTIVATION_RANGES = ("auto", "per-tensor", "per-row")
+WEIGHT_ROUNDINGS = ("gptq", "nearest")
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,8 @@ class Int8Recipe:
     # per-tensor: calibrated ranges; per-row: each token's own range at run time (int8_per_row.py,
     # slower); auto: per-tensor, and per-row only where per-tensor cannot reach target_agreement
     activations: str = "auto"
+    # gptq: int8 weights rounded to keep X @ W on the calibration inputs (int8_gptq.py); nearest: round each alone
+    weight_rounding: str = "gptq"
 
     def validate(self) -> None:
         if self.mode not in ("static", "dynamic"):
@@ -64,6 +70,8 @@ class Int8Recipe:
             raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {self.calibrate_method!r}")
         if self.keep is not None and self.keep < 0:
             raise ValueError("keep must be >= 0")
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise ValueError(f"int8 weight rounding must be one of {WEIGHT_ROUNDINGS}, got {self.weight_rounding!r}")
         if self.activations not in ACTIVATION_RANGES:
             raise ValueError(f"int8 activations must be one of {ACTIVATION_RANGES}, got {self.activations!r}")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
@@ -197,9 +205,8 @@ def _fake_quant_weight(w: np.ndarray, trans_b: bool) -> np.ndarray:
     return np.clip(np.round(w / scale), -127, 127) * scale
 
 
-def _probe(model, names: Sequence[str], feeds: Sequence[dict], work: Path, keep_batches: int = 2):
-    """One fp32 run over `feeds` that also returns the tensors `names`: per-tensor min/max and
-    per-channel (last axis) max |x| over all feeds, and the rows of the first `keep_batches`."""
+def _probe_session(model, names: Sequence[str], work: Path):
+    """An ORT session of `model` that also outputs the tensors `names` (deduplicated, in order)."""
     import onnx
 
     aug = onnx.ModelProto()
@@ -211,8 +218,27 @@ def _probe(model, names: Sequence[str], feeds: Sequence[dict], work: Path, keep_
             have.add(n)
     path = work / "activation_probe.onnx"
     onnx.save(aug, str(path))
-    sess = _session(path)
-    names = list(dict.fromkeys(names))
+    return _session(path), list(dict.fromkeys(names))
+
+
+def input_grams(model, cands: Sequence[Candidate], feeds: Sequence[dict], work: Path) -> dict[str, np.ndarray]:
+    """{node: X^T X of its input over every calibration row} for GPTQ (int8_gptq.py); one fp32 run,
+    one matrix per distinct input (q, k, v share theirs)."""
+    from .int8_gptq import gram
+
+    sess, names = _probe_session(model, [c.activation for c in cands], work)
+    acc: dict[str, np.ndarray] = {}
+    for feed in feeds:
+        for n, x in zip(names, sess.run(names, feed)):
+            g = gram([x])
+            acc[n] = g if n not in acc else acc[n] + g
+    return {c.node: acc[c.activation] for c in cands}
+
+
+def _probe(model, names: Sequence[str], feeds: Sequence[dict], work: Path, keep_batches: int = 2):
+    """One fp32 run over `feeds` that also returns the tensors `names`: per-tensor min/max and
+    per-channel (last axis) max |x| over all feeds, and the rows of the first `keep_batches`."""
+    sess, names = _probe_session(model, names, work)
     lo = {n: np.inf for n in names}
     hi = {n: -np.inf for n in names}
     amax: dict[str, np.ndarray] = {}
@@ -285,6 +311,17 @@ def _static(src: Path, dst: Path, reader: Optional[FeedReader], exclude: Sequenc
                        **({"CalibPercentile": recipe.percentile} if method == "percentile" else {})},
     )
     return dst
+
+
+def _round_gptq(static: Path, weights: dict, grams: dict, cache: dict) -> int:
+    import onnx
+
+    from .int8_gptq import round_weights
+
+    model = onnx.load(str(static))
+    done = round_weights(model, weights, grams, cache)
+    onnx.save(model, str(static))
+    return done
 
 
 def _shipped(static: Path, dst: Path, activations: str) -> Path:
@@ -364,6 +401,10 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
         op_types = ("MatMul", "Gemm", "Conv") if patch else ("MatMul", "Gemm")
         other_convs = [n.name for n in model.graph.node if n.op_type == "Conv" and n.name not in patch]
         reader = FeedReader(calib_feeds)
+        gptq = None
+        if recipe.weight_rounding == "gptq":  # the MatMuls' inputs, once: every graph of the search reuses them
+            mats = [c for c in rest if c.kind == "MatMul" and _weights(model, c.weight).ndim == 2]
+            gptq = ({c.node: _weights(model, c.weight) for c in mats}, input_grams(model, mats, calib_feeds, work), {})
 
         def keep_counts(ranked: list[Candidate]) -> list[int]:
             if recipe.keep is not None:
@@ -387,6 +428,8 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
                     reader.rewind()
                     static = built[key] = _static(pre, work / f"int8_keep{len(built)}.onnx", reader,
                                                   [c.node for c in keep] + other_convs, recipe, cache, op_types)
+                    if gptq is not None:
+                        _round_gptq(static, *gptq)
                 out = static if act == "per-tensor" else _shipped(static, static.with_suffix(".per_row.onnx"), act)
                 sess = _session(out)
                 got = np.concatenate([sess.run(["logits"], f)[0] for f in calib_feeds])
@@ -407,7 +450,8 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
         n_images = sum(len(f["pixels"]) for f in calib_feeds)
         return {
             "mode": "static", "format": "QDQ, int8 MatMuls as MatMulIntegerToFloat with their bias (int8_fuse.py)",
-            "weights": "int8 per output channel (symmetric)",
+            "weights": "int8 per output channel (symmetric), " + (
+                "GPTQ rounding on the calibration inputs (int8_gptq.py)" if gptq else "rounded to nearest"),
             "activations": (f"uint8 per tensor, {recipe.calibrate_method} calibration" if act == "per-tensor" else
                             "uint8 per row (token), range at run time (int8_per_row.py)"),
             "activation_ranges": act,

@@ -292,3 +292,69 @@ def test_auto_activation_ranges_go_per_row_only_when_per_tensor_fails(micro_back
     assert "ReduceMax" in ops and "MatMulIntegerToFloat" in ops
     with pytest.raises(ValueError, match="activations"):
         Int8Recipe(activations="per-channel").validate()
+
+
+def test_gptq_rounding_keeps_x_times_w_closer_than_rounding_each_weight():
+    """int8_gptq: on correlated inputs, GPTQ's integers (same scales, int8 range) give a smaller
+    output error on those inputs than round-to-nearest; with H = I it is round-to-nearest."""
+    from clipheads.export.int8_gptq import gptq_round, gram
+
+    rng = np.random.default_rng(0)
+    k, n = 64, 24
+    x = rng.standard_normal((2000, k)) @ rng.standard_normal((k, k))  # correlated input channels
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    scale = np.abs(w).max(0) / 127
+    q = gptq_round(w, gram([x[:1000], x[1000:]]), scale)
+    nearest = np.clip(np.round(w / scale), -127, 127)
+    assert q.dtype == np.int8 and np.abs(q.astype(int)).max() <= 127 and (q != nearest).any()
+    err = lambda qq: np.linalg.norm(x @ (qq * scale) - x @ w)  # noqa: E731
+    assert err(q) < 0.8 * err(nearest)
+    np.testing.assert_array_equal(gptq_round(w, np.eye(k), scale, damp=0.0), nearest)
+
+
+def test_static_int8_weights_are_gptq_rounded_at_the_quantizers_scales(micro_backbone, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from clipheads.export.fold import fold_heads
+    from clipheads.export.onnx_export import export_image_graph
+    from clipheads.export.quantize import Int8Recipe, image_feeds, quantize_calibrated
+
+    torch.manual_seed(0)
+    enc = fold_heads([build_method("zeroshot", micro_backbone, TASKS)]).graphs[0].encoder
+    src = export_image_graph(enc, tmp_path / "fp32.onnx")
+    feeds = image_feeds(world_images(micro_backbone.preprocess, 16, seed=1).pixels, [0], batch=8)
+    graphs, reports = {}, {}
+    for rounding in ("gptq", "nearest"):
+        dst = tmp_path / f"{rounding}.onnx"
+        reports[rounding] = quantize_calibrated(src, dst, feeds, Int8Recipe(keep=0, activations="per-tensor",
+                                                                            weight_rounding=rounding))
+        graphs[rounding] = onnx.load(str(dst))
+    assert "GPTQ" in reports["gptq"]["weights"] and "nearest" in reports["nearest"]["weights"]
+    ints = {r: {i.name: numpy_helper.to_array(i) for i in g.graph.initializer if i.data_type == 3}
+            for r, g in graphs.items()}
+    assert ints["gptq"].keys() == ints["nearest"].keys()  # same graph, same scales: only the integers move
+    changed = [k for k in ints["gptq"] if not np.array_equal(ints["gptq"][k], ints["nearest"][k])]
+    assert changed
+    # what GPTQ promises, per MatMul: a smaller output error on the calibration inputs, ||X dW||^2 = tr(dW' H dW)
+    from clipheads.export.quantize import candidates, input_grams
+
+    fp32 = onnx.load(str(src))
+    cands = {c.node: c for c in candidates(fp32, patch_embedding=False)}
+    grams = input_grams(fp32, list(cands.values()), feeds, tmp_path)
+    w32 = {c.weight: numpy_helper.to_array(i) for c in cands.values() for i in fp32.graph.initializer
+           if i.name == c.weight}
+
+    def output_errors(g) -> dict[str, float]:
+        inits = {i.name: numpy_helper.to_array(i) for i in g.graph.initializer}
+        out = {}
+        for node in g.graph.node:
+            if node.op_type == "MatMulIntegerToFloat" and node.name in cands and node.name in grams:
+                d = inits[node.input[1]].astype(np.float64) * inits[node.input[3]] - w32[cands[node.name].weight]
+                out[node.name] = float(np.trace(d.T @ grams[node.name] @ d))
+        return out
+    e_gptq, e_near = output_errors(graphs["gptq"]), output_errors(graphs["nearest"])
+    assert e_gptq.keys() == e_near.keys() and len(e_gptq) >= 8
+    assert all(e_gptq[k] <= e_near[k] * 1.0001 for k in e_gptq) and sum(e_gptq.values()) < 0.9 * sum(e_near.values())
+    with pytest.raises(ValueError, match="weight rounding"):
+        Int8Recipe(weight_rounding="stochastic").validate()

@@ -63,6 +63,10 @@ RECIPES = {
     "static-per-row": dict(keep=0, activations="per-row"),  # the pooled MatMuls fp32, the rest int8 per row
     "static-auto-per-row": dict(activations="per-row"),
     "static-per-row-conv-fp32": dict(keep=0, activations="per-row", patch_embedding=False),
+    # int8 weights rounded to nearest instead of GPTQ (what every recipe did before int8_gptq.py)
+    "static-auto-nearest": dict(weight_rounding="nearest"),
+    "static-per-row-conv-fp32-nearest": dict(keep=0, activations="per-row", patch_embedding=False,
+                                             weight_rounding="nearest"),
     "static-auto-percentile": dict(calibrate_method="percentile", activations="per-tensor"),
     # the patch embedding left fp32 (before 2026-12-02 late)
     "static-auto-conv-fp32": dict(patch_embedding=False, activations="per-tensor"),
