@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/clipheads demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --timeout=600 --durations=20 -n 2 --dist loadfile --no-loadscope-reorder  # two workers, one per core; a file's tests stay together (its module fixtures: one server each), longest files first (tests/conftest.py)
+	$(BIN)/python -m pytest -q --timeout=600 --durations=20 -n 2 --dist loadfile  # two workers, one per core; a file's tests stay together (its module fixtures: one server each)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not integration"

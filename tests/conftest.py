@@ -11,21 +11,6 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 TEST_CONFIGS = Path(__file__).parent / "model_configs"
 
-# The files that take longest (fresh-clone CI durations, 2026-12-03), longest first. `make test` hands
-# whole files to two workers in collection order (--dist loadfile --no-loadscope-reorder), so
-# starting with these keeps one worker from running a long file alone at the end.
-LONGEST_FIRST = (
-    "test_cli_conventions.py", "test_reference_clip_cli.py", "test_score.py", "test_export.py",
-    "test_serving_world.py", "test_model_store.py", "test_serving_hop.py", "test_serving.py",
-    "test_protocols.py", "test_serving_fast.py", "test_reference_clip.py", "test_score_inputs.py",
-    "test_tasks_store_replicas.py", "test_preprocess_paths.py", "test_serving_guard_server.py",
-)
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
-
 
 def _register_test_configs() -> None:
     import open_clip
