@@ -29,6 +29,7 @@
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -122,6 +123,7 @@ class Candidate:
     flops_per_image: float = 0.0
     local_error: float = 0.0
     local_error_per_row: float = 0.0  # the same with each row's own activation range (int8_per_row.py; Convs: per tensor)
+    input_gram: Optional[np.ndarray] = None  # X^T X of the calibration inputs (GPTQ, int8_gptq.py)
 
     def error(self, activations: str) -> float:
         return self.local_error_per_row if activations == "per-row" else self.local_error
@@ -183,17 +185,11 @@ def _weights(model, name: str) -> np.ndarray:
     raise KeyError(name)
 
 
-def _fake_quant_activation(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    lo, hi = min(lo, 0.0), max(hi, 0.0)  # uint8 asymmetric with 0 exactly representable
-    scale = max(hi - lo, 1e-12) / 255.0
-    zp = np.round(-lo / scale)
-    return (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale
-
-
-def _fake_quant_rows(x: np.ndarray) -> np.ndarray:
-    """uint8 asymmetric with each row's own range (what int8_per_row.py computes at run time)."""
-    lo, hi = np.minimum(x.min(1, keepdims=True), 0.0), np.maximum(x.max(1, keepdims=True), 0.0)
-    scale = np.maximum((hi - lo) / 255.0, 1e-12)
+def _fake_quant_activation(x: np.ndarray, lo, hi) -> np.ndarray:
+    """uint8 asymmetric with 0 exactly representable; lo/hi scalars (per tensor) or (R, 1) (per row,
+    what int8_per_row.py computes at run time)."""
+    lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+    scale = np.maximum(hi - lo, 1e-12) / 255.0
     zp = np.round(-lo / scale)
     return (np.clip(np.round(x / scale) + zp, 0, 255) - zp) * scale
 
@@ -221,24 +217,15 @@ def _probe_session(model, names: Sequence[str], work: Path):
     return _session(path), list(dict.fromkeys(names))
 
 
-def input_grams(model, cands: Sequence[Candidate], feeds: Sequence[dict], work: Path) -> dict[str, np.ndarray]:
-    """{node: X^T X of its input over every calibration row} for GPTQ (int8_gptq.py); one fp32 run,
-    one matrix per distinct input (q, k, v share theirs)."""
+def _probe(model, names: Sequence[str], feeds: Sequence[dict], work: Path, keep_batches: int = 2,
+           gram_of: Sequence[str] = ()):
+    """One fp32 run over `feeds` that also returns the tensors `names`: per-tensor min/max and
+    per-channel (last axis) max |x| over all feeds, the rows of the first `keep_batches`, and
+    X^T X over all feeds of the tensors in `gram_of` (rows: the last axis)."""
     from .int8_gptq import gram
 
-    sess, names = _probe_session(model, [c.activation for c in cands], work)
-    acc: dict[str, np.ndarray] = {}
-    for feed in feeds:
-        for n, x in zip(names, sess.run(names, feed)):
-            g = gram([x])
-            acc[n] = g if n not in acc else acc[n] + g
-    return {c.node: acc[c.activation] for c in cands}
-
-
-def _probe(model, names: Sequence[str], feeds: Sequence[dict], work: Path, keep_batches: int = 2):
-    """One fp32 run over `feeds` that also returns the tensors `names`: per-tensor min/max and
-    per-channel (last axis) max |x| over all feeds, and the rows of the first `keep_batches`."""
     sess, names = _probe_session(model, names, work)
+    grams: dict[str, np.ndarray] = {}
     lo = {n: np.inf for n in names}
     hi = {n: -np.inf for n in names}
     amax: dict[str, np.ndarray] = {}
@@ -251,13 +238,19 @@ def _probe(model, names: Sequence[str], feeds: Sequence[dict], work: Path, keep_
             amax[n] = a if n not in amax else np.maximum(amax[n], a)
             if i < keep_batches:
                 kept[n].append(x.astype(np.float32))
-    return lo, hi, amax, kept
+            if n in gram_of:
+                g = gram([x])
+                grams[n] = g if n not in grams else grams[n] + g
+    return lo, hi, amax, kept, grams
 
 
-def measure_local_errors(model_path: Path, model, cands: list[Candidate], feeds: Sequence[dict], work: Path) -> None:
-    """Fill `rows_per_image`, `flops_per_image` and `local_error` of every candidate from one fp32 run
-    that also returns each candidate's input (ranges from all feeds, errors on the first ones)."""
-    lo, hi, _, kept = _probe(model, [c.activation for c in cands], feeds, work)
+def measure_local_errors(model_path: Path, model, cands: list[Candidate], feeds: Sequence[dict], work: Path,
+                         grams: bool = False) -> None:
+    """Fill `rows_per_image`, `flops_per_image` and `local_error(_per_row)` of every candidate from one
+    fp32 run that also returns each candidate's input (ranges from all feeds, errors on the first
+    ones); with `grams`, each MatMul's `input_gram` (X^T X over all feeds, for GPTQ) in the same run."""
+    gram_of = {c.activation for c in cands if c.kind == "MatMul"} if grams else set()
+    lo, hi, _, kept, gram = _probe(model, [c.activation for c in cands], feeds, work, gram_of=gram_of)
     first = sum(len(f["pixels"]) for f in feeds[:2])
     trans = {n.name: any(a.name == "transB" and a.i for a in n.attribute) for n in model.graph.node}
     for c in cands:
@@ -266,9 +259,11 @@ def measure_local_errors(model_path: Path, model, cands: list[Candidate], feeds:
         y = x @ wm
         rel = lambda xq: float(np.linalg.norm(xq @ wq - y) / max(np.linalg.norm(y), 1e-12))  # noqa: E731
         c.local_error = rel(_fake_quant_activation(x, lo[c.activation], hi[c.activation]))
-        c.local_error_per_row = c.local_error if c.kind == "Conv" else rel(_fake_quant_rows(x))
+        c.local_error_per_row = c.local_error if c.kind == "Conv" else rel(
+            _fake_quant_activation(x, x.min(1, keepdims=True), x.max(1, keepdims=True)))
         c.rows_per_image = len(x) / first
         c.flops_per_image = 2.0 * c.rows_per_image * wm.shape[0] * wm.shape[1]
+        c.input_gram = gram.get(c.activation)  # shared by the readers of one input (q, k, v)
 
 
 def smoothed(model, cands: list[Candidate], feeds: Sequence[dict], cfg, work: Path, skip: set[str]):
@@ -282,7 +277,7 @@ def smoothed(model, cands: list[Candidate], feeds: Sequence[dict], cfg, work: Pa
     for c in cands:
         if c.node not in skip and c.kind != "Conv":  # MatMul/Gemm only: the patch Conv's input is the image
             groups.setdefault(c.activation, []).append(c.node)
-    _, _, amax, _ = _probe(model, list(groups), feeds, work, keep_batches=0)
+    _, _, amax, _, _ = _probe(model, list(groups), feeds, work, keep_batches=0)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     report = smooth_model(out, groups, amax, cfg)
@@ -378,8 +373,9 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
     try:
         pre = _preprocessed(src, work)
         model = onnx.load(str(pre))
+        gptq = recipe.weight_rounding == "gptq"
         cands = candidates(model, recipe.patch_embedding)
-        measure_local_errors(pre, model, cands, calib_feeds, work)
+        measure_local_errors(pre, model, cands, calib_feeds, work, grams=gptq and recipe.smooth_alpha is None)
         smooth_report = None
         if recipe.smooth_alpha is not None:  # migrate, then rank the migrated graph's MatMuls
             from .smooth import SmoothConfig
@@ -388,7 +384,7 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
             pre, model, smooth_report = smoothed(model, cands, calib_feeds, SmoothConfig(recipe.smooth_alpha),
                                                  work, one_row)
             cands = candidates(model, recipe.patch_embedding)
-            measure_local_errors(pre, model, cands, calib_feeds, work)
+            measure_local_errors(pre, model, cands, calib_feeds, work, grams=gptq)  # the migrated graph's inputs
         total = sum(c.flops_per_image for c in cands) or 1.0
         pooled = [c for c in cands if c.rows_per_image <= 1.0 + 1e-9] if recipe.keep_pooled else []
         rest = [c for c in cands if c not in pooled]
@@ -401,10 +397,11 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
         op_types = ("MatMul", "Gemm", "Conv") if patch else ("MatMul", "Gemm")
         other_convs = [n.name for n in model.graph.node if n.op_type == "Conv" and n.name not in patch]
         reader = FeedReader(calib_feeds)
-        gptq = None
-        if recipe.weight_rounding == "gptq":  # the MatMuls' inputs, once: every graph of the search reuses them
-            mats = [c for c in rest if c.kind == "MatMul" and _weights(model, c.weight).ndim == 2]
-            gptq = ({c.node: _weights(model, c.weight) for c in mats}, input_grams(model, mats, calib_feeds, work), {})
+        rounding = None  # GPTQ's inputs, once: every graph of the search reuses them (and its results)
+        if gptq:
+            weights = {c.node: _weights(model, c.weight) for c in rest if c.input_gram is not None}
+            rounding = {"weights": {k: w for k, w in weights.items() if w.ndim == 2},
+                        "grams": {c.node: c.input_gram for c in rest if c.input_gram is not None}, "cache": {}}
 
         def keep_counts(ranked: list[Candidate]) -> list[int]:
             if recipe.keep is not None:
@@ -428,8 +425,8 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
                     reader.rewind()
                     static = built[key] = _static(pre, work / f"int8_keep{len(built)}.onnx", reader,
                                                   [c.node for c in keep] + other_convs, recipe, cache, op_types)
-                    if gptq is not None:
-                        _round_gptq(static, *gptq)
+                    if rounding:
+                        _round_gptq(static, **rounding)
                 out = static if act == "per-tensor" else _shipped(static, static.with_suffix(".per_row.onnx"), act)
                 sess = _session(out)
                 got = np.concatenate([sess.run(["logits"], f)[0] for f in calib_feeds])
@@ -440,18 +437,21 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
                 log(f"int8 static ({recipe.calibrate_method}, {act} activations): {k} sensitive MatMul(s) + "
                     f"{len(pooled)} pooled in fp32 ({share:.1%} of the FLOPs): calibration score {value:.4f}")
                 if chosen is None or ok or value > chosen[4]:  # none passing: the best one tried
-                    chosen = (ranked, keep, static, share, value, act)
+                    chosen = (ranked, keep, out, share, value, act)
                 if ok:
                     break
-            if chosen is not None and tried[-1]["passed"]:
+            if tried[-1]["passed"]:
                 break
-        ranked, keep, static, share, _, act = chosen
-        _shipped(static, dst, act)
+        ranked, keep, out, share, _, act = chosen
+        if act == "per-tensor":
+            _shipped(out, dst, act)  # fused only now: bit-identical, so the search scored the unfused graph
+        else:
+            shutil.copyfile(out, dst)  # scored as it ships
         n_images = sum(len(f["pixels"]) for f in calib_feeds)
         return {
             "mode": "static", "format": "QDQ, int8 MatMuls as MatMulIntegerToFloat with their bias (int8_fuse.py)",
             "weights": "int8 per output channel (symmetric), " + (
-                "GPTQ rounding on the calibration inputs (int8_gptq.py)" if gptq else "rounded to nearest"),
+                "GPTQ rounding on the calibration inputs (int8_gptq.py)" if rounding else "rounded to nearest"),
             "activations": (f"uint8 per tensor, {recipe.calibrate_method} calibration" if act == "per-tensor" else
                             "uint8 per row (token), range at run time (int8_per_row.py)"),
             "activation_ranges": act,

@@ -337,11 +337,12 @@ def test_static_int8_weights_are_gptq_rounded_at_the_quantizers_scales(micro_bac
     changed = [k for k in ints["gptq"] if not np.array_equal(ints["gptq"][k], ints["nearest"][k])]
     assert changed
     # what GPTQ promises, per MatMul: a smaller output error on the calibration inputs, ||X dW||^2 = tr(dW' H dW)
-    from clipheads.export.quantize import candidates, input_grams
+    from clipheads.export.quantize import candidates, measure_local_errors
 
     fp32 = onnx.load(str(src))
     cands = {c.node: c for c in candidates(fp32, patch_embedding=False)}
-    grams = input_grams(fp32, list(cands.values()), feeds, tmp_path)
+    measure_local_errors(src, fp32, list(cands.values()), feeds, tmp_path, grams=True)
+    grams = {n: c.input_gram for n, c in cands.items() if c.input_gram is not None}
     w32 = {c.weight: numpy_helper.to_array(i) for c in cands.values() for i in fp32.graph.initializer
            if i.name == c.weight}
 

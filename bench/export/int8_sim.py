@@ -93,7 +93,7 @@ def simulate(src: str | Path, dst: str | Path, recipe: str, calib_feeds: Sequenc
     with tempfile.TemporaryDirectory(prefix="clipheads-int8-sim-") as tmp:
         measure_local_errors(Path(src), model, cands, calib_feeds, Path(tmp))
         blocks = [c for c in cands if c.rows_per_image > 1.0 + 1e-9]
-        lo, hi, _, _ = _probe(model, [c.activation for c in blocks], calib_feeds, Path(tmp), keep_batches=0)
+        lo, hi, _, _, _ = _probe(model, [c.activation for c in blocks], calib_feeds, Path(tmp), keep_batches=0)
     inits = {i.name: i for i in model.graph.initializer}
     nodes = {n.name: n for n in model.graph.node}
     weights = recipe != "sim-acts-only"
