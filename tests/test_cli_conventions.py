@@ -3,7 +3,10 @@ user runs them, in subprocesses whose stdout/stderr are pipes (not a terminal):
 
 * a real `clipheads demo` (world -> train -> export -> serve over HTTP) redirected writes no `\\r`
   progress frames; the same progress bar does draw on a pseudo-terminal (so the check can fail);
-* `--json` on every command prints one JSON document on stdout;
+* `--json` on every command prints one JSON document on stdout (the commands that open BentoML's
+  store run as subprocesses, since BentoML fixes its store at import; the others run the same
+  `clipheads.cli.main` in-process with stdout/stderr captured at the file descriptors: a
+  subprocess per command cost ~6 s of imports each and proved nothing more);
 * bad input exits 2 with one `clipheads CMD: error: ...` line and no traceback (with `--json`:
   `{"ok": false, ...}` on stdout);
 * `info` prints readable text, and heads record their data as absolute paths.
@@ -32,6 +35,17 @@ def clipheads(*args, home: Path, cwd: Path = REPO, timeout: int = 600) -> subpro
     env.pop("FORCE_COLOR", None)
     return subprocess.run([sys.executable, "-m", "clipheads", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def in_process(capfd, *args) -> subprocess.CompletedProcess:
+    """The entry point's `main` in this process, its output read at the file descriptors (pipes here,
+    not a terminal, as for a redirected subprocess)."""
+    from clipheads.cli import main
+
+    capfd.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out, err)
 
 
 def ok_json(res: subprocess.CompletedProcess):
@@ -91,7 +105,7 @@ def test_progress_bars_draw_on_a_terminal_only(demo, tmp_path):
     assert piped.returncode == 0 and "\r" not in piped.stderr and "scored" in piped.stderr
 
 
-def test_every_command_takes_json(demo, tmp_path):
+def test_every_command_takes_json(demo, tmp_path, capfd):
     d, res = demo
     home = d / "bentoml"
     out = d / "demo"
@@ -99,27 +113,26 @@ def test_every_command_takes_json(demo, tmp_path):
     demo_json = json.loads(res.stdout)  # the demo fixture ran with --json
     assert demo_json["tuned_top1"] and demo_json["held_out_domain"]
 
-    world = ok_json(clipheads("data", "synth", tmp_path / "w", "--per-class", "2,1,1", "--json", home=home))
+    world = ok_json(in_process(capfd, "data", "synth", tmp_path / "w", "--per-class", "2,1,1", "--json"))
     assert (Path(world["out"]) / "world.json").is_file()
-    methods = ok_json(clipheads("methods", "--json", home=home))
+    methods = ok_json(in_process(capfd, "methods", "--json"))
     assert {m["method"] for m in methods["methods"]} >= {"coop", "maple", "mma"}
-    trained = ok_json(clipheads("train", "--method", "coop", "--data", tmp_path / "w" / "photo", "--epochs", 1,
-                                "--out", tmp_path / "h.head.safetensors", "--test-fraction", 0.5, "--json", home=home))
+    trained = ok_json(in_process(capfd, "train", "--method", "coop", "--data", tmp_path / "w" / "photo", "--epochs", 1,
+                                "--out", tmp_path / "h.head.safetensors", "--test-fraction", 0.5, "--json"))
     assert Path(trained["head"]).is_file()
-    evald = ok_json(clipheads("eval", tmp_path / "h.head.safetensors", "--data", tmp_path / "w" / "photo", "--json",
-                              home=home))
+    evald = ok_json(in_process(capfd, "eval", tmp_path / "h.head.safetensors", "--data", tmp_path / "w" / "photo", "--json"))
     assert evald["split"] == "test"
-    info = ok_json(clipheads("info", head, "--json", home=home))
+    info = ok_json(in_process(capfd, "info", head, "--json"))
     assert info["method"] == "coop"
     for spec in info["training"]["data"].values():  # PATH or READER:ROOT[:DOMAIN], the path absolute
         assert any(part.startswith("/") for part in spec.split(":")), spec
-    text = clipheads("info", head, home=home)
+    text = in_process(capfd, "info", head)
     assert text.returncode == 0 and "coop" in text.stdout and "{'" not in text.stdout  # readable, not a dict repr
 
-    exported = ok_json(clipheads("export", head, "--out", tmp_path / "bundle", "--probes", 16, "--json", home=home))
+    exported = ok_json(in_process(capfd, "export", head, "--out", tmp_path / "bundle", "--probes", 16, "--json"))
     assert exported["ok"] is True and Path(exported["bundle"]).is_dir()
-    scored = ok_json(clipheads("score", tmp_path / "bundle", "--input", out / "world" / "sketch" / "circle",
-                               "--output", tmp_path / "p.parquet", "--json", home=home))
+    scored = ok_json(in_process(capfd, "score", tmp_path / "bundle", "--input", out / "world" / "sketch" / "circle",
+                               "--output", tmp_path / "p.parquet", "--json"))
     assert scored["scored"] > 0 and scored["runtime"] == "onnx-cpu"
     saved = ok_json(clipheads("models", "save", head, "--name", "demo-head", "--json", home=home))
     assert saved["tag"].startswith("demo-head:") and saved["warnings"] == []  # the packaged tiny CLIP: nothing to store
@@ -129,14 +142,14 @@ def test_every_command_takes_json(demo, tmp_path):
     assert bf["model"] == "demo-head"
     dry = ok_json(clipheads("serve", "demo-head", "--dry-run", "--json", home=home))
     assert dry["command"][:4] == [sys.executable, "-m", "bentoml", "serve"] and dry["env"]["CLIPHEADS_SOURCE"]
-    recipes = ok_json(clipheads("bench", "list", "--json", home=home))
+    recipes = ok_json(in_process(capfd, "bench", "list", "--json"))
     assert any(r["name"] == "coop_base2novel" for r in recipes["recipes"])
     ckpt = tmp_path / "sd.pt"
     _state_dict_checkpoint(ckpt)
-    conv = ok_json(clipheads("convert", ckpt, "--out", tmp_path / "sd.safetensors", "--arch", "clipheads-tiny",
-                             "--act", "gelu", "--json", home=home))
+    conv = ok_json(in_process(capfd, "convert", ckpt, "--out", tmp_path / "sd.safetensors", "--arch", "clipheads-tiny",
+                             "--act", "gelu", "--json"))
     assert conv["tensors"] > 0
-    glob = clipheads("-q", "--json", "bench", "list", home=home)  # global flags before the command
+    glob = in_process(capfd, "-q", "--json", "bench", "list")  # global flags before the command
     assert ok_json(glob)["recipes"] and glob.stderr == ""
 
 

@@ -1,7 +1,8 @@
 """Issue 7's first must-show: correct labels over HTTP from a head *trained on the synthetic world*.
 
 A 16-shot CoOp head is trained on the held-out domain (sketch) of a small synthetic world on the
-packaged tiny CLIP (the demo's recipe), served by a real `clipheads serve`, and asked for every
+packaged tiny CLIP (the demo's recipe, cut from 30 epochs to 6: +11 points over zero-shot already,
+a fifth of the time), served by a real `clipheads serve`, and asked for every
 test image of that domain: the served labels must be the eager head's labels, and right far above
 chance (32 classes), as the trained head is.
 """
@@ -38,7 +39,7 @@ def trained(tmp_path_factory):
     zero_shot = evaluate(build_method("zeroshot", backbone, task), split.test)["top1"]
     recipe = load_recipe("synth_coop_heldout")
     head = build_method("coop", backbone, task, recipe.method_config)
-    train_head(head, {0: few_shot_splits(split, 16, 1).train}, TrainConfig(**{**recipe.train, "seed": 1}))
+    train_head(head, {0: few_shot_splits(split, 16, 1).train}, TrainConfig(**{**recipe.train, "seed": 1, "epochs": 6}))
     tuned = evaluate(head, split.test)["top1"]
     path = save_head(head, d / "coop-sketch.head.safetensors")
     return {"dir": d, "head": path, "split": split, "zero_shot": zero_shot, "tuned": tuned}
