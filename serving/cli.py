@@ -124,12 +124,12 @@ def _serve(args) -> int:
     if src.is_file() and args.runtime not in ("auto", "torch", "torch-folded"):
         raise console.BadInput(f"{src} is a head file; --runtime {args.runtime} needs a bundle")
     if src.is_file():  # moved or mismatched backbone weights: one line here, not a crashing server
-        from clipheads.training.artifact import ArtifactError, load_head
-        from clipheads.training.backbone import BackboneError
         from clipheads.training.backbone_record import check_weights_override
+        from clipheads.training.backbone_source import BackboneError
+        from clipheads.training.head_header import ArtifactError, read_head_header
 
-        try:
-            check_weights_override(load_head(src).backbone, args.pretrained or stored_weights(src))
+        try:  # the header only: the encoder loads the tensors; this process stays free of torch
+            check_weights_override(read_head_header(src).backbone, args.pretrained or stored_weights(src))
         except (ArtifactError, BackboneError) as err:
             reason = str(err)
             raise console.BadInput(reason if str(src) in reason else f"{src}: {reason}") from None

@@ -56,14 +56,14 @@ def _describe(source: Path) -> tuple[str, dict]:
         return "bundle", {"tasks": [t["name"] for t in m["tasks"]], "target": m.get("target"),
                           "precision": m.get("precision")}
     if source.is_file() and source.name.endswith(HEAD_SUFFIX):
-        from clipheads.training.artifact import ArtifactError, load_head
+        from clipheads.training.head_header import ArtifactError, read_head_header
 
         try:
-            art = load_head(source)
+            head = read_head_header(source)  # the header only: no torch import in `models save`
         except ArtifactError as err:
             raise ModelStoreError(str(err)) from None
-        return "head", {"method": art.method, "tasks": [t.name for t in art.tasks],
-                        "backbone": f"{art.backbone.get('arch')}:{art.backbone.get('pretrained')}"}
+        return "head", {"method": head.method, "tasks": head.task_names,
+                        "backbone": f"{head.backbone.get('arch')}:{head.backbone.get('pretrained')}"}
     raise ModelStoreError(f"{source}: not an export bundle directory or a *{HEAD_SUFFIX} file")
 
 
@@ -79,8 +79,7 @@ def weights_kind(pretrained: str) -> str:
     """How a head's recorded `pretrained` is found again: `packaged` (ships with clipheads),
     `none` (random init), `file` (a local path: only this machine has it), `hf-hub` or `tag`
     (downloadable, given network or a filled Hugging Face cache)."""
-    from clipheads.training.backbone import PACKAGED_TAG
-    from clipheads.training.backbone_source import HF_PREFIX, NO_WEIGHTS, looks_like_path
+    from clipheads.training.backbone_source import HF_PREFIX, NO_WEIGHTS, PACKAGED_TAG, looks_like_path
 
     if pretrained == PACKAGED_TAG:
         return "packaged"
@@ -109,8 +108,8 @@ def _cached_tag_file(arch: str, tag: str) -> Path:
 def _weights_to_store(record: dict, with_weights: Optional[bool], pretrained: Optional[str]) -> tuple[Optional[Path], list[str]]:
     """(the file to copy into the entry or None, warnings). `with_weights` None: the default
     (store when the head records a local file)."""
-    from clipheads.training.backbone import BackboneError
     from clipheads.training.backbone_record import check_weights_override
+    from clipheads.training.backbone_source import BackboneError
 
     recorded = str(record.get("pretrained") or "")
     kind = weights_kind(recorded)
@@ -155,9 +154,9 @@ def save_model(source: str | Path, name: Optional[str] = None, with_weights: Opt
     kind, meta = _describe(src)
     weights, warnings, record = None, [], {}
     if kind == "head":
-        from clipheads.training.artifact import load_head
+        from clipheads.training.head_header import read_head_header
 
-        record = load_head(src).backbone
+        record = read_head_header(src).backbone
         weights, warnings = _weights_to_store(record, with_weights, pretrained)
     elif with_weights or pretrained:
         raise ModelStoreError(f"{src} is a bundle: its graphs hold the backbone already")

@@ -218,6 +218,31 @@ def test_refuses_unknown_format_version(tmp_path, saved_head):
         load_head(p)
 
 
+def test_header_reader_checks_what_load_head_checks_without_torch(tmp_path, saved_head):
+    """`read_head_header` (what `serve` and `models save` use) refuses what load_head refuses from
+    the header alone: truncated tensor bytes, non-fp32 tensors, incomplete metadata; and it runs
+    in a process that never imports torch."""
+    from clipheads.training.head_header import read_head_header
+
+    cut = tmp_path / "cut.head.safetensors"
+    cut.write_bytes(saved_head.read_bytes()[:-8])  # header intact, the last tensor short
+    for read in (read_head_header, load_head):
+        with pytest.raises(ArtifactError, match="ends before its tensors"):
+            read(cut)
+    half = _rewrite_meta(saved_head, tmp_path / "f16.head.safetensors", lambda m, t: t.update(ctx=t["ctx"].half()))
+    with pytest.raises(ArtifactError, match="'ctx' is F16; heads store fp32"):
+        read_head_header(half)
+    notasks = _rewrite_meta(saved_head, tmp_path / "bad.head.safetensors", lambda m, t: m["tasks"][0].pop("classnames"))
+    with pytest.raises(ArtifactError, match="incomplete head metadata"):
+        read_head_header(notasks)
+    probe = ("import sys; from clipheads.training.head_header import read_head_header; "
+             f"h = read_head_header({str(saved_head)!r}); print(h.method, h.tensor_shapes); "
+             "assert 'torch' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == load_head(saved_head).method and "'ctx'" in r.stdout
+
+
 def test_refuses_tensors_that_do_not_match_the_config(tmp_path, saved_head, micro_backbone):
     def grow(meta, tensors):
         tensors["ctx"] = torch.zeros(7, tensors["ctx"].shape[1])

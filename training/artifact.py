@@ -19,13 +19,7 @@ from .backbone import Backbone, PreprocessSpec
 from .backbone_record import open_head_backbone, record_differences
 from .methods.base import HeadMethod, MethodError, TaskSpec, build_method
 
-FORMAT_VERSION = 1
-METADATA_KEY = "clipheads"
-SUFFIX = ".head.safetensors"
-
-
-class ArtifactError(ValueError):
-    """The file is not a valid clipheads head (or does not fit the backbone it is used with)."""
+from .head_header import FORMAT_VERSION, METADATA_KEY, SUFFIX, ArtifactError, read_head_header  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -132,57 +126,32 @@ def save_head(head_or_artifact: HeadMethod | HeadArtifact, path: str | Path, tra
     return path
 
 
-def _read_header(path: Path) -> dict:
-    from .files import NotSafetensors, read_safetensors_header
-
-    try:
-        return read_safetensors_header(path, strict=True)
-    except NotSafetensors as err:
-        raise ArtifactError(str(err)) from None
-
-
 def load_head(path: str | Path) -> HeadArtifact:
-    """Read and validate a head file. Never unpickles; raises ArtifactError with a reason."""
+    """Read and validate a head file (header and metadata first, `read_head_header`, then the
+    tensors). Never unpickles; raises ArtifactError with a reason."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"no such head file: {path}")
-    header = _read_header(path)
-    meta_raw = (header.get("__metadata__") or {}).get(METADATA_KEY)
-    if meta_raw is None:
-        raise ArtifactError(f"{path}: a safetensors file but not a clipheads head (no '{METADATA_KEY}' metadata)")
-    try:
-        meta = json.loads(meta_raw)
-    except json.JSONDecodeError as err:
-        raise ArtifactError(f"{path}: metadata is not valid JSON: {err}") from None
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path}: head format_version {version!r} is not supported (this clipheads reads {FORMAT_VERSION}); "
-            "upgrade clipheads or re-export the head"
-        )
+    header = read_head_header(path)
+    path, meta = header.path, header.meta
     try:
         tensors = load_file(str(path))
         art = HeadArtifact(
-            method=meta["method"]["name"],
-            method_config=dict(meta["method"].get("config") or {}),
-            backbone=dict(meta["backbone"]),
+            method=header.method,
+            method_config=header.method_config,
+            backbone=header.backbone,
             tasks=tuple(TaskSpec.from_json(t) for t in meta["tasks"]),
             preprocess=PreprocessSpec.from_json(meta["preprocess"]),
             training=dict(meta.get("training") or {}),
             tensors=tensors,
             package_version=str(meta.get("package_version", "?")),
-            format_version=version,
+            format_version=meta["format_version"],
         )
     except SafetensorError as err:
         raise ArtifactError(f"{path}: corrupt tensor data: {err}") from None
     except (KeyError, TypeError, ValueError) as err:
         raise ArtifactError(f"{path}: incomplete head metadata ({type(err).__name__}: {err})") from None
-    if not art.tasks:
-        raise ArtifactError(f"{path}: head lists no tasks")
-    for name, t in tensors.items():
+    for name, t in tensors.items():  # the header said F32; the loaded tensors must agree
         if t.dtype != torch.float32:
             raise ArtifactError(f"{path}: tensor {name!r} is {t.dtype}; heads store fp32")
     return art

@@ -21,13 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbone_source import BackboneError, WeightsSource, resolve_weights
+from .backbone_source import PACKAGED_TAG, BackboneError, WeightsSource, resolve_weights  # noqa: F401 (re-exported)
 from .files import file_sha256
 from .text_length import text_length, trimming
 from .preprocess import PreprocessSpec  # noqa: F401 - re-exported: heads and bundles import it from here
 
 PACKAGED_ARCH = "clipheads-tiny"
-PACKAGED_TAG = "clipheads"
 _PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGED_CONFIG_DIR = _PACKAGE_DIR / "model_configs"
 PACKAGED_WEIGHTS = _PACKAGE_DIR / "weights" / f"{PACKAGED_ARCH}.safetensors"

@@ -30,6 +30,7 @@ ACTS = ("quickgelu", "gelu")
 QUICKGELU_SUFFIX = "-quickgelu"
 HF_PREFIX = "hf-hub:"
 NO_WEIGHTS = "none"
+PACKAGED_TAG = "clipheads"  # the weights that ship with clipheads (backbone.PACKAGED_WEIGHTS)
 WEIGHTS_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # safetensors metadata key under which `clipheads convert` states what a weights file holds
 WEIGHTS_METADATA_KEY = "clipheads.weights"
