@@ -487,12 +487,12 @@ def test_ray_engine_matches_local_engine(head_file, corpus, local_run, small, tm
     try:
         out = tmp_path / "ray.parquet"
         s = score(_job(head_file, corpus[0], out, engine="ray", workers=2))
-        # the ONNX runtime in Ray actors, with embeddings, equals the local engine too
+        # the ONNX runtime in Ray actors, with embeddings, in the decode-stage layout for GPU actors
+        # (decode_batch -> numpy pixels -> actors; on these CPU-only actors Ray fuses the two stages,
+        # the data path is the same) equals the local engine too. (One Ray job: the default layout is
+        # the torch job above; a third job cost ~25 s of Ray workers and checked nothing new.)
         onnx_kw = dict(runtime="onnx-cpu", embeddings=True, batch_size=8, shard_size=6)
-        score(_job(bundle, lst, tmp_path / "onnx-ray.parquet", engine="ray", workers=2, **onnx_kw))
-        # the decode-stage layout for GPU actors (decode_batch -> numpy pixels -> actors) gives the same
-        # rows (on these CPU-only actors Ray fuses the two stages; the data path is the same)
-        score(_job(bundle, lst, tmp_path / "onnx-ray-tasks.parquet", engine="ray", workers=1, ray_decode="tasks",
+        score(_job(bundle, lst, tmp_path / "onnx-ray.parquet", engine="ray", workers=1, ray_decode="tasks",
                    **onnx_kw))
     finally:
         ray.shutdown()
@@ -502,9 +502,6 @@ def test_ray_engine_matches_local_engine(head_file, corpus, local_run, small, tm
     np.testing.assert_allclose(np.asarray(a.column("embedding").to_pylist()),
                                np.asarray(b.column("embedding").to_pylist()), atol=1e-6)
     assert a.column("shape.top_labels").equals(b.column("shape.top_labels"))
-    assert _read(tmp_path / "onnx-ray-tasks.parquet").equals(b)
-    assert (_errors(tmp_path / "onnx-ray-tasks.parquet" / "_errors.jsonl")
-            == _errors(tmp_path / "onnx-ray.parquet" / "_errors.jsonl"))
     assert (_errors(tmp_path / "onnx-ray.parquet" / "_errors.jsonl")
             == _errors(tmp_path / "onnx-local.parquet" / "_errors.jsonl") != [])
     assert (s.scored, s.failed) == (N_GOOD, N_BAD)
