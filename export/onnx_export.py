@@ -53,10 +53,11 @@ def export_module(
     opset: int = DEFAULT_OPSET,
     exporter: str = "torchscript",
     extra_axes: Optional[Mapping[str, Mapping[int, str]]] = None,
+    output_dims: Optional[Mapping[str, Sequence]] = None,
 ) -> Path:
     """Export with a dynamic axis 0 ("batch") on every input and output, plus `extra_axes`
-    ({input name: {axis: name}}, e.g. the text graph's sequence axis); check the graph; return
-    its path."""
+    ({input name: {axis: name}}, e.g. the text graph's sequence axis); pin `output_dims`
+    (`set_static_dims`); check the graph once; return its path."""
     if exporter not in EXPORTERS:
         raise ExportError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     if any(a.shape[0] < 2 for a in args):
@@ -88,6 +89,8 @@ def export_module(
             torch.onnx.export(module, args, str(path), **kw)
     except Exception as err:  # noqa: BLE001 - report any exporter failure as one clear error
         raise ExportError(f"torch.onnx.export ({exporter}, opset {opset}) failed: {type(err).__name__}: {err}") from err
+    if output_dims:
+        set_static_dims(path, output_dims)
     check_graph(path)
     return path
 
@@ -149,12 +152,9 @@ def example_pixels(encoder: FoldedImageEncoder, batch: int = 2) -> tuple[Tensor,
 def export_image_graph(encoder: FoldedImageEncoder, path: str | Path, opset: int = DEFAULT_OPSET,
                        exporter: str = "torchscript") -> Path:
     """pixels (N,3,S,S), task_index (N,) -> logits (N, K), features (N, E)."""
-    path = export_module(encoder, example_pixels(encoder), path, ["pixels", "task_index"], ["logits", "features"],
-                         opset, exporter)
     k, e = encoder.class_matrix.shape
-    set_static_dims(path, {"logits": (None, k), "features": (None, e)})
-    check_graph(path)
-    return path
+    return export_module(encoder, example_pixels(encoder), path, ["pixels", "task_index"], ["logits", "features"],
+                         opset, exporter, output_dims={"logits": (None, k), "features": (None, e)})
 
 
 def export_text_graph(text: TextEncoder, path: str | Path, opset: int = DEFAULT_OPSET,
@@ -171,7 +171,5 @@ def export_text_graph(text: TextEncoder, path: str | Path, opset: int = DEFAULT_
         tokens = tokens[:, :min(LENGTH_BUCKET + 5, bb.context_length - 1)]
         axes = {"tokens": {1: "sequence"}}
     with traceable_text_attention(bb) if axes else contextlib.nullcontext():
-        path = export_module(text, (tokens,), path, ["tokens"], ["features"], opset, exporter, axes)
-    set_static_dims(path, {"features": (None, bb.embed_dim)})
-    check_graph(path)
-    return path
+        return export_module(text, (tokens,), path, ["tokens"], ["features"], opset, exporter, axes,
+                             output_dims={"features": (None, bb.embed_dim)})

@@ -255,7 +255,9 @@ def test_hostile_http_leaves_server_responsive(server, case):
     took = time.perf_counter() - t
     status = int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/1.1 ") else None
     assert status is None or 400 <= status < 500, reply[:300]  # a 4xx or a closed connection, never 5xx
-    assert took < 5.0, took
+    # answered, not held until the 30 s request timeout: quiet, the slowest case (100,000 tiny chunks)
+    # takes 1.3 s; with three test workers on two cores it was seen at 8.8 s
+    assert took < 15.0, took
     t = time.perf_counter()
     assert httpx.get(server.url + "/livez", timeout=5).status_code == 200
     assert time.perf_counter() - t < 1.0  # 100 ms in B5; slack for a shared, loaded 2-core CI box
