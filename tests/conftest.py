@@ -61,13 +61,23 @@ def openai_vitb16(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def clipheads_wheel(tmp_path_factory) -> Path:
-    """The repository's clipheads wheel, built once per session (`pip wheel --no-deps
-    --no-build-isolation`, as `make bento` does): the packaging test and the Bento test read it."""
+    """The repository's clipheads wheel (`pip wheel --no-deps --no-build-isolation`, as `make bento`
+    does), built once per test run: the packaging test and the Bento test read it. pytest-xdist
+    workers have sessions of their own; two builds at once in the repository's build/ collide, so
+    the first worker builds under a lock in the directory all workers share and the others reuse it."""
+    import fcntl
+    import os
     import subprocess
     import sys
 
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "-w", str(out), str(Path(__file__).resolve().parents[1])], check=True, cwd=out, timeout=300)
+    base = tmp_path_factory.getbasetemp()  # under xdist: RUN/popen-gwN; RUN is this run's, shared by workers
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = shared / "clipheads-wheel"
+    with open(shared / "clipheads-wheel.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not list(out.glob("clipheads-*.whl")):
+            out.mkdir(exist_ok=True)
+            subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                            "-w", str(out), str(Path(__file__).resolve().parents[1])], check=True, cwd=out, timeout=300)
     (wheel,) = out.glob("clipheads-*.whl")
     return wheel

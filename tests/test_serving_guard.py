@@ -267,3 +267,34 @@ def test_bytes_of_arriving_bodies_are_capped_per_process():
         assert guard.upload_bytes.held == 0
 
     run(go())
+
+
+def _chunked_request(piece: int, n: int) -> bytes:
+    head = b"POST /classify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return head + b"".join(b"%x\r\n%s\r\n" % (piece, b"x" * piece) for _ in range(n)) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("piece,n,refused", [(1, 5000, True), (256, 5000, False), (1, 4000, False)])
+def test_tiny_chunk_floods_are_refused_by_the_h11_parser(piece, n, refused):
+    """http_layer's count on a real h11 connection: more than 4,096 body pieces averaging under 256
+    bytes raise the protocol error uvicorn answers with a 400; 256-byte chunks, or fewer pieces, pass."""
+    import h11
+
+    from clipheads.serving.front.http_layer import MAX_SMALL_PIECES, _count_pieces
+
+    class Proto:
+        _pieces = _piece_bytes = 0
+        _refusal = ""
+
+    proto, conn = Proto(), h11.Connection(h11.SERVER)
+    conn.next_event = _count_pieces(proto, conn.next_event)
+    conn.receive_data(_chunked_request(piece, n))
+    events, got = 0, 0
+    try:
+        while (event := conn.next_event()) is not h11.NEED_DATA and type(event) is not h11.EndOfMessage:
+            events += 1
+            got += len(event.data) if type(event) is h11.Data else 0
+    except h11.RemoteProtocolError as err:
+        assert refused and "larger pieces" in str(err) and proto._pieces == MAX_SMALL_PIECES + 1
+        return
+    assert not refused and got == piece * n
