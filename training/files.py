@@ -33,7 +33,8 @@ class NotSafetensors(ValueError):
 def read_safetensors_header(path: str | os.PathLike, strict: bool = False) -> Optional[dict]:
     """Parse a safetensors header ourselves (8-byte length + JSON): clear reasons for pickles, zips
     and truncated files instead of a library stack trace. `strict=False` returns None for a file
-    that is not safetensors; `strict=True` raises NotSafetensors."""
+    that is not safetensors; `strict=True` raises NotSafetensors, also when the tensors' bytes run
+    past the end of the file."""
     def fail(why: str) -> None:
         if strict:
             raise NotSafetensors(f"{path}: {why}")
@@ -54,6 +55,13 @@ def read_safetensors_header(path: str | os.PathLike, strict: bool = False) -> Op
         return fail(f"corrupt safetensors header: {err}")
     if not isinstance(header, dict):
         return fail("corrupt safetensors header: not a JSON object")
+    if strict:  # whole, too: every tensor's bytes inside the file (a cut-off download, a partial copy)
+        try:
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (KeyError, TypeError, ValueError, IndexError):
+            return fail("corrupt safetensors header: a tensor entry without valid data offsets")
+        if os.path.getsize(path) < 8 + n + end:
+            return fail("the file ends before its tensors do (truncated?)")
     return header
 
 

@@ -43,10 +43,6 @@ class HeadHeader:
         return dict(self.meta["backbone"])
 
     @property
-    def tasks(self) -> list[dict]:
-        return list(self.meta["tasks"])
-
-    @property
     def task_names(self) -> list[str]:
         return [t["name"] for t in self.meta["tasks"]]
 
@@ -105,26 +101,14 @@ def read_head_header(path: str | Path) -> HeadHeader:
         raise ArtifactError(f"{path}: incomplete head metadata ({type(err).__name__}: {err})") from None
     if not meta["tasks"]:
         raise ArtifactError(f"{path}: head lists no tasks")
-    shapes, data_end = {}, 0
+    shapes = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
-            shapes[name] = tuple(int(n) for n in info["shape"])
-            data_end = max(data_end, int(info["data_offsets"][1]))
-            dtype = info["dtype"]
-        except (KeyError, TypeError, ValueError, IndexError):
+            shapes[name], dtype = tuple(int(n) for n in info["shape"]), info["dtype"]
+        except (KeyError, TypeError, ValueError):
             raise ArtifactError(f"{path}: corrupt tensor entry {name!r} in the header") from None
         if dtype != STORED_DTYPE:
             raise ArtifactError(f"{path}: tensor {name!r} is {dtype}; heads store fp32")
-    if path.stat().st_size < header_bytes(path) + data_end:  # truncated: the tensors' bytes are not all there
-        raise ArtifactError(f"{path}: corrupt tensor data: the file ends before its tensors do (truncated?)")
     return HeadHeader(path=path, meta=meta, tensor_shapes=shapes)
-
-
-def header_bytes(path: Path) -> int:
-    """Where a safetensors file's tensor data starts: 8 length bytes + the JSON header."""
-    import struct
-
-    with open(path, "rb") as f:
-        return 8 + struct.unpack("<Q", f.read(8))[0]
