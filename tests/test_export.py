@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -326,6 +327,27 @@ def test_bundle_is_served_by_serving_onnx_runtime(micro_backbone, tmp_path):
     with torch.no_grad():
         ref = micro_backbone.encode_text(micro_backbone.tokenize(["a photo of a cat."])).numpy()
     np.testing.assert_allclose(feats, ref, atol=1e-4)
+
+
+def test_small_image_graphs_run_on_one_intra_op_thread(micro_backbone, tmp_path, monkeypatch):
+    """A graph whose batch-1 pass is under SMALL_GRAPH_MS gets one intra-op thread (the same answers
+    as ORT's default threads); a larger one, or CLIPHEADS_ORT_THREADS, keeps what it asked for."""
+    from clipheads.serving.runtimes import onnx_runtime
+
+    res = export_heads([_head("zeroshot", micro_backbone, (TASKS[0],))], tmp_path / "b", ExportOptions(text=False, **FAST))
+    assert res.passed, res.parity["failures"]
+    px = _pixels(micro_backbone, n=8)
+    small = onnx_runtime.OnnxRuntime(tmp_path / "b", providers=["CPUExecutionProvider"])
+    assert small.intra_op_threads == (1 if (os.cpu_count() or 1) > 1 else None)
+    assert small.describe()["intra_op_threads"] == small.intra_op_threads
+    monkeypatch.setattr(onnx_runtime, "SMALL_GRAPH_MS", 0.0)  # every graph is "large" now
+    default = onnx_runtime.OnnxRuntime(tmp_path / "b", providers=["CPUExecutionProvider"])
+    assert default.intra_op_threads is None
+    monkeypatch.setenv("CLIPHEADS_ORT_THREADS", "2")
+    monkeypatch.setattr(onnx_runtime, "SMALL_GRAPH_MS", 1e9)  # the user's choice wins over the rule
+    assert onnx_runtime.OnnxRuntime(tmp_path / "b", providers=["CPUExecutionProvider"]).intra_op_threads == 2
+    for name, logits in small.classify(px).items():
+        np.testing.assert_allclose(logits, default.classify(px)[name], atol=1e-5, rtol=0)
 
 
 def test_fused_attention_is_one_contrib_node_per_block_and_exact(micro_backbone, tmp_path):

@@ -70,7 +70,15 @@ class Raw:
         from clipheads.serving.runtimes import open_runtime, register_extra_model_configs
 
         register_extra_model_configs()
-        self.rt = open_runtime(source, runtime)
+        # its best throughput in one process: one intra-op thread per core even for a small graph
+        # (which a server gives one thread); set only while opening, the servers must not inherit it
+        before = os.environ.get("CLIPHEADS_ORT_THREADS")
+        os.environ["CLIPHEADS_ORT_THREADS"] = before or str(os.cpu_count() or 1)
+        try:
+            self.rt = open_runtime(source, runtime)
+        finally:
+            if before is None:
+                del os.environ["CLIPHEADS_ORT_THREADS"]
         self.spec = DecodeSpec.from_preprocess(self.rt.preprocess)
         self.blobs = blobs[:32]
         self.decode = lambda: np.stack([decode_image(b, self.spec) for b in self.blobs])
@@ -94,6 +102,39 @@ class Raw:
         return n / (time.perf_counter() - t0)
 
 
+def _ceiling_worker(args) -> tuple[int, float, float]:
+    source, blobs, duration = args
+    os.environ["CLIPHEADS_ORT_THREADS"], os.environ["CLIPHEADS_ORT_SPIN"] = "1", "0"  # one core each
+    os.environ["OMP_NUM_THREADS"] = "1"
+    from clipheads.serving.images import DecodeSpec, decode_image
+    from clipheads.serving.runtimes import open_runtime, register_extra_model_configs
+
+    register_extra_model_configs()
+    rt = open_runtime(source, "auto")
+    spec = DecodeSpec.from_preprocess(rt.preprocess)
+    rt.classify(np.stack([decode_image(b, spec) for b in blobs]))  # warm
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
+    while n == 0 or time.perf_counter() - t0 < duration:
+        rt.classify(np.stack([decode_image(b, spec) for b in blobs]))
+        n += len(blobs)
+    return n, time.perf_counter() - t0, time.process_time() - c0
+
+
+def decode_model_ceiling(source: str, blobs: list[bytes], duration: float, processes: int | None = None) -> dict:
+    """The most a server could do without HTTP: every core decoding the same JPEGs and running the
+    model on them (batch 32, one single-threaded runtime per core, in separate processes so nothing
+    shares a GIL). Served images/s cannot exceed this on the same machine; the load generator's
+    own CPU comes on top."""
+    import multiprocessing
+
+    k = processes or os.cpu_count() or 1
+    with multiprocessing.get_context("spawn").Pool(k) as pool:
+        res = pool.map(_ceiling_worker, [(source, blobs[:32], duration)] * k)
+    n = sum(r[0] for r in res)
+    return {"images_per_s": round(n / max(r[1] for r in res), 1),
+            "cpu_ms_per_image": round(1000 * sum(r[2] for r in res) / n, 3), "processes": k}
+
+
 def server_procs(proc) -> dict:
     """{'front': psutil.Process, 'encoder': ..., 'front_child_<pid>': ...} of a `clipheads serve`
     started by this script. The two BentoML workers are children of `bentoml serve`; processes
@@ -107,7 +148,8 @@ def server_procs(proc) -> dict:
     pids = {p.pid for p in workers}
     for p in workers:
         role = "encoder" if "clipheads_encoder" in " ".join(p.cmdline()) else "front"
-        out[role if p.ppid() not in pids else f"{role}_child_{p.pid}"] = p
+        name = role if p.ppid() not in pids else f"{role}_child_{p.pid}"
+        out[name if name not in out else f"{name}_{p.pid}"] = p  # several front workers: each counted
     return out
 
 

@@ -17,7 +17,11 @@ Per (bundle, variant, concurrency) and round:
   level: images/s and CPU ms per image, and once per round CPU ms per image at batch 1;
 * overhead ms per request = server CPU per request - raw CPU per image (batch 32; the strict
   reading: the model at its cheapest);
-* served/raw = served images/s / mean of the raw images/s around the level.
+* served/raw = served images/s / mean of the raw images/s around the level;
+* the ceiling, once per round and bundle: decode + model with no HTTP on every core
+  (`load_test.decode_model_ceiling`), images/s and CPU ms per image; served/ceiling, and the
+  overhead over decode + model = server CPU per request - the ceiling's CPU per image (the work
+  any consumer of a JPEG must do, so what is left is the server's own).
 Writes OUT/TAG.json (every round) and OUT/TAG.md (medians over rounds).
 """
 from __future__ import annotations
@@ -40,7 +44,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
-from load_test import Raw, batch_stats, cpu_seconds, jpeg, machine, server_procs  # noqa: E402
+from load_test import Raw, batch_stats, cpu_seconds, decode_model_ceiling, jpeg, machine, server_procs  # noqa: E402
 
 
 # ---- the lean load generator ---------------------------------------------------------------------
@@ -217,7 +221,8 @@ def summarize(rows: list[dict]) -> list[dict]:
                     **{k: median([r[k] for r in rs]) for k in (
                         "images_per_s", "served_over_raw", "server_cpu_ms_per_request", "raw_cpu_ms_per_image",
                         "overhead_ms_per_request", "client_cpu_ms_per_request", "p50_ms", "p99_ms",
-                        "mean_encoder_batch")},
+                        "mean_encoder_batch", "ceiling_images_per_s", "ceiling_cpu_ms_per_image",
+                        "served_over_ceiling", "overhead_over_decode_ms")},
                     "raw_images_per_s": median([float(np.mean(r["raw_images_per_s"])) for r in rs]),
                     "errors": sum(sum(r["errors"].values()) for r in rs)})
     return out
@@ -259,10 +264,17 @@ def main(argv=None) -> int:
                 bname, source = spec.split("=", 1)
                 raw = Raw(source, "auto", blobs)
                 raw1.setdefault(bname, []).append(round(raw_batch1_cpu(raw, 2.0), 3))
+                ceil = decode_model_ceiling(source, blobs, 4.0)
+                print(json.dumps({"bundle": bname, "ceiling": ceil}), file=sys.stderr, flush=True)
                 order = variants if rnd % 2 == 0 else variants[::-1]
                 for vname, code in order:
                     for r in measure_variant(vname, source, code, raw, blobs, args.concurrency, args.duration, work,
                                              envs[vname]):
+                        r.update(ceiling_images_per_s=ceil["images_per_s"],
+                                 ceiling_cpu_ms_per_image=ceil["cpu_ms_per_image"],
+                                 served_over_ceiling=round(r["images_per_s"] / ceil["images_per_s"], 3),
+                                 overhead_over_decode_ms=round(r["server_cpu_ms_per_request"]
+                                                               - ceil["cpu_ms_per_image"], 3))
                         rows.append({**r, "bundle": bname, "round": rnd, "runtime": raw.rt.name})
                 del raw
     finally:
@@ -287,14 +299,19 @@ def main(argv=None) -> int:
           f"Request: {result['request']}; lean load generator in the same process as the raw runtime.",
           *([f"Note: {args.note}"] if args.note else []), "",
           "Overhead = CPU of all server processes per request - raw runtime CPU per image (batch 32). "
-          f"Raw CPU per image at batch 1: {raw1}.", "",
+          f"Raw CPU per image at batch 1: {raw1}. Ceiling = decode + model on every core, no HTTP "
+          "(one single-threaded runtime per core, batch 32); overhead over decode = server CPU per "
+          "request - the ceiling's CPU per image.", "",
           "| bundle | c | variant | images/s | served/raw | raw images/s | server CPU ms/req | raw CPU ms/img "
-          "| **overhead ms/req** | p50 ms | p99 ms | mean batch | errors |",
-          "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "| **overhead ms/req** | ceiling images/s | served/ceiling | ceiling CPU ms/img | **overhead over decode ms/req** "
+          "| p50 ms | p99 ms | mean batch | errors |",
+          "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in summary:
         md.append(f"| {s['bundle']} | {s['concurrency']} | {s['variant']} | {s['images_per_s']} | "
                   f"{s['served_over_raw']:.0%} | {s['raw_images_per_s']} | {s['server_cpu_ms_per_request']} | "
-                  f"{s['raw_cpu_ms_per_image']} | **{s['overhead_ms_per_request']}** | {s['p50_ms']} | {s['p99_ms']} | "
+                  f"{s['raw_cpu_ms_per_image']} | **{s['overhead_ms_per_request']}** | {s['ceiling_images_per_s']} | "
+                  f"{s['served_over_ceiling']:.0%} | {s['ceiling_cpu_ms_per_image']} | **{s['overhead_over_decode_ms']}** | "
+                  f"{s['p50_ms']} | {s['p99_ms']} | "
                   f"{s['mean_encoder_batch']} | {s['errors']} |")
     (out / f"{args.tag}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

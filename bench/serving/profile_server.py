@@ -61,7 +61,7 @@ def bucket_of(stack: list[str]) -> str:
 
 def summarize(collapsed: Path) -> Counter:
     c: Counter = Counter()
-    for line in collapsed.read_text().splitlines():
+    for line in collapsed.read_text(errors="replace").splitlines():
         if not line.strip():
             continue
         stack, _, n = line.rpartition(" ")

@@ -13,6 +13,12 @@ from clipheads.training.text_length import LENGTH_BUCKET, trim_tokens
 from .base import Runtime, RuntimeError_
 from .bundle import backbone_identity, index_tasks, read_manifest
 
+# A CPU image graph whose batch-1 pass takes less than this runs on one intra-op thread: its ops are
+# too small to split, and waking a second thread per op costs more than it saves (the packaged tiny
+# CLIP on 2 cores: 1.31 -> 0.79 CPU ms per image at batch 1, 0.73 -> 0.61 at batch 32, and no
+# slower in wall time at any batch). ViT-B graphs take tens of ms and keep ORT's default.
+SMALL_GRAPH_MS = 3.0
+
 
 class OnnxRuntime(Runtime):
     def __init__(self, bundle: str | os.PathLike, providers: Optional[Sequence[str]] = None, verify: bool = True,
@@ -35,16 +41,21 @@ class OnnxRuntime(Runtime):
         bb = m.get("backbone") or {}
         self.identity = backbone_identity(bb)
         self.logit_scale = float(m.get("logit_scale", 100.0))
-        opts = ort.SessionOptions()
         threads = int(os.environ.get("CLIPHEADS_ORT_THREADS", "0"))
-        if threads:
-            opts.intra_op_num_threads = threads
         spin = os.environ.get("CLIPHEADS_ORT_SPIN", "")
-        if spin in ("0", "1"):  # "0": idle intra-op threads sleep instead of spinning (shared cores)
-            opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+
+        def options(intra_op: int) -> "ort.SessionOptions":
+            opts = ort.SessionOptions()
+            if intra_op:
+                opts.intra_op_num_threads = intra_op
+            if spin in ("0", "1"):  # "0": idle intra-op threads sleep instead of spinning (shared cores)
+                opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+            return opts
+
+        self.intra_op_threads = threads or None  # of the image graphs; None: ORT's default (one per core)
         self._sessions: dict[str, "ort.InferenceSession"] = {}
 
-        def session(fname: str):
+        def session(fname: str, opts: "ort.SessionOptions" = options(threads)):
             if fname not in self._sessions:
                 path = root / fname
                 if not path.is_file():
@@ -60,6 +71,13 @@ class OnnxRuntime(Runtime):
         if image_sessions:  # False: a subclass runs the image graphs (TensorRT engines)
             for g in dict.fromkeys(g for g, _ in self._path_keys):
                 session(g)
+            if not threads and self.name == "onnx-cpu" and (os.cpu_count() or 1) > 1 and _small_graph(
+                    self._sessions[self._path_keys[0][0]], int(pre["image_size"])):
+                self.intra_op_threads = 1
+                self._sessions.clear()
+                single = options(1)
+                for g in dict.fromkeys(g for g, _ in self._path_keys):
+                    session(g, single)
         self._inputs = {f: {i.name for i in s.get_inputs()} for f, s in self._sessions.items()}
         text = m.get("text") or {}
         self._text = session(text["graph"]) if text.get("graph") else None
@@ -72,6 +90,9 @@ class OnnxRuntime(Runtime):
         self._tokenizer = None
         self._tokenizer_name = text.get("tokenizer") or bb.get("arch")
         self.base_path = 0
+
+    def describe(self) -> dict:
+        return {**super().describe(), "intra_op_threads": self.intra_op_threads}
 
     def _feed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         if not self._float_input:
@@ -108,3 +129,25 @@ class OnnxRuntime(Runtime):
         return feats.astype(np.float32, copy=False)
 
 
+
+
+def _small_graph(sess, image_size: int) -> bool:
+    """True when a warm batch-1 pass of this image graph takes under SMALL_GRAPH_MS (the best of
+    three, so one descheduled pass on a busy machine does not decide it)."""
+    import time
+
+    types = {i.name: i.type for i in sess.get_inputs()}
+    feed = {"pixels": np.full((1, 3, image_size, image_size), 127,
+                              np.float32 if types.get("pixels") == "tensor(float)" else np.uint8)}
+    if "task_index" in types:
+        feed["task_index"] = np.zeros((1,), np.int64)
+    try:
+        sess.run(None, feed)  # the first pass allocates
+    except Exception:  # noqa: BLE001 - only a speed choice: warm-up reports a graph that cannot run
+        return False
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        best = min(best, time.perf_counter() - t0)
+    return best * 1000 < SMALL_GRAPH_MS
