@@ -47,7 +47,7 @@ def make_head(arch: str, out: Path) -> Path:
     model = open_clip.create_model(arch, pretrained=None)
     ckpt = out / f"{arch}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
-    bb = load_backbone(arch, str(ckpt))
+    bb = load_backbone(arch, str(ckpt), act="gelu")  # open_clip built it with GELU
     tasks = [TaskSpec("color", ("red", "green", "blue")), TaskSpec("shape", ("circle", "square", "triangle", "star"))]
     return save_head(build_method("zeroshot", bb, tasks, {}), out / f"{arch}.head.safetensors")
 

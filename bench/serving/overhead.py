@@ -48,10 +48,12 @@ from load_test import Raw, batch_stats, cpu_seconds, decode_model_ceiling, jpeg,
 
 
 # ---- the lean load generator ---------------------------------------------------------------------
-def multipart_request(port: int, blob: bytes) -> bytes:
+def multipart_request(port: int, blob: bytes | list[bytes]) -> bytes:
     boundary = "clipheadsbench7f3a"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"x.jpg\"\r\n"
-            f"Content-Type: image/jpeg\r\n\r\n").encode() + blob + f"\r\n--{boundary}--\r\n".encode()
+    parts = [(f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"x{i}.jpg\"\r\n"
+              f"Content-Type: image/jpeg\r\n\r\n").encode() + b + b"\r\n"
+             for i, b in enumerate([blob] if isinstance(blob, bytes) else blob)]
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
     head = (f"POST /classify HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
             f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
     return head.encode() + body
@@ -82,8 +84,9 @@ async def _one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, req: 
     return status
 
 
-async def drive(port: int, blobs: list[bytes], concurrency: int, duration: float) -> dict:
-    reqs = [multipart_request(port, b) for b in blobs]
+async def drive(port: int, blobs: list[bytes], concurrency: int, duration: float, images_per_request: int = 1) -> dict:
+    k = images_per_request
+    reqs = [multipart_request(port, (blobs * k)[i:i + k] if k > 1 else blobs[i]) for i in range(len(blobs))]
     lat: list[float] = []
     errors: dict[str, int] = {}
     stop = time.perf_counter() + duration
@@ -115,7 +118,7 @@ async def drive(port: int, blobs: list[bytes], concurrency: int, duration: float
     wall = time.perf_counter() - t0
     ms = np.array(lat) * 1000 if lat else np.zeros(1)
     return {"concurrency": concurrency, "requests_ok": len(lat), "errors": errors, "wall_s": wall,
-            "images_per_s": round(len(lat) / wall, 1), "p50_ms": round(float(np.percentile(ms, 50)), 1),
+            "images_per_request": k, "images_per_s": round(k * len(lat) / wall, 1), "p50_ms": round(float(np.percentile(ms, 50)), 1),
             "p99_ms": round(float(np.percentile(ms, 99)), 1)}
 
 
