@@ -18,7 +18,8 @@ from typing import Optional, Sequence
 from clipheads.training import console
 
 from .runtimes import RUNTIME_KINDS  # a light import: torch/ORT load only when a runtime opens
-from .startup import tasks_store_problem
+from .front.config import ServeConfig
+from .startup import front_workers_problem, tasks_store_problem
 from .tasks import redact
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "shared by every replica")
     p.add_argument("--auth-token", default=None, help="require 'Authorization: Bearer TOKEN' (or CLIPHEADS_AUTH_TOKEN)")
     p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--front-workers", type=int, default=None, metavar="N",
+                   help="HTTP front processes on the port, one encoder behind them (default 1; more for many cores "
+                        "feeding a GPU; needs --tasks-dir or --tasks-store)")
     p.add_argument("--timeout", type=int, default=None,
                    help="seconds a request may take once its body has arrived (default 30, then 504)")
     p.add_argument("--body-timeout", type=float, default=None,
@@ -61,7 +65,15 @@ def check_tasks_store(args: argparse.Namespace) -> Optional[str]:
     """A one-line problem with --tasks-dir/--tasks-store, or None."""
     if args.tasks_dir and args.tasks_store:
         return "give --tasks-dir or --tasks-store, not both"
-    return tasks_store_problem(args.tasks_store or args.tasks_dir or "")
+    store = args.tasks_store or args.tasks_dir or ""
+    if args.front_workers is not None and args.front_workers < 1:
+        return "--front-workers must be at least 1"
+    problem = tasks_store_problem(store)
+    if problem:
+        return problem
+    # what the service will see: the flags, else the environment the server inherits
+    inherited = ServeConfig.from_env()
+    return front_workers_problem(args.front_workers or inherited.front_workers, store or inherited.tasks_store)
 
 
 def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
@@ -78,6 +90,8 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         env["CLIPHEADS_AUTH_TOKEN"] = args.auth_token
     if args.max_concurrency:
         env["CLIPHEADS_MAX_CONCURRENCY"] = str(args.max_concurrency)
+    if args.front_workers:
+        env["CLIPHEADS_FRONT_WORKERS"] = str(args.front_workers)
     if args.timeout:
         env["CLIPHEADS_TIMEOUT_S"] = str(args.timeout)
     if args.body_timeout:

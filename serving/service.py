@@ -178,6 +178,7 @@ class Encoder:
 # ---- the front service ------------------------------------------------------------------------
 @bentoml.service(
     name="clipheads",
+    workers=CONFIG.front_workers,  # front processes on one port, one encoder (front/config.py)
     http={"host": os.environ.get("CLIPHEADS_HOST", "127.0.0.1")},
     # BentoML's own limits are backstops; GuardMiddleware answers first with JSON bodies.
     traffic={"timeout": CONFIG.backstop_timeout_s, "max_concurrency": CONFIG.backstop_concurrency},
@@ -196,7 +197,7 @@ class ClipHeads(Front):
         """Runs once in `bentoml serve`'s own process before any worker starts (never at build):
         no or an unknown source, or a task store that is a file, stops the server (exit 1, one
         line) instead of an encoder that restarts forever or a front that is never ready."""
-        problem = startup_problem(CONFIG.source, CONFIG.tasks_store)
+        problem = startup_problem(CONFIG.source, CONFIG.tasks_store, CONFIG.front_workers)
         if problem:
             raise SystemExit(f"clipheads: {problem}")
 

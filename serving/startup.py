@@ -29,7 +29,15 @@ def tasks_store_problem(location: str) -> Optional[str]:
     return None
 
 
-def startup_problem(source: str, tasks_store: str) -> Optional[str]:
+def front_workers_problem(front_workers: int, tasks_store: str) -> Optional[str]:
+    """Several fronts must share their few-shot tasks: each would hold its own in-memory store."""
+    if front_workers > 1 and not tasks_store:
+        return (f"{front_workers} front workers need a shared few-shot task store (--tasks-dir DIR or --tasks-store "
+                "URL): with the in-memory store a task registered on one front would be unknown to the others")
+    return None
+
+
+def startup_problem(source: str, tasks_store: str, front_workers: int = 1) -> Optional[str]:
     """What stops a server with this configuration from ever serving, or None."""
     from .model_store import ModelStoreError, resolve_source
 
@@ -39,4 +47,4 @@ def startup_problem(source: str, tasks_store: str) -> Optional[str]:
         resolve_source(source)
     except ModelStoreError as err:
         return f"no such bundle or head: {err}"
-    return tasks_store_problem(tasks_store)
+    return tasks_store_problem(tasks_store) or front_workers_problem(front_workers, tasks_store)

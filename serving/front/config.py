@@ -57,6 +57,12 @@ class ServeConfig:
     reload_root: str = ""  # CLIPHEADS_RELOAD_ROOT: reload paths must lie inside (default: the source's folder)
     auth_token: str = field(default="", repr=False)  # CLIPHEADS_AUTH_TOKEN: bearer token; "" = no auth
     fast_classify: bool = True  # CLIPHEADS_FAST_CLASSIFY=0: POST /classify through BentoML's request path (fast.py)
+    # CLIPHEADS_FRONT_WORKERS: front processes sharing the port and the one encoder. Each front is one
+    # Python event loop (HTTP, decode): ~300 one-image requests/s on the tiny CLIP here, so a many-core
+    # box feeding a GPU needs several; on 2 cores one is faster (bench/serving/results/README.md).
+    # Limits above (concurrency, uploads, decode budgets) are per front. More than 1 needs a shared
+    # few-shot task store: an in-memory one would give each front its own tasks.
+    front_workers: int = 1
 
     @property
     def admin_enabled(self) -> bool:
@@ -113,6 +119,7 @@ class ServeConfig:
             reload_root=e("CLIPHEADS_RELOAD_ROOT", ""),
             auth_token=e("CLIPHEADS_AUTH_TOKEN", ""),
             fast_classify=e("CLIPHEADS_FAST_CLASSIFY", "1") not in ("0", "false", "no"),
+            front_workers=max(1, _env_int("CLIPHEADS_FRONT_WORKERS", d.front_workers)),
         )
 
 

@@ -1,0 +1,88 @@
+"""`clipheads serve --front-workers 2`: two real HTTP front processes on one port, one encoder.
+
+Both fronts answer (each one's CPU time grows under concurrent requests on fresh connections), with
+the same answers; a few-shot task registered through one front is used through the other (the shared
+task directory); without a shared task store the flag is refused before anything starts.
+"""
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from test_serving import Server, make_micro_head, png, post
+
+pytestmark = pytest.mark.integration
+httpx = pytest.importorskip("httpx")
+psutil = pytest.importorskip("psutil")
+
+RED, BLUE = png((230, 10, 10)), png((10, 10, 230))
+EXAMPLES = [("images", (f"{i}.png", b, "image/png")) for i, b in enumerate([RED, RED, BLUE, BLUE])]
+
+
+def fronts(server: Server) -> list:
+    """The front worker processes of a `clipheads serve` (BentoML workers that are not the encoder)."""
+    workers = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+               if "_bentoml_impl.worker.service" in " ".join(p.cmdline())]
+    pids = {p.pid for p in workers}
+    return [p for p in workers if "clipheads_encoder" not in " ".join(p.cmdline()) and p.ppid() not in pids]
+
+
+def cpu(p) -> float:
+    t = p.cpu_times()
+    return t.user + t.system
+
+
+def classify(server: Server, blob: bytes, tasks: list[str] | None = None) -> httpx.Response:
+    data = {"tasks": json.dumps(tasks)} if tasks else None
+    with httpx.Client(timeout=30) as fresh:  # a new connection each time: the kernel picks a front
+        return fresh.post(server.url + "/classify", files=[("images", ("x.png", blob, "image/png"))], data=data)
+
+
+@pytest.fixture(scope="module")
+def two_fronts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fronts")
+    server = Server(make_micro_head(d), d / "tasks", d / "server.log", args=("--front-workers", "2"))
+    yield server
+    server.stop()
+
+
+def test_two_fronts_answer_alike_and_share_few_shot_tasks(two_fronts):
+    procs = fronts(two_fronts)
+    assert len(procs) == 2, [p.cmdline() for p in procs]
+    before = [cpu(p) for p in procs]
+    blobs = [RED, BLUE] * 40
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda b: classify(two_fronts, b), blobs))
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200][:3]
+    for blob in (RED, BLUE):  # one image, one answer, whichever front took it
+        seen = {json.dumps(r.json()["predictions"], sort_keys=True) for b, r in zip(blobs, answers) if b is blob}
+        assert len(seen) == 1
+    grew = [cpu(p) - b for p, b in zip(procs, before)]
+    assert min(grew) > 0.05, f"a front took no requests: CPU seconds per front {grew}"
+
+    r = post(two_fronts, "/tasks", files=EXAMPLES,
+             data={"name": "redblue", "labels": '["reddish", "bluish"]',
+                   "example_labels": '["reddish", "reddish", "bluish", "bluish"]'})
+    assert r.status_code == 201, r.text
+    with ThreadPoolExecutor(8) as pool:
+        used = list(pool.map(lambda b: classify(two_fronts, b, ["redblue"]), [RED] * 24))
+    assert all(u.status_code == 200 for u in used), [u.text for u in used if u.status_code != 200][:3]
+    assert {u.json()["predictions"][0]["redblue"][0]["label"] for u in used} == {"reddish"}
+
+
+def test_several_fronts_without_a_shared_task_store_are_refused(tmp_path, capsys):
+    from clipheads.serving.cli import main
+    from clipheads.serving.startup import startup_problem
+
+    head = make_micro_head(tmp_path)
+    assert "shared few-shot task store" in startup_problem(str(head), "", 2)  # what the service checks
+    assert startup_problem(str(head), str(tmp_path / "tasks"), 2) is None
+    assert startup_problem(str(head), "", 1) is None
+    assert main([str(head), "--front-workers", "2", "--dry-run"]) == 2
+    assert "need a shared few-shot task store (--tasks-dir DIR or --tasks-store URL)" in capsys.readouterr().err
+    assert main([str(head), "--front-workers", "0", "--dry-run"]) == 2
+    assert "--front-workers must be at least 1" in capsys.readouterr().err
+    assert main([str(head), "--front-workers", "2", "--tasks-dir", str(tmp_path / "tasks"), "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["env"]["CLIPHEADS_FRONT_WORKERS"] == "2"
