@@ -1,14 +1,16 @@
 """Issue 17.5: a ViT-B/16 head served end to end over HTTP with the PyTorch CUDA runtime.
 
     python bench/gpu/serve_cuda.py [--arch ViT-B-16] [--concurrency 64] [--images-per-request 1 8] \
-        [--duration 20] [--out DIR]
+        [--front-workers 1 4] [--duration 20] [--out DIR]
 
 1. writes a zero-shot head on a random-init `--arch` (speed only; labels mean nothing);
 2. raw: that head's runtime in this process (`open_runtime(head, "auto")`: folded fp16 + CUDA graphs
    on a GPU), pre-decoded pixels, batch 32, no HTTP, measured before and after the served levels;
 3. starts `clipheads serve HEAD` (the real BentoML front + encoder) and drives POST /classify with
    the lean keep-alive load generator of bench/serving/overhead.py (one process, ~0.2 ms of CPU per
-   request) at `--concurrency`, with 1 and 8 JPEGs (320x240) per request;
+   request) at `--concurrency`, with 1 and 8 JPEGs (320x240) per request, once per `--front-workers`
+   count (one front is one Python event loop doing HTTP and decode: on a 16-core GPU machine it, not
+   the GPU, is expected to be the limit for 1-image requests);
 4. writes OUT/serve-cuda.json and OUT/serve-cuda.md: images/s, p50/p99, errors, the encoder's mean
    batch and served/raw, with the machine and versions.
 
@@ -52,6 +54,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="ViT-B-16")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[64])
     ap.add_argument("--images-per-request", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--front-workers", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--out", default=str(REPO / "bench" / "gpu"))
     args = ap.parse_args(argv)
@@ -78,34 +81,40 @@ def main(argv=None) -> int:
               f"(CUDA {v['cuda']}), bentoml {v['bentoml']}. Random-init weights (speed only).",
               f"Request: {result['request']}. Raw: {result['raw']}: {result.get('raw_images_per_s')} images/s "
               "(before, after).", "",
-              "| concurrency | images/request | images/s | served/raw | p50 ms | p99 ms | mean encoder batch | errors |",
-              "|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "| front workers | concurrency | images/request | images/s | served/raw | p50 ms | p99 ms "
+              "| mean encoder batch | errors |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in result["rows"]:
-            md.append(f"| {r['concurrency']} | {r['images_per_request']} | {r['images_per_s']} | "
+            md.append(f"| {r['front_workers']} | {r['concurrency']} | {r['images_per_request']} | {r['images_per_s']} | "
                       f"{r['served_over_raw']:.0%} | {r['p50_ms']} | {r['p99_ms']} | {r['mean_encoder_batch']} | "
                       f"{r['errors'] or '-'} |")
         (out / "serve-cuda.md").write_text("\n".join(md) + "\n")
 
-    proc, port = start_server(str(head), None, work, {})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for k in args.images_per_request:
-            for c in args.concurrency:
-                asyncio.run(drive(port, blobs, c, 3.0, k))  # warm: every batch size the load reaches
-                b0 = batch_stats(url)
-                r = asyncio.run(drive(port, blobs, c, args.duration, k))
-                b1 = batch_stats(url)
-                r["mean_encoder_batch"] = round((b1[0] - b0[0]) / max(1.0, b1[1] - b0[1]), 1)
-                r["served_over_raw"] = round(r["images_per_s"] / raw_ips[0], 3)
-                print(json.dumps(r), file=sys.stderr, flush=True)
-                result["rows"].append(r)
-                write()
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+    for fronts in args.front_workers:
+        env = {"CLIPHEADS_FRONT_WORKERS": str(fronts)}
+        if fronts > 1:  # several fronts need a shared task store
+            env["CLIPHEADS_TASKS_STORE"] = str(work / f"tasks-{fronts}")
+        proc, port = start_server(str(head), None, work, env)
+        url = f"http://127.0.0.1:{port}"
         try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            for k in args.images_per_request:
+                for c in args.concurrency:
+                    asyncio.run(drive(port, blobs, c, 3.0, k))  # warm: every batch size the load reaches
+                    b0 = batch_stats(url)
+                    r = asyncio.run(drive(port, blobs, c, args.duration, k))
+                    b1 = batch_stats(url)
+                    r["front_workers"] = fronts
+                    r["mean_encoder_batch"] = round((b1[0] - b0[0]) / max(1.0, b1[1] - b0[1]), 1)
+                    r["served_over_raw"] = round(r["images_per_s"] / raw_ips[0], 3)
+                    print(json.dumps(r), file=sys.stderr, flush=True)
+                    result["rows"].append(r)
+                    write()
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
     raw_ips.append(raw.model_ips(5.0))
     result["raw_images_per_s"] = [round(x, 1) for x in raw_ips]
     for r in result["rows"]:  # against the mean of the raw runs around the served levels

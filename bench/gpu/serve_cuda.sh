@@ -10,5 +10,5 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 for sub in serving export training; do [ -e "clipheads/$sub" ] || ln -s "../$sub" "clipheads/$sub"; done
 export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1 BENTOML_DO_NOT_TRACK=true HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-timeout "${SERVE_CUDA_TIMEOUT_S:-420}" python3 bench/gpu/serve_cuda.py --arch "${ARCH:-ViT-B-16}" --out "$out" 2>&1 \
+timeout "${SERVE_CUDA_TIMEOUT_S:-480}" python3 bench/gpu/serve_cuda.py --arch "${ARCH:-ViT-B-16}" --duration 15 --out "$out" 2>&1 \
     | tee "$out/serve-cuda.log"
