@@ -1,7 +1,7 @@
 """Issue 17.5: a ViT-B/16 head served end to end over HTTP with the PyTorch CUDA runtime.
 
     python bench/gpu/serve_cuda.py [--arch ViT-B-16] [--concurrency 64] [--images-per-request 1 8] \
-        [--front-workers 1 4] [--duration 20] [--out DIR]
+        [--front-workers 1 8] [--duration 20] [--out DIR]
 
 1. writes a zero-shot head on a random-init `--arch` (speed only; labels mean nothing);
 2. raw: that head's runtime in this process (`open_runtime(head, "auto")`: folded fp16 + CUDA graphs
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="ViT-B-16")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[64])
     ap.add_argument("--images-per-request", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--front-workers", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--front-workers", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--out", default=str(REPO / "bench" / "gpu"))
     args = ap.parse_args(argv)
