@@ -235,6 +235,7 @@ def main(argv=None) -> int:
         res["heads"][name] = hr
     res["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "int8_world.json").write_text(json.dumps(res, indent=1))
     write_md(res, out / "int8_world.md")
     return 0
