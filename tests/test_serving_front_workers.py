@@ -2,22 +2,29 @@
 
 Both fronts answer (each one's CPU time grows under concurrent requests on fresh connections), with
 the same answers; a few-shot task registered through one front is used through the other (the shared
-task directory); without a shared task store the flag is refused before anything starts.
+task directory); SIGTERM drains the requests in flight on both fronts (the encoder outlives every
+front that registered with it) and exits 0; without a shared task store the flag is refused before
+anything starts. The encoder is wrapped by tests/fault_runtime.py: a solid image whose red channel
+is 3 makes its pass take BUSY_S.
 """
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from test_serving import Server, make_micro_head, png, post
+from test_serving import REPO, Server, make_micro_head, png, post
 
 pytestmark = pytest.mark.integration
 httpx = pytest.importorskip("httpx")
 psutil = pytest.importorskip("psutil")
 
-RED, BLUE = png((230, 10, 10)), png((10, 10, 230))
+RED, BLUE, BUSY = png((230, 10, 10)), png((10, 10, 230)), png((3, 20, 20))
+BUSY_S, GRACE_S = 1.5, 10
 EXAMPLES = [("images", (f"{i}.png", b, "image/png")) for i, b in enumerate([RED, RED, BLUE, BLUE])]
 
 
@@ -43,7 +50,10 @@ def classify(server: Server, blob: bytes, tasks: list[str] | None = None) -> htt
 @pytest.fixture(scope="module")
 def two_fronts(tmp_path_factory):
     d = tmp_path_factory.mktemp("fronts")
-    server = Server(make_micro_head(d), d / "tasks", d / "server.log", args=("--front-workers", "2"))
+    env = {"CLIPHEADS_RUNTIME_HOOK": "fault_runtime:wrap", "CLIPHEADS_FAULT_BUSY_S": str(BUSY_S),
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    server = Server(make_micro_head(d), d / "tasks", d / "server.log", env_extra=env,
+                    args=("--front-workers", "2", "--grace", str(GRACE_S)))
     yield server
     server.stop()
 
@@ -70,6 +80,26 @@ def test_two_fronts_answer_alike_and_share_few_shot_tasks(two_fronts):
         used = list(pool.map(lambda b: classify(two_fronts, b, ["redblue"]), [RED] * 24))
     assert all(u.status_code == 200 for u in used), [u.text for u in used if u.status_code != 200][:3]
     assert {u.json()["predictions"][0]["redblue"][0]["label"] for u in used} == {"reddish"}
+
+
+def test_sigterm_drains_the_requests_in_flight_on_both_fronts(two_fronts):
+    """Last in this module: it stops the server."""
+    procs = fronts(two_fronts)
+
+    def clients(p) -> int:  # connections from our clients this front holds (one per request in flight)
+        return sum(1 for c in p.net_connections("tcp") if c.laddr and c.laddr.port == two_fronts.port and c.raddr)
+
+    with ThreadPoolExecutor(16) as pool:
+        pending = [pool.submit(classify, two_fronts, BUSY) for _ in range(16)]
+        time.sleep(0.6 * BUSY_S)  # every request admitted and waiting on a pass
+        held = [clients(p) for p in procs]
+        two_fronts.proc.send_signal(signal.SIGTERM)
+        t = time.perf_counter()
+        codes = [f.result().status_code for f in pending]
+    assert min(held) > 0 and sum(held) == 16, f"requests in flight per front: {held}"
+    assert codes == [200] * 16, codes
+    assert two_fronts.proc.wait(GRACE_S + 10) == 0
+    assert time.perf_counter() - t < GRACE_S + 5
 
 
 def test_several_fronts_without_a_shared_task_store_are_refused(tmp_path, capsys):
