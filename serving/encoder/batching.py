@@ -3,7 +3,10 @@
 Instead of BentoML's adaptive batching, whose latency model sheds queued requests with 503s when
 one pass takes seconds on a CPU: requests queue here; one runner thread takes everything queued (up
 to `max_batch` images) as soon as the previous pass ends, so the batch grows with the load and an
-idle server adds no wait. One runtime pass per distinct path; if it raises, each image is retried
+idle server adds no wait. Under concurrency (the previous pass held more than one image) a pass may
+wait `wait_ms` for more images first: fewer, larger passes cost less CPU per image (the tiny CLIP
+at c=32 on 2 cores: mean batch 4.3 -> 8.6, server CPU 4.5 -> 4.1 ms per request), while a lone
+client's request (every pass one image) never waits. One runtime pass per distinct path; if it raises, each image is retried
 alone, so a failure fails only the request(s) that cause it. Work whose front request already timed
 out (its `deadline` passed) is skipped.
 """
@@ -33,6 +36,8 @@ class ContinuousBatcher:
         self.slot = slot
         self.max_batch = max(1, max_batch)
         self.wait_ms = wait_ms
+        self.last_batch = 0  # images in the previous pass: > 1 means requests arrive concurrently
+        self.waits = 0  # passes that waited wait_ms for more images
         self._queue: collections.deque = collections.deque()
         self._wake = asyncio.Event()
         self._runner: Optional[asyncio.Future] = None
@@ -62,7 +67,8 @@ class ContinuousBatcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if self.wait_ms > 0 and sum(len(q[0]) for q in self._queue) < cap:
+            if self.wait_ms > 0 and self.last_batch > 1 and sum(len(q[0]) for q in self._queue) < cap:
+                self.waits += 1
                 await asyncio.sleep(self.wait_ms / 1000)
             take, n, now = [], 0, time.time()
             while self._queue and (n == 0 or n + len(self._queue[0][0]) <= cap):
@@ -78,6 +84,7 @@ class ContinuousBatcher:
             if not take:
                 continue
             flat = [j for jobs, _ in take for j in jobs]
+            self.last_batch = len(flat)
             ENCODER_BATCH.observe(len(flat))
             head = self.slot.current  # one version for the whole pass (a swap lands between passes)
             try:

@@ -1,0 +1,79 @@
+"""encoder/batching.py: the continuous batcher's wait for fuller passes under concurrency.
+
+The batcher is the real one; its runtime is a stand-in whose pass takes a fixed time and answers
+each image with its own marker, so every request can be checked to get its own rows back.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+
+from clipheads.serving.encoder.batching import ContinuousBatcher
+
+
+class MarkerRuntime:
+    """run_path -> logits [marker, pass size]: the image's first pixel and the size of its pass."""
+
+    def __init__(self, pass_s: float):
+        self.pass_s = pass_s
+        self.sizes: list[int] = []
+
+    def run_path(self, path: int, pixels: np.ndarray):
+        time.sleep(self.pass_s)
+        self.sizes.append(len(pixels))
+        n = len(pixels)
+        logits = np.stack([pixels[:, 0, 0, 0].astype(np.float32), np.full(n, n, np.float32)], axis=1)
+        return logits, np.zeros((n, 4), np.float32)
+
+
+class Slot:
+    def __init__(self, runtime):
+        self.current = type("Head", (), {"runtime": runtime, "version": "v1"})()
+
+
+def job(marker: int) -> dict:
+    return {"paths": [0], "pixels": np.full((3, 4, 4), marker, np.uint8)}
+
+
+async def _arrivals(batcher: ContinuousBatcher, n: int, gap_s: float) -> list:
+    async def one(k: int):
+        await asyncio.sleep(k * gap_s)
+        return k, await batcher.submit([job(k)])
+
+    try:
+        return await asyncio.gather(*(one(k) for k in range(n)))
+    finally:
+        batcher.close()
+
+
+def test_a_lone_client_never_waits():
+    rt = MarkerRuntime(0.002)
+    batcher = ContinuousBatcher(Slot(rt), max_batch=64, wait_ms=200)
+
+    async def sequential():
+        try:
+            return [await batcher.submit([job(k)]) for k in range(10)]
+        finally:
+            batcher.close()
+
+    t0 = time.perf_counter()
+    out = asyncio.run(sequential())
+    assert batcher.waits == 0 and rt.sizes == [1] * 10
+    assert [int(r[0]["logits"][0][0]) for r in out] == list(range(10))
+    assert time.perf_counter() - t0 < 10 * 0.2  # not one 200 ms wait per request
+
+
+def test_concurrent_arrivals_wait_for_fuller_passes_and_keep_their_rows():
+    sizes = {}
+    for wait_ms in (0, 20):
+        rt = MarkerRuntime(0.005)
+        batcher = ContinuousBatcher(Slot(rt), max_batch=64, wait_ms=wait_ms)
+        out = asyncio.run(_arrivals(batcher, 80, 0.002))
+        for k, res in out:  # each request gets the row computed from its own image
+            assert int(res[0]["logits"][0][0]) == k and res[0]["version"] == "v1"
+        assert sum(rt.sizes) == 80
+        sizes[wait_ms] = float(np.mean(rt.sizes))
+        assert (batcher.waits > 0) == (wait_ms > 0)
+    assert sizes[20] > 1.5 * sizes[0], sizes
