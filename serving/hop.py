@@ -43,7 +43,7 @@ _DIR_PREFIX = "clipheads-hop-"
 # under load, profile tiny-c8); above it, the copy would cost more than the extra syscalls.
 _JOIN_BYTES = 256 * 1024
 
-Submit = Callable[[list, float], Awaitable[list]]  # ContinuousBatcher.submit(jobs, deadline)
+Submit = Callable[[list, float, int], Awaitable[list]]  # ContinuousBatcher.submit(jobs, deadline, coming)
 
 
 class EncoderUnavailable(ConnectionError):
@@ -141,7 +141,7 @@ def sweep_stale_dirs(root: Optional[str] = None) -> None:
 
 
 class HopServer:
-    """The encoder's listener: each `encode` frame becomes one `submit(jobs, deadline)`."""
+    """The encoder's listener: each `encode` frame becomes one `submit(jobs, deadline, coming)`."""
 
     def __init__(self, submit: Submit, max_images: int = 256):
         self.submit = submit
@@ -188,7 +188,8 @@ class HopServer:
                 raise ValueError(f"pixels of {len(data)} bytes do not match shape {shape}")
             pixels = np.frombuffer(data, np.uint8).reshape(shape)
             jobs = [{"paths": paths, "pixels": pixels[i]} for i in range(shape[0])]
-            out, arrays = pack_results(rid, await self.submit(jobs, float(head.get("deadline") or 0.0)), paths)
+            coming = max(0, int(head.get("coming") or 0))  # the front's requests on their way here
+            out, arrays = pack_results(rid, await self.submit(jobs, float(head.get("deadline") or 0.0), coming), paths)
         except (KeyError, TypeError, ValueError) as err:
             log.warning("hop: bad encode frame: %s", err)
             out, arrays = {"id": rid, "version": "", "errors": ["internal"]}, []
@@ -225,6 +226,11 @@ class HopClient:
         self._reader_task: Optional[asyncio.Task] = None
         self._connecting: Optional[asyncio.Future] = None
 
+    @property
+    def in_flight(self) -> int:
+        """encode calls sent and not yet answered."""
+        return len(self._pending)
+
     def point_to(self, path: str) -> None:
         """The encoder's current hop socket (from its ping); a new path means a new encoder."""
         if path != self.path:
@@ -232,8 +238,10 @@ class HopClient:
             self._drop(EncoderUnavailable("the encoder was restarted"))
 
     async def encode(self, pixels: np.ndarray, paths: list[int], deadline: float,
-                     timeout: Optional[float] = None) -> tuple[str, Optional[list], dict]:
-        """-> (head version, per-image error kinds or None, {path: {"logits", "features"}})."""
+                     timeout: Optional[float] = None, coming: int = 0) -> tuple[str, Optional[list], dict]:
+        """-> (head version, per-image error kinds or None, {path: {"logits", "features"}}).
+        `coming`: the front's other admitted requests that have not reached the encoder yet (the
+        batcher may wait for them, encoder/batching.py)."""
         pixels = np.ascontiguousarray(pixels, np.uint8)
         writer = await self._connection()
         rid = next(self._ids)
@@ -241,7 +249,7 @@ class HopClient:
         self._pending[rid] = fut
         try:
             write_frame(writer, {"id": rid, "op": "encode", "paths": [int(p) for p in paths],
-                                 "shape": list(pixels.shape), "deadline": deadline}, [pixels])
+                                 "shape": list(pixels.shape), "deadline": deadline, "coming": int(coming)}, [pixels])
             await writer.drain()
             head, data = await (asyncio.wait_for(fut, timeout) if timeout else fut)
         except EncoderUnavailable:

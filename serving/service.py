@@ -190,6 +190,7 @@ class ClipHeads(Front):
         super().__init__(CONFIG)
         # the encoder client, through a link to its socket that outlives BentoML's shutdown (drain.py)
         self.enc, self._enc_link = pin_dependency(self, "encoder", Encoder)
+        self.admitted = lambda: LANE.guard.in_flight if LANE.guard is not None else 0
         LANE.bind(self)
 
     @bentoml.on_deployment

@@ -1,4 +1,4 @@
-"""encoder/batching.py: the continuous batcher's wait for fuller passes under concurrency.
+"""encoder/batching.py: the continuous batcher waits for the requests the front says are coming.
 
 The batcher is the real one; its runtime is a stand-in whose pass takes a fixed time and answers
 each image with its own marker, so every request can be checked to get its own rows back.
@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from clipheads.serving.encoder.batching import ContinuousBatcher
+from clipheads.serving.encoder.batching import MIN_COMING, ContinuousBatcher
 
 
 class MarkerRuntime:
@@ -38,9 +38,10 @@ def job(marker: int) -> dict:
 
 
 async def _arrivals(batcher: ContinuousBatcher, n: int, gap_s: float) -> list:
+    """n requests gap_s apart, each saying how many are still to come (what a busy front sends)."""
     async def one(k: int):
         await asyncio.sleep(k * gap_s)
-        return k, await batcher.submit([job(k)])
+        return k, await batcher.submit([job(k)], 0.0, n - 1 - k)
 
     try:
         return await asyncio.gather(*(one(k) for k in range(n)))
@@ -48,13 +49,13 @@ async def _arrivals(batcher: ContinuousBatcher, n: int, gap_s: float) -> list:
         batcher.close()
 
 
-def test_a_lone_client_never_waits():
+def test_a_lone_client_or_a_few_never_wait():
     rt = MarkerRuntime(0.002)
     batcher = ContinuousBatcher(Slot(rt), max_batch=64, wait_ms=200)
 
     async def sequential():
         try:
-            return [await batcher.submit([job(k)]) for k in range(10)]
+            return [await batcher.submit([job(k)], 0.0, k % MIN_COMING) for k in range(10)]
         finally:
             batcher.close()
 
@@ -65,7 +66,7 @@ def test_a_lone_client_never_waits():
     assert time.perf_counter() - t0 < 10 * 0.2  # not one 200 ms wait per request
 
 
-def test_concurrent_arrivals_wait_for_fuller_passes_and_keep_their_rows():
+def test_coming_requests_fill_passes_and_keep_their_rows():
     sizes = {}
     for wait_ms in (0, 20):
         rt = MarkerRuntime(0.005)
@@ -77,3 +78,42 @@ def test_concurrent_arrivals_wait_for_fuller_passes_and_keep_their_rows():
         sizes[wait_ms] = float(np.mean(rt.sizes))
         assert (batcher.waits > 0) == (wait_ms > 0)
     assert sizes[20] > 1.5 * sizes[0], sizes
+
+
+def test_the_wait_ends_when_the_last_coming_request_is_in():
+    """A says a backlog is coming (wait_ms 2 s); B arrives 50 ms later saying none: one pass of
+    both, long before the wait would have run out."""
+    rt = MarkerRuntime(0.001)
+    batcher = ContinuousBatcher(Slot(rt), max_batch=64, wait_ms=2000)
+
+    async def pair():
+        async def late():
+            await asyncio.sleep(0.05)
+            return await batcher.submit([job(2)], 0.0, 0)
+
+        try:
+            await batcher.submit([job(0)], 0.0, 0)  # a pass of one: the runner is warm
+            return await asyncio.gather(batcher.submit([job(1)], 0.0, MIN_COMING), late())
+        finally:
+            batcher.close()
+
+    t0 = time.perf_counter()
+    a, b = asyncio.run(pair())
+    assert time.perf_counter() - t0 < 1.0 and rt.sizes == [1, 2] and batcher.waits == 1
+    assert (int(a[0]["logits"][0][0]), int(b[0]["logits"][0][0])) == (1, 2)
+
+
+def test_a_promise_nobody_keeps_costs_wait_ms_once():
+    rt = MarkerRuntime(0.0)
+    batcher = ContinuousBatcher(Slot(rt), max_batch=64, wait_ms=300)
+
+    async def broken_promise():
+        try:
+            await batcher.submit([job(0)], 0.0, 0)
+            return await batcher.submit([job(1)], 0.0, MIN_COMING)  # says a backlog is coming; none does
+        finally:
+            batcher.close()
+
+    t0 = time.perf_counter()
+    asyncio.run(broken_promise())
+    assert 0.25 < time.perf_counter() - t0 < 2.0 and rt.sizes == [1, 1] and batcher.waits == 1

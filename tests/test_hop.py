@@ -14,8 +14,13 @@ import pytest
 from clipheads.serving import hop
 
 
-def fake_batcher(jobs, deadline):
+COMING: list[int] = []  # what each submit was told is on its way
+
+
+def fake_batcher(jobs, deadline, coming=0):
     """What ContinuousBatcher.submit answers: per image logits/features per path, one version."""
+    COMING.append(coming)
+
     async def run():
         out = []
         for j in jobs:
@@ -42,6 +47,9 @@ def test_round_trip_errors_and_lost_encoder():
             for p in (0, 2):
                 np.testing.assert_array_equal(out[p]["logits"], px.astype(np.float32).mean(axis=(2, 3)) + p)
                 np.testing.assert_array_equal(out[p]["features"], px[:, :, 0, :2].astype(np.float32).reshape(3, -1) * (p + 1))
+        COMING.clear()
+        await client.encode(px, [0], 0.0, coming=3)  # the front's count of requests on their way
+        assert COMING == [3]
         bad = px.copy()
         bad[1, 0, 0, 0] = 7
         assert (await client.encode(bad, [0], 0.0))[1] == [None, "internal", None]
@@ -61,7 +69,7 @@ def test_in_flight_calls_fail_at_once_when_the_connection_ends():
     async def go():
         gate = asyncio.Event()
 
-        async def slow(jobs, deadline):
+        async def slow(jobs, deadline, coming=0):
             await gate.wait()
             return []
 

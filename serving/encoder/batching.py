@@ -3,10 +3,11 @@
 Instead of BentoML's adaptive batching, whose latency model sheds queued requests with 503s when
 one pass takes seconds on a CPU: requests queue here; one runner thread takes everything queued (up
 to `max_batch` images) as soon as the previous pass ends, so the batch grows with the load and an
-idle server adds no wait. Under concurrency (the previous pass held more than one image) a pass may
-wait `wait_ms` for more images first: fewer, larger passes cost less CPU per image (the tiny CLIP
-at c=32 on 2 cores: mean batch 4.3 -> 8.6, server CPU 4.5 -> 4.1 ms per request), while a lone
-client's request (every pass one image) never waits. One runtime pass per distinct path; if it raises, each image is retried
+idle server adds no wait. When the front says a backlog of its requests is on its way (`coming`,
+sent with each request: admitted there, not yet here; at least MIN_COMING), a pass waits up to
+`wait_ms` for them and stops as soon as the latest arrival says fewer are left: fewer, larger passes
+cost less CPU per image when the cores are saturated, while a lone client or a few never wait (their
+pass overlaps the front's decoding of the next request; bench/serving/results/README.md). One runtime pass per distinct path; if it raises, each image is retried
 alone, so a failure fails only the request(s) that cause it. Work whose front request already timed
 out (its `deadline` passed) is skipped.
 """
@@ -27,6 +28,12 @@ from .heads import HeadSlot
 
 log = logging.getLogger("clipheads.serving")
 
+# Wait for coming requests only when at least this many are on their way: a backlog at the front
+# means the cores are saturated and fewer, larger passes save CPU; with one or two coming, the pass
+# is better run at once, overlapping the front's decode of the next request (the tiny CLIP at c=2:
+# waiting for the one coming request cost 28% of its img/s).
+MIN_COMING = 4
+
 
 class ContinuousBatcher:
     """jobs: one per image of ONE request, {"paths": [int], "pixels": (3, S, S) uint8} -> per image
@@ -36,16 +43,18 @@ class ContinuousBatcher:
         self.slot = slot
         self.max_batch = max(1, max_batch)
         self.wait_ms = wait_ms
-        self.last_batch = 0  # images in the previous pass: > 1 means requests arrive concurrently
-        self.waits = 0  # passes that waited wait_ms for more images
+        self.coming = 0  # the latest arrival's count of the front's requests still on their way
+        self.waits = 0  # passes that waited for coming requests
         self._queue: collections.deque = collections.deque()
         self._wake = asyncio.Event()
         self._runner: Optional[asyncio.Future] = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
 
-    async def submit(self, jobs: list[Any], deadline: float = 0.0) -> list[Any]:
-        """`deadline` (epoch seconds, 0 = none): the front has given up after it; the pass skips it."""
+    async def submit(self, jobs: list[Any], deadline: float = 0.0, coming: int = 0) -> list[Any]:
+        """`deadline` (epoch seconds, 0 = none): the front has given up after it; the pass skips it.
+        `coming`: the front's other requests admitted but not yet sent here (0: none, or unknown)."""
         loop = asyncio.get_running_loop()
+        self.coming = max(0, int(coming))
         fut = loop.create_future()
         self._queue.append((jobs, float(deadline or 0.0), fut))
         ENCODER_QUEUE.inc(len(jobs))
@@ -59,6 +68,26 @@ class ContinuousBatcher:
             self._runner.cancel()
         self._pool.shutdown(wait=False)
 
+    def _queued(self) -> int:
+        return sum(len(jobs) for jobs, _, _ in self._queue)
+
+    async def _gather(self, cap: int) -> None:
+        """Wait up to `wait_ms` while the latest arrival says requests are still on their way."""
+        if self.wait_ms <= 0 or self.coming < MIN_COMING or self._queued() >= cap:
+            return
+        self.waits += 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_ms / 1000
+        while self.coming > 0 and self._queued() < cap:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except asyncio.TimeoutError:
+                return
+
     async def _run_batches(self) -> None:
         loop = asyncio.get_running_loop()
         cap = self.max_batch
@@ -67,9 +96,7 @@ class ContinuousBatcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if self.wait_ms > 0 and self.last_batch > 1 and sum(len(q[0]) for q in self._queue) < cap:
-                self.waits += 1
-                await asyncio.sleep(self.wait_ms / 1000)
+            await self._gather(cap)
             take, n, now = [], 0, time.time()
             while self._queue and (n == 0 or n + len(self._queue[0][0]) <= cap):
                 jobs, deadline, fut = self._queue.popleft()
@@ -84,7 +111,6 @@ class ContinuousBatcher:
             if not take:
                 continue
             flat = [j for jobs, _ in take for j in jobs]
-            self.last_batch = len(flat)
             ENCODER_BATCH.observe(len(flat))
             head = self.slot.current  # one version for the whole pass (a swap lands between passes)
             try:

@@ -49,9 +49,10 @@ class ServeConfig:
     max_uploads: int = 1024  # CLIPHEADS_MAX_UPLOADS: requests whose body is still arriving, then 429
     max_upload_bytes: int = 1024 * 1024 * 1024  # CLIPHEADS_MAX_UPLOAD_BYTES: bytes of bodies still arriving, then 503
     max_batch_size: int = 64  # CLIPHEADS_MAX_BATCH_SIZE images per encoder pass
-    # CLIPHEADS_BATCH_WAIT_MS: under concurrency (the previous pass held > 1 image), wait this long for
-    # more images before a pass (encoder/batching.py); a lone client never waits; 0 = never
-    batch_wait_ms: int = 2
+    # CLIPHEADS_BATCH_WAIT_MS: when the front reports a backlog (>= 4 requests on their way), a pass waits
+    # up to this long for them (encoder/batching.py). 0 = never (the default: on 2 cores it helped at
+    # c=32 and was no better or worse at c=2/8, bench/serving/results/README.md)
+    batch_wait_ms: int = 0
     decode_threads: int = 2  # CLIPHEADS_DECODE_THREADS
     inline_decode_pixels: int = DecodeBudget.inline_pixels  # CLIPHEADS_INLINE_DECODE_PIXELS: at most, on the event loop
     grace_s: int = 30  # CLIPHEADS_GRACE_S: after SIGTERM, how long in-flight requests get to finish

@@ -7,10 +7,11 @@ wrapper that turns every exception into our error body, and the label-embedding 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import bentoml
 import numpy as np
@@ -26,6 +27,9 @@ from .decode_budget import DecodeBudget, DecodeLanes
 from .errors import ApiError, EncoderFailure
 
 log = logging.getLogger("clipheads.serving")
+
+# Set by `Front.answer` for one request: whether its encode call has come back (see `Front.coming`).
+_PAST_ENCODER: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("clipheads_past_encoder", default=None)
 
 
 class Front:
@@ -49,6 +53,8 @@ class Front:
         self.encoder_pid: Optional[int] = None
         self.head_version: str = ""  # the version of the last result from the encoder
         self.hop = HopClient()  # the encode calls' path to the encoder (hop.py), once the encoder names it
+        self.admitted: Callable[[], int] = lambda: 0  # requests the guard admitted, until answered (service.py)
+        self._past_encoder = 0  # admitted requests whose encode call has come back
         self._warm_lock = asyncio.Lock()
         self._warm_task: Optional[asyncio.Future] = None
         if self.cfg.allow_reload and not self.cfg.auth_token:
@@ -138,6 +144,21 @@ class Front:
         if not self.ready:  # never wait for a (re)load inside a request: fast 503, warm behind it
             self._start_warm()
             return self.error(ctx, endpoint, ApiError(503, "not_ready", "the model is not loaded yet; retry shortly"))
+        past = _PAST_ENCODER.set([])
+        try:
+            return await self._answer(ctx, endpoint, fn)
+        finally:
+            if _PAST_ENCODER.get():
+                self._past_encoder -= 1
+            _PAST_ENCODER.reset(past)
+
+    def coming(self) -> int:
+        """The front's other admitted requests that have not reached the encoder yet: what the
+        encoder's batcher may wait for (encoder/batching.py). Requests that never encode (task
+        lists, refused images) count too while in flight: a wait they cause ends at `wait_ms`."""
+        return max(0, self.admitted() - self.hop.in_flight - self._past_encoder - 1)
+
+    async def _answer(self, ctx: bentoml.Context, endpoint: str, fn) -> dict:
         try:
             out = await fn()
         except ApiError as err:
@@ -198,7 +219,12 @@ class Front:
         ({path: {"logits", "features"}}, head version): a request runs in one pass, one version."""
         deadline = time.time() + self.cfg.timeout_s
         if self.hop.path:  # raw frames on the encoder's own socket (hop.py)
-            version, errors, out = await self.hop.encode(pixels, paths, deadline, timeout=self.cfg.encoder_timeout_s)
+            version, errors, out = await self.hop.encode(pixels, paths, deadline, timeout=self.cfg.encoder_timeout_s,
+                                                         coming=self.coming())
+            past = _PAST_ENCODER.get()
+            if past is not None and not past:  # once per request (zero-shot may encode twice)
+                past.append(True)
+                self._past_encoder += 1
         else:  # an in-process encoder (tests): BentoML's call
             version, errors, out = _from_jobs(await self.call_encoder(
                 "encode", [{"paths": paths, "pixels": px} for px in pixels], deadline=deadline), paths, len(pixels))
