@@ -25,8 +25,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench" / "serving"))
 from load_test import Raw, batch_stats, jpeg, make_head  # noqa: E402
-from overhead import drive, start_server  # noqa: E402
+from overhead import drive, start_server, stop_server  # noqa: E402
 
 
 def versions() -> dict:
@@ -110,11 +108,7 @@ def main(argv=None) -> int:
                     result["rows"].append(r)
                     write()
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            stop_server(proc)
     raw_ips.append(raw.model_ips(5.0))
     result["raw_images_per_s"] = [round(x, 1) for x in raw_ips]
     for r in result["rows"]:  # against the mean of the raw runs around the served levels

@@ -193,12 +193,17 @@ def measure_variant(name, source, code_dir, raw: Raw, blobs, levels, duration, w
             out.append(r)
             before = after
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_server(proc)
     return out
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's session (the CLI, bentoml and its workers); SIGKILL after 60 s."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def raw_batch1_cpu(raw: Raw, duration: float) -> float:

@@ -144,6 +144,8 @@ class Front:
         if not self.ready:  # never wait for a (re)load inside a request: fast 503, warm behind it
             self._start_warm()
             return self.error(ctx, endpoint, ApiError(503, "not_ready", "the model is not loaded yet; retry shortly"))
+        if not self.cfg.batch_wait_ms:  # nothing waits on `coming`: no bookkeeping per request
+            return await self._answer(ctx, endpoint, fn)
         past = _PAST_ENCODER.set([])
         try:
             return await self._answer(ctx, endpoint, fn)
@@ -156,6 +158,8 @@ class Front:
         """The front's other admitted requests that have not reached the encoder yet: what the
         encoder's batcher may wait for (encoder/batching.py). Requests that never encode (task
         lists, refused images) count too while in flight: a wait they cause ends at `wait_ms`."""
+        if not self.cfg.batch_wait_ms:
+            return 0
         return max(0, self.admitted() - self.hop.in_flight - self._past_encoder - 1)
 
     async def _answer(self, ctx: bentoml.Context, endpoint: str, fn) -> dict:

@@ -56,7 +56,9 @@ class OnnxRuntime(Runtime):
         self.intra_op_threads = threads or None  # of the image graphs; None: ORT's default (one per core)
         self._sessions: dict[str, "ort.InferenceSession"] = {}
 
-        def session(fname: str, opts: "ort.SessionOptions" = options(threads)):  # default built once
+        opts = options(threads)
+
+        def session(fname: str):
             if fname not in self._sessions:
                 path = root / fname
                 if not path.is_file():
@@ -75,10 +77,9 @@ class OnnxRuntime(Runtime):
             if not threads and self.name == "onnx-cpu" and (os.cpu_count() or 1) > 1 and _small_graph(
                     self._sessions[self._path_keys[0][0]], int(pre["image_size"])):
                 self.intra_op_threads = 1
-                self._sessions.clear()
                 single = options(1)
-                for g in dict.fromkeys(g for g, _ in self._path_keys):
-                    session(g, single)
+                for g in list(self._sessions):  # already checked against the manifest: no second hash
+                    self._sessions[g] = ort.InferenceSession(str(root / g), single, providers=list(providers))
         self._inputs = {f: {i.name for i in s.get_inputs()} for f, s in self._sessions.items()}
         text = m.get("text") or {}
         self._text = session(text["graph"]) if text.get("graph") else None
