@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
                         "fp32 (manifest int8.kept_fp32); dynamic: activations quantized at run time")
     p.add_argument("--calibration-images", type=int, default=128,
                    help="static int8: calibration images (the heads' training data, else the synthetic world)")
+    p.add_argument("--selection-images", type=int, default=128,
+                   help="static int8: more images from the same source, held out of calibration, that the "
+                        "search scores its candidate graphs on (0: score on the calibration images)")
     p.add_argument("--calibration-method", default="minmax", choices=("minmax", "percentile", "entropy"))
     p.add_argument("--int8-keep", type=int, default=None, metavar="K",
                    help="static int8: keep exactly the K most sensitive MatMuls in fp32 (default: as few as "
@@ -120,6 +123,7 @@ def _export(args) -> int:
         target=args.target, precision=args.precision, max_batch=args.max_batch, input_dtype=args.input_dtype,
         opset=args.opset, exporter=args.exporter, fuse=args.fuse, fused_attention=args.fused_attention,
         int8_mode=args.int8_mode, calibration_images=args.calibration_images,
+        selection_images=args.selection_images,
         calibration_method=args.calibration_method, int8_keep=args.int8_keep,
         int8_activations=args.int8_activations,
         text=not args.no_text, probes=args.probes, image_source=args.image_source, gate=args.gate,

@@ -117,6 +117,16 @@ def gate_and_calibration(heads: Sequence, spec: PreprocessSpec, n_gate: int, n_c
     return gate, calib
 
 
+def split_selection(calib: ImageSet, n_select: int) -> tuple[ImageSet, Optional[ImageSet]]:
+    """Calibration images -> (the ones that fit the int8 ranges, the held-out ones its search scores
+    on), disjoint; no selection set when fewer than 8 images would be left on either side."""
+    k = len(calib.pixels) - n_select
+    if n_select <= 0 or k < 8 or n_select < 8:
+        return calib, None
+    return (ImageSet(calib.pixels[:k], calib.source, {**calib.detail, "role": "calibration"}),
+            ImageSet(calib.pixels[k:], calib.source, {**calib.detail, "role": "int8 selection"}))
+
+
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson score interval of a proportion k/n (sound near 0 and 1, unlike the normal one)."""
     if n == 0:

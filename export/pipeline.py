@@ -20,7 +20,7 @@ from . import bundle as bundle_io
 from .attention import fused_attention
 from .fold import FoldPlan, fold_heads
 from .onnx_export import DEFAULT_OPSET, export_image_graph, export_text_graph
-from .gate_images import ImageSet, gate_and_calibration
+from .gate_images import ImageSet, gate_and_calibration, split_selection
 from .parity import GATE_MODES, agreement, check_parity, gate_mode_for
 from .quantize import Int8Recipe
 
@@ -56,6 +56,7 @@ class ExportOptions:
     # dynamic = activations quantized on the fly (the recipe before: 98.7% top-1 on the world)
     int8_mode: str = "static"
     calibration_images: int = 128  # drawn like the gate's images, never the same ones
+    selection_images: int = 128  # held out from calibration: what the int8 search scores its graphs on
     calibration_method: str = "minmax"  # minmax | percentile | entropy
     int8_keep: Optional[int] = None  # None: as few fp32 MatMuls as reach the target; k: the k most sensitive
     int8_activations: str = "auto"  # auto | per-tensor | per-row (quantize.Int8Recipe.activations)
@@ -96,6 +97,8 @@ class ExportOptions:
         if self.precision == "int8" and self.int8_mode == "static":
             if self.calibration_images < 4:
                 raise ExportUsageError("static int8 needs at least 4 calibration images")
+            if self.selection_images < 0:
+                raise ExportUsageError("--selection-images must be >= 0")
             try:
                 self.int8_recipe().validate()
             except ValueError as err:
@@ -206,16 +209,19 @@ def export_heads(
     manifest = build_manifest(plan, options, heads_meta)
     t0 = time.perf_counter()
     static_int8 = options.precision == "int8" and options.int8_mode == "static"
-    gate_set, calib_set = gate_and_calibration(heads, plan.preprocess, options.probes,
-                                               options.calibration_images if static_int8 else 0,
+    n_calib = options.calibration_images + options.selection_images if static_int8 else 0
+    gate_set, calib_set = gate_and_calibration(heads, plan.preprocess, options.probes, n_calib,
                                                options.probe_seed, options.image_source)
     if static_int8 and calib_set is None:  # the heads' data was too small to share: calibrate on the world
-        calib_set = gate_and_calibration([], plan.preprocess, 1, options.calibration_images, options.probe_seed + 7,
-                                         "world")[1]
+        calib_set = gate_and_calibration([], plan.preprocess, 1, n_calib, options.probe_seed + 7, "world")[1]
+    select_set = None
+    if calib_set is not None:
+        calib_set, select_set = split_selection(calib_set, options.selection_images)
     mode = gate_mode_for(plan.backbone.record(), options.gate)
     timings["images_s"] = time.perf_counter() - t0
     log(f"gate: {len(gate_set.pixels)} images from the {gate_set.source} ({mode} gate)"
-        + (f"; calibration: {len(calib_set.pixels)} from the {calib_set.source}" if calib_set is not None else ""))
+        + (f"; calibration: {len(calib_set.pixels)} from the {calib_set.source}" if calib_set is not None else "")
+        + (f" (+ {len(select_set.pixels)} held out to score the int8 search)" if select_set is not None else ""))
 
     tmp_ctx = tempfile.TemporaryDirectory(prefix="clipheads-export-") if workdir is None else None
     work = Path(workdir or tmp_ctx.name)
@@ -235,7 +241,8 @@ def export_heads(
         timings["export_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        gated, shipped, extra, fused_ops, int8 = _optimise(plan, plain, text_plain, options, work, log, calib_set, mode)
+        gated, shipped, extra, fused_ops, int8 = _optimise(plan, plain, text_plain, options, work, log, calib_set, mode,
+                                                             select_set)
         if int8:
             manifest["int8"] = int8
         timings["optimise_s"] = time.perf_counter() - t0
@@ -325,9 +332,20 @@ def _selection_score(mode: str, target: float):
     return score
 
 
+def _graph_input(pixels, plan: FoldPlan, options: ExportOptions):
+    """uint8 images as the image graph takes them (normalised floats for a float32-input graph)."""
+    if options.input_dtype != "float32":
+        return pixels
+    import numpy as np
+
+    m = np.asarray(plan.preprocess.mean, np.float32).reshape(1, 3, 1, 1)
+    s = np.asarray(plan.preprocess.std, np.float32).reshape(1, 3, 1, 1)
+    return ((pixels.astype(np.float32) / 255.0 - m) / s).astype(np.float32)
+
+
 def _optimise(plan: FoldPlan, plain: dict, text_plain: Optional[Path], options: ExportOptions, work: Path,
               log: Callable[[str], None], calib: Optional[ImageSet] = None,
-              mode: str = "real") -> tuple[dict, dict, dict, dict, dict]:
+              mode: str = "real", select: Optional[ImageSet] = None) -> tuple[dict, dict, dict, dict, dict]:
     """-> (graphs to gate, graphs to ship, extra files to ship, fused-op report, int8 report); keys
     are bundle names ("image_0.onnx", "text.onnx")."""
     from .optimize import fuse_transformer, to_fp16, tower_geometry
@@ -375,18 +393,15 @@ def _optimise(plan: FoldPlan, plain: dict, text_plain: Optional[Path], options: 
                               "activations": "uint8 per tensor, ranges at run time"}
                 continue
             g = next(g for g in plan.graphs if g.name == name)
-            px = calib.pixels
-            if options.input_dtype == "float32":
-                import numpy as np
-
-                m = np.asarray(plan.preprocess.mean, np.float32).reshape(1, 3, 1, 1)
-                s = np.asarray(plan.preprocess.std, np.float32).reshape(1, 3, 1, 1)
-                px = ((px.astype(np.float32) / 255.0 - m) / s).astype(np.float32)
-            feeds = image_feeds(px, sorted({t.task_index for t in g.tasks}), recipe.batch)
+            tasks = sorted({t.task_index for t in g.tasks})
+            feeds = image_feeds(_graph_input(calib.pixels, plan, options), tasks, recipe.batch)
+            select_feeds = image_feeds(_graph_input(select.pixels, plan, options), tasks, recipe.batch) if select else None
             (work / f"q_{name}").mkdir(exist_ok=True)
             rep = quantize_calibrated(src, work / f"int8_{name}", feeds, recipe,
-                                      _selection_score(mode, recipe.target_agreement), log, work / f"q_{name}")
+                                      _selection_score(mode, recipe.target_agreement), log, work / f"q_{name}",
+                                      select_feeds)
             rep["calibration"] = calib.describe()
+            rep["selection"] = select.describe() if select else "the calibration images (too few to hold any out)"
             int8[name] = rep
             current[name] = work / f"int8_{name}"
         log(f"quantized to int8 ({options.int8_mode})")

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -40,6 +40,7 @@ import numpy as np
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 ACTIVATION_RANGES = ("auto", "per-tensor", "per-row")
 WEIGHT_ROUNDINGS = ("gptq", "nearest")
+RANKINGS = ("logits", "local")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,10 @@ class Int8Recipe:
     activations: str = "auto"
     # gptq: int8 weights rounded to keep X @ W on the calibration inputs (int8_gptq.py); nearest: round each alone
     weight_rounding: str = "gptq"
+    # logits: the MatMuls ranked by the logit error each causes alone (int8_sensitivity.py, measured
+    # only when the all-int8 graph misses the target); local: by their own output error
+    ranking: str = "logits"
+    sensitivity_images: int = 64  # calibration images of the logit ranking (one pass per candidate)
 
     def validate(self) -> None:
         if self.mode not in ("static", "dynamic"):
@@ -73,6 +78,10 @@ class Int8Recipe:
             raise ValueError("keep must be >= 0")
         if self.weight_rounding not in WEIGHT_ROUNDINGS:
             raise ValueError(f"int8 weight rounding must be one of {WEIGHT_ROUNDINGS}, got {self.weight_rounding!r}")
+        if self.ranking not in RANKINGS:
+            raise ValueError(f"int8 ranking must be one of {RANKINGS}, got {self.ranking!r}")
+        if self.sensitivity_images < 1:
+            raise ValueError("sensitivity_images must be >= 1")
         if self.activations not in ACTIVATION_RANGES:
             raise ValueError(f"int8 activations must be one of {ACTIVATION_RANGES}, got {self.activations!r}")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
@@ -124,8 +133,16 @@ class Candidate:
     local_error: float = 0.0
     local_error_per_row: float = 0.0  # the same with each row's own activation range (int8_per_row.py; Convs: per tensor)
     input_gram: Optional[np.ndarray] = None  # X^T X of the calibration inputs (GPTQ, int8_gptq.py)
+    activation_range: tuple[float, float] = (0.0, 0.0)  # min/max of the input over the calibration images
+    output: str = ""  # the output tensor (a patch Conv's is quantized too: QLinearConv writes uint8)
+    output_range: tuple[float, float] = (0.0, 0.0)  # its min/max, for Convs
+    # RMS logit error with this candidate alone int8, per activation-range mode (int8_sensitivity.py)
+    logit_error: dict = field(default_factory=dict)
 
     def error(self, activations: str) -> float:
+        """What the search ranks by: the logit error when measured, else the local one."""
+        if activations in self.logit_error:
+            return self.logit_error[activations]
         return self.local_error_per_row if activations == "per-row" else self.local_error
 
 
@@ -159,8 +176,16 @@ def candidates(model, patch_embedding: bool = True) -> list[Candidate]:
     for n in model.graph.node:
         const_b = len(n.input) >= 2 and (n.input[1] in inits or n.input[1] in consts)
         if const_b and (n.op_type in ("MatMul", "Gemm") or (patch_embedding and _is_patch_conv(n))):
-            out.append(Candidate(n.name, n.op_type, n.input[0], n.input[1]))
+            out.append(Candidate(n.name, n.op_type, n.input[0], n.input[1], output=n.output[0]))
     return out
+
+
+def not_candidates(model, cands: Sequence[Candidate]) -> list[str]:
+    """The nodes ORT's quantizer would take but that are never int8 here: Convs other than the patch
+    embedding, and MatMuls of two activations (an unfused attention core: q k^T, softmax v; ORT's
+    QDQ quantizer ignores MatMulConstBOnly)."""
+    names = {c.node for c in cands}
+    return [n.name for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm") and n.name not in names]
 
 
 def _as_gemm(c: Candidate, x: np.ndarray, w: np.ndarray, trans_b: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -199,6 +224,28 @@ def _fake_quant_weight(w: np.ndarray, trans_b: bool) -> np.ndarray:
     amax = np.abs(w).max(axis=1 - axis, keepdims=True).clip(1e-12)
     scale = amax / 127.0
     return np.clip(np.round(w / scale), -127, 127) * scale
+
+
+def _int8_weights(model, cands: Sequence[Candidate], rounding: Optional[dict]) -> dict[str, np.ndarray]:
+    """Each candidate's weights as its int8 graph will carry them, dequantized and shaped like its
+    B (int8_sensitivity.py); with GPTQ the integers go into `rounding["cache"]`, which the search's
+    graphs then reuse (`int8_gptq.round_weights`)."""
+    from .int8_gptq import gptq_round
+
+    trans = {n.name: any(a.name == "transB" and a.i for a in n.attribute) for n in model.graph.node}
+    out = {}
+    for c in cands:
+        w = _weights(model, c.weight)
+        if rounding and c.node in rounding["weights"] and c.node in rounding["grams"]:
+            amax = np.abs(w).max(axis=0).astype(np.float32)
+            scale = np.maximum((amax + amax) / np.float32(254.0), np.float32(1e-12))  # ORT's symmetric per-channel
+            q = rounding["cache"].setdefault(c.node, gptq_round(w, rounding["grams"][c.node], scale))
+            out[c.node] = q.astype(np.float32) * scale
+        elif c.kind == "Conv":  # (D, C, p, p): per output channel, the first axis
+            out[c.node] = _fake_quant_weight(w.reshape(len(w), -1).T, False).T.reshape(w.shape)
+        else:
+            out[c.node] = _fake_quant_weight(w, trans.get(c.node, False))
+    return out
 
 
 def _probe_session(model, names: Sequence[str], work: Path):
@@ -250,7 +297,8 @@ def measure_local_errors(model_path: Path, model, cands: list[Candidate], feeds:
     fp32 run that also returns each candidate's input (ranges from all feeds, errors on the first
     ones); with `grams`, each MatMul's `input_gram` (X^T X over all feeds, for GPTQ) in the same run."""
     gram_of = {c.activation for c in cands if c.kind == "MatMul"} if grams else set()
-    lo, hi, _, kept, gram = _probe(model, [c.activation for c in cands], feeds, work, gram_of=gram_of)
+    conv_outputs = [c.output for c in cands if c.kind == "Conv"]
+    lo, hi, _, kept, gram = _probe(model, [c.activation for c in cands] + conv_outputs, feeds, work, gram_of=gram_of)
     first = sum(len(f["pixels"]) for f in feeds[:2])
     trans = {n.name: any(a.name == "transB" and a.i for a in n.attribute) for n in model.graph.node}
     for c in cands:
@@ -264,6 +312,9 @@ def measure_local_errors(model_path: Path, model, cands: list[Candidate], feeds:
         c.rows_per_image = len(x) / first
         c.flops_per_image = 2.0 * c.rows_per_image * wm.shape[0] * wm.shape[1]
         c.input_gram = gram.get(c.activation)  # shared by the readers of one input (q, k, v)
+        c.activation_range = (lo[c.activation], hi[c.activation])
+        if c.kind == "Conv":
+            c.output_range = (lo[c.output], hi[c.output])
 
 
 def smoothed(model, cands: list[Candidate], feeds: Sequence[dict], cfg, work: Path, skip: set[str]):
@@ -361,8 +412,11 @@ def top1_score(target: float) -> Score:
 
 def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[dict], recipe: Int8Recipe = Int8Recipe(),
                         score: Optional[Score] = None, log: Callable[[str], None] = lambda m: None,
-                        workdir: Optional[Path] = None) -> dict:
-    """Static int8 of `src` (an image graph with a `logits` output) -> `dst`; returns the report."""
+                        workdir: Optional[Path] = None, select_feeds: Optional[Sequence[dict]] = None) -> dict:
+    """Static int8 of `src` (an image graph with a `logits` output) -> `dst`; returns the report.
+    `calib_feeds` fit the ranges and GPTQ; the search scores its graphs on `select_feeds`, images
+    the ranges were not fit on (a range fit on the scored images never clips them, so it scores
+    better than it serves); None: on the calibration images."""
     import onnx
 
     recipe.validate()
@@ -388,14 +442,15 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
         total = sum(c.flops_per_image for c in cands) or 1.0
         pooled = [c for c in cands if c.rows_per_image <= 1.0 + 1e-9] if recipe.keep_pooled else []
         rest = [c for c in cands if c not in pooled]
-        ranking = {act: sorted(rest, key=lambda c: -c.error(act)) for act in ("per-tensor", "per-row")}
         fp32 = _session(pre)
-        ref = np.concatenate([fp32.run(["logits"], f)[0] for f in calib_feeds])
+        held_out = bool(select_feeds)
+        select_feeds = list(select_feeds) if held_out else list(calib_feeds)
+        ref = np.concatenate([fp32.run(["logits"], f)[0] for f in select_feeds])
         cache = work / "calibration.json"
         # with a patch Conv among the candidates ORT quantizes Convs: every other Conv is excluded
         patch = {c.node for c in cands if c.kind == "Conv"}
         op_types = ("MatMul", "Gemm", "Conv") if patch else ("MatMul", "Gemm")
-        other_convs = [n.name for n in model.graph.node if n.op_type == "Conv" and n.name not in patch]
+        never_int8 = not_candidates(model, cands)
         reader = FeedReader(calib_feeds)
         rounding = None  # GPTQ's inputs, once: every graph of the search reuses them (and its results)
         if gptq:
@@ -412,35 +467,68 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
             return sorted({0, most} | {2 ** i for i in range(most.bit_length()) if 2 ** i <= most})
 
         ranges = ["per-tensor", "per-row"] if recipe.activations == "auto" else [recipe.activations]
+        rows = np.cumsum([len(f["pixels"]) for f in calib_feeds])  # the logit ranking's images: the first feeds
+        n_sens = int(min(np.searchsorted(rows, recipe.sensitivity_images) + 1, len(calib_feeds)))
+        sens_feeds = calib_feeds[:n_sens]
+        sens_ref = np.concatenate([fp32.run(["logits"], f)[0] for f in sens_feeds])
+        ranked_by: dict[str, str] = {}  # activation-range mode -> what its ranking measured
+
+        def ranked_for(act: str) -> list[Candidate]:
+            """The candidates, most sensitive first: by their logit error (measured once per mode)."""
+            from .int8_sensitivity import logit_sensitivity
+
+            if recipe.ranking == "logits" and act not in ranked_by and rest:
+                wq = _int8_weights(model, rest, rounding)
+                errs = logit_sensitivity(model, rest, sens_feeds, sens_ref, act,
+                                         {c.activation: c.activation_range for c in rest}, wq, work)
+                for c, e in zip(rest, errs):
+                    c.logit_error[act] = e
+                log(f"int8 ranking ({act} activations): logit error of each of {len(rest)} candidates alone int8, "
+                    f"on {len(sens_ref)} images; worst: "
+                    + ", ".join(f"{c.node} {c.logit_error[act]:.4f}" for c in sorted(rest, key=lambda c: -c.error(act))[:3]))
+            ranked_by.setdefault(act, "logit error alone int8" if recipe.ranking == "logits" and rest else "local error")
+            return sorted(rest, key=lambda c: -c.error(act))
+
         tried, chosen, built = [], None, {}
+
+        def attempt(act: str, ranked: list[Candidate], k: int) -> bool:
+            """Build (once per keep set), score and record the graph with the k most sensitive kept fp32."""
+            nonlocal chosen
+            keep = pooled + ranked[:k]
+            key = frozenset(c.node for c in keep)
+            static = built.get(key)
+            if static is None:  # one static graph per keep set, shared by both activation ranges
+                reader.rewind()
+                static = built[key] = _static(pre, work / f"int8_keep{len(built)}.onnx", reader,
+                                              [c.node for c in keep] + never_int8, recipe, cache, op_types)
+                if rounding:
+                    _round_gptq(static, **rounding)
+            out = static if act == "per-tensor" else _shipped(static, static.with_suffix(".per_row.onnx"), act)
+            sess = _session(out)
+            got = np.concatenate([sess.run(["logits"], f)[0] for f in select_feeds])
+            ok, value = score(ref, got)
+            rms = float(np.sqrt(np.mean((got - ref) ** 2)))
+            share = sum(c.flops_per_image for c in keep) / total
+            tried.append({"kept_sensitive": k, "activations": act, "calibration_score": value,
+                          "logit_rms_error": rms, "kept_flops_share": share, "passed": ok})
+            log(f"int8 static ({recipe.calibrate_method}, {act} activations): {k} sensitive MatMul(s) + "
+                f"{len(pooled)} pooled in fp32 ({share:.1%} of the FLOPs): calibration score {value:.4f}, "
+                f"logit RMS error {rms:.4f}")
+            # none passing: the one closest to fp32. Not the best score: on a few hundred images that
+            # counts one or two flips, and it can favour a per-tensor graph whose ranges fit those very
+            # images and clip others (bench/export/int8_world.md)
+            if chosen is None or ok or rms < chosen[4]:
+                chosen = (ranked, keep, out, share, rms, act)
+            return ok
+
         for act in ranges:  # per-row only when no per-tensor graph passed: it costs element-wise passes
             # ranked by the error under this range: per row, the MatMuls lose far less and the patch
-            # Conv (per tensor either way) comes first
-            ranked = ranking[act]
-            for k in keep_counts(ranked):
-                keep = pooled + ranked[:k]
-                key = frozenset(c.node for c in keep)
-                static = built.get(key)
-                if static is None:  # one static graph per keep set, shared by both activation ranges
-                    reader.rewind()
-                    static = built[key] = _static(pre, work / f"int8_keep{len(built)}.onnx", reader,
-                                                  [c.node for c in keep] + other_convs, recipe, cache, op_types)
-                    if rounding:
-                        _round_gptq(static, **rounding)
-                out = static if act == "per-tensor" else _shipped(static, static.with_suffix(".per_row.onnx"), act)
-                sess = _session(out)
-                got = np.concatenate([sess.run(["logits"], f)[0] for f in calib_feeds])
-                ok, value = score(ref, got)
-                share = sum(c.flops_per_image for c in keep) / total
-                tried.append({"kept_sensitive": k, "activations": act, "calibration_score": value,
-                              "kept_flops_share": share, "passed": ok})
-                log(f"int8 static ({recipe.calibrate_method}, {act} activations): {k} sensitive MatMul(s) + "
-                    f"{len(pooled)} pooled in fp32 ({share:.1%} of the FLOPs): calibration score {value:.4f}")
-                if chosen is None or ok or value > chosen[4]:  # none passing: the best one tried
-                    chosen = (ranked, keep, out, share, value, act)
-                if ok:
-                    break
-            if tried[-1]["passed"]:
+            # Conv (per tensor either way) comes first. Keeping none needs no ranking: it goes first,
+            # and the logit ranking is measured only if it fails
+            if recipe.keep is None and attempt(act, rest, 0):
+                break
+            ranked = ranked_for(act)
+            if any(attempt(act, ranked, k) for k in keep_counts(ranked) if k or recipe.keep is not None):
                 break
         ranked, keep, out, share, _, act = chosen
         if act == "per-tensor":
@@ -455,14 +543,19 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
             "activations": (f"uint8 per tensor, {recipe.calibrate_method} calibration" if act == "per-tensor" else
                             "uint8 per row (token), range at run time (int8_per_row.py)"),
             "activation_ranges": act,
+            "ranking": ranked_by.get(act, "none needed (nothing kept fp32 but the pooled MatMuls)"),
             "recipe": asdict(recipe), "calibration_feeds": len(calib_feeds), "calibration_rows": n_images,
+            "selection_rows": sum(len(f["pixels"]) for f in select_feeds) if held_out else 0,  # 0: the calibration images
             "quantized_nodes": len(cands) - len(keep), "candidate_nodes": len(cands),
             "kept_fp32": [{"node": c.node, "reason": "pooled: one row per image" if c in pooled else "sensitive",
-                           "local_error": round(c.error(act), 6),
+                           "local_error": round(c.local_error_per_row if act == "per-row" else c.local_error, 6),
+                           **({"logit_error": round(c.logit_error[act], 6)} if act in c.logit_error else {}),
                            "flops_share": round(c.flops_per_image / total, 6)} for c in keep],
             "kept_flops_share": round(share, 6),
             "search": tried,
-            "most_sensitive": [{"node": c.node, "local_error": round(c.error(act), 6)} for c in ranked[:8]],
+            "most_sensitive": [{"node": c.node, "local_error": round(c.local_error_per_row if act == "per-row" else c.local_error, 6),
+                                **({"logit_error": round(c.logit_error[act], 6)} if act in c.logit_error else {})}
+                               for c in sorted(rest, key=lambda c: -c.error(act))[:8]],
             **({"smooth": {"alpha": recipe.smooth_alpha, "activations": smooth_report}} if smooth_report else {}),
         }
     finally:

@@ -60,6 +60,11 @@ RECIPES = {
     "static-pooled-fp32": dict(keep=0, activations="per-tensor"),
     "static-auto": dict(),  # what ships: per-row activations only where per-tensor cannot reach the target
     "static-auto-per-tensor": dict(activations="per-tensor"),  # what shipped before int8_per_row.py
+    # the search ranking by each MatMul's own output error (what shipped before int8_sensitivity.py)
+    "static-auto-local": dict(ranking="local"),
+    # the search scoring its graphs on the calibration images themselves (before the held-out set)
+    "static-auto-scored-on-calibration": dict(selection_images=0),
+    "static-auto-local-scored-on-calibration": dict(ranking="local", selection_images=0),  # shipped on 2026-12-03
     "static-per-row": dict(keep=0, activations="per-row"),  # the pooled MatMuls fp32, the rest int8 per row
     "static-auto-per-row": dict(activations="per-row"),
     "static-per-row-conv-fp32": dict(keep=0, activations="per-row", patch_embedding=False),
@@ -140,13 +145,15 @@ def main(argv=None) -> int:
     ap.add_argument("--world", default=None)
     ap.add_argument("--recipes", nargs="+", default=list(DEFAULT_RECIPES), choices=list(RECIPES))
     ap.add_argument("--no-shipped", action="store_true", help="skip the export_heads(precision=int8) run")
+    ap.add_argument("--calibration-seed", type=int, default=0,
+                    help="which of the head's images calibrate (gate_and_calibration's seed; the export's is 0)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent))
     args = ap.parse_args(argv)
     if args.merge:
         return merge(args.merge, Path(args.out))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from bench_cpu import machine
-    from clipheads.export.gate_images import gate_and_calibration, wilson_interval
+    from clipheads.export.gate_images import gate_and_calibration, split_selection, wilson_interval
     from clipheads.export.pipeline import ExportOptions, export_heads
     from clipheads.export.quantize import Int8Recipe, image_feeds, quantize_calibrated, quantize_dynamic_int8, top1_score
     from clipheads.training.fit import open_head
@@ -155,7 +162,8 @@ def main(argv=None) -> int:
         print(f"[int8-world] {msg}", file=sys.stderr, flush=True)
 
     res: dict = {"machine": machine(), "world": str(Path(args.world).resolve()), "started_unix": int(time.time()),
-                 "loadavg_start": [round(x, 2) for x in os.getloadavg()], "heads": {}}
+                 "loadavg_start": [round(x, 2) for x in os.getloadavg()], "heads": {},
+                 "calibration_seed": args.calibration_seed}
     pixels = None
     for head_path in args.heads:
         head = open_head(head_path, device="cpu").eval()
@@ -181,9 +189,11 @@ def main(argv=None) -> int:
             margin = srt[:, -1] - srt[:, -2]  # how many answers any perturbation of that size can flip
             hr["fp32_margin_below"] = {str(t): int((margin < t).sum()) for t in (0.01, 0.02, 0.05, 0.1)}
             hr["fp32_gate"] = {k: fp32.parity[k] for k in ("passed", "mode", "probe", "worst")}
-            _, calib = gate_and_calibration([head], head.backbone.preprocess, 256, 128, 0)
-            hr["calibration"] = calib.describe()
+            _, calib = gate_and_calibration([head], head.backbone.preprocess, 256, 128 + 128, args.calibration_seed)
+            calib, select = split_selection(calib, 128)  # as the export draws them (pipeline.py)
+            hr["calibration"], hr["selection"] = calib.describe(), select.describe() if select else None
             feeds = image_feeds(calib.pixels, [ti])
+            select_feeds = image_feeds(select.pixels, [ti]) if select else None
             log(f"{name}: fp32 bundle in {time.perf_counter() - t0:.0f} s; fp32 top-1 vs labels "
                 f"{hr['fp32_top1_vs_labels']:.2%}; calibration {calib.describe()}")
             for recipe in args.recipes:
@@ -198,13 +208,15 @@ def main(argv=None) -> int:
                 else:
                     kw = dict(RECIPES[recipe])
                     n_cal = kw.pop("calibration_images", None)
+                    sfeeds = select_feeds if kw.pop("selection_images", 128) else None
                     rfeeds = feeds
                     if n_cal:  # a larger calibration set from the same source (fewer if the data is smaller)
-                        _, big = gate_and_calibration([head], head.backbone.preprocess, 256, n_cal, 0)
+                        _, big = gate_and_calibration([head], head.backbone.preprocess, 256, n_cal, args.calibration_seed)
                         rfeeds = image_feeds(big.pixels, [ti])
                         log(f"{recipe}: calibration {big.describe()}")
                     r = Int8Recipe(**kw)
-                    report = quantize_calibrated(graph, out, rfeeds, r, top1_score(r.target_agreement), log)
+                    report = quantize_calibrated(graph, out, rfeeds, r, top1_score(r.target_agreement), log,
+                                                 select_feeds=sfeeds)
                 got = run_graph(out, pixels, ti)[:, a:b]
                 agree = got.argmax(1) == ref.argmax(1)
                 k, n = int(agree.sum()), len(agree)
