@@ -67,7 +67,8 @@ class Int8Recipe:
     # logits: the MatMuls ranked by the logit error each causes alone (int8_sensitivity.py, measured
     # only when the all-int8 graph misses the target); local: by their own output error
     ranking: str = "logits"
-    sensitivity_images: int = 64  # calibration images of the logit ranking (one pass per candidate)
+    sensitivity_images: int = 64  # calibration images of the logit ranking (one pass per candidate)...
+    sensitivity_budget_s: float = 120.0  # ...fewer (down to 8) where that many would take longer (ViT-B/16)
 
     def validate(self) -> None:
         if self.mode not in ("static", "dynamic"):
@@ -80,8 +81,8 @@ class Int8Recipe:
             raise ValueError(f"int8 weight rounding must be one of {WEIGHT_ROUNDINGS}, got {self.weight_rounding!r}")
         if self.ranking not in RANKINGS:
             raise ValueError(f"int8 ranking must be one of {RANKINGS}, got {self.ranking!r}")
-        if self.sensitivity_images < 1:
-            raise ValueError("sensitivity_images must be >= 1")
+        if self.sensitivity_images < 1 or self.sensitivity_budget_s <= 0:
+            raise ValueError("sensitivity_images must be >= 1 and sensitivity_budget_s > 0")
         if self.activations not in ACTIVATION_RANGES:
             raise ValueError(f"int8 activations must be one of {ACTIVATION_RANGES}, got {self.activations!r}")
         if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
@@ -245,6 +246,26 @@ def _int8_weights(model, cands: Sequence[Candidate], rounding: Optional[dict]) -
             out[c.node] = _fake_quant_weight(w.reshape(len(w), -1).T, False).T.reshape(w.shape)
         else:
             out[c.node] = _fake_quant_weight(w, trans.get(c.node, False))
+    return out
+
+
+def _ranking_feeds(fp32, feeds: Sequence[dict], n_cands: int, recipe: Int8Recipe) -> list[dict]:
+    """The first `sensitivity_images` calibration images, or fewer (>= 8) so that one pass per
+    candidate fits `sensitivity_budget_s` at the fp32 graph's measured speed (the switched graph
+    runs a little slower)."""
+    import time
+
+    t0 = time.perf_counter()
+    fp32.run(["logits"], feeds[0])
+    per_image = (time.perf_counter() - t0) / max(len(feeds[0]["pixels"]), 1)
+    n = int(min(recipe.sensitivity_images, max(8, recipe.sensitivity_budget_s / max(n_cands * per_image, 1e-9))))
+    out, have = [], 0
+    for f in feeds:
+        if have >= n:
+            break
+        take = min(len(f["pixels"]), n - have)
+        out.append({k: v[:take] for k, v in f.items()})
+        have += take
     return out
 
 
@@ -467,10 +488,7 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
             return sorted({0, most} | {2 ** i for i in range(most.bit_length()) if 2 ** i <= most})
 
         ranges = ["per-tensor", "per-row"] if recipe.activations == "auto" else [recipe.activations]
-        rows = np.cumsum([len(f["pixels"]) for f in calib_feeds])  # the logit ranking's images: the first feeds
-        n_sens = int(min(np.searchsorted(rows, recipe.sensitivity_images) + 1, len(calib_feeds)))
-        sens_feeds = calib_feeds[:n_sens]
-        sens_ref = np.concatenate([fp32.run(["logits"], f)[0] for f in sens_feeds])
+        sens_feeds: list[dict] = []  # the logit ranking's images: the first calibration images (sized below)
         ranked_by: dict[str, str] = {}  # activation-range mode -> what its ranking measured
 
         def ranked_for(act: str) -> list[Candidate]:
@@ -478,6 +496,9 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
             from .int8_sensitivity import logit_sensitivity
 
             if recipe.ranking == "logits" and act not in ranked_by and rest:
+                if not sens_feeds:
+                    sens_feeds.extend(_ranking_feeds(fp32, calib_feeds, len(rest), recipe))
+                sens_ref = np.concatenate([fp32.run(["logits"], f)[0] for f in sens_feeds])
                 wq = _int8_weights(model, rest, rounding)
                 errs = logit_sensitivity(model, rest, sens_feeds, sens_ref, act,
                                          {c.activation: c.activation_range for c in rest}, wq, work)
