@@ -18,7 +18,7 @@ sensitivity images per candidate and activation-range mode; the fp32 graph is s 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -70,6 +70,48 @@ def _per_row(graph, x: str, p: str) -> tuple[list, str]:
         helper.make_node("Mul", [p + "d", p + "s"], [p + "fq"]),
     ]
     return nodes, p + "fq"
+
+
+def int8_weights(model, cands: Sequence, rounding: Optional[dict]) -> dict[str, np.ndarray]:
+    """Each candidate's weights as its int8 graph will carry them, dequantized and shaped like its
+    B; with GPTQ the integers go into `rounding["cache"]`, which the search's
+    graphs then reuse (`int8_gptq.round_weights`)."""
+    from .int8_gptq import gptq_round
+    from .quantize import _fake_quant_weight, _weights
+
+    trans = {n.name: any(a.name == "transB" and a.i for a in n.attribute) for n in model.graph.node}
+    out = {}
+    for c in cands:
+        w = _weights(model, c.weight)
+        if rounding and c.node in rounding["weights"] and c.node in rounding["grams"]:
+            amax = np.abs(w).max(axis=0).astype(np.float32)
+            scale = np.maximum((amax + amax) / np.float32(254.0), np.float32(1e-12))  # ORT's symmetric per-channel
+            q = rounding["cache"].setdefault(c.node, gptq_round(w, rounding["grams"][c.node], scale))
+            out[c.node] = q.astype(np.float32) * scale
+        elif c.kind == "Conv":  # (D, C, p, p): per output channel, the first axis
+            out[c.node] = _fake_quant_weight(w.reshape(len(w), -1).T, False).T.reshape(w.shape)
+        else:
+            out[c.node] = _fake_quant_weight(w, trans.get(c.node, False))
+    return out
+
+
+def ranking_feeds(fp32, feeds: Sequence[dict], n_cands: int, images: int, budget_s: float) -> list[dict]:
+    """The first `images` of `feeds`, or fewer (>= 8) so that one pass per candidate fits
+    `budget_s` at the fp32 session's measured speed (the switched graph runs a little slower)."""
+    import time
+
+    t0 = time.perf_counter()
+    fp32.run(["logits"], feeds[0])
+    per_image = (time.perf_counter() - t0) / max(len(feeds[0]["pixels"]), 1)
+    n = int(min(images, max(8, budget_s / max(n_cands * per_image, 1e-9))))
+    out, have = [], 0
+    for f in feeds:
+        if have >= n:
+            break
+        take = min(len(f["pixels"]), n - have)
+        out.append({k: v[:take] for k, v in f.items()})
+        have += take
+    return out
 
 
 def switched_graph(model, cands: Sequence, activations: str, ranges: Mapping[str, tuple[float, float]],

@@ -5,16 +5,16 @@
   the synthetic world, `gate_images.py`), and the MatMuls that lose the most kept in fp32:
     1. MatMuls that see one row per image (the pooled projection, the class matrix: < 0.1% of
        the FLOPs, but their error lands on the logits unfiltered) always stay fp32;
-    2. every other MatMul with constant weights is ranked by its own output error under
-       quantization (`local_error`: its fp32 input and weights quantized as the recipe would,
-       against its fp32 output, on the calibration images);
+    2. the graph with nothing else fp32 is tried; if it fails, every other MatMul with constant
+       weights is ranked by the logit error it causes alone int8 (`int8_sensitivity.py`, one
+       switched graph; `Int8Recipe.ranking="local"`: by its own output error, `local_error`);
     3. the most sensitive are kept fp32, 0, 1, 2, 4, ... of them and then the most the cap allows,
-       until the quantized graph agrees with fp32 on the calibration images
-       (`Int8Recipe.target_agreement`, judged by the caller's `score`) or the kept ones reach
-       `max_keep_flops` of the quantized FLOPs;
-    4. only if no such graph passes (`Int8Recipe.activations="auto"`), the same keep counts again
-       with each token's own activation range taken at run time (`int8_per_row.py`: more accurate,
-       slower element-wise work); if nothing passes, the best-scoring graph tried ships.
+       until the quantized graph agrees with fp32 (`Int8Recipe.target_agreement`, judged by the
+       caller's `score` on held-out images, `select_feeds`: ranges fit on the scored images never
+       clip them) or the kept ones reach `max_keep_flops` of the quantized FLOPs;
+    4. only if no such graph passes (`Int8Recipe.activations="auto"`), the same again with each
+       token's own activation range taken at run time (`int8_per_row.py`: more accurate, slower
+       element-wise work); if nothing passes, the graph tried closest to fp32 (logit RMS) ships.
   A ViT's patch embedding (a Conv whose stride is its kernel: a GEMM over patches) is a candidate
   like the MatMuls (`Int8Recipe.patch_embedding`): fp32 it was 11% of the int8 graph's time on
   ViT-B/32, as QLinearConv 2%. Other Convs (ResNet towers) stay fp32.
@@ -225,48 +225,6 @@ def _fake_quant_weight(w: np.ndarray, trans_b: bool) -> np.ndarray:
     amax = np.abs(w).max(axis=1 - axis, keepdims=True).clip(1e-12)
     scale = amax / 127.0
     return np.clip(np.round(w / scale), -127, 127) * scale
-
-
-def _int8_weights(model, cands: Sequence[Candidate], rounding: Optional[dict]) -> dict[str, np.ndarray]:
-    """Each candidate's weights as its int8 graph will carry them, dequantized and shaped like its
-    B (int8_sensitivity.py); with GPTQ the integers go into `rounding["cache"]`, which the search's
-    graphs then reuse (`int8_gptq.round_weights`)."""
-    from .int8_gptq import gptq_round
-
-    trans = {n.name: any(a.name == "transB" and a.i for a in n.attribute) for n in model.graph.node}
-    out = {}
-    for c in cands:
-        w = _weights(model, c.weight)
-        if rounding and c.node in rounding["weights"] and c.node in rounding["grams"]:
-            amax = np.abs(w).max(axis=0).astype(np.float32)
-            scale = np.maximum((amax + amax) / np.float32(254.0), np.float32(1e-12))  # ORT's symmetric per-channel
-            q = rounding["cache"].setdefault(c.node, gptq_round(w, rounding["grams"][c.node], scale))
-            out[c.node] = q.astype(np.float32) * scale
-        elif c.kind == "Conv":  # (D, C, p, p): per output channel, the first axis
-            out[c.node] = _fake_quant_weight(w.reshape(len(w), -1).T, False).T.reshape(w.shape)
-        else:
-            out[c.node] = _fake_quant_weight(w, trans.get(c.node, False))
-    return out
-
-
-def _ranking_feeds(fp32, feeds: Sequence[dict], n_cands: int, recipe: Int8Recipe) -> list[dict]:
-    """The first `sensitivity_images` calibration images, or fewer (>= 8) so that one pass per
-    candidate fits `sensitivity_budget_s` at the fp32 graph's measured speed (the switched graph
-    runs a little slower)."""
-    import time
-
-    t0 = time.perf_counter()
-    fp32.run(["logits"], feeds[0])
-    per_image = (time.perf_counter() - t0) / max(len(feeds[0]["pixels"]), 1)
-    n = int(min(recipe.sensitivity_images, max(8, recipe.sensitivity_budget_s / max(n_cands * per_image, 1e-9))))
-    out, have = [], 0
-    for f in feeds:
-        if have >= n:
-            break
-        take = min(len(f["pixels"]), n - have)
-        out.append({k: v[:take] for k, v in f.items()})
-        have += take
-    return out
 
 
 def _probe_session(model, names: Sequence[str], work: Path):
@@ -493,13 +451,14 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
 
         def ranked_for(act: str) -> list[Candidate]:
             """The candidates, most sensitive first: by their logit error (measured once per mode)."""
-            from .int8_sensitivity import logit_sensitivity
+            from .int8_sensitivity import int8_weights, logit_sensitivity, ranking_feeds
 
             if recipe.ranking == "logits" and act not in ranked_by and rest:
                 if not sens_feeds:
-                    sens_feeds.extend(_ranking_feeds(fp32, calib_feeds, len(rest), recipe))
+                    sens_feeds.extend(ranking_feeds(fp32, calib_feeds, len(rest), recipe.sensitivity_images,
+                                                    recipe.sensitivity_budget_s))
                 sens_ref = np.concatenate([fp32.run(["logits"], f)[0] for f in sens_feeds])
-                wq = _int8_weights(model, rest, rounding)
+                wq = int8_weights(model, rest, rounding)
                 errs = logit_sensitivity(model, rest, sens_feeds, sens_ref, act,
                                          {c.activation: c.activation_range for c in rest}, wq, work)
                 for c, e in zip(rest, errs):
@@ -533,8 +492,8 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
             tried.append({"kept_sensitive": k, "activations": act, "calibration_score": value,
                           "logit_rms_error": rms, "kept_flops_share": share, "passed": ok})
             log(f"int8 static ({recipe.calibrate_method}, {act} activations): {k} sensitive MatMul(s) + "
-                f"{len(pooled)} pooled in fp32 ({share:.1%} of the FLOPs): calibration score {value:.4f}, "
-                f"logit RMS error {rms:.4f}")
+                f"{len(pooled)} pooled in fp32 ({share:.1%} of the FLOPs): score {value:.4f}, logit RMS error "
+                f"{rms:.4f} on {len(ref)} {'held-out' if held_out else 'calibration'} images")
             # none passing: the one closest to fp32. Not the best score: on a few hundred images that
             # counts one or two flips, and it can favour a per-tensor graph whose ranges fit those very
             # images and clip others (bench/export/int8_world.md)

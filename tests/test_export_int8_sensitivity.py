@@ -55,12 +55,11 @@ def _alone_int8(pre, model, cands, feeds, keep_int8, activations, tmp):
 def test_the_switched_graph_is_fp32_when_off_and_each_real_int8_graph_when_on(graph, activations):
     import onnx
 
-    from clipheads.export.int8_sensitivity import SWITCH, switched_graph
-    from clipheads.export.quantize import _int8_weights
+    from clipheads.export.int8_sensitivity import SWITCH, int8_weights, switched_graph
 
     pre, model, cands, feeds, ref, tmp = graph
     sw = switched_graph(model, cands, activations, {c.activation: c.activation_range for c in cands},
-                        _int8_weights(model, cands, None))
+                        int8_weights(model, cands, None))
     path = tmp / f"switched_{activations}.onnx"
     onnx.save(sw, str(path))
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
