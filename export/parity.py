@@ -16,7 +16,10 @@ every image: a top-1 flip there says nothing about the graph. Its gate counts ag
 the *decided half*, the images whose reference top-2 margin is at least the median margin (a
 property of the reference alone, so the graph under test cannot move the subset), and adds a
 feature-cosine floor; raw agreement is still reported. The report also says how many
-disagreements are near-ties (reference top-2 margin <= 2 x that row's max |delta logit|).
+disagreements are near-ties (reference top-2 margin <= 2 x that row's max |delta logit|). On real
+images, a task whose every flip is within the graph's typical error (margin <= 2 x the median
+row's max |delta logit|) is judged on its expected agreement instead of the raw count
+(`real_gate_failure`): a few coin-flip answers in 256 images cannot swing it, a gross error can.
 
 Every task is checked on its own path, every multi-task graph also on a mixed-task batch (rows
 must equal the per-task calls), and the text graph against `Backbone.encode_text` on the tasks'
@@ -48,6 +51,44 @@ GATES = {
     "int8": Gate("int8", None, 0.99, None, 0.995),
 }
 GATE_MODES = ("real", "random-init")
+
+
+def near_tie_disagreements(ref: np.ndarray, got: np.ndarray) -> int:
+    """Top-1 disagreements on rows the reference itself leaves undecided at this precision: its
+    top-2 margin within 2 x the row's max |delta logit|."""
+    srt = np.sort(ref, axis=1)
+    margin = srt[:, -1] - srt[:, -2] if ref.shape[1] > 1 else np.full(len(ref), np.inf)
+    near_tie = margin <= 2 * np.abs(got - ref).max(1)
+    return int(((got.argmax(1) != ref.argmax(1)) & near_tie).sum())
+
+
+def flips_within_typical_error(ref: np.ndarray, got: np.ndarray) -> tuple[int, int]:
+    """(top-1 disagreements, those whose reference top-2 margin is within 2 x the graph's typical
+    error: the median over rows of the max |delta logit|). Unlike `near_tie_disagreements`, a row
+    with a gross error of its own does not excuse itself."""
+    srt = np.sort(ref, axis=1)
+    margin = srt[:, -1] - srt[:, -2] if ref.shape[1] > 1 else np.full(len(ref), np.inf)
+    flips = got.argmax(1) != ref.argmax(1)
+    typical = float(np.median(np.abs(got - ref).max(1))) if len(ref) else 0.0
+    return int(flips.sum()), int((flips & (margin <= 2 * typical)).sum())
+
+
+def real_gate_failure(ref: np.ndarray, got: np.ndarray, min_top1: float) -> Optional[str]:
+    """Why a task fails the real-image gate, or None. Raw top-1 agreement must reach `min_top1`,
+    unless every flip is within the graph's typical error (`flips_within_typical_error`): then the
+    expected agreement (every image's margin against every image's shrinkage, far less noisy than
+    a count of a few flips in a few hundred images) must reach it instead."""
+    a = agreement(ref, got)
+    if a["top1_agreement"] >= min_top1:
+        return None
+    flips, ties = flips_within_typical_error(ref, got)
+    if flips == ties and a["expected_agreement"] >= min_top1:
+        return None
+    lo, hi = a["top1_ci95"]
+    why = (f"expected {a['expected_agreement']:.2%}, every flip within the typical error" if flips == ties else
+           f"{flips - ties} of {flips} flips beyond 2x the typical error")
+    return (f"top-1 agreement {a['top1_agreement']:.2%} (95% CI {lo:.2%}-{hi:.2%}, n={a['n']}; {why}) "
+            f"< {min_top1:.1%}")
 
 
 def gate_mode_for(backbone_record: dict, requested: str = "auto") -> str:
@@ -209,24 +250,19 @@ def check_parity(
             ref = torch.cat([h.logits(x[i:i + batch], t.head_task) for i in range(0, len(x), batch)]).float().numpy()
             ref_f = torch.cat([h.image_features(x[i:i + batch], t.head_task)
                                for i in range(0, len(x), batch)]).float().numpy()
-        agree = got.argmax(1) == ref.argmax(1)
-        srt = np.sort(ref, axis=1)
-        margin = srt[:, -1] - srt[:, -2] if ref.shape[1] > 1 else np.full(len(ref), np.inf)
-        near_tie = margin <= 2 * np.abs(got - ref).max(1)  # the reference itself is undecided at this precision
         r = {
             "max_abs_logit_diff": float(np.abs(got - ref).max()),
             **agreement(ref, got),
-            "near_tie_disagreements": int((~agree & near_tie).sum()),
+            "near_tie_disagreements": near_tie_disagreements(ref, got),
             "min_feature_cosine": _cos_min(feats, ref_f),
             "graph": t.graph, "task_index": t.task_index,
         }
         tasks[t.name] = r
         if gate.max_abs_logit is not None and r["max_abs_logit_diff"] > gate.max_abs_logit:
             failures.append(f"{t.name}: max |delta logit| {r['max_abs_logit_diff']:.3g} > {gate.max_abs_logit:g}")
-        lo, hi = r["top1_ci95"]
-        if mode == "real" and r["top1_agreement"] < gate.min_top1:
-            failures.append(f"{t.name}: top-1 agreement {r['top1_agreement']:.2%} (95% CI {lo:.2%}-{hi:.2%}, "
-                            f"n={r['n']}) < {gate.min_top1:.1%}")
+        r["flips_within_typical_error"] = flips_within_typical_error(ref, got)[1]
+        if mode == "real" and (problem := real_gate_failure(ref, got, gate.min_top1)):
+            failures.append(f"{t.name}: {problem}")
         if mode == "random-init":
             if r["top1_agreement_decided_half"] < gate.min_top1:
                 failures.append(f"{t.name}: top-1 agreement on the decided half {r['top1_agreement_decided_half']:.2%}"

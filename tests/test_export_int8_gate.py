@@ -45,6 +45,25 @@ def test_the_random_init_gate_ignores_near_ties_but_not_real_errors():
     assert parity.agreement(ref, wrong)["top1_agreement_decided_half"] < 0.99
 
 
+def test_the_real_gate_judges_coin_flip_answers_by_their_expected_agreement():
+    rng = np.random.default_rng(2)
+    ref = rng.normal(size=(256, 5)) * 3
+    ref[:3, 1] = ref[:3, 0] = ref[:3].max(1) + 1.0  # 3 near-ties between classes 0 and 1
+    ref[:3, 0] += 1e-4
+    got = ref + rng.normal(size=ref.shape) * 1e-3  # the graph's typical error
+    got[:3, 1] += 5e-3  # only the near-ties flip: 98.8% raw
+    a = parity.agreement(ref, got)
+    assert a["top1_agreement"] < 0.99 and parity.flips_within_typical_error(ref, got) == (3, 3)
+    assert parity.real_gate_failure(ref, got, 0.99) is None
+    wrong = got.copy()
+    wrong[100, (ref[100].argmax() + 1) % 5] += 20.0  # one gross error beside them: its own row cannot excuse it
+    assert "1 of 4 flips beyond" in parity.real_gate_failure(ref, wrong, 0.99)
+    noisy = ref + rng.normal(size=ref.shape) * 2.0  # errors as large as the margins: many flips
+    assert parity.agreement(ref, noisy)["expected_agreement"] < 0.99
+    assert parity.real_gate_failure(ref, noisy, 0.99) is not None
+    assert parity.real_gate_failure(ref, ref.copy(), 0.99) is None
+
+
 def test_gate_images_come_from_the_world_and_calibration_never_overlaps(micro_backbone):
     spec = micro_backbone.preprocess
     gate, calib = gate_and_calibration([], spec, 12, 8, seed=0)
