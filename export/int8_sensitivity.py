@@ -45,31 +45,16 @@ def _per_tensor(graph, x: str, lo: float, hi: float, p: str) -> tuple[list, str]
             helper.make_node("DequantizeLinear", [p + "q", s, z], [p + "fq"])], p + "fq"
 
 
-def _per_row(graph, x: str, p: str) -> tuple[list, str]:
-    """fq(x) with each row's (token's) own range, as int8_per_row.py quantizes at run time."""
+def _per_row(graph, x: str, k: int, p: str) -> tuple[list, str]:
+    """fq(x) with each row's (token's) own range: int8_per_row.py's own quantizer, dequantized."""
     from onnx import helper
 
-    zero, c255, eps = (_const(graph, n, np.float32(v)) for n, v in
-                       (("sens_zero", 0.0), ("sens_255", 255.0), ("sens_eps", 1e-12)))
-    nodes = [
-        helper.make_node("ReduceMin", [x], [p + "mn"], axes=[-1], keepdims=1),
-        helper.make_node("ReduceMax", [x], [p + "mx"], axes=[-1], keepdims=1),
-        helper.make_node("Min", [p + "mn", zero], [p + "lo"]),
-        helper.make_node("Max", [p + "mx", zero], [p + "hi"]),
-        helper.make_node("Sub", [p + "hi", p + "lo"], [p + "rg"]),
-        helper.make_node("Div", [p + "rg", c255], [p + "s0"]),
-        helper.make_node("Max", [p + "s0", eps], [p + "s"]),
-        helper.make_node("Div", [p + "lo", p + "s"], [p + "nz"]),
-        helper.make_node("Neg", [p + "nz"], [p + "z"]),
-        helper.make_node("Round", [p + "z"], [p + "zr"]),  # zero point in [0, 255]
-        helper.make_node("Div", [x, p + "s"], [p + "xs"]),
-        helper.make_node("Round", [p + "xs"], [p + "xr"]),
-        helper.make_node("Add", [p + "xr", p + "zr"], [p + "q0"]),
-        helper.make_node("Clip", [p + "q0", zero, c255], [p + "q"]),
-        helper.make_node("Sub", [p + "q", p + "zr"], [p + "d"]),
-        helper.make_node("Mul", [p + "d", p + "s"], [p + "fq"]),
-    ]
-    return nodes, p + "fq"
+    from .int8_per_row import _row_quantizer
+
+    nodes, x_q, _, _, _ = _row_quantizer(graph, x, k, p)
+    return nodes + [helper.make_node("DequantizeLinear", [x_q, p + "s", p + "zu8"], [p + "dq"], axis=0),
+                    helper.make_node("Shape", [x], [p + "xshape"]),
+                    helper.make_node("Reshape", [p + "dq", p + "xshape"], [p + "fq"])], p + "fq"
 
 
 def int8_weights(model, cands: Sequence, rounding: Optional[dict]) -> dict[str, np.ndarray]:
@@ -140,8 +125,10 @@ def switched_graph(model, cands: Sequence, activations: str, ranges: Mapping[str
         key = f"{c.activation}|{mode}"
         if key not in deltas:
             px = f"{c.activation}_sens_{mode}_"
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+            k = weights_q[c.node].shape[1 if trans_b else 0]  # B is (K, N), or (N, K) for a transposing Gemm
             fq_nodes, fq = (_per_tensor(g, c.activation, *ranges[c.activation], px) if mode == "per-tensor"
-                            else _per_row(g, c.activation, px))
+                            else _per_row(g, c.activation, k, px))
             new += fq_nodes + [helper.make_node("Sub", [fq, c.activation], [px + "delta"])]
             deltas[key] = px + "delta"
         dw = _const(g, p + "dw", (weights_q[c.node] - _weights(model, c.weight)).astype(np.float32))
