@@ -12,8 +12,8 @@ for all candidates: each candidate's input x and weights W become
 where fq is the rounding the shipped graph will apply (uint8 per tensor with the calibrated range,
 or per row with each token's own range at run time, exactly as `int8_per_row.py` computes it) and
 W_q the int8 weights it will carry (GPTQ-rounded or nearest, dequantized); a patch Conv's output
-is rounded too, as QLinearConv's is. One pass over the
-sensitivity images per candidate and activation-range mode; the fp32 graph is s = 0.
+is rounded too, as QLinearConv's is. One pass over the sensitivity images per candidate and
+activation-range mode; the fp32 graph is s = 0.
 """
 from __future__ import annotations
 

@@ -53,12 +53,18 @@ GATES = {
 GATE_MODES = ("real", "random-init")
 
 
+def top2_margin(ref: np.ndarray) -> np.ndarray:
+    """Each row's reference top-1 minus top-2 logit (inf with one class)."""
+    if ref.shape[1] < 2:
+        return np.full(len(ref), np.inf)
+    srt = np.sort(ref, axis=1)
+    return srt[:, -1] - srt[:, -2]
+
+
 def near_tie_disagreements(ref: np.ndarray, got: np.ndarray) -> int:
     """Top-1 disagreements on rows the reference itself leaves undecided at this precision: its
     top-2 margin within 2 x the row's max |delta logit|."""
-    srt = np.sort(ref, axis=1)
-    margin = srt[:, -1] - srt[:, -2] if ref.shape[1] > 1 else np.full(len(ref), np.inf)
-    near_tie = margin <= 2 * np.abs(got - ref).max(1)
+    near_tie = top2_margin(ref) <= 2 * np.abs(got - ref).max(1)
     return int(((got.argmax(1) != ref.argmax(1)) & near_tie).sum())
 
 
@@ -66,11 +72,9 @@ def flips_within_typical_error(ref: np.ndarray, got: np.ndarray) -> tuple[int, i
     """(top-1 disagreements, those whose reference top-2 margin is within 2 x the graph's typical
     error: the median over rows of the max |delta logit|). Unlike `near_tie_disagreements`, a row
     with a gross error of its own does not excuse itself."""
-    srt = np.sort(ref, axis=1)
-    margin = srt[:, -1] - srt[:, -2] if ref.shape[1] > 1 else np.full(len(ref), np.inf)
     flips = got.argmax(1) != ref.argmax(1)
     typical = float(np.median(np.abs(got - ref).max(1))) if len(ref) else 0.0
-    return int(flips.sum()), int((flips & (margin <= 2 * typical)).sum())
+    return int(flips.sum()), int((flips & (top2_margin(ref) <= 2 * typical)).sum())
 
 
 def real_gate_failure(ref: np.ndarray, got: np.ndarray, min_top1: float) -> Optional[str]:
@@ -125,8 +129,7 @@ def agreement(ref: np.ndarray, got: np.ndarray) -> dict:
     from .gate_images import wilson_interval
 
     agree = got.argmax(1) == ref.argmax(1)
-    srt = np.sort(ref, axis=1)
-    margin = srt[:, -1] - srt[:, -2] if ref.shape[1] > 1 else np.full(len(ref), np.inf)
+    margin = top2_margin(ref)
     decided = margin >= np.median(margin)
     k, n = int(agree.sum()), len(agree)
     return {"top1_agreement": k / max(n, 1), "top1_ci95": list(wilson_interval(k, n)), "n": n,
