@@ -67,19 +67,44 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[dict, bytes]:
     return head, (await reader.readexactly(dlen)) if dlen else b""
 
 
-def write_frame(writer: asyncio.StreamWriter, head: dict, chunks: list) -> None:
-    """One frame in consecutive writes with no await between them: frames of concurrent calls on
-    one connection never interleave."""
-    h = json.dumps(head, separators=(",", ":")).encode()
-    views = [memoryview(c).cast("B") for c in chunks]
-    size = sum(v.nbytes for v in views)
-    prefix = _PREFIX.pack(len(h), size) + h
-    if size <= _JOIN_BYTES:  # one write, one syscall and one wake-up of the reader, not 1 + len(chunks)
-        writer.write(b"".join([prefix, *views]))
-        return
-    writer.write(prefix)
-    for v in views:
-        writer.write(v)
+class FrameWriter:
+    """Frames onto one connection. A frame is written with no await inside it, so frames of
+    concurrent calls never interleave. With `coalesce` (the encoder's side), small frames sent in
+    one event-loop iteration (the answers of one pass) leave in one write at its end: one syscall
+    and one wake-up of the reader for all of them. The front sends each request at once: its loop
+    decodes the next requests' images inline, and a frame held behind those decodes would idle
+    the encoder (measured: fuller passes but p99 +45% at c=32, overhead-16-coalesced-frames.md)."""
+
+    def __init__(self, writer: asyncio.StreamWriter, coalesce: bool = False):
+        self.writer = writer
+        self.coalesce = coalesce
+        self._queued: list[bytes] = []
+
+    def send(self, head: dict, chunks: list) -> None:
+        h = json.dumps(head, separators=(",", ":")).encode()
+        views = [memoryview(c).cast("B") for c in chunks]
+        size = sum(v.nbytes for v in views)
+        prefix = _PREFIX.pack(len(h), size) + h
+        if size <= _JOIN_BYTES and not self.coalesce:  # one write, one syscall, one wake-up of the reader
+            self.writer.write(b"".join([prefix, *views]))
+            return
+        if size <= _JOIN_BYTES:
+            if not self._queued:
+                asyncio.get_running_loop().call_soon(self.flush)
+            self._queued.append(b"".join([prefix, *views]))
+            return
+        self.flush()  # what is queued goes first: frames keep their order
+        self.writer.write(prefix)
+        for v in views:
+            self.writer.write(v)
+
+    def flush(self) -> None:
+        if self._queued and not self.writer.is_closing():
+            self.writer.write(self._queued[0] if len(self._queued) == 1 else b"".join(self._queued))
+        self._queued.clear()
+
+    async def drain(self) -> None:
+        await self.writer.drain()
 
 
 # ---- encoder side ------------------------------------------------------------------------------
@@ -165,10 +190,11 @@ class HopServer:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         calls: set[asyncio.Task] = set()
+        out = FrameWriter(writer, coalesce=True)
         try:
             while True:
                 head, data = await read_frame(reader)
-                t = asyncio.ensure_future(self._encode(head, data, writer))
+                t = asyncio.ensure_future(self._encode(head, data, out))
                 calls.add(t)
                 t.add_done_callback(calls.discard)
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -178,7 +204,7 @@ class HopServer:
         finally:
             writer.close()
 
-    async def _encode(self, head: dict, data: bytes, writer: asyncio.StreamWriter) -> None:
+    async def _encode(self, head: dict, data: bytes, writer: FrameWriter) -> None:
         rid = head.get("id", 0)
         try:
             shape = tuple(int(x) for x in head["shape"])
@@ -193,8 +219,8 @@ class HopServer:
         except (KeyError, TypeError, ValueError) as err:
             log.warning("hop: bad encode frame: %s", err)
             out, arrays = {"id": rid, "version": "", "errors": ["internal"]}, []
-        if not writer.is_closing():
-            write_frame(writer, out, arrays)
+        if not writer.writer.is_closing():
+            writer.send(out, arrays)
             try:
                 await writer.drain()
             except ConnectionError:
@@ -223,6 +249,7 @@ class HopClient:
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._writer: Optional[asyncio.StreamWriter] = None
+        self._frames: Optional[FrameWriter] = None  # frames onto _writer
         self._reader_task: Optional[asyncio.Task] = None
         self._connecting: Optional[asyncio.Future] = None
 
@@ -248,7 +275,7 @@ class HopClient:
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         try:
-            write_frame(writer, {"id": rid, "op": "encode", "paths": [int(p) for p in paths],
+            writer.send({"id": rid, "op": "encode", "paths": [int(p) for p in paths],
                                  "shape": list(pixels.shape), "deadline": deadline, "coming": int(coming)}, [pixels])
             await writer.drain()
             head, data = await (asyncio.wait_for(fut, timeout) if timeout else fut)
@@ -266,9 +293,9 @@ class HopClient:
     async def close(self) -> None:
         self._drop(EncoderUnavailable("the front is shutting down"))
 
-    async def _connection(self) -> asyncio.StreamWriter:
-        if self._writer is not None and not self._writer.is_closing():
-            return self._writer
+    async def _connection(self) -> FrameWriter:
+        if self._writer is not None and not self._writer.is_closing() and self._frames is not None:
+            return self._frames
         if not self.path:
             raise EncoderUnavailable("the encoder's hop is not known yet")
         if self._connecting is None:  # one connect for all callers that arrive meanwhile
@@ -280,14 +307,14 @@ class HopClient:
             if connecting.done() and self._connecting is connecting:
                 self._connecting = None
 
-    async def _open(self, path: str) -> asyncio.StreamWriter:
+    async def _open(self, path: str) -> FrameWriter:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path, limit=1 << 20), 2.0)
         except (OSError, asyncio.TimeoutError) as err:  # refused (no listener), no such file, ...
             raise EncoderUnavailable(f"cannot reach the encoder at {path}: {err}") from err
-        self._writer = writer
+        self._writer, self._frames = writer, FrameWriter(writer)
         self._reader_task = asyncio.ensure_future(self._read_answers(reader, writer))
-        return writer
+        return self._frames
 
     async def _read_answers(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         reason = "the encoder closed the connection"
@@ -308,7 +335,7 @@ class HopClient:
 
     def _drop(self, err: EncoderUnavailable) -> None:
         """Close the connection and fail every call waiting on it."""
-        writer, self._writer = self._writer, None
+        writer, self._writer, self._frames = self._writer, None, None
         task, self._reader_task = self._reader_task, None
         if writer is not None:
             writer.close()
