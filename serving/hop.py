@@ -85,18 +85,19 @@ class FrameWriter:
         views = [memoryview(c).cast("B") for c in chunks]
         size = sum(v.nbytes for v in views)
         prefix = _PREFIX.pack(len(h), size) + h
-        if size <= _JOIN_BYTES and not self.coalesce:  # one write, one syscall, one wake-up of the reader
-            self.writer.write(b"".join([prefix, *views]))
+        if size > _JOIN_BYTES:  # the copy would cost more than the extra syscalls
+            self.flush()  # what is queued goes first: frames keep their order
+            self.writer.write(prefix)
+            for v in views:
+                self.writer.write(v)
             return
-        if size <= _JOIN_BYTES:
-            if not self._queued:
-                asyncio.get_running_loop().call_soon(self.flush)
-            self._queued.append(b"".join([prefix, *views]))
+        frame = b"".join([prefix, *views])  # one write, one syscall, one wake-up of the reader
+        if not self.coalesce:
+            self.writer.write(frame)
             return
-        self.flush()  # what is queued goes first: frames keep their order
-        self.writer.write(prefix)
-        for v in views:
-            self.writer.write(v)
+        if not self._queued:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._queued.append(frame)
 
     def flush(self) -> None:
         if self._queued and not self.writer.is_closing():
@@ -276,7 +277,7 @@ class HopClient:
         self._pending[rid] = fut
         try:
             writer.send({"id": rid, "op": "encode", "paths": [int(p) for p in paths],
-                                 "shape": list(pixels.shape), "deadline": deadline, "coming": int(coming)}, [pixels])
+                         "shape": list(pixels.shape), "deadline": deadline, "coming": int(coming)}, [pixels])
             await writer.drain()
             head, data = await (asyncio.wait_for(fut, timeout) if timeout else fut)
         except EncoderUnavailable:

@@ -101,3 +101,39 @@ def test_sweep_keeps_live_and_foreign_dirs():
         mine.mkdir()
         hop.sweep_stale_dirs(str(root))
         assert sorted(p.name for p in root.iterdir()) == sorted([live.name, mine.name])
+
+
+class RecordingWriter:
+    """The StreamWriter surface FrameWriter uses, recording each write (one per syscall)."""
+
+    def __init__(self):
+        self.writes: list[bytes] = []
+
+    def write(self, data) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def test_the_encoder_side_sends_one_iterations_frames_in_one_write_and_keeps_their_order():
+    big = np.zeros(hop._JOIN_BYTES + 1, np.uint8)
+
+    async def send_all(coalesce: bool):
+        w = RecordingWriter()
+        out = hop.FrameWriter(w, coalesce=coalesce)
+        for i in range(5):
+            out.send({"id": i}, [np.full(3, i, np.uint8)])
+        out.send({"id": 5}, [big])  # a large frame goes out at once, after what is queued
+        out.send({"id": 6}, [])
+        await asyncio.sleep(0)  # the end of the iteration
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"".join(w.writes))
+        reader.feed_eof()
+        ids = [(await hop.read_frame(reader))[0]["id"] for _ in range(7)]
+        return len(w.writes), ids
+
+    writes, ids = asyncio.run(send_all(True))
+    assert ids == list(range(7)) and writes == 1 + 2 + 1  # 5 small frames, the big one's 2 writes, the last
+    writes, ids = asyncio.run(send_all(False))
+    assert ids == list(range(7)) and writes == 5 + 2 + 1  # the front: every frame at once
