@@ -77,15 +77,20 @@ def flips_within_typical_error(ref: np.ndarray, got: np.ndarray) -> tuple[int, i
     return int(flips.sum()), int((flips & (top2_margin(ref) <= 2 * typical)).sum())
 
 
-def real_gate_failure(ref: np.ndarray, got: np.ndarray, min_top1: float) -> Optional[str]:
-    """Why a task fails the real-image gate, or None. Raw top-1 agreement must reach `min_top1`,
-    unless every flip is within the graph's typical error (`flips_within_typical_error`): then the
-    expected agreement (every image's margin against every image's shrinkage, far less noisy than
-    a count of a few flips in a few hundred images) must reach it instead."""
-    a = agreement(ref, got)
+def task_agreement(ref: np.ndarray, got: np.ndarray) -> dict:
+    """`agreement` plus the two flip counts the gates read (near-ties; within the typical error)."""
+    return {**agreement(ref, got), "near_tie_disagreements": near_tie_disagreements(ref, got),
+            "flips_within_typical_error": flips_within_typical_error(ref, got)[1]}
+
+
+def real_gate_failure(a: dict, min_top1: float) -> Optional[str]:
+    """Why a task (`a`: its `task_agreement`) fails the real-image gate, or None. Raw top-1
+    agreement must reach `min_top1`, unless every flip is within the graph's typical error
+    (`flips_within_typical_error`): then the expected agreement (every image's margin against every
+    image's shrinkage, far less noisy than a count of a few flips in a few hundred images) must."""
     if a["top1_agreement"] >= min_top1:
         return None
-    flips, ties = flips_within_typical_error(ref, got)
+    flips, ties = a["top1_disagreements"], a["flips_within_typical_error"]
     if flips == ties and a["expected_agreement"] >= min_top1:
         return None
     lo, hi = a["top1_ci95"]
@@ -255,16 +260,14 @@ def check_parity(
                                for i in range(0, len(x), batch)]).float().numpy()
         r = {
             "max_abs_logit_diff": float(np.abs(got - ref).max()),
-            **agreement(ref, got),
-            "near_tie_disagreements": near_tie_disagreements(ref, got),
+            **task_agreement(ref, got),
             "min_feature_cosine": _cos_min(feats, ref_f),
             "graph": t.graph, "task_index": t.task_index,
         }
         tasks[t.name] = r
         if gate.max_abs_logit is not None and r["max_abs_logit_diff"] > gate.max_abs_logit:
             failures.append(f"{t.name}: max |delta logit| {r['max_abs_logit_diff']:.3g} > {gate.max_abs_logit:g}")
-        r["flips_within_typical_error"] = flips_within_typical_error(ref, got)[1]
-        if mode == "real" and (problem := real_gate_failure(ref, got, gate.min_top1)):
+        if mode == "real" and (problem := real_gate_failure(r, gate.min_top1)):
             failures.append(f"{t.name}: {problem}")
         if mode == "random-init":
             if r["top1_agreement_decided_half"] < gate.min_top1:

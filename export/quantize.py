@@ -140,11 +140,19 @@ class Candidate:
     # RMS logit error with this candidate alone int8, per activation-range mode (int8_sensitivity.py)
     logit_error: dict = field(default_factory=dict)
 
+    def local(self, activations: str) -> float:
+        return self.local_error_per_row if activations == "per-row" else self.local_error
+
     def error(self, activations: str) -> float:
         """What the search ranks by: the logit error when measured, else the local one."""
+        return self.logit_error.get(activations, self.local(activations))
+
+    def errors(self, activations: str) -> dict:
+        """Its errors for the report (the logit one only where measured)."""
+        out = {"local_error": round(self.local(activations), 6)}
         if activations in self.logit_error:
-            return self.logit_error[activations]
-        return self.local_error_per_row if activations == "per-row" else self.local_error
+            out["logit_error"] = round(self.logit_error[activations], 6)
+        return out
 
 
 def _session(path, threads: int = 0):
@@ -446,27 +454,25 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
             return sorted({0, most} | {2 ** i for i in range(most.bit_length()) if 2 ** i <= most})
 
         ranges = ["per-tensor", "per-row"] if recipe.activations == "auto" else [recipe.activations]
-        sens_feeds: list[dict] = []  # the logit ranking's images: the first calibration images (sized below)
-        ranked_by: dict[str, str] = {}  # activation-range mode -> what its ranking measured
+        sensitivity: dict = {}  # the logit ranking's inputs, built once: its images, their fp32 logits, int8 weights
 
         def ranked_for(act: str) -> list[Candidate]:
             """The candidates, most sensitive first: by their logit error (measured once per mode)."""
             from .int8_sensitivity import int8_weights, logit_sensitivity, ranking_feeds
 
-            if recipe.ranking == "logits" and act not in ranked_by and rest:
-                if not sens_feeds:
-                    sens_feeds.extend(ranking_feeds(fp32, calib_feeds, len(rest), recipe.sensitivity_images,
-                                                    recipe.sensitivity_budget_s))
-                sens_ref = np.concatenate([fp32.run(["logits"], f)[0] for f in sens_feeds])
-                wq = int8_weights(model, rest, rounding)
-                errs = logit_sensitivity(model, rest, sens_feeds, sens_ref, act,
-                                         {c.activation: c.activation_range for c in rest}, wq, work)
+            if recipe.ranking == "logits" and rest and act not in rest[0].logit_error:
+                if not sensitivity:
+                    feeds = ranking_feeds(fp32, calib_feeds, len(rest), recipe.sensitivity_images,
+                                          recipe.sensitivity_budget_s)
+                    sensitivity.update(feeds=feeds, ref=np.concatenate([fp32.run(["logits"], f)[0] for f in feeds]),
+                                       weights=int8_weights(model, rest, rounding))
+                errs = logit_sensitivity(model, rest, sensitivity["feeds"], sensitivity["ref"], act,
+                                         {c.activation: c.activation_range for c in rest}, sensitivity["weights"], work)
                 for c, e in zip(rest, errs):
                     c.logit_error[act] = e
                 log(f"int8 ranking ({act} activations): logit error of each of {len(rest)} candidates alone int8, "
-                    f"on {len(sens_ref)} images; worst: "
+                    f"on {len(sensitivity['ref'])} images; worst: "
                     + ", ".join(f"{c.node} {c.logit_error[act]:.4f}" for c in sorted(rest, key=lambda c: -c.error(act))[:3]))
-            ranked_by.setdefault(act, "logit error alone int8" if recipe.ranking == "logits" and rest else "local error")
             return sorted(rest, key=lambda c: -c.error(act))
 
         tried, chosen, built = [], None, {}
@@ -497,20 +503,23 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
             # none passing: the one closest to fp32. Not the best score: on a few hundred images that
             # counts one or two flips, and it can favour a per-tensor graph whose ranges fit those very
             # images and clip others (bench/export/int8_world.md)
-            if chosen is None or ok or rms < chosen[4]:
-                chosen = (ranked, keep, out, share, rms, act)
+            if chosen is None or ok or rms < chosen[3]:
+                chosen = (keep, out, share, rms, act)
             return ok
 
         for act in ranges:  # per-row only when no per-tensor graph passed: it costs element-wise passes
             # ranked by the error under this range: per row, the MatMuls lose far less and the patch
             # Conv (per tensor either way) comes first. Keeping none needs no ranking: it goes first,
-            # and the logit ranking is measured only if it fails
-            if recipe.keep is None and attempt(act, rest, 0):
+            # and the ranking is measured only if it fails
+            if (recipe.keep in (None, 0) or not rest) and attempt(act, rest, 0):
                 break
+            if recipe.keep == 0 or not rest:
+                continue
             ranked = ranked_for(act)
-            if any(attempt(act, ranked, k) for k in keep_counts(ranked) if k or recipe.keep is not None):
+            if any(attempt(act, ranked, k) for k in keep_counts(ranked) if k):
                 break
-        ranked, keep, out, share, _, act = chosen
+        keep, out, share, _, act = chosen
+        ranked_mode = any(t["kept_sensitive"] for t in tried if t["activations"] == act)
         if act == "per-tensor":
             _shipped(out, dst, act)  # fused only now: bit-identical, so the search scored the unfused graph
         else:
@@ -523,19 +532,16 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
             "activations": (f"uint8 per tensor, {recipe.calibrate_method} calibration" if act == "per-tensor" else
                             "uint8 per row (token), range at run time (int8_per_row.py)"),
             "activation_ranges": act,
-            "ranking": ranked_by.get(act, "none needed (nothing kept fp32 but the pooled MatMuls)"),
+            "ranking": (("logit error alone int8" if rest and act in rest[0].logit_error else "local error")
+                        if ranked_mode else "none needed (nothing kept fp32 but the pooled MatMuls)"),
             "recipe": asdict(recipe), "calibration_feeds": len(calib_feeds), "calibration_rows": n_images,
             "selection_rows": sum(len(f["pixels"]) for f in select_feeds) if held_out else 0,  # 0: the calibration images
             "quantized_nodes": len(cands) - len(keep), "candidate_nodes": len(cands),
             "kept_fp32": [{"node": c.node, "reason": "pooled: one row per image" if c in pooled else "sensitive",
-                           "local_error": round(c.local_error_per_row if act == "per-row" else c.local_error, 6),
-                           **({"logit_error": round(c.logit_error[act], 6)} if act in c.logit_error else {}),
-                           "flops_share": round(c.flops_per_image / total, 6)} for c in keep],
+                           **c.errors(act), "flops_share": round(c.flops_per_image / total, 6)} for c in keep],
             "kept_flops_share": round(share, 6),
             "search": tried,
-            "most_sensitive": [{"node": c.node, "local_error": round(c.local_error_per_row if act == "per-row" else c.local_error, 6),
-                                **({"logit_error": round(c.logit_error[act], 6)} if act in c.logit_error else {})}
-                               for c in sorted(rest, key=lambda c: -c.error(act))[:8]],
+            "most_sensitive": [{"node": c.node, **c.errors(act)} for c in sorted(rest, key=lambda c: -c.error(act))[:8]],
             **({"smooth": {"alpha": recipe.smooth_alpha, "activations": smooth_report}} if smooth_report else {}),
         }
     finally:

@@ -39,6 +39,22 @@ def micro_backbone():
 
 
 @pytest.fixture(scope="session")
+def micro_zeroshot_graph(micro_backbone, tmp_path_factory) -> Path:
+    """The fp32 image graph (plain export, no fused attention) of a 4-class zero-shot head on the
+    micro backbone: what the int8 tests quantize. Read-only: tests write their graphs elsewhere."""
+    import torch
+
+    from clipheads.export.fold import fold_heads
+    from clipheads.export.onnx_export import export_image_graph
+    from clipheads.training.methods import TaskSpec, build_method
+
+    torch.manual_seed(0)
+    tasks = (TaskSpec("shapes", ("circle", "square", "triangle", "star")),)
+    enc = fold_heads([build_method("zeroshot", micro_backbone, tasks)]).graphs[0].encoder
+    return export_image_graph(enc, tmp_path_factory.mktemp("micro_zeroshot") / "fp32.onnx")
+
+
+@pytest.fixture(scope="session")
 def rn_backbone():
     """A ModifiedResNet image tower: prompt methods that need a ViT must refuse it."""
     return make_backbone("test-rn-micro")

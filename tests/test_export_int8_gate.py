@@ -54,14 +54,14 @@ def test_the_real_gate_judges_coin_flip_answers_by_their_expected_agreement():
     got[:3, 1] += 5e-3  # only the near-ties flip: 98.8% raw
     a = parity.agreement(ref, got)
     assert a["top1_agreement"] < 0.99 and parity.flips_within_typical_error(ref, got) == (3, 3)
-    assert parity.real_gate_failure(ref, got, 0.99) is None
+    assert parity.real_gate_failure(parity.task_agreement(ref, got), 0.99) is None
     wrong = got.copy()
     wrong[100, (ref[100].argmax() + 1) % 5] += 20.0  # one gross error beside them: its own row cannot excuse it
-    assert "1 of 4 flips beyond" in parity.real_gate_failure(ref, wrong, 0.99)
+    assert "1 of 4 flips beyond" in parity.real_gate_failure(parity.task_agreement(ref, wrong), 0.99)
     noisy = ref + rng.normal(size=ref.shape) * 2.0  # errors as large as the margins: many flips
     assert parity.agreement(ref, noisy)["expected_agreement"] < 0.99
-    assert parity.real_gate_failure(ref, noisy, 0.99) is not None
-    assert parity.real_gate_failure(ref, ref.copy(), 0.99) is None
+    assert parity.real_gate_failure(parity.task_agreement(ref, noisy), 0.99) is not None
+    assert parity.real_gate_failure(parity.task_agreement(ref, ref.copy()), 0.99) is None
 
 
 def test_gate_images_come_from_the_world_and_calibration_never_overlaps(micro_backbone):
@@ -143,16 +143,12 @@ def test_patch_conv_as_a_gemm_is_the_conv():
 
 
 @pytest.mark.parametrize("patch_embedding", [True, False])
-def test_static_int8_quantizes_the_patch_embedding_unless_told_not_to(micro_backbone, tmp_path, patch_embedding):
+def test_static_int8_quantizes_the_patch_embedding_unless_told_not_to(micro_backbone, tmp_path, patch_embedding, micro_zeroshot_graph):
     import onnx
 
-    from clipheads.export.fold import fold_heads
-    from clipheads.export.onnx_export import export_image_graph
     from clipheads.export.quantize import Int8Recipe, candidates, image_feeds, quantize_calibrated
 
-    torch.manual_seed(0)
-    enc = fold_heads([build_method("zeroshot", micro_backbone, TASKS)]).graphs[0].encoder
-    src = export_image_graph(enc, tmp_path / "fp32.onnx")
+    src = micro_zeroshot_graph
     conv = [n.name for n in onnx.load(str(src)).graph.node if n.op_type == "Conv"]
     assert len(conv) == 1 and [c.kind for c in candidates(onnx.load(str(src)))].count("Conv") == 1
     pixels = world_images(micro_backbone.preprocess, 8, seed=1).pixels
@@ -170,19 +166,15 @@ def test_static_int8_quantizes_the_patch_embedding_unless_told_not_to(micro_back
                                           and n.input[1] in int8_weight]) + ops.count("MatMulIntegerToFloat")
 
 
-def test_int8_matmuls_take_their_bias_and_compute_the_same(micro_backbone, tmp_path):
+def test_int8_matmuls_take_their_bias_and_compute_the_same(micro_backbone, tmp_path, micro_zeroshot_graph):
     """int8_fuse: every DQ -> MatMul (-> Add bias) of a static QDQ graph becomes one
     MatMulIntegerToFloat with the bias as input; ORT's answers do not change."""
     import onnx
 
-    from clipheads.export.fold import fold_heads
     from clipheads.export.int8_fuse import fuse_int8_matmuls
-    from clipheads.export.onnx_export import export_image_graph
     from clipheads.export.quantize import FeedReader, Int8Recipe, _static, image_feeds
 
-    torch.manual_seed(0)
-    enc = fold_heads([build_method("zeroshot", micro_backbone, TASKS)]).graphs[0].encoder
-    src = export_image_graph(enc, tmp_path / "fp32.onnx")
+    src = micro_zeroshot_graph
     pixels = world_images(micro_backbone.preprocess, 8, seed=1).pixels
     feeds = image_feeds(pixels, [0], batch=4)
     _static(src, tmp_path / "plain.onnx", FeedReader(feeds), [], Int8Recipe(), tmp_path / "c.json")
@@ -286,16 +278,12 @@ def test_zero_point_rows_sum_to_minus_colsum_within_int8():
         np.testing.assert_array_equal(rows.astype(np.int64).sum(0), -colsum)
 
 
-def test_auto_activation_ranges_go_per_row_only_when_per_tensor_fails(micro_backbone, tmp_path):
+def test_auto_activation_ranges_go_per_row_only_when_per_tensor_fails(micro_backbone, tmp_path, micro_zeroshot_graph):
     import onnx
 
-    from clipheads.export.fold import fold_heads
-    from clipheads.export.onnx_export import export_image_graph
     from clipheads.export.quantize import Int8Recipe, image_feeds, quantize_calibrated
 
-    torch.manual_seed(0)
-    enc = fold_heads([build_method("zeroshot", micro_backbone, TASKS)]).graphs[0].encoder
-    src = export_image_graph(enc, tmp_path / "fp32.onnx")
+    src = micro_zeroshot_graph
     feeds = image_feeds(world_images(micro_backbone.preprocess, 8, seed=1).pixels, [0], batch=4)
     passes = lambda ref, got: (True, 1.0)  # noqa: E731
     rep = quantize_calibrated(src, tmp_path / "a.onnx", feeds, Int8Recipe(keep=0), passes)
@@ -331,17 +319,13 @@ def test_gptq_rounding_keeps_x_times_w_closer_than_rounding_each_weight():
     np.testing.assert_array_equal(gptq_round(w, np.eye(k), scale, damp=0.0), nearest)
 
 
-def test_static_int8_weights_are_gptq_rounded_at_the_quantizers_scales(micro_backbone, tmp_path):
+def test_static_int8_weights_are_gptq_rounded_at_the_quantizers_scales(micro_backbone, tmp_path, micro_zeroshot_graph):
     import onnx
     from onnx import numpy_helper
 
-    from clipheads.export.fold import fold_heads
-    from clipheads.export.onnx_export import export_image_graph
     from clipheads.export.quantize import Int8Recipe, image_feeds, quantize_calibrated
 
-    torch.manual_seed(0)
-    enc = fold_heads([build_method("zeroshot", micro_backbone, TASKS)]).graphs[0].encoder
-    src = export_image_graph(enc, tmp_path / "fp32.onnx")
+    src = micro_zeroshot_graph
     feeds = image_feeds(world_images(micro_backbone.preprocess, 16, seed=1).pixels, [0], batch=8)
     graphs, reports = {}, {}
     for rounding in ("gptq", "nearest"):

@@ -5,28 +5,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from clipheads.export.gate_images import world_images
-from clipheads.training.methods import TaskSpec, build_method
 
 ort = pytest.importorskip("onnxruntime")
 
-TASKS = (TaskSpec("shapes", ("circle", "square", "triangle", "star")),)
-
 
 @pytest.fixture(scope="module")
-def graph(micro_backbone, tmp_path_factory):
+def graph(micro_backbone, tmp_path_factory, micro_zeroshot_graph):
     import onnx
 
-    from clipheads.export.fold import fold_heads
-    from clipheads.export.onnx_export import export_image_graph
     from clipheads.export.quantize import _preprocessed, candidates, image_feeds, measure_local_errors
 
     tmp = tmp_path_factory.mktemp("sens")
-    torch.manual_seed(0)
-    enc = fold_heads([build_method("zeroshot", micro_backbone, TASKS)]).graphs[0].encoder
-    pre = _preprocessed(export_image_graph(enc, tmp / "fp32.onnx"), tmp)
+    pre = _preprocessed(micro_zeroshot_graph, tmp)
     model = onnx.load(str(pre))
     feeds = image_feeds(world_images(micro_backbone.preprocess, 16, seed=1).pixels, [0], batch=8)
     cands = [c for c in candidates(model) if c.kind == "Conv" or c.node.endswith("mlp/c_fc/MatMul")
@@ -73,14 +65,10 @@ def test_the_switched_graph_is_fp32_when_off_and_each_real_int8_graph_when_on(gr
         np.testing.assert_allclose(run(one), real, atol=0.002 * moved + 1e-6)  # ...and the switch moves them the same
 
 
-def test_the_search_ranks_by_logit_error_only_when_keeping_none_fails(micro_backbone, tmp_path):
-    from clipheads.export.fold import fold_heads
-    from clipheads.export.onnx_export import export_image_graph
+def test_the_search_ranks_by_logit_error_only_when_keeping_none_fails(micro_backbone, micro_zeroshot_graph, tmp_path):
     from clipheads.export.quantize import Int8Recipe, image_feeds, quantize_calibrated
 
-    torch.manual_seed(0)
-    enc = fold_heads([build_method("zeroshot", micro_backbone, TASKS)]).graphs[0].encoder
-    src = export_image_graph(enc, tmp_path / "fp32.onnx")
+    src = micro_zeroshot_graph
     feeds = image_feeds(world_images(micro_backbone.preprocess, 16, seed=1).pixels, [0], batch=8)
     passes = lambda ref, got: (True, 1.0)  # noqa: E731
     rep = quantize_calibrated(src, tmp_path / "a.onnx", feeds, Int8Recipe(), passes)
