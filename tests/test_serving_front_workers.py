@@ -62,7 +62,7 @@ def test_two_fronts_answer_alike_and_share_few_shot_tasks(two_fronts):
     procs = fronts(two_fronts)
     assert len(procs) == 2, [p.cmdline() for p in procs]
     before = [cpu(p) for p in procs]
-    blobs = [RED, BLUE] * 40
+    blobs = [RED, BLUE] * 80
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda b: classify(two_fronts, b), blobs))
     assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200][:3]
@@ -70,7 +70,8 @@ def test_two_fronts_answer_alike_and_share_few_shot_tasks(two_fronts):
         seen = {json.dumps(r.json()["predictions"], sort_keys=True) for b, r in zip(blobs, answers) if b is blob}
         assert len(seen) == 1
     grew = [cpu(p) - b for p, b in zip(procs, before)]
-    assert min(grew) > 0.05, f"a front took no requests: CPU seconds per front {grew}"
+    # an idle front's loop costs ~0 here; 160 requests cost ~0.1-0.2 s of front CPU (httptools + uvloop)
+    assert min(grew) > 0.03, f"a front took no requests: CPU seconds per front {grew}"
 
     r = post(two_fronts, "/tasks", files=EXAMPLES,
              data={"name": "redblue", "labels": '["reddish", "bluish"]',

@@ -274,26 +274,79 @@ def _chunked_request(piece: int, n: int) -> bytes:
     return head + b"".join(b"%x\r\n%s\r\n" % (piece, b"x" * piece) for _ in range(n)) + b"0\r\n\r\n"
 
 
-@pytest.mark.parametrize("piece,n,refused", [(1, 5000, True), (256, 5000, False), (1, 4000, False)])
-def test_tiny_chunk_floods_are_refused_by_the_h11_parser(piece, n, refused):
-    """http_layer's count on a real h11 connection: more than 4,096 body pieces averaging under 256
-    bytes raise the protocol error uvicorn answers with a 400; 256-byte chunks, or fewer pieces, pass."""
-    import h11
+class _Transport:
+    """What uvicorn's protocols touch of an asyncio transport; keeps what they write."""
 
-    from clipheads.serving.front.http_layer import MAX_SMALL_PIECES, _count_pieces
+    def __init__(self):
+        self.out, self.closed = bytearray(), False
 
-    class Proto:
-        _pieces = _piece_bytes = 0
-        _refusal = ""
+    def get_extra_info(self, name, default=None):
+        return {"sockname": ("127.0.0.1", 3000), "peername": ("127.0.0.1", 40000)}.get(name, default)
 
-    proto, conn = Proto(), h11.Connection(h11.SERVER)
-    conn.next_event = _count_pieces(proto, conn.next_event)
-    conn.receive_data(_chunked_request(piece, n))
-    got = 0
-    try:
-        while (event := conn.next_event()) is not h11.NEED_DATA and type(event) is not h11.EndOfMessage:
-            got += len(event.data) if type(event) is h11.Data else 0
-    except h11.RemoteProtocolError as err:
-        assert refused and "larger pieces" in str(err) and proto._pieces == MAX_SMALL_PIECES + 1
-        return
-    assert not refused and got == piece * n
+    def write(self, data):
+        self.out += data
+
+    def close(self):
+        self.closed = True
+
+    def is_closing(self):
+        return self.closed
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass
+
+    def set_protocol(self, protocol):
+        pass
+
+
+async def _body_length_app(scope, receive, send):
+    n, more = 0, True
+    while more:
+        msg = await receive()
+        n, more = n + len(msg.get("body", b"")), msg.get("more_body", False)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(str(n)))]})
+    await send({"type": "http.response.body", "body": str(n).encode()})
+
+
+@pytest.mark.parametrize("parser", ["h11", "httptools"])
+@pytest.mark.parametrize("piece,n,refused", [(1, 5000, True), (512, 5000, False), (1, 4000, False)])
+def test_tiny_chunk_floods_are_refused_by_either_http_parser(parser, piece, n, refused):
+    """http_layer's protocol around uvicorn's real h11 and httptools protocols, fed a chunked body:
+    more than 4,096 pieces averaging under 256 bytes are our JSON 400 before the app sees the end of
+    the body; 512-byte chunks (split across reads), or fewer pieces, reach the app whole."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from clipheads.serving.front.http_layer import _json_400
+
+    if parser == "h11":
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+    else:
+        pytest.importorskip("httptools")
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+
+    async def exchange() -> bytes:
+        config = uvicorn.Config(_body_length_app, log_config=None, lifespan="off", http=parser)
+        proto = _json_400(base)(config=config, server_state=ServerState(), app_state={})
+        transport = _Transport()
+        proto.connection_made(transport)
+        wire = _chunked_request(piece, n)
+        for i in range(0, len(wire), 65536):  # socket-sized reads
+            if transport.closed:
+                break
+            proto.data_received(wire[i:i + 65536])
+            await asyncio.sleep(0)
+        for _ in range(50):
+            if transport.out:
+                break
+            await asyncio.sleep(0.01)
+        return bytes(transport.out)
+
+    reply = asyncio.run(exchange())
+    if refused:
+        assert reply.startswith(b"HTTP/1.1 400 ") and b"larger pieces" in reply and b'"invalid_request"' in reply, reply[:300]
+    else:
+        assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(str(piece * n).encode()), reply[:300]

@@ -2,12 +2,13 @@
 Content-Length, a garbage request line, a malformed header) is refused by the protocol before
 any ASGI code runs, with a plain-text 400. BentoML starts uvicorn itself with `http="auto"` and
 no way to pass a protocol class, so `install_json_400` makes "auto" name a subclass of the
-protocol it would pick whose changes are that 400's body and, on uvicorn's pure-Python h11
-protocol, a cap on tiny body pieces: h11 parses each chunk of a chunked body in Python (~13 us
-each), so a 20 MB body sent as 1-byte chunks (20 million of them) would cost the front minutes of
-CPU; more than `MAX_SMALL_PIECES` pieces averaging under `MIN_MEAN_PIECE_BYTES` are refused with
-a 400 there. Called by serving/service.py at import, which in a worker happens before uvicorn
-resolves "auto"."""
+protocol it would pick (httptools when installed, as requirements/serve.txt pins; else h11) whose
+changes are that 400's body and a cap on tiny body pieces: each chunk of a chunked body costs
+Python work (h11 parses it in Python, ~13 us; httptools calls uvicorn's `on_body` for it, which
+re-copies the body buffered so far), so a 20 MB body sent as 1-byte chunks (20 million of them)
+would cost the front minutes of CPU; more than `MAX_SMALL_PIECES` pieces averaging under
+`MIN_MEAN_PIECE_BYTES` are refused with a 400. Called by serving/service.py at import, which in a
+worker happens before uvicorn resolves "auto"."""
 from __future__ import annotations
 
 from .errors import error_body
@@ -19,6 +20,23 @@ MAX_SMALL_PIECES = 4096
 MIN_MEAN_PIECE_BYTES = 256
 
 
+class _PieceCount:
+    """One request's body pieces; `add` returns the refusal once the flood rule is broken."""
+
+    __slots__ = ("pieces", "nbytes")
+
+    def __init__(self) -> None:
+        self.pieces = self.nbytes = 0
+
+    def add(self, n: int) -> str:
+        self.pieces += 1
+        self.nbytes += n
+        if self.pieces > MAX_SMALL_PIECES and self.nbytes < self.pieces * MIN_MEAN_PIECE_BYTES:
+            return (f"more than {MAX_SMALL_PIECES} body chunks averaging under "
+                    f"{MIN_MEAN_PIECE_BYTES} bytes; send the body in larger pieces")
+        return ""
+
+
 def _count_pieces(proto, next_event):
     """`h11.Connection.next_event`, counting each request's body pieces (chunks or reads)."""
     import h11
@@ -27,13 +45,10 @@ def _count_pieces(proto, next_event):
         event = next_event()
         kind = type(event)
         if kind is h11.Request:
-            proto._pieces = proto._piece_bytes = 0
+            proto._count = _PieceCount()
         elif kind is h11.Data:
-            proto._pieces += 1
-            proto._piece_bytes += len(event.data)
-            if proto._pieces > MAX_SMALL_PIECES and proto._piece_bytes < proto._pieces * MIN_MEAN_PIECE_BYTES:
-                proto._refusal = (f"more than {MAX_SMALL_PIECES} body chunks averaging under "
-                                  f"{MIN_MEAN_PIECE_BYTES} bytes; send the body in larger pieces")
+            proto._refusal = proto._count.add(len(event.data))
+            if proto._refusal:
                 raise h11.RemoteProtocolError(proto._refusal)  # uvicorn answers it with send_400_response
         return event
     return counted
@@ -45,11 +60,22 @@ def _json_400(base: type) -> type:
 
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
-            self._pieces = self._piece_bytes = 0
+            self._count = _PieceCount()
             self._refusal = ""
-            conn = getattr(self, "conn", None)  # h11's parser (httptools parses chunks in C: no cap needed)
+            conn = getattr(self, "conn", None)  # h11's parser
             if conn is not None and hasattr(conn, "next_event"):
                 conn.next_event = _count_pieces(self, conn.next_event)
+
+        if hasattr(base, "on_body"):  # httptools: the parser calls these methods of the protocol
+            def on_message_begin(self) -> None:
+                super().on_message_begin()
+                self._count = _PieceCount()
+
+            def on_body(self, body: bytes) -> None:
+                self._refusal = self._count.add(len(body))
+                if self._refusal:  # httptools raises it as an HttpParserError: send_400_response
+                    raise ValueError(self._refusal)
+                super().on_body(body)
 
         def send_400_response(self, msg: str) -> None:
             if self._refusal:
