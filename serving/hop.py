@@ -19,16 +19,19 @@ of waiting for a restarted encoder behind circus's listening socket.
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import struct
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -43,9 +46,6 @@ _DIR_PREFIX = "clipheads-hop-"
 # under load, profile tiny-c8); above it, the copy would cost more than the extra syscalls.
 _JOIN_BYTES = 256 * 1024
 
-Submit = Callable[[list, float, int], Awaitable[list]]  # ContinuousBatcher.submit(jobs, deadline, coming)
-
-
 class EncoderUnavailable(ConnectionError):
     """The encoder process cannot be reached (dead, restarting, or gone after shutdown)."""
 
@@ -54,55 +54,66 @@ class FrameError(ValueError):
     """A frame that breaks the protocol (sizes over the caps, bad header)."""
 
 
-async def read_frame(reader: asyncio.StreamReader) -> tuple[dict, bytes]:
-    hlen, dlen = _PREFIX.unpack(await reader.readexactly(_PREFIX.size))
+def _sizes(prefix: bytes) -> tuple[int, int]:
+    hlen, dlen = _PREFIX.unpack(prefix)
     if hlen > MAX_HEADER_BYTES or dlen > MAX_DATA_BYTES:
         raise FrameError(f"frame of {hlen} + {dlen} bytes is over the caps")
+    return hlen, dlen
+
+
+def _header(raw: bytes) -> dict:
     try:
-        head = json.loads(await reader.readexactly(hlen))
+        head = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as err:
         raise FrameError("frame header is not JSON") from err
     if not isinstance(head, dict):
         raise FrameError("frame header is not a JSON object")
+    return head
+
+
+def encode_frame(head: dict, chunks: list) -> bytes:
+    h = json.dumps(head, separators=(",", ":")).encode()
+    views = [memoryview(c).cast("B") for c in chunks]
+    return b"".join([_PREFIX.pack(len(h), sum(v.nbytes for v in views)), h, *views])
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[dict, bytes]:
+    hlen, dlen = _sizes(await reader.readexactly(_PREFIX.size))
+    head = _header(await reader.readexactly(hlen))
     return head, (await reader.readexactly(dlen)) if dlen else b""
 
 
-class FrameWriter:
-    """Frames onto one connection. A frame is written with no await inside it, so frames of
-    concurrent calls never interleave. With `coalesce` (the encoder's side), small frames sent in
-    one event-loop iteration (the answers of one pass) leave in one write at its end: one syscall
-    and one wake-up of the reader for all of them. The front sends each request at once: its loop
-    decodes the next requests' images inline, and a frame held behind those decodes would idle
-    the encoder (measured: fuller passes but p99 +45% at c=32, overhead-16-coalesced-frames.md)."""
+def read_frame_blocking(stream: io.BufferedReader) -> tuple[dict, bytes]:
+    """The same frame from a buffered socket file (the encoder's reader threads); EOFError at the end."""
+    def exactly(n: int) -> bytes:
+        data = stream.read(n)
+        if len(data) != n:
+            raise EOFError
+        return data
 
-    def __init__(self, writer: asyncio.StreamWriter, coalesce: bool = False):
+    hlen, dlen = _sizes(exactly(_PREFIX.size))
+    head = _header(exactly(hlen))
+    return head, exactly(dlen) if dlen else b""
+
+
+class FrameWriter:
+    """The front's frames onto its one connection. A frame is written with no await inside it, so
+    frames of concurrent calls never interleave. Each request leaves at once: the front's loop
+    decodes the next requests' images inline, and a frame held behind those decodes would idle the
+    encoder (measured: fuller passes but p99 +45% at c=32, overhead-16-coalesced-frames.md)."""
+
+    def __init__(self, writer: asyncio.StreamWriter):
         self.writer = writer
-        self.coalesce = coalesce
-        self._queued: list[bytes] = []
 
     def send(self, head: dict, chunks: list) -> None:
-        h = json.dumps(head, separators=(",", ":")).encode()
-        views = [memoryview(c).cast("B") for c in chunks]
-        size = sum(v.nbytes for v in views)
-        prefix = _PREFIX.pack(len(h), size) + h
+        size = sum(memoryview(c).nbytes for c in chunks)
         if size > _JOIN_BYTES:  # the copy would cost more than the extra syscalls
-            self.flush()  # what is queued goes first: frames keep their order
-            self.writer.write(prefix)
-            for v in views:
-                self.writer.write(v)
+            h = json.dumps(head, separators=(",", ":")).encode()
+            self.writer.write(_PREFIX.pack(len(h), size) + h)
+            for c in chunks:
+                self.writer.write(memoryview(c).cast("B"))
             return
-        frame = b"".join([prefix, *views])  # one write, one syscall, one wake-up of the reader
-        if not self.coalesce:
-            self.writer.write(frame)
-            return
-        if not self._queued:
-            asyncio.get_running_loop().call_soon(self.flush)
-        self._queued.append(frame)
-
-    def flush(self) -> None:
-        if self._queued and not self.writer.is_closing():
-            self.writer.write(self._queued[0] if len(self._queued) == 1 else b"".join(self._queued))
-        self._queued.clear()
+        self.writer.write(encode_frame(head, chunks))  # one write, one syscall, one wake-up of the reader
 
     async def drain(self) -> None:
         await self.writer.drain()
@@ -141,8 +152,6 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _listening(sock_path: Path) -> bool:
-    import socket
-
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
         try:
@@ -166,46 +175,116 @@ def sweep_stale_dirs(root: Optional[str] = None) -> None:
             continue
 
 
-class HopServer:
-    """The encoder's listener: each `encode` frame becomes one `submit(jobs, deadline, coming)`."""
+class _Connection:
+    """One front's connection on the encoder side. Answers queue here as the runner delivers
+    them; `flush` sends everything queued in one write after each pass (one syscall and one
+    wake-up of the front for all of a pass's answers)."""
 
-    def __init__(self, submit: Submit, max_images: int = 256):
-        self.submit = submit
+    def __init__(self, sock: socket.socket, send_timeout_s: float):
+        sock.settimeout(send_timeout_s)  # a front that stops reading is dropped, never the runner stalled
+        self.sock = sock
+        self._queued: list[bytes] = []
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def queue(self, frame: bytes) -> None:
+        with self._lock:
+            if not self.closed:
+                self._queued.append(frame)
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._queued or self.closed:
+                return
+            data = self._queued[0] if len(self._queued) == 1 else b"".join(self._queued)
+            self._queued.clear()
+            try:
+                self.sock.sendall(data)
+            except OSError as err:  # gone, or not reading for send_timeout_s
+                log.warning("hop: dropping a front connection: %s", err)
+                self._close_locked()
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._queued.clear()
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)  # wakes this connection's reader thread
+            except OSError:
+                pass
+            self.sock.close()
+
+
+class HopServer:
+    """The encoder's listener. No event loop: an accept thread, one reader thread per front
+    connection, each `encode` frame handed to the batcher's queue (`submit_nowait`); the answers
+    of a pass go out together when the batcher says the pass is done."""
+
+    def __init__(self, batcher: Any, max_images: int = 256, send_timeout_s: float = 10.0):
+        self.batcher = batcher  # submit_nowait(jobs, deadline, coming, deliver) + add_pass_listener
         self.max_images = max_images
+        self.send_timeout_s = send_timeout_s
         self.dir: Optional[Path] = None
         self.path = ""
-        self._server: Optional[asyncio.base_events.Server] = None
+        self._listener: Optional[socket.socket] = None
+        self._conns: set[_Connection] = set()
+        self._lock = threading.Lock()
+        batcher.add_pass_listener(self._flush)
 
-    async def start(self) -> str:
+    def start(self) -> str:
         sweep_stale_dirs()
         self.dir = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-"))  # 0700: this user only
         self.path = str(self.dir / "encoder.sock")
-        self._server = await asyncio.start_unix_server(self._connection, path=self.path, limit=1 << 20)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self.path)
+        self._listener.listen(64)
+        threading.Thread(target=self._accept, args=(self._listener,), name="hop-accept", daemon=True).start()
         return self.path
 
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+    def close(self) -> None:
+        """Stop listening (open connections finish their calls: the drain)."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the accept thread
+            except OSError:
+                pass
+            listener.close()
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        calls: set[asyncio.Task] = set()
-        out = FrameWriter(writer, coalesce=True)
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return  # closed
+            conn = _Connection(sock, self.send_timeout_s)
+            with self._lock:
+                self._conns.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), name="hop-reader", daemon=True).start()
+
+    def _serve(self, conn: _Connection) -> None:
+        stream = conn.sock.makefile("rb", buffering=1 << 20)  # many frames per recv under load
         try:
             while True:
-                head, data = await read_frame(reader)
-                t = asyncio.ensure_future(self._encode(head, data, out))
-                calls.add(t)
-                t.add_done_callback(calls.discard)
-        except (asyncio.IncompleteReadError, ConnectionError):
+                head, data = read_frame_blocking(stream)
+                self._encode(conn, head, data)
+        except (EOFError, OSError):
             pass  # the front closed its end (it exited, or dropped the connection)
         except FrameError as err:
             log.warning("hop: dropping a connection: %s", err)
         finally:
-            writer.close()
+            stream.close()
+            conn.close()
+            with self._lock:
+                self._conns.discard(conn)
 
-    async def _encode(self, head: dict, data: bytes, writer: FrameWriter) -> None:
+    def _encode(self, conn: _Connection, head: dict, data: bytes) -> None:
         rid = head.get("id", 0)
         try:
             shape = tuple(int(x) for x in head["shape"])
@@ -216,16 +295,27 @@ class HopServer:
             pixels = np.frombuffer(data, np.uint8).reshape(shape)
             jobs = [{"paths": paths, "pixels": pixels[i]} for i in range(shape[0])]
             coming = max(0, int(head.get("coming") or 0))  # the front's requests on their way here
-            out, arrays = pack_results(rid, await self.submit(jobs, float(head.get("deadline") or 0.0), coming), paths)
+            deadline = float(head.get("deadline") or 0.0)
         except (KeyError, TypeError, ValueError) as err:
             log.warning("hop: bad encode frame: %s", err)
-            out, arrays = {"id": rid, "version": "", "errors": ["internal"]}, []
-        if not writer.writer.is_closing():
-            writer.send(out, arrays)
-            try:
-                await writer.drain()
-            except ConnectionError:
-                pass
+            conn.queue(encode_frame({"id": rid, "version": "", "errors": ["internal"]}, []))
+            conn.flush()
+            return
+
+        def deliver(results: list) -> None:
+            conn.queue(encode_frame(*pack_results(rid, results, paths)))
+
+        try:
+            self.batcher.submit_nowait(jobs, deadline, coming, deliver, abandoned=lambda: conn.closed)
+        except RuntimeError:  # the batcher closed: this encoder is shutting down
+            conn.queue(encode_frame({"id": rid, "version": "", "errors": ["internal"]}, []))
+            conn.flush()
+
+    def _flush(self) -> None:
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            conn.flush()
 
 
 # ---- front side --------------------------------------------------------------------------------

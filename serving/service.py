@@ -90,7 +90,7 @@ class Encoder:
         self.fronts = FrontRegistry(CONFIG.grace_s)
         self.batcher = ContinuousBatcher(self.slot, CONFIG.max_batch_size, CONFIG.batch_wait_ms)
         # the front's encode calls (hop.py); BentoML's own route below stays for in-process use
-        self.hop = HopServer(self.batcher.submit, max_images=max(CONFIG.max_images, CONFIG.max_examples))
+        self.hop = HopServer(self.batcher, max_images=max(CONFIG.max_images, CONFIG.max_examples))
         try:
             self.runtime.warmup()
         except Exception as err:  # noqa: BLE001 - reported through readiness, not a crash loop
@@ -121,12 +121,12 @@ class Encoder:
         chain_exit_signals(self.fronts.on_exit_signal)
 
     @bentoml.on_startup
-    async def _start_hop(self) -> None:
-        await self.hop.start()
+    def _start_hop(self) -> None:
+        self.hop.start()
 
     @bentoml.on_shutdown
-    async def _stop_runner(self) -> None:
-        await self.hop.close()
+    def _stop_runner(self) -> None:
+        self.hop.close()
         self.batcher.close()
 
     @bentoml.api

@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -34,10 +34,35 @@ log = logging.getLogger("clipheads.serving")
 # waiting for the one coming request cost 28% of its img/s).
 MIN_COMING = 4
 
+Deliver = Callable[[list], None]  # called on the runner thread with one request's per-image results
+
+
+class _Call:
+    __slots__ = ("jobs", "deadline", "deliver", "abandoned")
+
+    def __init__(self, jobs: list, deadline: float, deliver: Deliver, abandoned: Callable[[], bool]):
+        self.jobs, self.deadline, self.deliver, self.abandoned = jobs, deadline, deliver, abandoned
+
+
+def _never() -> bool:
+    return False
+
+
+def _settle(fut: asyncio.Future, res: list) -> None:
+    if not fut.done():
+        fut.set_result(res)
+
 
 class ContinuousBatcher:
     """jobs: one per image of ONE request, {"paths": [int], "pixels": (3, S, S) uint8} -> per image
-    {"logits": {path: (C_path,)}, "features": {path: (E,)}, "version"} or {"error": kind, "version"}."""
+    {"logits": {path: (C_path,)}, "features": {path: (E,)}, "version"} or {"error": kind, "version"}.
+
+    The queue and the runner are plain threads, no event loop: the hop (hop.py) reads frames on
+    its own threads and hands them in with `submit_nowait`; the runner runs the pass, delivers
+    each request's rows and then tells the pass listeners (the hop writes all answers of the pass
+    at once). asyncio's tasks, futures and executor wake-ups for each request cost the encoder
+    about as much CPU as the tiny model itself (profile tiny-c32-amd-uvloop). `submit` is the same
+    for coroutines (BentoML's `encode` route)."""
 
     def __init__(self, slot: HeadSlot, max_batch: int = 64, wait_ms: int = 0):
         self.slot = slot
@@ -45,86 +70,113 @@ class ContinuousBatcher:
         self.wait_ms = wait_ms
         self.coming = 0  # the latest arrival's count of the front's requests still on their way
         self.waits = 0  # passes that waited for coming requests
-        self._queue: collections.deque = collections.deque()
-        self._wake = asyncio.Event()
-        self._runner: Optional[asyncio.Future] = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
+        self._queue: collections.deque[_Call] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._runner: Optional[threading.Thread] = None
+        self._pass_listeners: list[Callable[[], None]] = []
+
+    def add_pass_listener(self, listener: Callable[[], None]) -> None:
+        """`listener()` runs on the runner thread after every pass has delivered its results."""
+        self._pass_listeners.append(listener)
+
+    def submit_nowait(self, jobs: list[Any], deadline: float, coming: int, deliver: Deliver,
+                      abandoned: Callable[[], bool] = _never) -> None:
+        """Queue one request; `deliver(results)` runs on the runner thread. `deadline` (epoch
+        seconds, 0 = none): the front has given up after it, the pass skips it. `coming`: the
+        front's other requests admitted but not yet sent here (0: none, or unknown)."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the encoder's batcher is closed")
+            self.coming = max(0, int(coming))
+            self._queue.append(_Call(jobs, float(deadline or 0.0), deliver, abandoned))
+            ENCODER_QUEUE.inc(len(jobs))
+            if self._runner is None:
+                self._runner = threading.Thread(target=self._run_batches, name="encoder", daemon=True)
+                self._runner.start()
+            self._cond.notify()
 
     async def submit(self, jobs: list[Any], deadline: float = 0.0, coming: int = 0) -> list[Any]:
-        """`deadline` (epoch seconds, 0 = none): the front has given up after it; the pass skips it.
-        `coming`: the front's other requests admitted but not yet sent here (0: none, or unknown)."""
         loop = asyncio.get_running_loop()
-        self.coming = max(0, int(coming))
         fut = loop.create_future()
-        self._queue.append((jobs, float(deadline or 0.0), fut))
-        ENCODER_QUEUE.inc(len(jobs))
-        self._wake.set()
-        if self._runner is None or self._runner.done():
-            self._runner = asyncio.ensure_future(self._run_batches())
+        self.submit_nowait(jobs, deadline, coming, lambda res: loop.call_soon_threadsafe(_settle, fut, res),
+                           abandoned=fut.done)  # a cancelled caller's work is skipped
         return await fut
 
     def close(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
-        self._pool.shutdown(wait=False)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
     def _queued(self) -> int:
-        return sum(len(jobs) for jobs, _, _ in self._queue)
+        return sum(len(c.jobs) for c in self._queue)
 
-    async def _gather(self, cap: int) -> None:
-        """Wait up to `wait_ms` while the latest arrival says requests are still on their way."""
+    def _gather(self, cap: int) -> None:
+        """(lock held) Wait up to `wait_ms` while the latest arrival says requests are still on their way."""
         if self.wait_ms <= 0 or self.coming < MIN_COMING or self._queued() >= cap:
             return
         self.waits += 1
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.wait_ms / 1000
-        while self.coming > 0 and self._queued() < cap:
-            left = deadline - loop.time()
+        deadline = time.monotonic() + self.wait_ms / 1000
+        while self.coming > 0 and self._queued() < cap and not self._closed:
+            left = deadline - time.monotonic()
             if left <= 0:
                 return
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), left)
-            except asyncio.TimeoutError:
-                return
+            self._cond.wait(left)  # every arrival notifies: it may say that none are left
 
-    async def _run_batches(self) -> None:
-        loop = asyncio.get_running_loop()
-        cap = self.max_batch
+    def _take(self, cap: int) -> list[_Call]:
+        """(lock held) Everything queued, up to `cap` images; expired and abandoned calls are answered or dropped."""
+        take, n, now = [], 0, time.time()
+        while self._queue and (n == 0 or n + len(self._queue[0].jobs) <= cap):
+            call = self._queue.popleft()
+            ENCODER_QUEUE.dec(len(call.jobs))
+            if call.abandoned():
+                continue
+            if call.deadline and now > call.deadline:  # the front already answered 504: skip the work
+                self._deliver(call, [{"error": "timeout"}] * len(call.jobs))
+                continue
+            take.append(call)
+            n += len(call.jobs)
+        return take
+
+    def _run_batches(self) -> None:
         while True:
-            if not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            await self._gather(cap)
-            take, n, now = [], 0, time.time()
-            while self._queue and (n == 0 or n + len(self._queue[0][0]) <= cap):
-                jobs, deadline, fut = self._queue.popleft()
-                ENCODER_QUEUE.dec(len(jobs))
-                if fut.done():
-                    continue
-                if deadline and now > deadline:  # the front already answered 504: skip the work
-                    fut.set_result([{"error": "timeout"}] * len(jobs))
-                    continue
-                take.append((jobs, fut))
-                n += len(jobs)
-            if not take:
-                continue
-            flat = [j for jobs, _ in take for j in jobs]
-            ENCODER_BATCH.observe(len(flat))
-            head = self.slot.current  # one version for the whole pass (a swap lands between passes)
-            try:
-                res = await loop.run_in_executor(self._pool, encode_isolated, head.runtime, flat)
-            except Exception:  # noqa: BLE001 - never let the runner die
-                log.exception("encoder pass failed")
-                res = [{"error": "internal"}] * len(flat)
-            for r in res:
-                r.setdefault("version", head.version)
-            i = 0
-            for jobs, fut in take:
-                if not fut.done():
-                    fut.set_result(res[i:i + len(jobs)])
-                i += len(jobs)
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                self._gather(self.max_batch)
+                take = self._take(self.max_batch)
+            if take:
+                self._run_pass(take)
+            for listener in self._pass_listeners:
+                try:
+                    listener()
+                except Exception:  # noqa: BLE001 - never let the runner die
+                    log.exception("encoder pass listener failed")
+
+    def _run_pass(self, take: list[_Call]) -> None:
+        flat = [j for c in take for j in c.jobs]
+        ENCODER_BATCH.observe(len(flat))
+        head = self.slot.current  # one version for the whole pass (a swap lands between passes)
+        try:
+            res = encode_isolated(head.runtime, flat)
+        except Exception:  # noqa: BLE001 - never let the runner die
+            log.exception("encoder pass failed")
+            res = [{"error": "internal"}] * len(flat)
+        for r in res:
+            r.setdefault("version", head.version)
+        i = 0
+        for call in take:
+            self._deliver(call, res[i:i + len(call.jobs)])
+            i += len(call.jobs)
+
+    @staticmethod
+    def _deliver(call: _Call, res: list) -> None:
+        try:
+            call.deliver(res)
+        except Exception:  # noqa: BLE001 - one caller's failure is not the pass's
+            log.exception("delivering an encoder result failed")
 
 
 def encode_isolated(runtime: Runtime, jobs: list[Any]) -> list[Any]:
