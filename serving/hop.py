@@ -181,7 +181,10 @@ class _Connection:
     wake-up of the front for all of a pass's answers)."""
 
     def __init__(self, sock: socket.socket, send_timeout_s: float):
-        sock.settimeout(send_timeout_s)  # a front that stops reading is dropped, never the runner stalled
+        # A front that stops reading is dropped, never the runner stalled. SO_SNDTIMEO, not
+        # settimeout(): the socket stays blocking, so reads and writes are one syscall each (no poll).
+        sec = int(send_timeout_s)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", sec, int((send_timeout_s - sec) * 1e6)))
         self.sock = sock
         self._queued: list[bytes] = []
         self._lock = threading.Lock()

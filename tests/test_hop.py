@@ -151,7 +151,7 @@ class RecordingSocket:
     def __init__(self):
         self.writes: list[bytes] = []
 
-    def settimeout(self, t) -> None:
+    def setsockopt(self, *args) -> None:
         pass
 
     def sendall(self, data) -> None:
