@@ -15,6 +15,10 @@ BentoML deleting its socket directory at shutdown never cuts this path (drain.py
 per front process, calls multiplexed by id. When the encoder dies, the connection ends and every
 call on it fails at once with `EncoderUnavailable` (the front answers 503 + Retry-After) instead
 of waiting for a restarted encoder behind circus's listening socket.
+
+The front's side is asyncio (it lives in uvicorn's loop); the encoder's side is plain threads
+(`HopServer`), which hand frames straight to the batcher's queue: no task, future or executor
+wake-up per request (bench/serving/encoder_hop.py).
 """
 from __future__ import annotations
 
