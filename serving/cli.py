@@ -2,16 +2,20 @@
 
 The service reads its configuration from `CLIPHEADS_*` environment variables (front/config.py
 `ServeConfig`); this command sets them from flags, binds loopback by default and turns BentoML's
-usage tracking off unless `--allow-tracking` is given.
+usage tracking off unless `--allow-tracking` is given. Several front workers without a task store
+share their few-shot tasks through a private directory that lives as long as the server (the
+single front's in-memory store has the same lifetime; `--tasks-dir` keeps them).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -24,6 +28,7 @@ from .tasks import redact
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVICE = "clipheads.serving.service:ClipHeads"
+PRIVATE_TASKS_DIR = "<a private directory, made at start and removed at exit>"  # what --dry-run shows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--front-workers", type=int, default=None, metavar="N",
                    help="HTTP front processes on the port, one encoder behind them (default 1; more for many cores "
-                        "feeding a GPU; needs --tasks-dir or --tasks-store)")
+                        "feeding a GPU; without --tasks-dir/--tasks-store they share a private task directory, "
+                        "removed at exit)")
     p.add_argument("--timeout", type=int, default=None,
                    help="seconds a request may take once its body has arrived (default 30, then 504)")
     p.add_argument("--body-timeout", type=float, default=None,
@@ -71,9 +77,14 @@ def check_tasks_store(args: argparse.Namespace) -> Optional[str]:
     problem = tasks_store_problem(store)
     if problem:
         return problem
-    # what the service will see: the flags, else the environment the server inherits
+    return None
+
+
+def needs_private_tasks_dir(args: argparse.Namespace) -> bool:
+    """Several fronts and no task store, from the flags or the environment the server inherits."""
     inherited = ServeConfig.from_env()
-    return front_workers_problem(args.front_workers or inherited.front_workers, store or inherited.tasks_store)
+    store = args.tasks_store or args.tasks_dir or inherited.tasks_store
+    return front_workers_problem(args.front_workers or inherited.front_workers, store) is not None
 
 
 def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
@@ -150,7 +161,22 @@ def _serve(args) -> int:
     problem = check_tasks_store(args)
     if problem:
         raise console.BadInput(problem)
+    private = needs_private_tasks_dir(args)  # the fronts must see each other's tasks (startup.py)
+    if private and not args.dry_run:
+        args.tasks_dir = tempfile.mkdtemp(prefix="clipheads-tasks-")
+        console.info(f"clipheads serve: the front workers share few-shot tasks through {args.tasks_dir} "
+                     "(removed at exit; --tasks-dir DIR keeps them)", args.quiet)
+    try:
+        return _run(args, src, private)
+    finally:
+        if private and args.tasks_dir:
+            shutil.rmtree(args.tasks_dir, ignore_errors=True)
+
+
+def _run(args, src: Path, private: bool) -> int:
     cmd, env = serve_command(args)
+    if private and args.dry_run:
+        env["CLIPHEADS_TASKS_STORE"] = PRIVATE_TASKS_DIR
     shown = {k: redact(env[k]) if k == "CLIPHEADS_TASKS_STORE" else env[k]
              for k in sorted(env) if k.startswith("CLIPHEADS_") and k != "CLIPHEADS_AUTH_TOKEN"}
     if args.dry_run:

@@ -1,19 +1,21 @@
 """`clipheads serve --front-workers 2`: two real HTTP front processes on one port, one encoder.
 
 Both fronts answer (each one's CPU time grows under concurrent requests on fresh connections), with
-the same answers; a few-shot task registered through one front is used through the other (the shared
-task directory); SIGTERM drains the requests in flight on both fronts (the encoder outlives every
-front that registered with it) and exits 0; without a shared task store the flag is refused before
-anything starts. The encoder is wrapped by tests/fault_runtime.py: a solid image whose red channel
+the same answers; a few-shot task registered through one front is used through the other (given no
+task store, `clipheads serve` makes them a private shared directory); SIGTERM drains the requests in
+flight on both fronts (the encoder outlives every front that registered with it), exits 0 and removes
+that directory; the service itself refuses several fronts without a shared task store. The encoder is wrapped by tests/fault_runtime.py: a solid image whose red channel
 is 3 makes its pass take BUSY_S.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -52,7 +54,7 @@ def two_fronts(tmp_path_factory):
     d = tmp_path_factory.mktemp("fronts")
     env = {"CLIPHEADS_RUNTIME_HOOK": "fault_runtime:wrap", "CLIPHEADS_FAULT_BUSY_S": str(BUSY_S),
            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    server = Server(make_micro_head(d), d / "tasks", d / "server.log", env_extra=env,
+    server = Server(make_micro_head(d), None, d / "server.log", env_extra=env,  # no store: the CLI makes one
                     args=("--front-workers", "2", "--grace", str(GRACE_S)))
     yield server
     server.stop()
@@ -101,19 +103,26 @@ def test_sigterm_drains_the_requests_in_flight_on_both_fronts(two_fronts):
     assert codes == [200] * 16, codes
     assert two_fronts.proc.wait(GRACE_S + 10) == 0
     assert time.perf_counter() - t < GRACE_S + 5
+    two_fronts.log.flush()
+    private = re.search(r"share few-shot tasks through (\S+)", Path(two_fronts.log.name).read_text()).group(1)
+    assert "clipheads-tasks-" in private and not Path(private).exists()  # removed with the server
 
 
-def test_several_fronts_without_a_shared_task_store_are_refused(tmp_path, capsys):
-    from clipheads.serving.cli import main
+def test_several_fronts_without_a_task_store_get_a_private_one_and_the_service_refuses_none(tmp_path, capsys):
+    from clipheads.serving.cli import PRIVATE_TASKS_DIR, main
     from clipheads.serving.startup import startup_problem
 
     head = make_micro_head(tmp_path)
     assert "shared few-shot task store" in startup_problem(str(head), "", 2)  # what the service checks
     assert startup_problem(str(head), str(tmp_path / "tasks"), 2) is None
     assert startup_problem(str(head), "", 1) is None
-    assert main([str(head), "--front-workers", "2", "--dry-run"]) == 2
-    assert "need a shared few-shot task store (--tasks-dir DIR or --tasks-store URL)" in capsys.readouterr().err
+    assert main([str(head), "--front-workers", "2", "--dry-run", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["env"]
+    assert shown["CLIPHEADS_TASKS_STORE"] == PRIVATE_TASKS_DIR and shown["CLIPHEADS_FRONT_WORKERS"] == "2"
     assert main([str(head), "--front-workers", "0", "--dry-run"]) == 2
     assert "--front-workers must be at least 1" in capsys.readouterr().err
-    assert main([str(head), "--front-workers", "2", "--tasks-dir", str(tmp_path / "tasks"), "--dry-run", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["env"]["CLIPHEADS_FRONT_WORKERS"] == "2"
+    tasks = tmp_path / "tasks"
+    assert main([str(head), "--front-workers", "2", "--tasks-dir", str(tasks), "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["env"]["CLIPHEADS_TASKS_STORE"] == str(tasks.resolve())
+    assert main([str(head), "--dry-run", "--json"]) == 0  # one front: its in-memory store, nothing made
+    assert "CLIPHEADS_TASKS_STORE" not in json.loads(capsys.readouterr().out)["env"]
