@@ -6,6 +6,7 @@ each image with its own marker, so every request can be checked to get its own r
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -117,3 +118,50 @@ def test_a_promise_nobody_keeps_costs_wait_ms_once():
     t0 = time.perf_counter()
     asyncio.run(broken_promise())
     assert 0.25 < time.perf_counter() - t0 < 2.0 and rt.sizes == [1, 1] and batcher.waits == 1
+
+
+class GatedRuntime(MarkerRuntime):
+    """A MarkerRuntime whose passes wait for `gate`: calls queue up behind the first one."""
+
+    def __init__(self):
+        super().__init__(0.0)
+        self.gate = threading.Event()
+
+    def run_path(self, path: int, pixels: np.ndarray):
+        self.gate.wait(5)
+        return super().run_path(path, pixels)
+
+
+def test_expired_abandoned_and_failing_deliveries_leave_the_runner_serving():
+    """submit_nowait (the hop's path): a call past its deadline is answered "timeout" without a pass,
+    an abandoned one (its front connection closed) is never computed, a deliver that raises does
+    not stop the runner, and the pass listeners run after each pass."""
+    rt = GatedRuntime()
+    batcher = ContinuousBatcher(Slot(rt), max_batch=64)
+    got: dict[str, list] = {}
+    done = threading.Event()
+    passes: list[int] = []
+    batcher.add_pass_listener(lambda: passes.append(len(rt.sizes)))
+
+    def keep(name):
+        def deliver(res):
+            got[name] = res
+            if name == "last":
+                done.set()
+        return deliver
+
+    def explode(res):
+        raise RuntimeError("the front's side failed")
+
+    batcher.submit_nowait([job(0)], 0.0, 0, keep("first"))  # holds the runner until the gate opens
+    time.sleep(0.1)
+    batcher.submit_nowait([job(1)], time.time() - 1, 0, keep("expired"))
+    batcher.submit_nowait([job(2)], 0.0, 0, keep("abandoned"), abandoned=lambda: True)
+    batcher.submit_nowait([job(3)], 0.0, 0, explode)
+    batcher.submit_nowait([job(4)], 0.0, 0, keep("last"))
+    rt.gate.set()
+    assert done.wait(5)
+    batcher.close()
+    assert got["expired"] == [{"error": "timeout"}] and "abandoned" not in got
+    assert int(got["first"][0]["logits"][0][0]) == 0 and int(got["last"][0]["logits"][0][0]) == 4
+    assert rt.sizes == [1, 2] and passes[-1] == 2  # job 0 alone, then 3 and 4; 1 and 2 never computed

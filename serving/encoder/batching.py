@@ -7,9 +7,10 @@ idle server adds no wait. When the front says a backlog of its requests is on it
 sent with each request: admitted there, not yet here; at least MIN_COMING), a pass waits up to
 `wait_ms` for them and stops as soon as the latest arrival says fewer are left: fewer, larger passes
 cost less CPU per image when the cores are saturated, while a lone client or a few never wait (their
-pass overlaps the front's decoding of the next request; bench/serving/results/README.md). One runtime pass per distinct path; if it raises, each image is retried
-alone, so a failure fails only the request(s) that cause it. Work whose front request already timed
-out (its `deadline` passed) is skipped.
+pass overlaps the front's decoding of the next request; bench/serving/results/README.md). One
+runtime pass per distinct path; if it raises, each image is retried alone, so a failure fails only
+the request(s) that cause it. Work whose front request already timed out (its `deadline` passed)
+is answered "timeout" without a pass; work nobody waits for any more (`abandoned`) is skipped.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import collections
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -37,11 +39,12 @@ MIN_COMING = 4
 Deliver = Callable[[list], None]  # called on the runner thread with one request's per-image results
 
 
+@dataclass(slots=True)
 class _Call:
-    __slots__ = ("jobs", "deadline", "deliver", "abandoned")
-
-    def __init__(self, jobs: list, deadline: float, deliver: Deliver, abandoned: Callable[[], bool]):
-        self.jobs, self.deadline, self.deliver, self.abandoned = jobs, deadline, deliver, abandoned
+    jobs: list
+    deadline: float  # epoch seconds, 0 = none
+    deliver: Deliver
+    abandoned: Callable[[], bool]  # True: nobody waits for the answer any more (skip the work)
 
 
 def _never() -> bool:
