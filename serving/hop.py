@@ -35,7 +35,7 @@ import struct
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 
@@ -226,13 +226,22 @@ class _Connection:
             self.sock.close()
 
 
+class Batcher(Protocol):
+    """What the hop needs of encoder/batching.py's ContinuousBatcher."""
+
+    def submit_nowait(self, jobs: list, deadline: float, coming: int, deliver: Callable[[list], None],
+                      abandoned: Callable[[], bool] = ...) -> None: ...
+
+    def add_pass_listener(self, listener: Callable[[], None]) -> None: ...
+
+
 class HopServer:
     """The encoder's listener. No event loop: an accept thread, one reader thread per front
     connection, each `encode` frame handed to the batcher's queue (`submit_nowait`); the answers
     of a pass go out together when the batcher says the pass is done."""
 
-    def __init__(self, batcher: Any, max_images: int = 256, send_timeout_s: float = 10.0):
-        self.batcher = batcher  # submit_nowait(jobs, deadline, coming, deliver) + add_pass_listener
+    def __init__(self, batcher: Batcher, max_images: int = 256, send_timeout_s: float = 10.0):
+        self.batcher = batcher
         self.max_images = max_images
         self.send_timeout_s = send_timeout_s
         self.dir: Optional[Path] = None
@@ -305,9 +314,7 @@ class HopServer:
             deadline = float(head.get("deadline") or 0.0)
         except (KeyError, TypeError, ValueError) as err:
             log.warning("hop: bad encode frame: %s", err)
-            conn.queue(encode_frame({"id": rid, "version": "", "errors": ["internal"]}, []))
-            conn.flush()
-            return
+            return self._refuse(conn, rid)
 
         def deliver(results: list) -> None:
             conn.queue(encode_frame(*pack_results(rid, results, paths)))
@@ -315,8 +322,12 @@ class HopServer:
         try:
             self.batcher.submit_nowait(jobs, deadline, coming, deliver, abandoned=lambda: conn.closed)
         except RuntimeError:  # the batcher closed: this encoder is shutting down
-            conn.queue(encode_frame({"id": rid, "version": "", "errors": ["internal"]}, []))
-            conn.flush()
+            self._refuse(conn, rid)
+
+    @staticmethod
+    def _refuse(conn: _Connection, rid: Any) -> None:
+        conn.queue(encode_frame({"id": rid, "version": "", "errors": ["internal"]}, []))
+        conn.flush()
 
     def _flush(self) -> None:
         with self._lock:
