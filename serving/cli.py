@@ -74,10 +74,7 @@ def check_tasks_store(args: argparse.Namespace) -> Optional[str]:
     store = args.tasks_store or args.tasks_dir or ""
     if args.front_workers is not None and args.front_workers < 1:
         return "--front-workers must be at least 1"
-    problem = tasks_store_problem(store)
-    if problem:
-        return problem
-    return None
+    return tasks_store_problem(store)
 
 
 def needs_private_tasks_dir(args: argparse.Namespace) -> bool:
@@ -162,15 +159,16 @@ def _serve(args) -> int:
     if problem:
         raise console.BadInput(problem)
     private = needs_private_tasks_dir(args)  # the fronts must see each other's tasks (startup.py)
+    made = None  # only a directory made here is ever removed
     if private and not args.dry_run:
-        args.tasks_dir = tempfile.mkdtemp(prefix="clipheads-tasks-")
-        console.info(f"clipheads serve: the front workers share few-shot tasks through {args.tasks_dir} "
+        made = args.tasks_dir = tempfile.mkdtemp(prefix="clipheads-tasks-")
+        console.info(f"clipheads serve: the front workers share few-shot tasks through {made} "
                      "(removed at exit; --tasks-dir DIR keeps them)", args.quiet)
     try:
         return _run(args, src, private)
     finally:
-        if private and args.tasks_dir:
-            shutil.rmtree(args.tasks_dir, ignore_errors=True)
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
 
 
 def _run(args, src: Path, private: bool) -> int:
