@@ -75,10 +75,14 @@ def _header(raw: bytes) -> dict:
     return head
 
 
-def encode_frame(head: dict, chunks: list) -> bytes:
+def _prefix(head: dict, data_bytes: int) -> bytes:
     h = json.dumps(head, separators=(",", ":")).encode()
+    return _PREFIX.pack(len(h), data_bytes) + h
+
+
+def encode_frame(head: dict, chunks: list) -> bytes:
     views = [memoryview(c).cast("B") for c in chunks]
-    return b"".join([_PREFIX.pack(len(h), sum(v.nbytes for v in views)), h, *views])
+    return b"".join([_prefix(head, sum(v.nbytes for v in views)), *views])
 
 
 async def read_frame(reader: asyncio.StreamReader) -> tuple[dict, bytes]:
@@ -112,8 +116,7 @@ class FrameWriter:
     def send(self, head: dict, chunks: list) -> None:
         size = sum(memoryview(c).nbytes for c in chunks)
         if size > _JOIN_BYTES:  # the copy would cost more than the extra syscalls
-            h = json.dumps(head, separators=(",", ":")).encode()
-            self.writer.write(_PREFIX.pack(len(h), size) + h)
+            self.writer.write(_prefix(head, size))
             for c in chunks:
                 self.writer.write(memoryview(c).cast("B"))
             return

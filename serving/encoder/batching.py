@@ -126,20 +126,21 @@ class ContinuousBatcher:
                 return
             self._cond.wait(left)  # every arrival notifies: it may say that none are left
 
-    def _take(self, cap: int) -> list[_Call]:
-        """(lock held) Everything queued, up to `cap` images; expired and abandoned calls are answered or dropped."""
-        take, n, now = [], 0, time.time()
+    def _take(self, cap: int) -> tuple[list[_Call], list[_Call]]:
+        """(lock held) -> (everything queued up to `cap` images, calls past their deadline);
+        abandoned calls are dropped."""
+        take, expired, n, now = [], [], 0, time.time()
         while self._queue and (n == 0 or n + len(self._queue[0].jobs) <= cap):
             call = self._queue.popleft()
             ENCODER_QUEUE.dec(len(call.jobs))
             if call.abandoned():
                 continue
             if call.deadline and now > call.deadline:  # the front already answered 504: skip the work
-                self._deliver(call, [{"error": "timeout"}] * len(call.jobs))
+                expired.append(call)
                 continue
             take.append(call)
             n += len(call.jobs)
-        return take
+        return take, expired
 
     def _run_batches(self) -> None:
         while True:
@@ -149,7 +150,9 @@ class ContinuousBatcher:
                 if self._closed:
                     return
                 self._gather(self.max_batch)
-                take = self._take(self.max_batch)
+                take, expired = self._take(self.max_batch)
+            for call in expired:  # callbacks run outside the lock: arrivals never wait on them
+                self._deliver(call, [{"error": "timeout"}] * len(call.jobs))
             if take:
                 self._run_pass(take)
             for listener in self._pass_listeners:
