@@ -7,6 +7,9 @@
                                          Encoder (encoder/: head slot + continuous batching
                                                   over a Runtime from runtimes/)
 
+With CLIPHEADS_ENCODER=inline there is no Encoder service: the one ClipHeads process holds the
+encoder's core itself (serving/inline.py).
+
 Start it with `clipheads serve BUNDLE|HEAD` (serving/cli.py) or
 `CLIPHEADS_SOURCE=... bentoml serve clipheads.serving.service:ClipHeads`. Everything is configured
 from environment variables (front/config.py `ServeConfig`), read once at import because BentoML's
@@ -26,8 +29,7 @@ from pydantic import StrictBool, StrictInt
 
 from .bento_speed import install_outermost, pin_output_media_types
 from .drain import FrontRegistry, chain_exit_signals, pin_dependency
-from .encoder.batching import ContinuousBatcher
-from .encoder.heads import HeadIncompatible, HeadLoadError, HeadSlot, load_head
+from .encoder.core import EncoderCore
 from .front import routes
 from .front.config import CONFIG, ServeConfig
 from .front.core import Front
@@ -35,7 +37,8 @@ from .front.fast import FastEntrance, Lane
 from .front.guard import GuardMiddleware
 from .front.http_layer import install_json_400
 from .hop import HopServer
-from .metrics import HEAD_INFO, HEAD_LOAD_FAILURES, install_bounded_labels
+from .inline import InlineEncoder, InlineHop
+from .metrics import install_bounded_labels
 from .process_manager import install_private_endpoints
 from .runtimes import Runtime
 from .startup import startup_problem
@@ -63,58 +66,35 @@ __all__ = ["ClipHeads", "Encoder", "CONFIG", "ServeConfig", "GuardMiddleware"]
     runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
 )
 class Encoder:
-    """Holds the Runtime. Internal only: reached from ClipHeads over a local unix socket."""
+    """Holds the Runtime (encoder/core.py). Internal only: reached from ClipHeads over a local unix socket."""
 
     def __init__(self) -> None:
-        from .model_store import resolve_source
-
-        if not CONFIG.source:
-            raise RuntimeError("set CLIPHEADS_SOURCE to a bundle directory, a *.head.safetensors file or a model tag")
-        # The front (HTTP, decode) shares the cores with ORT: idle intra-op threads must sleep, not
-        # spin (ViT-B/32 on 2 busy cores: 207 -> 115 CPU ms per image at concurrency 1).
-        os.environ.setdefault("CLIPHEADS_ORT_SPIN", "0")
-        source = resolve_source(CONFIG.source)  # path or store tag
-        self._wrap = None
-        hook = os.environ.get("CLIPHEADS_RUNTIME_HOOK", "")
-        if hook:  # diagnostics / fault-injection tests only: "module:callable", runtime -> runtime
-            import importlib
-
-            mod, _, fn = hook.partition(":")
-            self._wrap = getattr(importlib.import_module(mod), fn)
-            log.warning("runtime wrapped by CLIPHEADS_RUNTIME_HOOK=%s", hook)
-        # warmed below: a failing warm-up is reported through readiness, not a crash loop
-        weights = CONFIG.backbone_weights or None
-        self.slot = HeadSlot(load_head(source, CONFIG.runtime, self._wrap, warm=False, weights=weights), weights)
-        HEAD_INFO.labels(version=self.slot.current.version).set(1)
-        self.error: Optional[str] = None
+        self.core = EncoderCore(CONFIG)
         self.fronts = FrontRegistry(CONFIG.grace_s)
-        self.batcher = ContinuousBatcher(self.slot, CONFIG.max_batch_size, CONFIG.batch_wait_ms)
         # the front's encode calls (hop.py); BentoML's own route below stays for in-process use
-        self.hop = HopServer(self.batcher, max_images=max(CONFIG.max_images, CONFIG.max_examples))
-        try:
-            self.runtime.warmup()
-        except Exception as err:  # noqa: BLE001 - reported through readiness, not a crash loop
-            self.error = f"{type(err).__name__}: {err}"
-            log.exception("runtime warm-up failed")
-        log.info("encoder ready: %s on %s (head version %s)", self.runtime.name, CONFIG.source, self.slot.current.version)
+        self.hop = HopServer(self.core.batcher, max_images=max(CONFIG.max_images, CONFIG.max_examples))
+
+    @property
+    def error(self) -> Optional[str]:
+        return self.core.error
 
     @property
     def runtime(self) -> Runtime:
-        return self.slot.current.runtime
+        return self.core.runtime
 
     @bentoml.api
     async def encode(self, jobs: list[Any], deadline: float = 0.0) -> list[Any]:
         """jobs: one per image of ONE request, {"paths": [int], "pixels": (3, S, S) uint8} ->
         per image {"logits": {path: (C_path,)}, "features": {path: (E,)}} or {"error": kind}
         (encoder/batching.py). `deadline` (epoch seconds, 0 = none): the front has given up after it."""
-        return await self.batcher.submit(jobs, deadline)
+        return await self.core.batcher.submit(jobs, deadline)
 
     @bentoml.api
     async def ping(self, front_pid: int = 0) -> dict:
         """Cheap liveness of this process for the front's /readyz (pid changes on a restart).
         A front pings with its pid once warm: on SIGTERM this encoder outlives those fronts."""
         self.fronts.register(int(front_pid))
-        return {"pid": os.getpid(), "error": self.error, "hop": self.hop.path}
+        return {"pid": os.getpid(), "error": self.core.error, "hop": self.hop.path}
 
     @bentoml.on_startup
     def _defer_exit_to_fronts(self) -> None:
@@ -127,49 +107,26 @@ class Encoder:
     @bentoml.on_shutdown
     def _stop_runner(self) -> None:
         self.hop.close()
-        self.batcher.close()
+        self.core.close()
 
     @bentoml.api
     def encode_texts(self, texts: list[str]) -> dict:
-        head = self.slot.current
-        return {"weights": head.runtime.encode_texts(texts), "version": head.version}
+        return self.core.encode_texts(texts)
 
     @bentoml.api
     def info(self) -> dict:
-        head = self.slot.current
-        rt = head.runtime
-        d = rt.describe()
-        d.update(preprocess=rt.preprocess, base_path=rt.base_path, logit_scale=rt.logit_scale, error=self.error,
-                 slices={t.name: list(t.logit_slice) for t in rt.tasks.values()}, version=head.version,
-                 hop=self.hop.path)
-        return d
+        return self.core.info(self.hop.path)
 
     @bentoml.api
     async def reload(self, source: str) -> dict:
         """Load, warm up and check `source` beside the serving head, then swap (encoder/heads.py).
         The serving head keeps answering meanwhile and stays if anything fails."""
-        loop = asyncio.get_running_loop()
-        try:
-            old, new = await loop.run_in_executor(None, self.slot.swap, source, CONFIG.runtime, self._wrap)
-        except (HeadLoadError, HeadIncompatible) as err:
-            reason = "incompatible_head" if isinstance(err, HeadIncompatible) else "head_load_failed"
-            HEAD_LOAD_FAILURES.labels(reason=reason).inc()
-            log.warning("reload of %s refused: %s", source, err)
-            return {"error": reason, "detail": str(err)[:1000]}
-        HEAD_INFO.labels(version=old.version).set(0)
-        HEAD_INFO.labels(version=new.version).set(1)
-        self.error = None
-        return {"version": new.version, "previous": old.version}
+        return await asyncio.get_running_loop().run_in_executor(None, self.core.reload, source)
 
     @bentoml.api
     def check(self) -> dict:
         """Re-run the warm-up pass (readiness probe of the runtime)."""
-        try:
-            self.runtime.warmup()
-            self.error = None
-        except Exception as err:  # noqa: BLE001
-            self.error = f"{type(err).__name__}: {err}"
-        return {"ok": self.error is None, "error": self.error}
+        return self.core.check()
 
     def __is_ready__(self) -> bool:
         return self.error is None
@@ -184,12 +141,16 @@ class Encoder:
     traffic={"timeout": CONFIG.backstop_timeout_s, "max_concurrency": CONFIG.backstop_concurrency},
 )
 class ClipHeads(Front):
-    encoder = bentoml.depends(Encoder)
+    if not CONFIG.inline_encoder:  # inline: no second service, the runtime lives in this process
+        encoder = bentoml.depends(Encoder)
 
     def __init__(self) -> None:
         super().__init__(CONFIG)
-        # the encoder client, through a link to its socket that outlives BentoML's shutdown (drain.py)
-        self.enc, self._enc_link = pin_dependency(self, "encoder", Encoder)
+        if CONFIG.inline_encoder:  # serving/inline.py
+            core = EncoderCore(CONFIG)
+            self.enc, self.hop, self._enc_link = InlineEncoder(core), InlineHop(core), None
+        else:  # the encoder client, through a link to its socket that outlives BentoML's shutdown (drain.py)
+            self.enc, self._enc_link = pin_dependency(self, "encoder", Encoder)
         self.admitted = lambda: LANE.guard.in_flight if LANE.guard is not None else 0
         LANE.bind(self)
 
@@ -198,7 +159,7 @@ class ClipHeads(Front):
         """Runs once in `bentoml serve`'s own process before any worker starts (never at build):
         no or an unknown source, or a task store that is a file, stops the server (exit 1, one
         line) instead of an encoder that restarts forever or a front that is never ready."""
-        problem = startup_problem(CONFIG.source, CONFIG.tasks_store, CONFIG.front_workers)
+        problem = startup_problem(CONFIG.source, CONFIG.tasks_store, CONFIG.front_workers, CONFIG.encoder)
         if problem:
             raise SystemExit(f"clipheads: {problem}")
 

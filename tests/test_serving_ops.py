@@ -33,10 +33,12 @@ TIMEOUT_S, MAX_CONC, GRACE_S, BUSY_S, SLOW_S = 2, 4, 5, 0.8, 3.0
 OK_IMG, RAISE_IMG, SLOW_IMG, BUSY_IMG = (png((200, 20, 20)), png((1, 20, 20)), png((2, 20, 20)), png((3, 20, 20)))
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ops")
+@pytest.fixture(scope="module", params=["process", "inline"])
+def server(request, tmp_path_factory):
+    """Both layouts: the encoder in its own process, and inline in the front's (serving/inline.py)."""
+    d = tmp_path_factory.mktemp(f"ops-{request.param}")
     env = {
+        "CLIPHEADS_ENCODER": request.param,
         "CLIPHEADS_RUNTIME_HOOK": "fault_runtime:wrap",
         "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
         "CLIPHEADS_TIMEOUT_S": str(TIMEOUT_S), "CLIPHEADS_MAX_CONCURRENCY": str(MAX_CONC),
@@ -45,7 +47,7 @@ def server(tmp_path_factory):
     }
     srv = Server(make_micro_head(d), d / "tasks", d / "server.log", env_extra=env,
                  args=("--auth-token", TOKEN, "--grace", str(GRACE_S)))
-    srv.log_path = d / "server.log"
+    srv.log_path, srv.layout = d / "server.log", request.param
     yield srv
     srv.stop()
 
@@ -62,10 +64,12 @@ def classify(server, blob=OK_IMG, tasks='["color"]', timeout=15, **kw):
 def workers(server) -> dict[str, psutil.Process]:
     """{'front': ..., 'encoder': ...} worker processes of this server."""
     out = {}
-    for p in psutil.Process(server.proc.pid).children(recursive=True):
-        cmd = " ".join(p.cmdline())
-        if "_bentoml_impl.worker.service" in cmd:
-            out["encoder" if "clipheads_encoder" in cmd else "front"] = p
+    procs = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+             if "_bentoml_impl.worker.service" in " ".join(p.cmdline())]
+    pids = {p.pid for p in procs}
+    for p in procs:
+        if p.ppid() not in pids:  # a worker, not a worker's own child process
+            out["encoder" if "clipheads_encoder" in " ".join(p.cmdline()) else "front"] = p
     return out
 
 
@@ -106,7 +110,7 @@ def test_listens_only_on_loopback(server):
     listening = [c.laddr for p in procs for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
     assert any(a.port == server.port for a in listening)
     assert listening and all(a.ip in ("127.0.0.1", "::1") for a in listening), listening
-    assert set(workers(server)) == {"front", "encoder"}
+    assert set(workers(server)) == ({"front", "encoder"} if server.layout == "process" else {"front"})
 
 
 # ---- auth against the real server --------------------------------------------------------------
@@ -297,6 +301,18 @@ def test_slow_loris_headers_leave_server_responsive(server):
 def test_readyz_503_when_encoder_dies_then_recovers(server):
     assert httpx.get(server.url + "/readyz", timeout=5).status_code == 200
     before = workers(server)
+    if server.layout == "inline":  # the runtime dies with its front: BentoML starts a new front
+        assert set(before) == {"front"}
+        before["front"].kill()
+        try:  # no answer, or the new front's 503 until it has warmed up
+            code = httpx.get(server.url + "/readyz", timeout=2).status_code
+        except httpx.HTTPError:
+            code = None
+        assert code != 200
+        wait_ready(server, 90)
+        assert workers(server)["front"].pid != before["front"].pid
+        assert classify(server).status_code == 200
+        return
     before["encoder"].kill()
     t = time.perf_counter()
     r = httpx.get(server.url + "/readyz", timeout=5)

@@ -142,7 +142,25 @@ def one_arch(arch: str, batches: list[int], threads: int, rounds: int, compile_:
                                             f"({res['variants'][n]['batches'][str(b)]['images_per_s_median'] / eager:.2f}x)"
                                             for n in runners))
         res["first_call_s"] = first
+        res["static_profile"] = static_profile(static, px, threads, tmp, log)
     return res
+
+
+INT8_GEMM_OPS = ("MatMulIntegerToFloat", "MatMulInteger", "QLinearMatMul", "QLinearConv", "DynamicQuantizeMatMul")
+
+
+def static_profile(path: Path, px: np.ndarray, threads: int, work: Path, log) -> dict:
+    """Where the shipped int8 graph's time goes at the largest batch (ORT's profiler, by op type):
+    the int8 GEMMs' share bounds what any rewrite of the other ops could still win."""
+    from profile_ort import profile
+
+    best, by_op = profile(path, {"pixels": px, "task_index": np.zeros(len(px), np.int64)}, threads, work)
+    total = sum(by_op.values())
+    shares = {op: ms / total for op, ms in sorted(by_op.items(), key=lambda kv: -kv[1])}
+    gemm = sum(shares.get(op, 0.0) for op in INT8_GEMM_OPS)
+    log(f"static int8 profile, batch {len(px)}: int8 GEMMs {gemm:.1%}, attention "
+        f"{shares.get('MultiHeadAttention', 0.0):.1%}")
+    return {"batch": len(px), "kernel_ms": total, "op_share": shares, "int8_gemm_share": gemm}
 
 
 def write_md(r: dict, path: Path) -> None:
@@ -174,6 +192,23 @@ def write_md(r: dict, path: Path) -> None:
                              f"({x['images_per_s_best']:.2f}) | {x['images_per_s_median'] / e:.2f}x | "
                              f"{x['images_per_s_median'] * g:.0f} | {100 * x['images_per_s_median'] * g / roof:.0f}% | "
                              f"{p['top1_agreement']:.0%} ({p['top1_agreement_decided_half']:.0%}) | {p['min_feature_cosine']:.5f} |")
+    lines += ["", "Where the static int8 graph's time goes (ORT profiler by op type, same run) and what that bounds:",
+              "`GEMMs as measured` is the x eager if every op but the int8 GEMMs took no time; `int8 roof` if every "
+              "FLOP of the model ran at the MatMulInteger roof and nothing else cost.", "",
+              "| arch | batch | int8 GEMMs | attention (MHA, fp32) | next ops | x eager now | ceiling: GEMMs as measured | ceiling: int8 roof |",
+              "|---|---|---|---|---|---|---|---|"]
+    for a in r["archs"]:
+        sp = a.get("static_profile")
+        if not sp:
+            continue
+        b = str(sp["batch"])
+        e = a["variants"]["torch-eager"]["batches"][b]["images_per_s_median"]
+        i8 = a["variants"]["ort-int8-static"]["batches"][b]["images_per_s_median"]
+        rest = [f"{op} {v:.1%}" for op, v in sp["op_share"].items()
+                if op not in INT8_GEMM_OPS and op != "MultiHeadAttention"][:3]
+        lines.append(f"| {a['arch']} | {b} | {sp['int8_gemm_share']:.1%} | {sp['op_share'].get('MultiHeadAttention', 0):.1%} "
+                     f"| {', '.join(rest)} | {i8 / e:.2f}x | {i8 / sp['int8_gemm_share'] / e:.2f}x | "
+                     f"{int8_roof / (e * a['gflop_per_image']):.2f}x |")
     lines += ["", "Notes:"]
     for a in r["archs"]:
         s = a["int8_static"]
