@@ -23,7 +23,7 @@ from clipheads.training import console
 
 from .runtimes import RUNTIME_KINDS  # a light import: torch/ORT load only when a runtime opens
 from .front.config import ServeConfig
-from .startup import ENCODER_LAYOUTS, encoder_problem, front_workers_problem, tasks_store_problem
+from .startup import front_workers_problem, tasks_store_problem
 from .tasks import redact
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -48,10 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HTTP front processes on the port, one encoder behind them (default 1; more for many cores "
                         "feeding a GPU; without --tasks-dir/--tasks-store they share a private task directory, "
                         "removed at exit)")
-    p.add_argument("--encoder", choices=ENCODER_LAYOUTS, default=None,
-                   help="process (default): the runtime in its own process behind the front, restarted if it "
-                        "crashes; inline: in the one front's process, less CPU per request, no restart apart "
-                        "from the front's")
     p.add_argument("--timeout", type=int, default=None,
                    help="seconds a request may take once its body has arrived (default 30, then 504)")
     p.add_argument("--body-timeout", type=float, default=None,
@@ -71,16 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_layout(args: argparse.Namespace) -> Optional[str]:
-    """A one-line problem with the layout flags (--tasks-dir/--tasks-store, --front-workers, --encoder), or None."""
+def check_tasks_store(args: argparse.Namespace) -> Optional[str]:
+    """A one-line problem with --tasks-dir/--tasks-store, or None."""
     if args.tasks_dir and args.tasks_store:
         return "give --tasks-dir or --tasks-store, not both"
     store = args.tasks_store or args.tasks_dir or ""
     if args.front_workers is not None and args.front_workers < 1:
         return "--front-workers must be at least 1"
-    inherited = ServeConfig.from_env()
-    problem = encoder_problem(args.encoder or inherited.encoder, args.front_workers or inherited.front_workers)
-    return problem or tasks_store_problem(store)
+    return tasks_store_problem(store)
 
 
 def needs_private_tasks_dir(args: argparse.Namespace) -> bool:
@@ -106,8 +100,6 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         env["CLIPHEADS_MAX_CONCURRENCY"] = str(args.max_concurrency)
     if args.front_workers:
         env["CLIPHEADS_FRONT_WORKERS"] = str(args.front_workers)
-    if args.encoder:
-        env["CLIPHEADS_ENCODER"] = args.encoder
     if args.timeout:
         env["CLIPHEADS_TIMEOUT_S"] = str(args.timeout)
     if args.body_timeout:
@@ -163,7 +155,7 @@ def _serve(args) -> int:
         except (ArtifactError, BackboneError) as err:
             reason = str(err)
             raise console.BadInput(reason if str(src) in reason else f"{src}: {reason}") from None
-    problem = check_layout(args)
+    problem = check_tasks_store(args)
     if problem:
         raise console.BadInput(problem)
     private = needs_private_tasks_dir(args)  # the fronts must see each other's tasks (startup.py)

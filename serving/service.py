@@ -7,9 +7,6 @@
                                          Encoder (encoder/: head slot + continuous batching
                                                   over a Runtime from runtimes/)
 
-With CLIPHEADS_ENCODER=inline there is no Encoder service: the one ClipHeads process holds the
-encoder's core itself (serving/inline.py).
-
 Start it with `clipheads serve BUNDLE|HEAD` (serving/cli.py) or
 `CLIPHEADS_SOURCE=... bentoml serve clipheads.serving.service:ClipHeads`. Everything is configured
 from environment variables (front/config.py `ServeConfig`), read once at import because BentoML's
@@ -37,7 +34,6 @@ from .front.fast import FastEntrance, Lane
 from .front.guard import GuardMiddleware
 from .front.http_layer import install_json_400
 from .hop import HopServer
-from .inline import InlineEncoder, InlineHop
 from .metrics import install_bounded_labels
 from .process_manager import install_private_endpoints
 from .runtimes import Runtime
@@ -141,16 +137,12 @@ class Encoder:
     traffic={"timeout": CONFIG.backstop_timeout_s, "max_concurrency": CONFIG.backstop_concurrency},
 )
 class ClipHeads(Front):
-    if not CONFIG.inline_encoder:  # inline: no second service, the runtime lives in this process
-        encoder = bentoml.depends(Encoder)
+    encoder = bentoml.depends(Encoder)
 
     def __init__(self) -> None:
         super().__init__(CONFIG)
-        if CONFIG.inline_encoder:  # serving/inline.py
-            core = EncoderCore(CONFIG)
-            self.enc, self.hop, self._enc_link = InlineEncoder(core), InlineHop(core), None
-        else:  # the encoder client, through a link to its socket that outlives BentoML's shutdown (drain.py)
-            self.enc, self._enc_link = pin_dependency(self, "encoder", Encoder)
+        # the encoder client, through a link to its socket that outlives BentoML's shutdown (drain.py)
+        self.enc, self._enc_link = pin_dependency(self, "encoder", Encoder)
         self.admitted = lambda: LANE.guard.in_flight if LANE.guard is not None else 0
         LANE.bind(self)
 
@@ -159,7 +151,7 @@ class ClipHeads(Front):
         """Runs once in `bentoml serve`'s own process before any worker starts (never at build):
         no or an unknown source, or a task store that is a file, stops the server (exit 1, one
         line) instead of an encoder that restarts forever or a front that is never ready."""
-        problem = startup_problem(CONFIG.source, CONFIG.tasks_store, CONFIG.front_workers, CONFIG.encoder)
+        problem = startup_problem(CONFIG.source, CONFIG.tasks_store, CONFIG.front_workers)
         if problem:
             raise SystemExit(f"clipheads: {problem}")
 

@@ -37,20 +37,7 @@ def front_workers_problem(front_workers: int, tasks_store: str) -> Optional[str]
     return None
 
 
-ENCODER_LAYOUTS = ("process", "inline")
-
-
-def encoder_problem(encoder: str, front_workers: int) -> Optional[str]:
-    """The inline encoder lives in its one front's process: several fronts would each load the model."""
-    if encoder not in ENCODER_LAYOUTS:
-        return f"CLIPHEADS_ENCODER must be one of {', '.join(ENCODER_LAYOUTS)}, not {encoder!r}"
-    if encoder == "inline" and front_workers > 1:
-        return (f"the inline encoder runs in its one front's process: {front_workers} front workers would load "
-                f"the model {front_workers} times; use the encoder process (the default) with several fronts")
-    return None
-
-
-def startup_problem(source: str, tasks_store: str, front_workers: int = 1, encoder: str = "process") -> Optional[str]:
+def startup_problem(source: str, tasks_store: str, front_workers: int = 1) -> Optional[str]:
     """What stops a server with this configuration from ever serving, or None."""
     from .model_store import ModelStoreError, resolve_source
 
@@ -60,5 +47,4 @@ def startup_problem(source: str, tasks_store: str, front_workers: int = 1, encod
         resolve_source(source)
     except ModelStoreError as err:
         return f"no such bundle or head: {err}"
-    return (encoder_problem(encoder, front_workers) or tasks_store_problem(tasks_store)
-            or front_workers_problem(front_workers, tasks_store))
+    return tasks_store_problem(tasks_store) or front_workers_problem(front_workers, tasks_store)

@@ -117,13 +117,10 @@ def eager(head_file):
     return TorchRuntime(head_file, device="cpu")
 
 
-@pytest.fixture(scope="module", params=["process", "inline"])
-def server(request, head_file, tmp_path_factory):
-    """Every test here runs against both layouts: the encoder in its own process, and inline."""
-    d = tmp_path_factory.mktemp(f"srv-{request.param}")
-    env = {"CLIPHEADS_ENCODER": request.param}
-    srv = Server(head_file, d / "tasks", d / "server.log", env_extra=env)
-    srv.layout, srv.env_extra = request.param, env
+@pytest.fixture(scope="module")
+def server(head_file, tmp_path_factory):
+    d = tmp_path_factory.mktemp("srv")
+    srv = Server(head_file, d / "tasks", d / "server.log")
     srv.tasks_dir = d / "tasks"
     srv.log_path = d / "server.log"
     yield srv
@@ -147,19 +144,6 @@ def expected(eager, blob: bytes, task: str):
 def assert_ok_request(server):
     r = post(server, "/classify", files=[("images", ("a.png", png(), "image/png"))], data={"tasks": '["color"]'})
     assert r.status_code == 200, r.text
-
-
-def test_layout_runs_the_encoder_where_asked(server):
-    """process: a front and an encoder worker; inline: one worker, which holds the runtime itself."""
-    psutil = pytest.importorskip("psutil")
-    procs = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
-             if "_bentoml_impl.worker.service" in " ".join(p.cmdline())]
-    pids = {p.pid for p in procs}
-    workers = [" ".join(p.cmdline()) for p in procs if p.ppid() not in pids]  # not a worker's own children
-    encoders = [c for c in workers if "clipheads_encoder" in c]
-    assert len(encoders) == (1 if server.layout == "process" else 0), workers
-    assert len(workers) - len(encoders) == 1, workers
-    assert_ok_request(server)
 
 
 # ---- correct answers --------------------------------------------------------------------------
@@ -265,7 +249,7 @@ def test_few_shot_register_classify_list_delete_and_restart(server, head_file, e
     assert httpx.delete(server.url + "/tasks/redblue", timeout=10).status_code == 404
     assert httpx.delete(server.url + "/tasks/color", timeout=10).status_code == 409
 
-    srv2 = Server(head_file, server.tasks_dir, server.log_path, env_extra=server.env_extra)
+    srv2 = Server(head_file, server.tasks_dir, server.log_path)
     try:
         names = {t["name"] for t in httpx.get(srv2.url + "/tasks", timeout=10).json()["tasks"]}
         assert names == {"color", "shape", "keep"}

@@ -33,12 +33,10 @@ TIMEOUT_S, MAX_CONC, GRACE_S, BUSY_S, SLOW_S = 2, 4, 5, 0.8, 3.0
 OK_IMG, RAISE_IMG, SLOW_IMG, BUSY_IMG = (png((200, 20, 20)), png((1, 20, 20)), png((2, 20, 20)), png((3, 20, 20)))
 
 
-@pytest.fixture(scope="module", params=["process", "inline"])
-def server(request, tmp_path_factory):
-    """Both layouts: the encoder in its own process, and inline in the front's (serving/inline.py)."""
-    d = tmp_path_factory.mktemp(f"ops-{request.param}")
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ops")
     env = {
-        "CLIPHEADS_ENCODER": request.param,
         "CLIPHEADS_RUNTIME_HOOK": "fault_runtime:wrap",
         "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
         "CLIPHEADS_TIMEOUT_S": str(TIMEOUT_S), "CLIPHEADS_MAX_CONCURRENCY": str(MAX_CONC),
@@ -47,7 +45,7 @@ def server(request, tmp_path_factory):
     }
     srv = Server(make_micro_head(d), d / "tasks", d / "server.log", env_extra=env,
                  args=("--auth-token", TOKEN, "--grace", str(GRACE_S)))
-    srv.log_path, srv.layout = d / "server.log", request.param
+    srv.log_path = d / "server.log"
     yield srv
     srv.stop()
 
@@ -110,7 +108,7 @@ def test_listens_only_on_loopback(server):
     listening = [c.laddr for p in procs for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
     assert any(a.port == server.port for a in listening)
     assert listening and all(a.ip in ("127.0.0.1", "::1") for a in listening), listening
-    assert set(workers(server)) == ({"front", "encoder"} if server.layout == "process" else {"front"})
+    assert set(workers(server)) == {"front", "encoder"}
 
 
 # ---- auth against the real server --------------------------------------------------------------
@@ -301,18 +299,6 @@ def test_slow_loris_headers_leave_server_responsive(server):
 def test_readyz_503_when_encoder_dies_then_recovers(server):
     assert httpx.get(server.url + "/readyz", timeout=5).status_code == 200
     before = workers(server)
-    if server.layout == "inline":  # the runtime dies with its front: BentoML starts a new front
-        assert set(before) == {"front"}
-        before["front"].kill()
-        try:  # no answer, or the new front's 503 until it has warmed up
-            code = httpx.get(server.url + "/readyz", timeout=2).status_code
-        except httpx.HTTPError:
-            code = None
-        assert code != 200
-        wait_ready(server, 90)
-        assert workers(server)["front"].pid != before["front"].pid
-        assert classify(server).status_code == 200
-        return
     before["encoder"].kill()
     t = time.perf_counter()
     r = httpx.get(server.url + "/readyz", timeout=5)

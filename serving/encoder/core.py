@@ -1,9 +1,9 @@
 """`EncoderCore`: what the encoder is, apart from how it is reached.
 
 The head slot, the continuous batcher and the readiness of the runtime, with the calls the front
-makes (info, ping, encode_texts, reload, check). The `Encoder` BentoML service (service.py) serves
-them to its fronts over a unix socket; a one-process server (`CLIPHEADS_ENCODER=inline`,
-encoder/inline.py) holds a core in the front's own process and calls it directly.
+makes (info, encode_texts, reload, check). The `Encoder` BentoML service (service.py) binds it to
+BentoML and to the hop (hop.py): how the fronts reach it is not this module's business. (A front
+holding a core in its own process was measured and not kept: bench/serving/results/README.md.)
 """
 from __future__ import annotations
 
@@ -53,8 +53,6 @@ class EncoderCore:
         self.error: Optional[str] = None
         self.batcher = ContinuousBatcher(self.slot, config.max_batch_size, config.batch_wait_ms)
         self.check()
-        if self.error:
-            log.error("runtime warm-up failed: %s", self.error)
         log.info("encoder ready: %s on %s (head version %s)", self.runtime.name, config.source, self.slot.current.version)
 
     @property
@@ -96,6 +94,7 @@ class EncoderCore:
             self.error = None
         except Exception as err:  # noqa: BLE001 - reported through readiness, not a crash loop
             self.error = f"{type(err).__name__}: {err}"
+            log.exception("runtime warm-up failed")
         return {"ok": self.error is None, "error": self.error}
 
     def close(self) -> None:

@@ -66,14 +66,6 @@ class ServeConfig:
     # Limits above (concurrency, uploads, decode budgets) are per front. More than 1 needs a shared
     # few-shot task store: an in-memory one would give each front its own tasks.
     front_workers: int = 1
-    # CLIPHEADS_ENCODER: "process" (a separate encoder process behind the hop: a crashed runtime is
-    # restarted while the front answers 503, and several fronts share it) or "inline" (the runtime in
-    # the one front's own process: no hop, less CPU per request; serving/inline.py)
-    encoder: str = "process"
-
-    @property
-    def inline_encoder(self) -> bool:
-        return self.encoder == "inline"
 
     @property
     def admin_enabled(self) -> bool:
@@ -131,7 +123,6 @@ class ServeConfig:
             auth_token=e("CLIPHEADS_AUTH_TOKEN", ""),
             fast_classify=e("CLIPHEADS_FAST_CLASSIFY", "1") not in ("0", "false", "no"),
             front_workers=max(1, _env_int("CLIPHEADS_FRONT_WORKERS", d.front_workers)),
-            encoder=e("CLIPHEADS_ENCODER", "") or d.encoder,
         )
 
 
