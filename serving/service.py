@@ -36,7 +36,6 @@ from .front.http_layer import install_json_400
 from .hop import HopServer
 from .metrics import install_bounded_labels
 from .process_manager import install_private_endpoints
-from .runtimes import Runtime
 from .startup import startup_problem
 
 log = logging.getLogger("clipheads.serving")
@@ -73,10 +72,6 @@ class Encoder:
     @property
     def error(self) -> Optional[str]:
         return self.core.error
-
-    @property
-    def runtime(self) -> Runtime:
-        return self.core.runtime
 
     @bentoml.api
     async def encode(self, jobs: list[Any], deadline: float = 0.0) -> list[Any]:

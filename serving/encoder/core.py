@@ -44,7 +44,6 @@ class EncoderCore:
         # spin (ViT-B/32 on 2 busy cores: 207 -> 115 CPU ms per image at concurrency 1).
         os.environ.setdefault("CLIPHEADS_ORT_SPIN", "0")
         self.config = config
-        self.source = config.source
         self.wrap = runtime_hook()
         weights = config.backbone_weights or None
         self.slot = HeadSlot(load_head(resolve_source(config.source), config.runtime, self.wrap, warm=False,
