@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, nargs="+", default=[197, 50], help="ViT-B/16 and ViT-B/32 at 224 px")
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--width", type=int, default=768)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default=str(HERE))
     args = ap.parse_args(argv)
@@ -112,18 +112,28 @@ def main(argv=None) -> int:
             o = ort.SessionOptions()
             o.intra_op_num_threads = args.threads
             o.log_severity_level = 3
+            # idle intra-op threads sleep: with several sessions interleaved, one's spinning pool
+            # would steal the cores from the next (medians 1.5-4x their bests otherwise)
+            o.add_session_config_entry("session.intra_op.allow_spinning", "0")
             sessions[v] = ort.InferenceSession(core_graph(v, args.heads, args.width).SerializeToString(), o,
                                                providers=["CPUExecutionProvider"])
         ref = sessions["fp32-unfused"].run(None, feed)[0]
         out: dict = {}
+        bound = {}
         for v, s in sessions.items():
             got = s.run(None, feed)[0]
             out[v] = {"max_abs_diff": float(np.abs(got - ref).max()), "ref_abs_max": float(np.abs(ref).max()),
                       "times_s": []}
+            b = s.io_binding()  # inputs bound once, output preallocated: the timing is the core alone
+            for name, x in feed.items():
+                b.bind_cpu_input(name, x)
+            b.bind_output("out", "cpu")
+            s.run_with_iobinding(b)
+            bound[v] = b
         for _ in range(args.rounds):  # interleaved: background load hits every variant alike
             for v, s in sessions.items():
                 t0 = time.perf_counter()
-                s.run(None, feed)
+                s.run_with_iobinding(bound[v])
                 out[v]["times_s"].append(time.perf_counter() - t0)
         for v in variants:
             out[v]["median_ms"] = 1000 * float(np.median(out[v]["times_s"]))
