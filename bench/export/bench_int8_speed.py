@@ -19,7 +19,9 @@ interleaved round by round on the same threads, medians and bests of the rounds:
                        what the search falls back to where per-tensor ranges lose too much
 
 at batch 1 and 16, plus the roofs (roofs.py: torch.mm / ORT MatMul / ORT MatMulInteger 2048^3) at
-the start and end. Writes OUT/int8_speed.json and OUT/int8_speed.md.
+the start and end, and ORT's profile of the static graph at the largest batch (time by op type; the
+int8 GEMMs' share bounds what rewriting any other op could still win). Writes OUT/int8_speed.json
+and OUT/int8_speed.md.
 """
 from __future__ import annotations
 
