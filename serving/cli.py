@@ -29,6 +29,7 @@ from .tasks import redact
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVICE = "clipheads.serving.service:ClipHeads"
 PRIVATE_TASKS_DIR = "<a private directory, made at start and removed at exit>"  # what --dry-run shows
+NO_ACCESS_LOG = "services.clipheads.logging.access.enabled=false"  # a BENTOML_CONFIG_OPTIONS entry
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-configs", default=None, help="extra open_clip model-config directory (custom archs)")
     p.add_argument("--pretrained", default=None, metavar="WEIGHTS",
                    help="a head file's backbone weights if they moved (path, tag or hf-hub id; sha256-checked)")
+    p.add_argument("--no-access-log", action="store_true",
+                   help="no access-log line per request (errors, warnings and /metrics stay; at concurrency 1 "
+                        "the line costs ~12%% of the server's CPU per request, bench/serving/results/README.md)")
     p.add_argument("--allow-tracking", action="store_true", help="let BentoML send usage statistics")
     p.add_argument("--dry-run", action="store_true", help="print the command and environment, do not start")
     console.add_output_flags(p)  # --json: the dry run (or the address served) as JSON; -q: no start-up line
@@ -114,6 +118,9 @@ def serve_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     if args.pretrained:
         weights = Path(args.pretrained).expanduser()
         env["CLIPHEADS_BACKBONE_WEIGHTS"] = str(weights.resolve()) if weights.exists() else args.pretrained
+    if args.no_access_log:  # BentoML's own setting, which the fast path of /classify follows too (front/fast.py)
+        options = env.get("BENTOML_CONFIG_OPTIONS", "").strip()
+        env["BENTOML_CONFIG_OPTIONS"] = f"{options} {NO_ACCESS_LOG}".strip()
     if not args.allow_tracking:
         env["BENTOML_DO_NOT_TRACK"] = "true"
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -176,7 +183,8 @@ def _run(args, src: Path, private: bool) -> int:
     if private and args.dry_run:
         env["CLIPHEADS_TASKS_STORE"] = PRIVATE_TASKS_DIR
     shown = {k: redact(env[k]) if k == "CLIPHEADS_TASKS_STORE" else env[k]
-             for k in sorted(env) if k.startswith("CLIPHEADS_") and k != "CLIPHEADS_AUTH_TOKEN"}
+             for k in sorted(env) if (k.startswith("CLIPHEADS_") and k != "CLIPHEADS_AUTH_TOKEN")
+             or k == "BENTOML_CONFIG_OPTIONS"}
     if args.dry_run:
         console.emit({"command": cmd, "env": shown}, args.json,
                       "\n".join([" ".join(cmd), *(f"{k}={v}" for k, v in shown.items())]))

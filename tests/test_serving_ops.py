@@ -3,7 +3,7 @@
 The encoder is wrapped by tests/fault_runtime.py (CLIPHEADS_RUNTIME_HOOK): a solid image whose red
 channel is 1 makes the runtime raise, 2 makes the pass sleep 3 s, 3 makes it sleep 0.8 s; any other
 image runs the real micro model. The server runs with a bearer token, a 2 s request timeout, at most
-4 requests in flight, a 1 MiB body cap and a 5 s drain grace. The last test SIGTERMs it.
+4 requests in flight, a 1 MiB body cap, a 5 s drain grace and no access log. The last test SIGTERMs it.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def server(tmp_path_factory):
         "CLIPHEADS_FAULT_BUSY_S": str(BUSY_S),
     }
     srv = Server(make_micro_head(d), d / "tasks", d / "server.log", env_extra=env,
-                 args=("--auth-token", TOKEN, "--grace", str(GRACE_S)))
+                 args=("--auth-token", TOKEN, "--grace", str(GRACE_S), "--no-access-log"))
     srv.log_path = d / "server.log"
     yield srv
     srv.stop()
@@ -309,6 +309,20 @@ def test_readyz_503_when_encoder_dies_then_recovers(server):
     after = workers(server)
     assert after["encoder"].pid != before["encoder"].pid and after["front"].pid == before["front"].pid
     assert classify(server).status_code == 200
+
+
+def test_no_access_log_keeps_errors_and_metrics(server):
+    """--no-access-log: no line per request on either path (the fast /classify, BentoML's routes),
+    while the warnings and /metrics a operator needs stay."""
+    before = Path(server.log_path).read_text(errors="replace")
+    assert classify(server).status_code == 200
+    assert httpx.get(server.url + "/tasks", headers=AUTH, timeout=10).status_code == 200
+    assert classify(server, RAISE_IMG).status_code == 500  # logged as an error with its cause
+    assert scrape(server).get('clipheads_requests{endpoint="classify",status="200"}', 0) >= 1
+    time.sleep(0.5)  # the workers' log lines reach the file
+    new = Path(server.log_path).read_text(errors="replace")[len(before):]
+    assert "internal error in classify" in new
+    assert not re.search(r"path=/(classify|tasks)", new), new[-2000:]
 
 
 # ---- B5 #12: graceful drain (runs last: it stops the module's server) ---------------------------
