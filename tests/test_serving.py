@@ -78,13 +78,13 @@ class Server:
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        else:
-            try:  # the CLI is gone (e.g. a drain test): make sure nothing of its session lingers
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
                 pass
+        try:  # whatever of its session outlived the CLI (a worker stuck in shutdown) must not linger
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if self.proc.poll() is None:
+            self.proc.wait(5)
         self.log.close()
 
 
