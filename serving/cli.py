@@ -29,7 +29,7 @@ from .tasks import redact
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVICE = "clipheads.serving.service:ClipHeads"
 PRIVATE_TASKS_DIR = "<a private directory, made at start and removed at exit>"  # what --dry-run shows
-NO_ACCESS_LOG = "services.clipheads.logging.access.enabled=false"  # a BENTOML_CONFIG_OPTIONS entry
+NO_ACCESS_LOG = "services.logging.access.enabled=false"  # a BENTOML_CONFIG_OPTIONS entry: every service
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -64,14 +64,11 @@ class Encoder:
     """Holds the Runtime (encoder/core.py). Internal only: reached from ClipHeads over a local unix socket."""
 
     def __init__(self) -> None:
-        self.core = EncoderCore(CONFIG)
+        self.core = EncoderCore(CONFIG.source, CONFIG.runtime, CONFIG.backbone_weights, CONFIG.max_batch_size,
+                                CONFIG.batch_wait_ms)
         self.fronts = FrontRegistry(CONFIG.grace_s)
         # the front's encode calls (hop.py); BentoML's own route below stays for in-process use
         self.hop = HopServer(self.core.batcher, max_images=max(CONFIG.max_images, CONFIG.max_examples))
-
-    @property
-    def error(self) -> Optional[str]:
-        return self.core.error
 
     @bentoml.api
     async def encode(self, jobs: list[Any], deadline: float = 0.0) -> list[Any]:
@@ -120,7 +117,7 @@ class Encoder:
         return self.core.check()
 
     def __is_ready__(self) -> bool:
-        return self.error is None
+        return self.core.error is None
 
 
 # ---- the front service ------------------------------------------------------------------------

@@ -313,7 +313,7 @@ def test_readyz_503_when_encoder_dies_then_recovers(server):
 
 def test_no_access_log_keeps_errors_and_metrics(server):
     """--no-access-log: no line per request on either path (the fast /classify, BentoML's routes),
-    while the warnings and /metrics a operator needs stay."""
+    while the errors and /metrics an operator needs stay."""
     before = Path(server.log_path).read_text(errors="replace")
     assert classify(server).status_code == 200
     assert httpx.get(server.url + "/tasks", headers=AUTH, timeout=10).status_code == 200

@@ -90,7 +90,7 @@ def core_graph(variant: str, heads: int, width: int):
 def main(argv=None) -> int:
     import onnxruntime as ort
 
-    from bench_cpu import machine
+    from bench_cpu import machine, machine_line
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=16)
@@ -145,8 +145,7 @@ def main(argv=None) -> int:
     (outdir / "attention_int8.json").write_text(json.dumps(res, indent=1))
     m = res["machine"]
     lines = ["# An int8 attention core vs ORT's fused fp32 MultiHeadAttention (issue 17.3)", "",
-             f"Machine: {m.get('Model name', '?')}, {m.get('CPU(s)')} CPU(s), SIMD {', '.join(m.get('simd', []))}; "
-             f"{args.threads} threads; load average {res['loadavg_start']} -> {res['loadavg_end']}. One layer's core "
+             machine_line(m) + f"; {args.threads} threads; load average {res['loadavg_start']} -> {res['loadavg_end']}. One layer's core "
              f"(softmax(q k^T / sqrt(d)) v), batch {args.batch}, {args.heads} heads x {args.width // args.heads}, "
              f"q, k, v ~ N(0, 1); median of {args.rounds} interleaved rounds (best in brackets).", "",
              "| tokens | variant | ms per layer | x mha | max abs diff vs fp32 (output max) |", "|---|---|---|---|---|"]

@@ -67,6 +67,12 @@ def vit_gflop(backbone) -> float:
     return linear_gflop(backbone) + 2 * macs / 1e9
 
 
+def machine_line(m: dict) -> str:
+    """The "Machine: ..." opening of every CPU bench report, from `machine()`."""
+    return (f"Machine: {m.get('Model name', '?')}, {m.get('CPU(s)', m.get('cpu_count'))} CPU(s), "
+            f"SIMD {', '.join(m.get('simd', []))}")
+
+
 def machine() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
     try:
@@ -294,8 +300,7 @@ def write_md(results: dict, path: Path) -> None:
     int8_roof = max(r0["int8_gops"], r1["int8_gops"])
     lines = [
         "# export/ CPU benchmark", "",
-        f"Machine: {m.get('Model name', '?')}, {m.get('CPU(s)', m.get('cpu_count'))} CPU(s), SIMD {', '.join(m.get('simd', []))}; "
-        f"threads used: {results['threads']}; versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+        machine_line(m) + f"; threads used: {results['threads']}; versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         "",
         "**Roofs** (2048^3, same threads, start / end of the run): "
         f"torch.mm {r0['torch_mm']['gflops']:.0f} / {r1['torch_mm']['gflops']:.0f} GFLOP/s, "

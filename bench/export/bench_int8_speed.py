@@ -144,7 +144,8 @@ def one_arch(arch: str, batches: list[int], threads: int, rounds: int, compile_:
                                             f"({res['variants'][n]['batches'][str(b)]['images_per_s_median'] / eager:.2f}x)"
                                             for n in runners))
         res["first_call_s"] = first
-        res["static_profile"] = static_profile(static, px, threads, tmp, log)
+        largest = np.ascontiguousarray(np.resize(probes, (max(batches),) + probes.shape[1:]))
+        res["static_profile"] = static_profile(static, largest, threads, tmp, log)
     return res
 
 
@@ -166,13 +167,14 @@ def static_profile(path: Path, px: np.ndarray, threads: int, work: Path, log) ->
 
 
 def write_md(r: dict, path: Path) -> None:
+    from bench_cpu import machine_line
+
     m, r0, r1 = r["machine"], r["roofs_start"], r["roofs_end"]
     fp32_roof = max(r0["fp32_gflops"], r1["fp32_gflops"])
     int8_roof = max(r0["int8_gops"], r1["int8_gops"])
     lines = [
         "# int8 speed on ViT-B: the shipped static graph vs eager fp32 (issue 17.3, 17.4)", "",
-        f"Machine: {m.get('Model name', '?')}, {m.get('CPU(s)')} CPU(s), SIMD {', '.join(m.get('simd', []))}; "
-        f"{r['threads']} threads for every variant; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
+        machine_line(m) + f"; {r['threads']} threads for every variant; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
         f"Load average at start {r['loadavg_start']}, at end {r['loadavg_end']} (held the bench lock; other "
         "sessions' jobs may still run). Random-init open_clip models, zero-shot head (10 classes), uint8 in.", "",
         f"Roofs (2048^3, start / end): torch.mm {r0['torch_mm']['gflops']:.0f} / {r1['torch_mm']['gflops']:.0f}, "

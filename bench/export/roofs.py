@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=1.0, help="per measurement")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent))
     args = ap.parse_args(argv)
-    from bench_cpu import gemm_peak, machine, ort_matmul_roof
+    from bench_cpu import gemm_peak, machine, machine_line, ort_matmul_roof
 
     res = {"machine": machine(), "threads": args.threads, "started_unix": int(time.time()),
            "loadavg_start": [round(x, 2) for x in os.getloadavg()], "rounds": []}
@@ -45,8 +45,7 @@ def main(argv=None) -> int:
     (out / "roofs.json").write_text(json.dumps(res, indent=1))
     m = res["machine"]
     lines = ["# CPU roofs (2048^3, interleaved rounds, best of each)", "",
-             f"Machine: {m.get('Model name', '?')}, {m.get('CPU(s)', m.get('cpu_count'))} CPU(s), SIMD "
-             f"{', '.join(m.get('simd', []))}; {args.threads} threads; load {res['loadavg_start']} -> "
+             machine_line(m) + f"; {args.threads} threads; load {res['loadavg_start']} -> "
              f"{res['loadavg_end']} (shared with other engineers' jobs: absolute numbers are pessimistic, the "
              "ratios between the three, measured in the same rounds, are what this file is for).", "",
              "| round | torch.mm GFLOP/s | ORT MatMul GFLOP/s | ORT MatMulInteger GOP/s |", "|---|---|---|---|"]

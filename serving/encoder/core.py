@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from ..metrics import HEAD_INFO, HEAD_LOAD_FAILURES
 from ..runtimes import Runtime
@@ -32,27 +32,29 @@ def runtime_hook() -> Optional[Callable[[Runtime], Runtime]]:
 
 
 class EncoderCore:
-    """Loads `config.source`, warms it up (a failure is reported through `error`, not raised: a
-    crash loop would never answer readiness) and batches encode calls over it."""
+    """Loads `source` (a bundle, a head file or a model-store tag) on `runtime`, warms it up (a
+    failure is reported through `error`, not raised: a crash loop would never answer readiness) and
+    batches encode calls over it (encoder/batching.py: `max_batch` images a pass, `wait_ms`)."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, source: str, runtime: str = "auto", backbone_weights: str = "", max_batch: int = 64,
+                 wait_ms: int = 0) -> None:
         from ..model_store import resolve_source
 
-        if not config.source:
+        if not source:
             raise RuntimeError("set CLIPHEADS_SOURCE to a bundle directory, a *.head.safetensors file or a model tag")
         # The front (HTTP, decode) shares the cores with ORT: idle intra-op threads must sleep, not
         # spin (ViT-B/32 on 2 busy cores: 207 -> 115 CPU ms per image at concurrency 1).
         os.environ.setdefault("CLIPHEADS_ORT_SPIN", "0")
-        self.config = config
+        self.runtime_kind = runtime
         self.wrap = runtime_hook()
-        weights = config.backbone_weights or None
-        self.slot = HeadSlot(load_head(resolve_source(config.source), config.runtime, self.wrap, warm=False,
-                                       weights=weights), weights)
+        weights = backbone_weights or None
+        self.slot = HeadSlot(load_head(resolve_source(source), runtime, self.wrap, warm=False, weights=weights),
+                             weights)
         HEAD_INFO.labels(version=self.slot.current.version).set(1)
         self.error: Optional[str] = None
-        self.batcher = ContinuousBatcher(self.slot, config.max_batch_size, config.batch_wait_ms)
+        self.batcher = ContinuousBatcher(self.slot, max_batch, wait_ms)
         self.check()
-        log.info("encoder ready: %s on %s (head version %s)", self.runtime.name, config.source, self.slot.current.version)
+        log.info("encoder ready: %s on %s (head version %s)", self.runtime.name, source, self.slot.current.version)
 
     @property
     def runtime(self) -> Runtime:
@@ -75,7 +77,7 @@ class EncoderCore:
         """Load, warm up and check `source` beside the serving head, then swap (encoder/heads.py).
         The serving head keeps answering meanwhile and stays if anything fails. Blocking."""
         try:
-            old, new = self.slot.swap(source, self.config.runtime, self.wrap)
+            old, new = self.slot.swap(source, self.runtime_kind, self.wrap)
         except (HeadLoadError, HeadIncompatible) as err:
             reason = "incompatible_head" if isinstance(err, HeadIncompatible) else "head_load_failed"
             HEAD_LOAD_FAILURES.labels(reason=reason).inc()
