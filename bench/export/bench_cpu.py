@@ -97,6 +97,20 @@ def machine() -> dict:
     return info
 
 
+SETTLE_S = 0.2  # pause before each timed call of an interleaved round
+
+
+def timed_alone(run, *args) -> float:
+    """Seconds for one call, after a pause: an ORT session's intra-op pool (and torch's OpenMP
+    threads) keep spinning for a while after their call, so the variant timed right after another
+    one shared the 2 cores with it (measured: static int8 ViT-B/32 55 vs 63 img/s without / with
+    the pause, 2026-12-07). Each variant is then timed as it runs when deployed alone."""
+    time.sleep(SETTLE_S)
+    t0 = time.perf_counter()
+    run(*args)
+    return time.perf_counter() - t0
+
+
 def best_time(call, seconds: float, min_reps: int = 3) -> tuple[float, int]:
     """Fastest of repeated `call()`s over `seconds` (at least `min_reps`): contention only adds time."""
     best, t_end, reps = float("inf"), time.perf_counter() + seconds, 0
@@ -280,9 +294,7 @@ def bench_arch(arch: str, batches: list[int], threads: int, min_seconds: float, 
         t_end = time.perf_counter() + min_seconds
         while min(len(v) for v in times.values()) < rounds or time.perf_counter() < t_end:
             for name, run in runners.items():
-                t0 = time.perf_counter()
-                run(px)
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(timed_alone(run, px))
         for name, ts in times.items():
             best, med = float(min(ts)), float(np.median(ts))
             res["variants"][name]["batches"][str(b)] = {

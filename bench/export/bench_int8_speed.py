@@ -5,7 +5,8 @@
 
 A leaner bench_cpu.py (which was OOM-killed on the shared 24 GiB machine): each architecture runs
 in its own child process (one ViT-B model in memory at a time), with only these variants, all
-interleaved round by round on the same threads, medians and bests of the rounds:
+interleaved round by round on the same threads (each call after a short pause, so no variant
+shares the cores with the previous one's still-spinning threads), medians and bests of the rounds:
 
   torch-eager          the folded zero-shot module (10 classes, uint8 in), inference_mode
   torch-compile        (--compile) the same through torch.compile; its first call per batch size
@@ -47,7 +48,7 @@ def one_arch(arch: str, batches: list[int], threads: int, rounds: int, compile_:
     import open_clip
     import torch
 
-    from bench_cpu import parity, vit_gflop
+    from bench_cpu import parity, timed_alone, vit_gflop
     from clipheads.export.attention import fused_attention
     from clipheads.export.fold import fold_heads
     from clipheads.export.gate_images import world_images
@@ -132,9 +133,7 @@ def one_arch(arch: str, batches: list[int], threads: int, rounds: int, compile_:
             times: dict[str, list[float]] = {n: [] for n in runners}
             for _ in range(rounds):  # interleaved: background load hits every variant alike
                 for name, run in runners.items():
-                    t0 = time.perf_counter()
-                    run(px)
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append(timed_alone(run, px))
             for name, ts in times.items():
                 med, best = float(np.median(ts)), float(min(ts))
                 res["variants"][name]["batches"][str(b)] = {"rounds": len(ts), "median_s": med, "best_s": best,
