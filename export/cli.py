@@ -54,8 +54,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="onnxruntime.transformers offline fusions (default: for fp16 only; fp32/int8 graphs "
                         "are left to ORT's load-time CPU fusions, which ran faster there)")
     p.add_argument("--fused-attention", action=argparse.BooleanOptionalAction, default=True,
-                   help="vision attention as one com.microsoft.MultiHeadAttention node (default; faster at batch "
-                        ">= 16, slower at batch 1 on the CPU: --no-fused-attention for single-image latency)")
+                   help="vision attention as one com.microsoft.MultiHeadAttention node (default; as fast as or "
+                        "faster than the plain graph at batch 1 and 16 on the CPU); --no-fused-attention emits "
+                        "plain opset-17 attention")
     p.add_argument("--no-text", action="store_true", help="no text graph (no request-time labels)")
     p.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
                    help="rename a task in the bundle (repeatable); HEAD:OLD=NEW when several heads have task OLD "

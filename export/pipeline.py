@@ -47,9 +47,10 @@ class ExportOptions:
     # Target onnx, from CPU measurements (bench/export/results.md, bench/serving/results):
     # * fuse: onnxruntime.transformers' offline fusions; None = for fp16 (the GPU precision) only: on
     #   the CPU ORT's own load-time fusions were as fast or faster, and fp32/int8 manifests report those.
-    # * fused_attention: vision attention as one com.microsoft.MultiHeadAttention node. Faster at
-    #   batch >= 16 (fp32 +4-6%, int8 +16%; served at concurrency 32: 18.5 vs 17.0 images/s), slower
-    #   at batch 1 (ViT-B/32 10.4 vs 16.9 images/s): turn it off for single-image, latency-bound use.
+    # * fused_attention: vision attention as one com.microsoft.MultiHeadAttention node. Timed
+    #   settled (bench/export/int8_speed-amd-settled.md), fp32 ViT-B/32 / B/16 run 1.06x / 1.13x the
+    #   plain graph at batch 1 and 1.00x / 1.06x at batch 16 (older back-to-back runs showed batch 1
+    #   slower: the previous variant's spinning threads); off = plain opset-17 attention.
     fuse: Optional[bool] = None
     fused_attention: bool = True
     # int8 (issue 17.3): static = calibrated QDQ with the most sensitive MatMuls kept fp32 (quantize.py);
