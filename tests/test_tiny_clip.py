@@ -127,3 +127,22 @@ def test_multi_positive_loss_prefers_true_pairs():
     good = pretrain.multi_positive_clip_loss(aligned, txt, pos, scale)
     bad = pretrain.multi_positive_clip_loss(txt[[1, 0, 1]], txt, pos, scale)
     assert good < bad
+
+
+@needs_weights
+def test_report_command_writes_report_and_card(tmp_path):
+    """`python -m clipheads.training.pretrain report` (tiny_report.py) on a small world, no CoOp runs:
+    the report and the model card are written, name the shipped weights, and show the hold-out design
+    (held-out combinations zero-shot worse than seen ones)."""
+    world = synth.generate_world(tmp_path / "world", seed=3, size="small", progress=False)
+    out, card = tmp_path / "report", tmp_path / "MODEL_CARD.md"
+    rc = pretrain.main(["report", "--weights", str(WEIGHTS), "--out", str(out), "--world", str(world),
+                        "--coop-seeds", "", "--card", str(card)])
+    assert rc == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["sha256"] == SHA_FILE.read_text().split()[0]
+    zs = r["zero_shot"]
+    assert zs["all"] >= 5 * r["chance"] and zs["held_out"] < zs["seen"], zs
+    assert set(r["attribute_diagnosis"]) == {"shape", "colour", "size", "style"}
+    assert "coop_heldout" not in r and f"{zs['photo']['all']:.1%}" in (out / "README.md").read_text()
+    assert r["sha256"] in card.read_text()
