@@ -354,6 +354,39 @@ def test_small_image_graphs_run_on_one_intra_op_thread(micro_backbone, tmp_path,
         np.testing.assert_allclose(logits, default.classify(px)[name], atol=1e-5, rtol=0)
 
 
+def test_split_passes_give_the_one_pass_answers(micro_backbone, tmp_path, monkeypatch):
+    """Batches of >= 2 run as two 1-thread half passes at once (split_pass.py): the same logits and
+    features as one pass, odd batches and several paths (a prompt bank) included; a batch of one
+    keeps the one pass; CLIPHEADS_ORT_SPLIT=1 turns it on, for 2 intra-op threads only."""
+    from clipheads.serving.runtimes import onnx_runtime
+    from clipheads.serving.runtimes.split_pass import split_wanted
+
+    heads = [_head("zeroshot", micro_backbone, (TASKS[0],)), _head("ivlp", micro_backbone, (TASKS[1],))]
+    res = export_heads(heads, tmp_path / "b", ExportOptions(text=False, **FAST))
+    assert res.passed, res.parity["failures"]
+    one = onnx_runtime.OnnxRuntime(tmp_path / "b", providers=["CPUExecutionProvider"], split_passes=False)
+    split = onnx_runtime.OnnxRuntime(tmp_path / "b", providers=["CPUExecutionProvider"], split_passes=True)
+    assert split.describe()["split_passes"] and not one.describe()["split_passes"]
+    assert len(split.paths) >= 2
+    calls = []
+    real_run = split._split.run
+    monkeypatch.setattr(split._split, "run", lambda *a: calls.append(len(a[2]["pixels"])) or real_run(*a))
+    for n in (1, 2, 7):
+        px = _pixels(micro_backbone, n=n)
+        for p in range(len(split.paths)):
+            for a, b in zip(split.run_path(p, px), one.run_path(p, px)):
+                assert a.shape == b.shape
+                np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    assert calls == [2] * len(split.paths) + [7] * len(split.paths)  # batches of one stayed single passes
+    assert split_wanted("1", None, 2) and split_wanted("1", 2, 8)
+    assert not split_wanted("1", None, 4) and not split_wanted("1", 1, 2) and not split_wanted("0", None, 2)
+    monkeypatch.setenv("CLIPHEADS_ORT_THREADS", "2")
+    monkeypatch.setattr(onnx_runtime, "SMALL_GRAPH_MS", 0.0)
+    assert not onnx_runtime.OnnxRuntime(tmp_path / "b", providers=["CPUExecutionProvider"]).describe()["split_passes"]
+    monkeypatch.setenv("CLIPHEADS_ORT_SPLIT", "1")
+    assert onnx_runtime.OnnxRuntime(tmp_path / "b", providers=["CPUExecutionProvider"]).describe()["split_passes"]
+
+
 def test_fused_attention_is_one_contrib_node_per_block_and_exact(micro_backbone, tmp_path):
     from clipheads.export.optimize import op_counts
 

@@ -3,6 +3,7 @@
     base.py              the interface, TaskInfo, softmax
     bundle.py            manifest reading, task layout, fingerprints (nothing runs)
     onnx_runtime.py      OnnxRuntime: bundle graphs on ORT (CPU / CUDA)
+    split_pass.py        a CPU batch as two 1-thread half passes at once (OnnxRuntime on 2 threads)
     tensorrt_runtime.py  TensorRTRuntime: bundle engines (text graph on ORT)
     torch_eager.py       TorchRuntime: a head file, eagerly (the reference)
     torch_folded.py      FoldedTorchRuntime: a head file folded as export would (fp16 + CUDA graphs)

@@ -13,6 +13,7 @@ from clipheads.training.text_length import LENGTH_BUCKET, trim_tokens
 
 from .base import Runtime, RuntimeError_
 from .bundle import backbone_identity, index_tasks, read_manifest
+from .split_pass import MIN_BATCH, SplitPass, split_wanted, usable_cores
 
 # A CPU image graph whose batch-1 pass takes less than this runs on one intra-op thread: its ops are
 # too small to split, and waking a second thread per op costs more than it saves (the packaged tiny
@@ -23,7 +24,9 @@ SMALL_GRAPH_MS = 3.0
 
 class OnnxRuntime(Runtime):
     def __init__(self, bundle: str | os.PathLike, providers: Optional[Sequence[str]] = None, verify: bool = True,
-                 image_sessions: bool = True):
+                 image_sessions: bool = True, split_passes: Optional[bool] = None):
+        """`split_passes`: run CPU image batches of >= 2 as two 1-thread half passes at once
+        (split_pass.py); None: `CLIPHEADS_ORT_SPLIT` and the core count decide."""
         super().__init__()
         import onnxruntime as ort
 
@@ -80,6 +83,12 @@ class OnnxRuntime(Runtime):
                 single = options(1)
                 for g in list(self._sessions):  # already checked against the manifest: no second hash
                     self._sessions[g] = ort.InferenceSession(str(root / g), single, providers=list(providers))
+        self._split: Optional[SplitPass] = None
+        if image_sessions and self.name == "onnx-cpu" and (split_passes if split_passes is not None else split_wanted(
+                os.environ.get("CLIPHEADS_ORT_SPLIT", "0"), self.intra_op_threads, usable_cores())):
+            single = options(1)
+            self._split = SplitPass(lambda g: ort.InferenceSession(str(root / g), single, providers=list(providers)),
+                                    list(self._sessions))
         self._inputs = {f: {i.name for i in s.get_inputs()} for f, s in self._sessions.items()}
         text = m.get("text") or {}
         self._text = session(text["graph"]) if text.get("graph") else None
@@ -94,7 +103,7 @@ class OnnxRuntime(Runtime):
         self.base_path = 0
 
     def describe(self) -> dict:
-        return {**super().describe(), "intra_op_threads": self.intra_op_threads}
+        return {**super().describe(), "intra_op_threads": self.intra_op_threads, "split_passes": self._split is not None}
 
     def _feed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         if not self._float_input:
@@ -107,7 +116,10 @@ class OnnxRuntime(Runtime):
         feed = {"pixels": self._feed_pixels(pixels)}
         if "task_index" in self._inputs[fname]:
             feed["task_index"] = np.full((len(pixels),), k, np.int64)
-        logits, feats = sess.run(["logits", "features"], feed)
+        if self._split is not None and len(pixels) >= MIN_BATCH:
+            logits, feats = self._split.run(fname, ["logits", "features"], feed)
+        else:
+            logits, feats = sess.run(["logits", "features"], feed)
         return logits.astype(np.float32, copy=False), feats.astype(np.float32, copy=False)
 
     def _tokenize(self, texts: Sequence[str]) -> np.ndarray:
