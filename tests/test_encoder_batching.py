@@ -165,3 +165,63 @@ def test_expired_abandoned_and_failing_deliveries_leave_the_runner_serving():
     assert got["expired"] == [{"error": "timeout"}] and "abandoned" not in got
     assert int(got["first"][0]["logits"][0][0]) == 0 and int(got["last"][0]["logits"][0][0]) == 4
     assert rt.sizes == [1, 2] and passes[-1] == 2  # job 0 alone, then 3 and 4; 1 and 2 never computed
+
+
+class TwoLaneRuntime(MarkerRuntime):
+    """Passes may overlap (`concurrent_passes`, as OnnxRuntime with CLIPHEADS_ORT_PASSES=2): records
+    each pass's size, whether it ran `alongside`, and how many passes ran at once."""
+
+    def __init__(self, pass_s: float, concurrent_passes: int):
+        super().__init__(pass_s)
+        self.concurrent_passes = concurrent_passes
+        self.gate = threading.Event()
+        self.log: list[tuple[int, bool]] = []
+        self._lock = threading.Lock()
+        self.now = self.most = 0
+
+    def run_path(self, path: int, pixels: np.ndarray, alongside: bool = False):
+        with self._lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+            self.log.append((len(pixels), alongside))
+        try:
+            self.gate.wait(5)
+            return super().run_path(path, pixels)
+        finally:
+            with self._lock:
+                self.now -= 1
+
+
+def _backlog_behind_a_lone_pass(rt) -> dict:
+    """Request 0 alone on an idle encoder, held at the gate; 8 more queue behind it; then open."""
+    batcher = ContinuousBatcher(Slot(rt), max_batch=64)
+    got, done = {}, threading.Event()
+
+    def keep(k):
+        def deliver(res):
+            got[k] = res
+            if len(got) == 9:
+                done.set()
+        return deliver
+
+    batcher.submit_nowait([job(0)], 0.0, 0, keep(0))
+    time.sleep(0.1)
+    for k in range(1, 9):
+        batcher.submit_nowait([job(k)], 0.0, 0, keep(k))
+    rt.gate.set()
+    assert done.wait(5)
+    batcher.close()
+    assert all(int(got[k][0]["logits"][0][0]) == k for k in range(9))  # each request its own row
+    return got
+
+
+def test_two_passes_at_once_share_a_backlog_and_a_lone_request_gets_the_whole_runtime():
+    rt = TwoLaneRuntime(0.05, concurrent_passes=2)
+    _backlog_behind_a_lone_pass(rt)
+    # the lone request alone and on all threads; its backlog split between the two runners, both
+    # passes at once on one thread each
+    assert rt.log[0] == (1, False) and sorted(rt.log[1:]) == [(4, True), (4, True)] and rt.most == 2
+
+    one = TwoLaneRuntime(0.05, concurrent_passes=1)  # the default: one pass at a time, all queued
+    _backlog_behind_a_lone_pass(one)
+    assert one.log == [(1, False), (8, False)] and one.most == 1

@@ -1,7 +1,7 @@
-"""Continuous batching for the encoder: requests queue, one runner takes everything queued.
+"""Continuous batching for the encoder: requests queue, a runner takes everything queued.
 
 Instead of BentoML's adaptive batching, whose latency model sheds queued requests with 503s when
-one pass takes seconds on a CPU: requests queue here; one runner thread takes everything queued (up
+one pass takes seconds on a CPU: requests queue here; a runner thread takes everything queued (up
 to `max_batch` images) as soon as the previous pass ends, so the batch grows with the load and an
 idle server adds no wait. When the front says a backlog of its requests is on its way (`coming`,
 sent with each request: admitted there, not yet here; at least MIN_COMING), a pass waits up to
@@ -11,6 +11,10 @@ pass overlaps the front's decoding of the next request; bench/serving/results/RE
 runtime pass per distinct path; if it raises, each image is retried alone, so a failure fails only
 the request(s) that cause it. Work whose front request already timed out (its `deadline` passed)
 is answered "timeout" without a pass; work nobody waits for any more (`abandoned`) is skipped.
+
+Where the runtime allows two passes at once (`concurrent_passes` 2: ONNX Runtime on two CPU cores
+with `CLIPHEADS_ORT_PASSES=2`), the second runner shares a backlog: each takes half and runs it on
+one thread, with no join between ops; a lone request on an idle encoder still gets every thread.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import numpy as np
 
@@ -76,7 +80,10 @@ class ContinuousBatcher:
         self._queue: collections.deque[_Call] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._runner: Optional[threading.Thread] = None
+        self._runners: list[threading.Thread] = []
+        self._running = 0  # passes in flight
+        self._wide_running = False  # a pass on all of the runtime's threads is in flight: no second one
+        self._gathering = False  # one runner waits for coming requests; the other does not start meanwhile
         self._pass_listeners: list[Callable[[], None]] = []
 
     def add_pass_listener(self, listener: Callable[[], None]) -> None:
@@ -94,9 +101,11 @@ class ContinuousBatcher:
             self.coming = max(0, int(coming))
             self._queue.append(_Call(jobs, float(deadline or 0.0), deliver, abandoned))
             ENCODER_QUEUE.inc(len(jobs))
-            if self._runner is None:
-                self._runner = threading.Thread(target=self._run_batches, name="encoder", daemon=True)
-                self._runner.start()
+            if not self._runners:  # two runners; the second takes work only where passes may overlap
+                self._runners = [threading.Thread(target=self._run_batches, name=f"encoder-{i}", daemon=True)
+                                 for i in range(2)]
+                for t in self._runners:
+                    t.start()
             self._cond.notify()
 
     async def submit(self, jobs: list[Any], deadline: float = 0.0, coming: int = 0) -> list[Any]:
@@ -142,31 +151,65 @@ class ContinuousBatcher:
             n += len(call.jobs)
         return take, expired
 
+    def _concurrent_passes(self) -> int:
+        head = self.slot.current
+        return max(1, int(getattr(head.runtime, "concurrent_passes", 1))) if head is not None else 1
+
+    def _may_take(self) -> bool:
+        """(lock held) Work is queued and this runner may start a pass now."""
+        if not self._queue or self._gathering:
+            return False
+        return self._running == 0 or (not self._wide_running and self._running < self._concurrent_passes())
+
     def _run_batches(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closed:
+                while not self._closed and not self._may_take():
                     self._cond.wait()
                 if self._closed:
                     return
-                self._gather(self.max_batch)
-                take, expired = self._take(self.max_batch)
-            for call in expired:  # callbacks run outside the lock: arrivals never wait on them
-                self._deliver(call, [{"error": "timeout"}] * len(call.jobs))
-            if take:
-                self._run_pass(take)
+                self._gathering = True
+                try:
+                    self._gather(self.max_batch)
+                finally:
+                    self._gathering = False
+                cap, alongside = self.max_batch, False
+                if self._concurrent_passes() > 1:
+                    # Passes may overlap (CLIPHEADS_ORT_PASSES=2): with another pass in flight, or a
+                    # backlog to share with the idle runner (half each, no join between them), this
+                    # pass runs on one thread; a lone request on an idle encoder gets all of them.
+                    if self._running:
+                        alongside = True
+                    elif len(self._queue) > 1:
+                        cap, alongside = max(1, (self._queued() + 1) // 2), True
+                take, expired = self._take(cap)
+                self._running += 1
+                self._wide_running = not alongside
+                if self._queue:
+                    self._cond.notify()  # the rest is the other runner's
+            try:
+                for call in expired:  # callbacks run outside the lock: arrivals never wait on them
+                    self._deliver(call, [{"error": "timeout"}] * len(call.jobs))
+                if take:
+                    self._run_pass(take, alongside)
+            finally:
+                with self._cond:
+                    self._running -= 1
+                    if not alongside:
+                        self._wide_running = False
+                    self._cond.notify_all()
             for listener in self._pass_listeners:
                 try:
                     listener()
                 except Exception:  # noqa: BLE001 - never let the runner die
                     log.exception("encoder pass listener failed")
 
-    def _run_pass(self, take: list[_Call]) -> None:
+    def _run_pass(self, take: list[_Call], alongside: bool = False) -> None:
         flat = [j for c in take for j in c.jobs]
         ENCODER_BATCH.observe(len(flat))
         head = self.slot.current  # one version for the whole pass (a swap lands between passes)
         try:
-            res = encode_isolated(head.runtime, flat)
+            res = encode_isolated(head.runtime, flat, alongside)
         except Exception:  # noqa: BLE001 - never let the runner die
             log.exception("encoder pass failed")
             res = [{"error": "internal"}] * len(flat)
@@ -185,10 +228,10 @@ class ContinuousBatcher:
             log.exception("delivering an encoder result failed")
 
 
-def encode_isolated(runtime: Runtime, jobs: list[Any]) -> list[Any]:
+def encode_isolated(runtime: Runtime, jobs: list[Any], alongside: bool = False) -> list[Any]:
     """One batched pass; if it raises, each job alone, so only the failing job(s) get an error."""
     try:
-        return encode_batch(runtime, jobs)
+        return encode_batch(runtime, jobs, alongside)
     except Exception:  # noqa: BLE001 - isolate: find the failing image(s)
         if len(jobs) == 1:
             log.exception("runtime failure")
@@ -197,15 +240,16 @@ def encode_isolated(runtime: Runtime, jobs: list[Any]) -> list[Any]:
         out: list[Any] = []
         for job in jobs:
             try:
-                out.extend(encode_batch(runtime, [job]))
+                out.extend(encode_batch(runtime, [job], alongside))
             except Exception:  # noqa: BLE001
                 log.exception("runtime failure")
                 out.append({"error": "internal"})
         return out
 
 
-def encode_batch(runtime: Runtime, jobs: list[Any]) -> list[Any]:
-    """One runtime pass per distinct path over the jobs that need it; non-finite outputs raise."""
+def encode_batch(runtime: Runtime, jobs: list[Any], alongside: bool = False) -> list[Any]:
+    """One runtime pass per distinct path over the jobs that need it; non-finite outputs raise.
+    `alongside`: another pass runs at the same time (the runtime then uses one thread)."""
     out: list[Any] = [{"logits": {}, "features": {}} for _ in jobs]
     by_path: dict[int, list[int]] = {}
     for i, job in enumerate(jobs):
@@ -213,7 +257,7 @@ def encode_batch(runtime: Runtime, jobs: list[Any]) -> list[Any]:
             by_path.setdefault(int(p), []).append(i)
     for p, idx in by_path.items():
         pixels = np.stack([jobs[i]["pixels"] for i in idx])
-        logits, feats = runtime.run_path(p, pixels)
+        logits, feats = runtime.run_path(p, pixels, alongside=True) if alongside else runtime.run_path(p, pixels)
         if not (np.isfinite(logits).all() and np.isfinite(feats).all()):
             raise FloatingPointError(f"non-finite outputs on path {p}")
         for j, i in enumerate(idx):

@@ -49,6 +49,8 @@ class Runtime(ABC):
     preprocess: dict  # {image_size, mean, std, resize, crop}
     identity: str  # backbone fingerprint: few-shot tasks persisted under one identity only
     base_path: int = 0
+    # passes the encoder may run at once; > 1 only where run_path takes `alongside=True` (OnnxRuntime)
+    concurrent_passes: int = 1
     logit_scale: float = 100.0
     has_text: bool = True  # False: a bundle without a text graph (no request-time labels)
 

@@ -89,6 +89,15 @@ class OnnxRuntime(Runtime):
             single = options(1)
             self._split = SplitPass(lambda g: ort.InferenceSession(str(root / g), single, providers=list(providers)),
                                     list(self._sessions))
+        # Two passes at once (the encoder's two runners, CLIPHEADS_ORT_PASSES=2): a pass that runs
+        # alongside another takes a 1-thread session of its graph (split_pass.py explains why).
+        self._alongside: dict[str, "ort.InferenceSession"] = {}
+        if image_sessions and self.name == "onnx-cpu" and split_wanted(
+                "1" if os.environ.get("CLIPHEADS_ORT_PASSES", "1") == "2" else "0", self.intra_op_threads, usable_cores()):
+            single = options(1)
+            self._alongside = {g: ort.InferenceSession(str(root / g), single, providers=list(providers))
+                               for g in self._sessions}
+        self.concurrent_passes = 2 if self._alongside else 1
         self._inputs = {f: {i.name for i in s.get_inputs()} for f, s in self._sessions.items()}
         text = m.get("text") or {}
         self._text = session(text["graph"]) if text.get("graph") else None
@@ -103,16 +112,18 @@ class OnnxRuntime(Runtime):
         self.base_path = 0
 
     def describe(self) -> dict:
-        return {**super().describe(), "intra_op_threads": self.intra_op_threads, "split_passes": self._split is not None}
+        return {**super().describe(), "intra_op_threads": self.intra_op_threads, "split_passes": self._split is not None,
+                "concurrent_passes": self.concurrent_passes}
 
     def _feed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         if not self._float_input:
             return np.ascontiguousarray(pixels, dtype=np.uint8)
         return ((pixels.astype(np.float32) / 255.0 - self._mean) / self._std).astype(np.float32)
 
-    def run_path(self, path: int, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run_path(self, path: int, pixels: np.ndarray, alongside: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """`alongside`: another pass runs at the same time (only when `concurrent_passes` > 1)."""
         fname, k = self._path_keys[path]
-        sess = self._sessions[fname]
+        sess = self._alongside[fname] if alongside and self._alongside else self._sessions[fname]
         feed = {"pixels": self._feed_pixels(pixels)}
         if "task_index" in self._inputs[fname]:
             feed["task_index"] = np.full((len(pixels),), k, np.int64)

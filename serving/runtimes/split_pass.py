@@ -11,6 +11,11 @@ whose thread is descheduled holds up the other, and img/s moved within the round
 -2%, int8 c=32 +4%) while server CPU per request fell 3-8%. So it is opt-in
 (`CLIPHEADS_ORT_SPLIT=1`); the price is a second session per image graph (about the graph's size
 again in memory). A batch of one cannot split and keeps the 2-thread pass.
+
+Its sibling, `CLIPHEADS_ORT_PASSES=2`, gets the same 1-thread passes without the join: the encoder's
+two runners each take half of a backlog and run their passes independently (encoder/batching.py;
+`overhead-31-two-passes.md`: ViT-B/32 fp32 c=8 +10% img/s, 92-94% of raw in 3 of 3 rounds, int8
+c=8/32 +6-7%, p99 +40-60%, +370 MB resident for fp32 ViT-B/32).
 """
 from __future__ import annotations
 
