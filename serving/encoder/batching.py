@@ -106,7 +106,8 @@ class ContinuousBatcher:
                                  for i in range(2)]
                 for t in self._runners:
                     t.start()
-            self._cond.notify()
+            # all: a runner waiting in _gather must hear every arrival, not just the idle runner
+            self._cond.notify_all()
 
     async def submit(self, jobs: list[Any], deadline: float = 0.0, coming: int = 0) -> list[Any]:
         loop = asyncio.get_running_loop()
