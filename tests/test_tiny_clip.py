@@ -134,7 +134,9 @@ def test_report_command_writes_report_and_card(tmp_path):
     """`python -m clipheads.training.pretrain report` (tiny_report.py) on a small world, no CoOp runs:
     the report and the model card are written, name the shipped weights, and show the hold-out design
     (held-out combinations zero-shot worse than seen ones)."""
-    world = synth.generate_world(tmp_path / "world", seed=3, size="small", progress=False)
+    # the report scores the test split only: the small world's 6 test images per (domain, class), no train/val
+    world = synth.generate_world(tmp_path / "world", seed=3, size=synth.WorldSize(train=0, val=0, test=6),
+                                 progress=False)
     out, card = tmp_path / "report", tmp_path / "MODEL_CARD.md"
     rc = pretrain.main(["report", "--weights", str(WEIGHTS), "--out", str(out), "--world", str(world),
                         "--coop-seeds", "", "--card", str(card)])
