@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -357,7 +358,8 @@ def test_small_image_graphs_run_on_one_intra_op_thread(micro_backbone, tmp_path,
 def test_split_passes_give_the_one_pass_answers(micro_backbone, tmp_path, monkeypatch):
     """Batches of >= 2 run as two 1-thread half passes at once (split_pass.py): the same logits and
     features as one pass, odd batches and several paths (a prompt bank) included; a batch of one
-    keeps the one pass; CLIPHEADS_ORT_SPLIT=1 turns it on, for 2 intra-op threads only."""
+    keeps the one pass; CLIPHEADS_ORT_SPLIT=1 turns it on, for 2 intra-op threads only. Likewise
+    CLIPHEADS_ORT_PASSES=2's 1-thread sessions, run beside a wide pass."""
     from clipheads.serving.runtimes import onnx_runtime
     from clipheads.serving.runtimes.split_pass import split_wanted
 
@@ -385,6 +387,19 @@ def test_split_passes_give_the_one_pass_answers(micro_backbone, tmp_path, monkey
     assert not onnx_runtime.OnnxRuntime(tmp_path / "b", providers=["CPUExecutionProvider"]).describe()["split_passes"]
     monkeypatch.setenv("CLIPHEADS_ORT_SPLIT", "1")
     assert onnx_runtime.OnnxRuntime(tmp_path / "b", providers=["CPUExecutionProvider"]).describe()["split_passes"]
+    # CLIPHEADS_ORT_PASSES=2: passes alongside another run on 1-thread sessions, two at once, same answers
+    monkeypatch.setenv("CLIPHEADS_ORT_SPLIT", "0")
+    assert onnx_runtime.OnnxRuntime(tmp_path / "b", providers=["CPUExecutionProvider"]).concurrent_passes == 1
+    monkeypatch.setenv("CLIPHEADS_ORT_PASSES", "2")
+    two = onnx_runtime.OnnxRuntime(tmp_path / "b", providers=["CPUExecutionProvider"])
+    assert two.concurrent_passes == 2 and two.describe()["concurrent_passes"] == 2
+    px = _pixels(micro_backbone, n=5)
+    with ThreadPoolExecutor(2) as pool:
+        for p in range(len(two.paths)):
+            wide, beside = pool.submit(two.run_path, p, px), pool.submit(two.run_path, p, px, alongside=True)
+            for got in (wide.result(), beside.result()):
+                for a, b in zip(got, one.run_path(p, px)):
+                    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 
 
 def test_fused_attention_is_one_contrib_node_per_block_and_exact(micro_backbone, tmp_path):
