@@ -192,7 +192,7 @@ class TwoLaneRuntime(MarkerRuntime):
                 self.now -= 1
 
 
-def _backlog_behind_a_lone_pass(rt) -> dict:
+def _backlog_behind_a_lone_pass(rt) -> ContinuousBatcher:
     """Request 0 alone on an idle encoder, held at the gate; 8 more queue behind it; then open."""
     batcher = ContinuousBatcher(Slot(rt), max_batch=64)
     got, done = {}, threading.Event()
@@ -212,16 +212,16 @@ def _backlog_behind_a_lone_pass(rt) -> dict:
     assert done.wait(5)
     batcher.close()
     assert all(int(got[k][0]["logits"][0][0]) == k for k in range(9))  # each request its own row
-    return got
+    return batcher
 
 
 def test_two_passes_at_once_share_a_backlog_and_a_lone_request_gets_the_whole_runtime():
     rt = TwoLaneRuntime(0.05, concurrent_passes=2)
-    _backlog_behind_a_lone_pass(rt)
+    assert len(_backlog_behind_a_lone_pass(rt)._runners) == 2
     # the lone request alone and on all threads; its backlog split between the two runners, both
     # passes at once on one thread each
     assert rt.log[0] == (1, False) and sorted(rt.log[1:]) == [(4, True), (4, True)] and rt.most == 2
 
     one = TwoLaneRuntime(0.05, concurrent_passes=1)  # the default: one pass at a time, all queued
-    _backlog_behind_a_lone_pass(one)
+    assert len(_backlog_behind_a_lone_pass(one)._runners) == 1  # no idle second runner to wake
     assert one.log == [(1, False), (8, False)] and one.most == 1
