@@ -25,7 +25,7 @@ class FaultRuntime:
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
-    def run_path(self, path: int, pixels: np.ndarray):
+    def run_path(self, path: int, pixels: np.ndarray, **kw):  # kw: `alongside` (CLIPHEADS_ORT_PASSES=2)
         marks = set(int(v) for v in np.asarray(pixels)[:, 0, 0, 0])
         if RAISE in marks:
             raise RuntimeError("/secret/path/shm_region_x exploded")
@@ -33,7 +33,7 @@ class FaultRuntime:
             time.sleep(SLOW_S)
         elif BUSY in marks:
             time.sleep(BUSY_S)
-        return self._inner.run_path(path, pixels)
+        return self._inner.run_path(path, pixels, **kw)
 
     def warmup(self) -> None:  # the base class's warm-up calls self.run_path: keep it on the proxy
         type(self._inner).warmup(self)

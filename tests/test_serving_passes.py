@@ -1,0 +1,69 @@
+"""CLIPHEADS_ORT_PASSES=2 on a real `clipheads serve` of an exported ONNX bundle (encoder/batching.py).
+
+A lone request runs on the runtime's two threads; a backlog queued behind a slow pass is shared by
+the encoder's two runners, each half on a 1-thread session, at once. The answers must be the ones
+the same images get alone, and /metrics must show the backlog as two passes, not one. The slow pass
+comes from tests/fault_runtime.py (a solid image whose red channel is 3 sleeps CLIPHEADS_FAULT_BUSY_S).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from test_serving import REPO, Server, make_micro_head, png
+from test_serving_hop import wait_in_flight
+from test_serving_ops import delta, parse_metrics
+
+pytestmark = pytest.mark.integration
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("onnxruntime")
+
+IMAGES = [png((40 + 25 * k, 200 - 20 * k, 30 + 10 * k), size=(40 + 4 * k, 36)) for k in range(8)]
+BUSY_IMG = png((3, 20, 20))
+
+
+def classify(c, blob: bytes):
+    return c.post("/classify", files=[("images", ("x.png", blob, "image/png"))], data={"top_k": "3"})
+
+
+def scores(body: dict) -> dict:
+    return {t: {p["label"]: p["score"] for p in ranked} for t, ranked in body["predictions"][0].items()}
+
+
+def test_a_shared_backlog_runs_as_two_passes_with_the_lone_answers(tmp_path):
+    from clipheads.cli import main
+
+    head = make_micro_head(tmp_path)
+    assert main(["export", str(head), "--out", str(tmp_path / "bundle"), "--probes", "8", "--json"]) == 0
+    env = {"CLIPHEADS_ORT_PASSES": "2", "CLIPHEADS_ORT_THREADS": "2", "CLIPHEADS_RUNTIME_HOOK": "fault_runtime:wrap",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "CLIPHEADS_FAULT_BUSY_S": "3"}
+    srv = Server(tmp_path / "bundle", None, tmp_path / "server.log", env_extra=env)
+    try:
+        async def go():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=30) as c:
+                alone = []
+                for blob in IMAGES:  # one at a time: each a lone pass on both threads
+                    r = await classify(c, blob)
+                    assert r.status_code == 200, r.text
+                    alone.append(scores(r.json()))
+                before = parse_metrics((await c.get("/metrics")).text)
+                busy = asyncio.ensure_future(classify(c, BUSY_IMG))
+                await wait_in_flight(c, 1)
+                await asyncio.sleep(0.5)  # the front has handed it on: its pass is the encoder's only one
+                burst = [asyncio.ensure_future(classify(c, blob)) for blob in IMAGES]  # queue behind it
+                answers = await asyncio.gather(busy, *burst)
+                after = parse_metrics((await c.get("/metrics")).text)
+                return alone, answers, delta(after, before)
+
+        alone, answers, moved = asyncio.run(go())
+    finally:
+        srv.stop()
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
+    for want, r in zip(alone, answers[1:]):
+        got = scores(r.json())
+        assert got.keys() == want.keys() and all(
+            got[t].keys() == want[t].keys() and all(abs(got[t][k] - want[t][k]) <= 2e-6 for k in want[t]) for t in want)
+    # the busy pass alone, then its 8-image backlog as two passes (one pass at a time would make it one)
+    assert moved.get("clipheads_encoder_batch_size_count") == 3 and moved.get("clipheads_encoder_batch_size_sum") == 9, sorted(moved.items())
