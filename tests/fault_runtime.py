@@ -3,8 +3,10 @@
 Triggers ride on ordinary requests: a solid-colour image whose red channel is
   1 -> the runtime raises RuntimeError with an internal-looking path (crash isolation, B5 #14);
   2 -> the pass sleeps SLOW_S (timeouts, B5 #10);
-  3 -> the pass sleeps BUSY_S (in-flight work for drain / overload / batching tests).
-Every other image runs the real runtime unchanged.
+  3 -> the pass sleeps BUSY_S (in-flight work for drain / overload / batching tests);
+  4 -> the pass waits until the file CLIPHEADS_FAULT_GATE exists (at most 60 s): a test holds it.
+Every other image runs the real runtime unchanged, after CLIPHEADS_FAULT_PASS_S (default 0) of
+sleep per pass: a micro model's pass then lasts as long as a real one's.
 """
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ import time
 
 import numpy as np
 
-RAISE, SLOW, BUSY = 1, 2, 3
+RAISE, SLOW, BUSY, GATED = 1, 2, 3, 4
 SLOW_S = float(os.environ.get("CLIPHEADS_FAULT_SLOW_S", "3.0"))
 BUSY_S = float(os.environ.get("CLIPHEADS_FAULT_BUSY_S", "0.8"))
+GATE = os.environ.get("CLIPHEADS_FAULT_GATE", "")
+PASS_S = float(os.environ.get("CLIPHEADS_FAULT_PASS_S", "0"))
 
 
 class FaultRuntime:
@@ -33,6 +37,12 @@ class FaultRuntime:
             time.sleep(SLOW_S)
         elif BUSY in marks:
             time.sleep(BUSY_S)
+        elif GATED in marks and GATE:
+            deadline = time.monotonic() + 60
+            while not os.path.exists(GATE) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        if PASS_S:
+            time.sleep(PASS_S)
         return self._inner.run_path(path, pixels, **kw)
 
     def warmup(self) -> None:  # the base class's warm-up calls self.run_path: keep it on the proxy
