@@ -361,7 +361,7 @@ def test_split_passes_give_the_one_pass_answers(micro_backbone, tmp_path, monkey
     keeps the one pass; CLIPHEADS_ORT_SPLIT=1 turns it on, for 2 intra-op threads only. Likewise
     CLIPHEADS_ORT_PASSES=2's 1-thread sessions, run beside a wide pass."""
     from clipheads.serving.runtimes import onnx_runtime
-    from clipheads.serving.runtimes.split_pass import split_wanted
+    from clipheads.serving.runtimes.split_pass import passes_wanted, split_wanted
 
     heads = [_head("zeroshot", micro_backbone, (TASKS[0],)), _head("ivlp", micro_backbone, (TASKS[1],))]
     res = export_heads(heads, tmp_path / "b", ExportOptions(text=False, **FAST))
@@ -382,6 +382,8 @@ def test_split_passes_give_the_one_pass_answers(micro_backbone, tmp_path, monkey
     assert calls == [2] * len(split.paths) + [7] * len(split.paths)  # batches of one stayed single passes
     assert split_wanted("1", None, 2) and split_wanted("1", 2, 8)
     assert not split_wanted("1", None, 4) and not split_wanted("1", 1, 2) and not split_wanted("0", None, 2)
+    assert passes_wanted("2", None, 2) == passes_wanted("2", 2, 8) == 2
+    assert passes_wanted("2", None, 4) == passes_wanted("2", 1, 2) == passes_wanted("1", None, 2) == 1
     monkeypatch.setenv("CLIPHEADS_ORT_THREADS", "2")
     monkeypatch.setattr(onnx_runtime, "SMALL_GRAPH_MS", 0.0)
     assert not onnx_runtime.OnnxRuntime(tmp_path / "b", providers=["CPUExecutionProvider"]).describe()["split_passes"]

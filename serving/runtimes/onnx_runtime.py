@@ -13,7 +13,7 @@ from clipheads.training.text_length import LENGTH_BUCKET, trim_tokens
 
 from .base import Runtime, RuntimeError_
 from .bundle import backbone_identity, index_tasks, read_manifest
-from .split_pass import MIN_BATCH, SplitPass, split_wanted, usable_cores
+from .split_pass import MIN_BATCH, SplitPass, passes_wanted, split_wanted, usable_cores
 
 # A CPU image graph whose batch-1 pass takes less than this runs on one intra-op thread: its ops are
 # too small to split, and waking a second thread per op costs more than it saves (the packaged tiny
@@ -83,21 +83,21 @@ class OnnxRuntime(Runtime):
                 single = options(1)
                 for g in list(self._sessions):  # already checked against the manifest: no second hash
                     self._sessions[g] = ort.InferenceSession(str(root / g), single, providers=list(providers))
-        self._split: Optional[SplitPass] = None
-        if image_sessions and self.name == "onnx-cpu" and (split_passes if split_passes is not None else split_wanted(
-                os.environ.get("CLIPHEADS_ORT_SPLIT", "0"), self.intra_op_threads, usable_cores())):
+        # 1-thread sessions of the image graphs, for the two opt-ins that run two passes at once
+        # (split_pass.py explains why): halves of one batch (CLIPHEADS_ORT_SPLIT=1), and passes of
+        # the encoder's two runners, one beside the other (CLIPHEADS_ORT_PASSES=2)
+        cpu_images = image_sessions and self.name == "onnx-cpu"
+        cores = usable_cores()
+        split = cpu_images and (split_passes if split_passes is not None else split_wanted(
+            os.environ.get("CLIPHEADS_ORT_SPLIT", "0"), self.intra_op_threads, cores))
+        self.concurrent_passes = passes_wanted(os.environ.get("CLIPHEADS_ORT_PASSES", "1"), self.intra_op_threads,
+                                               cores) if cpu_images else 1
+        self._single: dict[str, "ort.InferenceSession"] = {}
+        if split or self.concurrent_passes > 1:
             single = options(1)
-            self._split = SplitPass(lambda g: ort.InferenceSession(str(root / g), single, providers=list(providers)),
-                                    list(self._sessions))
-        # Two passes at once (the encoder's two runners, CLIPHEADS_ORT_PASSES=2): a pass that runs
-        # alongside another takes a 1-thread session of its graph (split_pass.py explains why).
-        self._alongside: dict[str, "ort.InferenceSession"] = {}
-        if image_sessions and self.name == "onnx-cpu" and split_wanted(
-                "1" if os.environ.get("CLIPHEADS_ORT_PASSES", "1") == "2" else "0", self.intra_op_threads, usable_cores()):
-            single = options(1)
-            self._alongside = {g: ort.InferenceSession(str(root / g), single, providers=list(providers))
-                               for g in self._sessions}
-        self.concurrent_passes = 2 if self._alongside else 1
+            self._single = {g: ort.InferenceSession(str(root / g), single, providers=list(providers))
+                            for g in self._sessions}
+        self._split: Optional[SplitPass] = SplitPass(self._single) if split else None
         self._inputs = {f: {i.name for i in s.get_inputs()} for f, s in self._sessions.items()}
         text = m.get("text") or {}
         self._text = session(text["graph"]) if text.get("graph") else None
@@ -123,7 +123,7 @@ class OnnxRuntime(Runtime):
     def run_path(self, path: int, pixels: np.ndarray, alongside: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """`alongside`: another pass runs at the same time (only when `concurrent_passes` > 1)."""
         fname, k = self._path_keys[path]
-        sess = self._alongside[fname] if alongside and self._alongside else self._sessions[fname]
+        sess = self._single[fname] if alongside and self.concurrent_passes > 1 else self._sessions[fname]
         feed = {"pixels": self._feed_pixels(pixels)}
         if "task_index" in self._inputs[fname]:
             feed["task_index"] = np.full((len(pixels),), k, np.int64)

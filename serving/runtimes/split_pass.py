@@ -13,9 +13,9 @@ whose thread is descheduled holds up the other, and img/s moved within the round
 again in memory). A batch of one cannot split and keeps the 2-thread pass.
 
 Its sibling, `CLIPHEADS_ORT_PASSES=2`, gets the same 1-thread passes without the join: the encoder's
-two runners each take half of a backlog and run their passes independently (encoder/batching.py;
-`overhead-31-two-passes.md`: ViT-B/32 fp32 c=8 +10% img/s, 92-94% of raw in 3 of 3 rounds, int8
-c=8/32 +6-7%, p99 +40-60%, +370 MB resident for fp32 ViT-B/32).
+two runners each take half of a backlog and run their passes independently on the same 1-thread
+sessions (encoder/batching.py; `overhead-31-two-passes.md`: ViT-B/32 fp32 c=8 +10% img/s, 92-94% of
+raw in 3 of 3 rounds, int8 c=8/32 +6-7%, p99 +40-60%, +370 MB resident for fp32 ViT-B/32).
 """
 from __future__ import annotations
 
@@ -28,12 +28,23 @@ import numpy as np
 MIN_BATCH = 2  # a batch this size or larger runs as two halves
 
 
-def split_wanted(setting: str, intra_op_threads: int | None, cores: int) -> bool:
-    """`CLIPHEADS_ORT_SPLIT=1` (default "0": off): on when the image graphs would run on exactly two
-    intra-op threads (ORT's default on two cores, or CLIPHEADS_ORT_THREADS=2), the case it was
-    measured on. One thread (small graphs) has nothing to split; on more cores two 1-thread halves
+def two_single_threads_fit(intra_op_threads: int | None, cores: int) -> bool:
+    """Two 1-thread passes replace one pass exactly where the image graphs would run on two intra-op
+    threads (ORT's default on two cores, or CLIPHEADS_ORT_THREADS=2), the case both opt-ins were
+    measured on. One thread (small graphs) has nothing to share; on more cores two 1-thread passes
     would leave the rest idle."""
-    return setting == "1" and (intra_op_threads or cores) == 2
+    return (intra_op_threads or cores) == 2
+
+
+def split_wanted(setting: str, intra_op_threads: int | None, cores: int) -> bool:
+    """`CLIPHEADS_ORT_SPLIT=1` (default "0": off), where two 1-thread passes fit."""
+    return setting == "1" and two_single_threads_fit(intra_op_threads, cores)
+
+
+def passes_wanted(setting: str, intra_op_threads: int | None, cores: int) -> int:
+    """`CLIPHEADS_ORT_PASSES=2` (default "1"): passes the encoder may run at once, 2 where two
+    1-thread passes fit, else 1."""
+    return 2 if setting == "2" and two_single_threads_fit(intra_op_threads, cores) else 1
 
 
 def usable_cores() -> int:
@@ -47,8 +58,8 @@ class SplitPass:
     """Runs `sessions[fname]` (1 intra-op thread each; ORT sessions take concurrent `run` calls)
     on both halves of a feed at once: the second half on a helper thread, the first on the caller."""
 
-    def __init__(self, make_session: Callable[[str], object], graphs: Sequence[str]):
-        self.sessions = {g: make_session(g) for g in graphs}
+    def __init__(self, sessions: dict[str, object]):
+        self.sessions = sessions
         self._helper = ThreadPoolExecutor(1, thread_name_prefix="ort-half-pass")
 
     def run(self, fname: str, outputs: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
