@@ -29,7 +29,7 @@ class FaultRuntime:
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
-    def run_path(self, path: int, pixels: np.ndarray, **kw):  # kw: `alongside` (CLIPHEADS_ORT_PASSES=2)
+    def run_path(self, path: int, pixels: np.ndarray, alongside: bool = False):
         marks = set(int(v) for v in np.asarray(pixels)[:, 0, 0, 0])
         if RAISE in marks:
             raise RuntimeError("/secret/path/shm_region_x exploded")
@@ -43,7 +43,7 @@ class FaultRuntime:
                 time.sleep(0.02)
         if PASS_S:
             time.sleep(PASS_S)
-        return self._inner.run_path(path, pixels, **kw)
+        return self._inner.run_path(path, pixels, alongside=alongside)
 
     def warmup(self) -> None:  # the base class's warm-up calls self.run_path: keep it on the proxy
         type(self._inner).warmup(self)

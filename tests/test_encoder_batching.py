@@ -21,7 +21,7 @@ class MarkerRuntime:
         self.pass_s = pass_s
         self.sizes: list[int] = []
 
-    def run_path(self, path: int, pixels: np.ndarray):
+    def run_path(self, path: int, pixels: np.ndarray, alongside: bool = False):
         time.sleep(self.pass_s)
         self.sizes.append(len(pixels))
         n = len(pixels)
@@ -127,7 +127,7 @@ class GatedRuntime(MarkerRuntime):
         super().__init__(0.0)
         self.gate = threading.Event()
 
-    def run_path(self, path: int, pixels: np.ndarray):
+    def run_path(self, path: int, pixels: np.ndarray, alongside: bool = False):
         self.gate.wait(5)
         return super().run_path(path, pixels)
 

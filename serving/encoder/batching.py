@@ -15,6 +15,8 @@ is answered "timeout" without a pass; work nobody waits for any more (`abandoned
 Where the runtime allows two passes at once (`concurrent_passes` 2: ONNX Runtime on two CPU cores
 with `CLIPHEADS_ORT_PASSES=2`), the second runner shares a backlog: each takes half and runs it on
 one thread, with no join between ops; a lone request on an idle encoder still gets every thread.
+(A pass shorter than a thread's wake-up, ~1 ms, can end before the other runner starts; its runner
+then halves the rest again. Real models' passes take tens of milliseconds.)
 """
 from __future__ import annotations
 
@@ -259,7 +261,7 @@ def encode_batch(runtime: Runtime, jobs: list[Any], alongside: bool = False) -> 
             by_path.setdefault(int(p), []).append(i)
     for p, idx in by_path.items():
         pixels = np.stack([jobs[i]["pixels"] for i in idx])
-        logits, feats = runtime.run_path(p, pixels, alongside=True) if alongside else runtime.run_path(p, pixels)
+        logits, feats = runtime.run_path(p, pixels, alongside=alongside)
         if not (np.isfinite(logits).all() and np.isfinite(feats).all()):
             raise FloatingPointError(f"non-finite outputs on path {p}")
         for j, i in enumerate(idx):

@@ -3,7 +3,7 @@
 * `paths`               distinct image paths (graph, task_index). Tasks whose image path is the
                         same share one encoder pass; `TaskInfo.path` + `logit_slice` say where a
                         task's logits live in that pass's output.
-* `run_path(p, pixels)` (N, 3, S, S) uint8 -> logits (N, C_path) float32, features (N, E) float32
+* `run_path(p, pixels, alongside=False)` (N, 3, S, S) uint8 -> logits (N, C_path) float32, features (N, E) float32
 * `classify(pixels, task_names)` -> {task: logits (N, C)}: one pass per distinct path
 * `encode_images(pixels)` -> (N, E) features on the base path (zero-shot / few-shot scoring)
 * `encode_texts(texts)` -> (N, E) normalized text features (for request-time labels)
@@ -49,7 +49,7 @@ class Runtime(ABC):
     preprocess: dict  # {image_size, mean, std, resize, crop}
     identity: str  # backbone fingerprint: few-shot tasks persisted under one identity only
     base_path: int = 0
-    # passes the encoder may run at once; > 1 only where run_path takes `alongside=True` (OnnxRuntime)
+    # passes the encoder may run at once (run_path's `alongside`); > 1 only for OnnxRuntime, opt-in
     concurrent_passes: int = 1
     logit_scale: float = 100.0
     has_text: bool = True  # False: a bundle without a text graph (no request-time labels)
@@ -58,8 +58,9 @@ class Runtime(ABC):
         self._lock = threading.Lock()  # sessions/modules are driven from one thread at a time
 
     @abstractmethod
-    def run_path(self, path: int, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(N, 3, S, S) uint8 -> (logits (N, C_path), features (N, E)), float32."""
+    def run_path(self, path: int, pixels: np.ndarray, alongside: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 3, S, S) uint8 -> (logits (N, C_path), features (N, E)), float32. `alongside`: another
+        pass runs at the same time (the encoder sets it only where `concurrent_passes` > 1)."""
 
     @abstractmethod
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:

@@ -121,7 +121,6 @@ class OnnxRuntime(Runtime):
         return ((pixels.astype(np.float32) / 255.0 - self._mean) / self._std).astype(np.float32)
 
     def run_path(self, path: int, pixels: np.ndarray, alongside: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """`alongside`: another pass runs at the same time (only when `concurrent_passes` > 1)."""
         fname, k = self._path_keys[path]
         sess = self._single[fname] if alongside and self.concurrent_passes > 1 else self._sessions[fname]
         feed = {"pixels": self._feed_pixels(pixels)}

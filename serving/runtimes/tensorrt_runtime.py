@@ -42,7 +42,7 @@ class TensorRTRuntime(OnnxRuntime):
         self._engines = {g: Engine(root / f, max_batch) for g, f in usable.items()}
         self.name = "tensorrt"
 
-    def run_path(self, path: int, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run_path(self, path: int, pixels: np.ndarray, alongside: bool = False) -> tuple[np.ndarray, np.ndarray]:
         fname, k = self._path_keys[path]
         feed = {"pixels": self._feed_pixels(pixels)}
         if "task_index" in self._engines[fname].inputs:

@@ -65,7 +65,7 @@ class TorchRuntime(Runtime):
         x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device).float().div_(255.0)
         return (x - self._mean) / self._std
 
-    def run_path(self, path: int, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run_path(self, path: int, pixels: np.ndarray, alongside: bool = False) -> tuple[np.ndarray, np.ndarray]:
         torch = self._torch
         head = self.head
         with self._lock, torch.no_grad():

@@ -100,7 +100,7 @@ class FoldedTorchRuntime(Runtime):
         self._path_keys, self.tasks = index_tasks([t.to_json() for t in plan.tasks])  # as in a bundle
         self.paths = [f"{g}#{k}" for g, k in self._path_keys]
 
-    def run_path(self, path: int, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run_path(self, path: int, pixels: np.ndarray, alongside: bool = False) -> tuple[np.ndarray, np.ndarray]:
         torch = self._torch
         fname, k = self._path_keys[path]
         n = len(pixels)
