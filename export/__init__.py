@@ -4,7 +4,9 @@
                     prompt banks gathered by task_index, shared plain path; plain text tower)
     onnx_export.py  torch.onnx.export (TorchScript exporter, opset 17, dynamic batch) + onnx.checker
     optimize.py     ORT transformer fusions, offline ORT optimisation, fp16 with fp32 IO
-    quantize.py     dynamic per-channel int8, static QDQ
+    quantize.py     int8: dynamic per-channel, and the calibrated static recipe (its search)
+    int8_*.py       the static recipe's parts: candidates and their errors, logit sensitivity,
+                    GPTQ rounding, bias fusion, per-row activations
     parity.py       eager PyTorch vs ONNX Runtime on fixed probes; the gate that can fail
     bundle.py       manifest.json + files: atomic write, validated read (see BUNDLE.md)
     pipeline.py     export_heads(): the whole run as one library call

@@ -1,7 +1,7 @@
 """End-to-end int8 sensitivity of each candidate, measured on the logits (issue 17.3).
 
-`quantize.py` first ranks the MatMuls by their own output error under quantization
-(`Candidate.local_error`). What a layer's error does to the *logits* also depends on everything
+The search's first ranking is each MatMul's own output error under quantization
+(`Candidate.local_error`, `int8_candidates.py`). What a layer's error does to the *logits* also depends on everything
 after it (a LayerNorm that rescales it, a residual stream that dwarfs it, the class matrix), so the
 search can keep the wrong layers in fp32. `logit_sensitivity` measures, for every candidate, the
 logit error when it alone is int8 and every other layer stays fp32, with one ONNX Runtime session
@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
+
+from .int8_candidates import constant_weights, fake_quant_weight, ort_session
 
 SWITCH = "int8_switch"
 
@@ -62,21 +64,20 @@ def int8_weights(model, cands: Sequence, rounding: Optional[dict]) -> dict[str, 
     B; with GPTQ the integers go into `rounding["cache"]`, which the search's
     graphs then reuse (`int8_gptq.round_weights`)."""
     from .int8_gptq import gptq_round
-    from .quantize import _fake_quant_weight, _weights
 
     trans = {n.name: any(a.name == "transB" and a.i for a in n.attribute) for n in model.graph.node}
     out = {}
     for c in cands:
-        w = _weights(model, c.weight)
+        w = constant_weights(model, c.weight)
         if rounding and c.node in rounding["weights"] and c.node in rounding["grams"]:
             amax = np.abs(w).max(axis=0).astype(np.float32)
             scale = np.maximum((amax + amax) / np.float32(254.0), np.float32(1e-12))  # ORT's symmetric per-channel
             q = rounding["cache"].setdefault(c.node, gptq_round(w, rounding["grams"][c.node], scale))
             out[c.node] = q.astype(np.float32) * scale
         elif c.kind == "Conv":  # (D, C, p, p): per output channel, the first axis
-            out[c.node] = _fake_quant_weight(w.reshape(len(w), -1).T, False).T.reshape(w.shape)
+            out[c.node] = fake_quant_weight(w.reshape(len(w), -1).T, False).T.reshape(w.shape)
         else:
-            out[c.node] = _fake_quant_weight(w, trans.get(c.node, False))
+            out[c.node] = fake_quant_weight(w, trans.get(c.node, False))
     return out
 
 
@@ -107,7 +108,6 @@ def switched_graph(model, cands: Sequence, activations: str, ranges: Mapping[str
     import onnx
     from onnx import helper
 
-    from .quantize import _weights
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -131,7 +131,7 @@ def switched_graph(model, cands: Sequence, activations: str, ranges: Mapping[str
                             else _per_row(g, c.activation, k, px))
             new += fq_nodes + [helper.make_node("Sub", [fq, c.activation], [px + "delta"])]
             deltas[key] = px + "delta"
-        dw = _const(g, p + "dw", (weights_q[c.node] - _weights(model, c.weight)).astype(np.float32))
+        dw = _const(g, p + "dw", (weights_q[c.node] - constant_weights(model, c.weight)).astype(np.float32))
         new += [helper.make_node("Mul", [deltas[key], p + "s"], [p + "xd"]),
                 helper.make_node("Add", [c.activation, p + "xd"], [p + "x"]),
                 helper.make_node("Mul", [dw, p + "s"], [p + "wd"]),
@@ -161,11 +161,10 @@ def logit_sensitivity(model, cands: Sequence, feeds: Sequence[dict], ref: np.nda
     """RMS logit error against `ref` (the fp32 logits of `feeds`) with each candidate alone int8."""
     import onnx
 
-    from .quantize import _session
 
     path = Path(work) / f"sensitivity_{activations}.onnx"
     onnx.save(switched_graph(model, cands, activations, ranges, weights_q), str(path))
-    sess = _session(path)
+    sess = ort_session(path)
     out = []
     for i in range(len(cands)):
         switch = np.zeros(len(cands), np.float32)

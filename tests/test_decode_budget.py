@@ -7,7 +7,6 @@ import functools
 import io
 import os
 import sys
-import threading
 import time
 
 import pytest

@@ -131,13 +131,13 @@ def test_gate_mode_follows_the_backbone_record():
 def test_patch_conv_as_a_gemm_is_the_conv():
     """The patch embedding's sensitivity is measured as patches @ weights: that product must be the
     Conv's own output (a wrong patch order would rank it on a different function)."""
-    from clipheads.export.quantize import Candidate, _as_gemm
+    from clipheads.export.int8_candidates import Candidate, as_gemm
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 33, 32, generator=g)  # 33: a ragged edge the stride-p Conv drops
     w = torch.randn(5, 3, 8, 8, generator=g)
     want = torch.nn.functional.conv2d(x, w, stride=8)  # (2, 5, 4, 4)
-    rows, wm = _as_gemm(Candidate("c", "Conv", "x", "w"), x.numpy(), w.numpy(), False)
+    rows, wm = as_gemm(Candidate("c", "Conv", "x", "w"), x.numpy(), w.numpy(), False)
     got = (rows @ wm).reshape(2, 4, 4, 5).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
 
@@ -146,7 +146,8 @@ def test_patch_conv_as_a_gemm_is_the_conv():
 def test_static_int8_quantizes_the_patch_embedding_unless_told_not_to(micro_backbone, tmp_path, patch_embedding, micro_zeroshot_graph):
     import onnx
 
-    from clipheads.export.quantize import Int8Recipe, candidates, image_feeds, quantize_calibrated
+    from clipheads.export.int8_candidates import candidates
+    from clipheads.export.quantize import Int8Recipe, image_feeds, quantize_calibrated
 
     src = micro_zeroshot_graph
     conv = [n.name for n in onnx.load(str(src)).graph.node if n.op_type == "Conv"]
@@ -340,7 +341,7 @@ def test_static_int8_weights_are_gptq_rounded_at_the_quantizers_scales(micro_bac
     changed = [k for k in ints["gptq"] if not np.array_equal(ints["gptq"][k], ints["nearest"][k])]
     assert changed
     # what GPTQ promises, per MatMul: a smaller output error on the calibration inputs, ||X dW||^2 = tr(dW' H dW)
-    from clipheads.export.quantize import candidates, measure_local_errors
+    from clipheads.export.int8_candidates import candidates, measure_local_errors
 
     fp32 = onnx.load(str(src))
     cands = {c.node: c for c in candidates(fp32, patch_embedding=False)}

@@ -15,7 +15,8 @@ ort = pytest.importorskip("onnxruntime")
 def graph(micro_backbone, tmp_path_factory, micro_zeroshot_graph):
     import onnx
 
-    from clipheads.export.quantize import _preprocessed, candidates, image_feeds, measure_local_errors
+    from clipheads.export.int8_candidates import candidates, measure_local_errors
+    from clipheads.export.quantize import _preprocessed, image_feeds
 
     tmp = tmp_path_factory.mktemp("sens")
     pre = _preprocessed(micro_zeroshot_graph, tmp)
@@ -31,7 +32,8 @@ def graph(micro_backbone, tmp_path_factory, micro_zeroshot_graph):
 
 def _alone_int8(pre, model, cands, feeds, keep_int8, activations, tmp):
     """The real static graph (ORT's quantizer, weights rounded to nearest) with only `keep_int8` int8."""
-    from clipheads.export.quantize import FeedReader, Int8Recipe, _shipped, _static, not_candidates
+    from clipheads.export.int8_candidates import not_candidates
+    from clipheads.export.quantize import FeedReader, Int8Recipe, _shipped, _static
 
     others = [n for n in not_candidates(model, [keep_int8]) if n != keep_int8.node]
     recipe = Int8Recipe(weight_rounding="nearest")

@@ -40,7 +40,8 @@ def _logits(model_or_path, px):
 def test_migration_keeps_the_fp32_logits_and_moves_the_scales(graph, tmp_path, fold):
     from onnx import numpy_helper
 
-    from clipheads.export.quantize import candidates, image_feeds, measure_local_errors, smoothed
+    from clipheads.export.int8_candidates import candidates, measure_local_errors
+    from clipheads.export.quantize import image_feeds, smoothed
     from clipheads.export.smooth import SmoothConfig
 
     path, px = graph

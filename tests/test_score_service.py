@@ -6,7 +6,6 @@ through `clipheads score`; labels must be identical and scores equal to the serv
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal

@@ -206,7 +206,7 @@ class GroupingReport:
         lines = [
             "### Task grouping",
             "",
-            f"Cosine similarity of per-task gradients of the shared prompt"
+            "Cosine similarity of per-task gradients of the shared prompt"
             + (f" ({self.steps} warm-up steps)" if self.steps else "") + ":",
             "",
             head,

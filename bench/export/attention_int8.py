@@ -33,7 +33,6 @@ F, U8, I64 = 1, 2, 7  # onnx TensorProto element types used below
 
 def core_graph(variant: str, heads: int, width: int):
     """One attention core as an ONNX model: q, k, v (B, N, width) fp32 -> out (B, N, width)."""
-    import onnx
     from onnx import helper as h
 
     d = width // heads

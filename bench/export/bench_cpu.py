@@ -135,7 +135,6 @@ def gemm_peak(threads: int, n: int = 2048, seconds: float = 3.0) -> dict:
 def ort_matmul_roof(threads: int, n: int = 2048, seconds: float = 3.0, int8: bool = False) -> dict:
     """The same n^3 product in ONNX Runtime: fp32 MatMul (MLAS SGEMM) or, with `int8`, MatMulInteger
     uint8 x int8 (MLAS's VNNI kernel on this CPU) -- what our graphs' GEMMs actually run on."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 

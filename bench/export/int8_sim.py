@@ -84,7 +84,7 @@ def simulate(src: str | Path, dst: str | Path, recipe: str, calib_feeds: Sequenc
     import onnx
     from onnx import numpy_helper
 
-    from clipheads.export.quantize import _fake_quant_weight, _probe, candidates, measure_local_errors
+    from clipheads.export.int8_candidates import candidates, fake_quant_weight, measure_local_errors, probe
 
     if recipe not in SIM_RECIPES:
         raise ValueError(f"unknown simulation {recipe!r}")
@@ -93,14 +93,14 @@ def simulate(src: str | Path, dst: str | Path, recipe: str, calib_feeds: Sequenc
     with tempfile.TemporaryDirectory(prefix="clipheads-int8-sim-") as tmp:
         measure_local_errors(Path(src), model, cands, calib_feeds, Path(tmp))
         blocks = [c for c in cands if c.rows_per_image > 1.0 + 1e-9]
-        lo, hi, _, _, _ = _probe(model, [c.activation for c in blocks], calib_feeds, Path(tmp), keep_batches=0)
+        lo, hi, _, _, _ = probe(model, [c.activation for c in blocks], calib_feeds, Path(tmp), keep_batches=0)
     inits = {i.name: i for i in model.graph.initializer}
     nodes = {n.name: n for n in model.graph.node}
     weights = recipe != "sim-acts-only"
     for c in blocks:
         if weights and c.weight in inits:
             w = numpy_helper.to_array(inits[c.weight]).astype(np.float32)
-            inits[c.weight].CopyFrom(numpy_helper.from_array(_fake_quant_weight(w, False), c.weight))
+            inits[c.weight].CopyFrom(numpy_helper.from_array(fake_quant_weight(w, False), c.weight))
         node = nodes[c.node]
         if recipe in ("sim-acts-only", "sim-static"):
             _act_per_tensor(model, node, lo[c.activation], hi[c.activation])

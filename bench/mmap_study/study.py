@@ -208,7 +208,7 @@ def table(out: Path) -> None:
                   "| init | " + " | ".join(f"seed {s}" for s in next(iter(v for k, v in init.items() if k != "zeroshot"))) + " | std |",
                   "|---|" + "---:|" * (1 + len(next(iter(v for k, v in init.items() if k != "zeroshot")))), ]
         zs = statistics.mean(init["zeroshot"].values())
-        lines.append(f"| zero-shot CLIP | " + " | ".join(f"{100 * zs:.1f}" for _ in next(iter(v for k, v in init.items() if k != "zeroshot"))) + " | 0 |")
+        lines.append("| zero-shot CLIP | " + " | ".join(f"{100 * zs:.1f}" for _ in next(iter(v for k, v in init.items() if k != "zeroshot"))) + " | 0 |")
         for k, per_seed in init.items():
             if k == "zeroshot":
                 continue

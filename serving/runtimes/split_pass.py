@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
-
 import numpy as np
 
 MIN_BATCH = 2  # a batch this size or larger runs as two halves

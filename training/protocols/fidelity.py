@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 from dataclasses import fields
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Optional
 
 from .recipes import RECIPE_DIR, DatasetRef, Override, Recipe
