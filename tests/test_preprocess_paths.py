@@ -22,8 +22,8 @@ pq = pytest.importorskip("pyarrow.parquet")
 ORIENTATION = 0x0112
 
 
-def _upright() -> "Image.Image":
-    """60x40, nothing symmetric: a rotation, a flip or a transpose changes every quadrant."""
+def _upright():
+    """A PIL image, 60x40, nothing symmetric: a rotation, a flip or a transpose changes every quadrant."""
     from PIL import Image
 
     rng = np.random.default_rng(7)

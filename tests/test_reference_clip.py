@@ -20,7 +20,7 @@ import torch
 from conftest import _register_test_configs
 from reference_clip import keep_global_rng  # noqa: F401 (autouse)
 from reference_clip import (TEXTS, THRESHOLD, bundle_features, normalise, one_minus_cos, openai_case, openai_clip,
-                            openai_model, probe_pixels, random_openai_state_dict, reference_features, save_fp16)
+                            openai_model, probe_pixels, random_openai_state_dict, reference_features)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning"),
               pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")]
