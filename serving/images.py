@@ -86,14 +86,30 @@ class ImageHeader:
     format: str
     width: int
     height: int
-    decode_pixels: int  # pixels the decoder will materialise (JPEG: after draft scaling)
+    decode_pixels: int  # pixels the decoder will hold in memory (a baseline JPEG: after draft scaling)
+    progressive: bool = False  # a progressive JPEG: many scans over the whole image
+
+    @property
+    def pixels(self) -> int:
+        """width x height: what the decoder reads through (libjpeg entropy-decodes every coefficient
+        of a JPEG, drafted or not), the measure of its CPU time."""
+        return self.width * self.height
 
 
-def _decoded_pixels(fmt: str, w: int, h: int, size: int) -> int:
-    want = jpeg_draft_size(w, h, size) if fmt == "JPEG" else None
+def _draft_scale(w: int, h: int, want: tuple[int, int]) -> int:
+    """The scale Pillow's JPEG `draft` picks for `want`: the largest of 8, 4, 2, 1 not above
+    min(w // want_w, h // want_h) (PIL.JpegImagePlugin.JpegImageFile.draft)."""
+    most = min(w // want[0], h // want[1])
+    return next(a for a in (8, 4, 2, 1) if a <= max(most, 1))
+
+
+def _decoded_pixels(fmt: str, w: int, h: int, size: int, progressive: bool = False) -> int:
+    """Pixels the decoder holds: a progressive JPEG keeps every DCT coefficient of the full image
+    until its last scan, whatever the draft scale, so it counts at full size."""
+    want = jpeg_draft_size(w, h, size) if fmt == "JPEG" and not progressive else None
     if want is None:
         return w * h
-    s = max(d for d in (1, 2, 4, 8) if math.ceil(w / d) >= want[0] and math.ceil(h / d) >= want[1])
+    s = _draft_scale(w, h, want)
     return math.ceil(w / s) * math.ceil(h / s)
 
 
@@ -126,7 +142,8 @@ def _open_checked(data: bytes, spec: DecodeSpec) -> tuple[Image.Image, ImageHead
         )
     if max(w, h) / min(w, h) > spec.max_aspect:
         raise ImageRejected("bad_aspect_ratio", f"{w}x{h}: aspect ratio above {spec.max_aspect:g}", 422)
-    return im, ImageHeader(fmt, w, h, _decoded_pixels(fmt, w, h, spec.image_size))
+    progressive = fmt == "JPEG" and bool(im.info.get("progressive"))
+    return im, ImageHeader(fmt, w, h, _decoded_pixels(fmt, w, h, spec.image_size, progressive), progressive)
 
 
 def probe_image(data: bytes, spec: DecodeSpec) -> ImageHeader:

@@ -194,13 +194,19 @@ def resolve_source(ref: str | Path) -> Path:
     path = Path(ref).expanduser()
     if path.exists():
         return path
+    return resolve_tag(str(ref))
+
+
+def resolve_tag(tag: str) -> Path:
+    """The bundle or head a model-store tag holds (never a file-system path: `/admin/reload` takes
+    paths only inside its root, so a bare name must not find a file in the server's directory)."""
     import bentoml
     from bentoml.exceptions import BentoMLException
 
     try:
-        model = bentoml.models.get(str(ref))
+        model = bentoml.models.get(tag)
     except (BentoMLException, ValueError) as err:
-        raise ModelStoreError(f"{ref}: no such file, and not a model in the BentoML store ({err})") from None
+        raise ModelStoreError(f"{tag}: no such file, and not a model in the BentoML store ({err})") from None
     if model.info.labels.get("framework") != FRAMEWORK:
         raise ModelStoreError(f"{model.tag} is not a clipheads model (labels {model.info.labels})")
     root = Path(model.path)

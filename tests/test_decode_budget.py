@@ -47,6 +47,42 @@ def test_probe_counts_what_the_decoder_materialises(webp_bomb):
     assert err.value.kind == "image_too_large"
 
 
+@pytest.mark.parametrize("w,h,size", [(3580, 3580, 224), (4000, 3000, 32), (1801, 1800, 224), (897, 1200, 224),
+                                      (2000, 1000, 48)])
+def test_probe_counts_the_draft_scale_pillow_picks(w, h, size):
+    """Pillow's `draft` scale is the largest of 8/4/2/1 not above min(w // want_w, h // want_h); at
+    3580 x 3580 for 224 px that is 4 (895 x 895 decoded), where rounding up would say 8."""
+    from clipheads.serving.images import jpeg_draft_size
+
+    data = _img("JPEG", (w, h))
+    im = Image.open(io.BytesIO(data))
+    im.draft("RGB", jpeg_draft_size(w, h, size))
+    im.load()
+    assert probe_image(data, DecodeSpec(image_size=size)).decode_pixels == im.width * im.height
+
+
+def test_a_progressive_jpeg_counts_at_full_size_and_never_decodes_inline():
+    """libjpeg keeps every coefficient of a progressive JPEG until its last scan (full-size memory,
+    whatever the draft); and a large baseline JPEG drafted down to a small image still costs a full
+    entropy decode, so what decodes on the event loop is judged by width x height."""
+    lanes = DecodeLanes()
+    try:
+        prog = _img("JPEG", (4096, 4096), progressive=True)
+        hp = probe_image(prog, SPEC)
+        assert hp.progressive and hp.decode_pixels == 4096 * 4096
+        base = _img("JPEG", (4096, 4096))
+        hb = probe_image(base, SPEC)
+        assert not hb.progressive and hb.decode_pixels <= lanes.budget.inline_pixels  # drafted to 512 x 512
+        assert not lanes.inline(hb, len(base))
+        small = _img("JPEG", (320, 240))
+        assert lanes.inline(probe_image(small, SPEC), len(small))
+        small_prog = _img("JPEG", (320, 240), progressive=True)
+        assert not lanes.inline(probe_image(small_prog, SPEC), len(small_prog))
+        assert not lanes.inline(probe_image(small, SPEC), 2 << 20)  # a small image padded to 2 MiB
+    finally:
+        lanes.close()
+
+
 def test_request_budget_refuses_before_decoding(webp_bomb):
     lanes = DecodeLanes(DecodeBudget(request_pixels=64_000_000, process_pixels=128_000_000))
     try:

@@ -442,6 +442,17 @@ def test_exit_codes(head_file, corpus, small, tmp_path, capsys):
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("file\nx.png\n")
     assert main([str(head_file), "--input", str(bad_csv), "--output", str(out)]) == 2
+    capsys.readouterr()
+    for name, body in [("latin1-header.csv", "path\xe9\nx.png\n".encode("latin-1")),  # a bad byte in the header
+                       ("latin1-rows.csv", b"path\n" + b"".join(f"{corpus[0] / p}\n".encode() for p in small[:2])
+                        + "caf\xe9.png\n".encode("latin-1")),  # ... or in a later row
+                       ("huge-field.csv", b'path\n"' + b"x" * 200_000 + b'"\n')]:  # over csv's field limit
+        (tmp_path / name).write_bytes(body)
+        assert main([str(head_file), "--input", str(tmp_path / name), "--output", str(tmp_path / f"{name}.parquet"),
+                     "--no-progress"]) == 2, name
+        err = capsys.readouterr().err
+        assert "clipheads score: error:" in err and "Traceback" not in err and name in err, err
+        assert not (tmp_path / f"{name}.parquet").exists(), name  # stopped before OUT was made
     assert main(base + ["--tasks", "nosuchtask"]) == 2
     assert main(base + ["--batch-size", "0"]) == 2
     assert main(base) == 0

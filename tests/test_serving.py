@@ -327,7 +327,7 @@ def test_ten_thousand_labels_and_long_labels(server):
     assert_ok_request(server)
 
 
-@pytest.mark.parametrize("name", ["../x", "..", "/etc/passwd", "a/../../x", "x\u0000y", "a" * 300, ".hidden", "%2e%2e"])
+@pytest.mark.parametrize("name", ["../x", "..", "/etc/passwd", "a/../../x", "x\u0000y", "a" * 300, ".hidden", "%2e%2e", "cats\n", "cats\r\n"])
 def test_task_names_cannot_escape_the_store(server, name):
     files = [("images", ("a.png", png(), "image/png"))]
     r = post(server, "/tasks", files=files, data={"name": name, "labels": '["a"]', "example_labels": '["a"]'})

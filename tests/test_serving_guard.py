@@ -236,6 +236,23 @@ def test_json_shape_and_depth(body, ok):
     assert (json_problem(body) is None) == ok
 
 
+def test_json_size_is_bounded_before_parsing():
+    """Millions of tiny values (objects, numbers, strings) are refused from a count of their bytes,
+    before json.loads builds them; brackets and commas inside strings do not count."""
+    import json
+
+    from clipheads.serving.front.body import MAX_JSON_VALUES, json_problem
+
+    n = MAX_JSON_VALUES + 1
+    for items in (b"{}", b"1", b'"a"', b"[]"):
+        problem = json_problem(b'{"x": [' + b",".join([items] * n) + b"]}")
+        assert problem and f"more than {MAX_JSON_VALUES} JSON values" in problem
+    assert json_problem(b'{"x": [' + b",".join([b"{}"] * (MAX_JSON_VALUES // 3)) + b"]}") is None  # {, and the comma: 2 each
+    in_strings = json.dumps({"labels": ["{[,]}" * 100] * 256, "templates": ["a {}, [b]"] * 16}).encode()
+    assert in_strings.count(b"{") + in_strings.count(b"[") + in_strings.count(b",") > MAX_JSON_VALUES
+    assert json_problem(in_strings) is None
+
+
 def test_library_answers_on_other_paths_are_reshaped():
     """A not-ready probe, a Starlette 404 and an exception the app lets out: our JSON each time."""
     async def app(scope, receive, send):

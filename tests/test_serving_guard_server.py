@@ -193,6 +193,11 @@ def test_reload_errors_name_no_server_path_and_do_not_reveal_existence(server, t
     a, b = reload(str(existing)), reload(str(missing))
     assert a.status_code == b.status_code == 422 and a.json()["error"] == b.json()["error"] == "source_not_allowed"
     assert a.json()["detail"].replace("real", "missing") == b.json()["detail"]  # same answer, exists or not
+    # a bare name outside the root is a model tag: a file of that name in the server's working
+    # directory (the repository here) is neither loaded nor revealed
+    in_cwd, nowhere = reload("pyproject.toml"), reload("no-such-file.toml")
+    assert in_cwd.status_code == nowhere.status_code == 422, in_cwd.text
+    assert in_cwd.json()["error"] == nowhere.json()["error"] == "unknown_source", in_cwd.text
     for r in (a, b, reload("/etc/passwd"), reload("../../../etc/passwd"), reload("no-such-model:v9")):
         assert r.status_code == 422, r.text
         assert str(server.heads) not in r.text and str(Path.home()) not in r.text and "bentoml-home" not in r.text, r.text

@@ -4,7 +4,7 @@ Bytes are no measure of decode work: a 38-byte lossless WebP can declare 16383 x
 under the per-image cap), which takes ~0.8 s and ~160 MB to decode, and 32 of them fit in a
 1.8 KB JSON body. So decode work is counted in *decode pixels* read from the headers
 (`images.probe_image`: width x height, or what libjpeg's draft mode will produce for a large
-JPEG), before anything is decoded:
+baseline JPEG; a progressive one holds its coefficients at full size), before anything is decoded:
 
 - per request: the images' decode pixels together at most `request_pixels` (default 64 MP), else
   413 `too_many_pixels`;
@@ -15,11 +15,13 @@ JPEG), before anything is decoded:
   that lane are capped at `process_pixels` (default 128 MP): a request that would go over gets 503
   `decode_busy` with Retry-After at once, instead of queueing behind other large decodes.
   Small images have their own lane, so a normal request never waits behind a large decode.
-- the smallest images (at most `inline_pixels`, default 256 Kpx: a 512 x 512 image, ~0.5 ms)
-  decode right on the event loop: handing them to a thread cost more CPU than decoding them
-  (tiny bundle, 1-image requests: 0.9-1.2 ms less server CPU per request at c=8/32,
-  bench/serving/results/overhead-2-inline-decode.md). Their time on the loop is bounded by the
-  header check (decode pixels) done before.
+- the smallest images (at most `inline_pixels` of width x height, default 256 Kpx: a 512 x 512
+  image, ~0.5 ms, and at most `INLINE_BYTES`) decode right on the event loop: handing them to a
+  thread cost more CPU than decoding them (tiny bundle, 1-image requests: 0.9-1.2 ms less server
+  CPU per request at c=8/32, bench/serving/results/overhead-2-inline-decode.md). Their time on the
+  loop is bounded by the header check done before: by width x height, not decode pixels, because
+  libjpeg entropy-decodes a whole JPEG whatever its draft scale (a 4096 x 4096 JPEG drafted to
+  512 x 512 took 19-38 ms), and never a progressive JPEG (one scan per pass over the image).
 
 This module only schedules: what decoding does to the pixels is `images.decode_image` (or
 whatever function the caller passes in).
@@ -41,6 +43,7 @@ DEFAULT_REQUEST_PIXELS = 64_000_000
 DEFAULT_PROCESS_PIXELS = 128_000_000
 DEFAULT_LARGE_PIXELS = 4_000_000
 DEFAULT_INLINE_PIXELS = 262_144
+INLINE_BYTES = 1 << 20  # and at most this many bytes (padding and markers are read too)
 LARGE_LANE_NICE = 10  # niceness of the large-image thread (Linux: per thread)
 
 
@@ -49,7 +52,7 @@ class DecodeBudget:
     request_pixels: int = DEFAULT_REQUEST_PIXELS
     process_pixels: int = DEFAULT_PROCESS_PIXELS
     large_pixels: int = DEFAULT_LARGE_PIXELS
-    inline_pixels: int = DEFAULT_INLINE_PIXELS  # at most this many decode pixels: on the caller's thread
+    inline_pixels: int = DEFAULT_INLINE_PIXELS  # at most this width x height: on the caller's thread
 
 
 def _lower_priority() -> None:
@@ -139,13 +142,17 @@ class DecodeLanes:
         pool.submit(os.getpid).result()
         return pool
 
+    def inline(self, header: ImageHeader, nbytes: int) -> bool:
+        """Decoded on the caller's thread (the event loop): small in every measure of decode work."""
+        return header.pixels <= self.budget.inline_pixels and nbytes <= INLINE_BYTES and not header.progressive
+
     def executor_for(self, header: ImageHeader) -> Executor:
         return self.large if self.is_large(header) else self.small
 
     async def decode(self, data: bytes, header: ImageHeader, spec: DecodeSpec, fn=decode_or_reject) -> DecodeResult:
         """`fn(data, spec)` in the image's lane. A decoder process that dies (a crashing or
         memory-exhausting image) is replaced, and that image is rejected."""
-        if header.decode_pixels <= self.budget.inline_pixels:  # cheaper than the hand-off to a thread
+        if self.inline(header, len(data)):  # cheaper than the hand-off to a thread
             return fn(data, spec)
         loop = asyncio.get_running_loop()
         pool = self.executor_for(header)

@@ -82,8 +82,9 @@ def reload_root(cfg: ServeConfig) -> Optional[Path]:
 def reload_source(cfg: ServeConfig, source: Any) -> Path:
     """A model-store tag, or an existing path inside the reload root (after resolving symlinks).
     Answers never name server paths, and a path outside the root gets the same answer whether it
-    exists or not (the root is checked before the file system is asked)."""
-    from ..model_store import ModelStoreError, resolve_source
+    exists or not (the root is checked before the file system is asked; a bare name not in the root
+    is looked up as a tag only, not relative to the server's working directory)."""
+    from ..model_store import ModelStoreError, resolve_tag
 
     if not isinstance(source, str) or not source.strip() or len(source) > 512 or "\x00" in source:
         raise ApiError(422, "invalid_source", "'source' is a model tag or a path (at most 512 characters)")
@@ -99,7 +100,7 @@ def reload_source(cfg: ServeConfig, source: Any) -> Path:
     if pathlike:
         raise refused
     try:
-        return resolve_source(source)
+        return resolve_tag(source)  # a bare name outside the root is a tag, never a file elsewhere
     except ModelStoreError:
         raise ApiError(422, "unknown_source", f"no model {source[:200]!r} in the model store") from None
 

@@ -80,8 +80,8 @@ def score(job: ScoreJob, runtime=None) -> ScoreSummary:
     if job.engine == "local" and runtime is None:  # a broken bundle fails before OUT is touched
         set_runtime_threads(job.runtime_threads)
         runtime = open_runtime(job.source, job.runtime, device=job.device, weights=job.weights)
+    total = listing.count()  # reads every input name: a bad listing fails before OUT is touched too
     store = ShardStore(out, identity, overwrite=job.overwrite)
-    total = listing.count()
     summary = ScoreSummary(output=str(out), errors_file=str(errors_file), engine=job.engine, runtime=job.runtime,
                            total=total)
     counts = {"skipped": 0, "shards_skipped": 0}

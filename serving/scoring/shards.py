@@ -119,10 +119,17 @@ class InputListing:
         return d
 
     # -- readers --
+    def _csv_problem(self, err: Exception, line: int) -> InputError:
+        what = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else "not a readable CSV"
+        return InputError(f"{self.source}: {what} (near line {line}: {err})")
+
     def _check(self) -> None:
         if self.kind == "csv":
             with open(self.source, newline="", encoding="utf-8") as f:
-                header = next(csv.reader(f), None)
+                try:
+                    header = next(csv.reader(f), None)
+                except (UnicodeDecodeError, csv.Error) as err:
+                    raise self._csv_problem(err, 1) from None
             if not header or self.path_column not in header:
                 raise InputError(f"{self.source}: CSV needs a header with a {self.path_column!r} column (got {header})")
         elif self.kind == "parquet":
@@ -178,9 +185,15 @@ class InputListing:
 
     def _rows(self) -> Iterator[str]:
         if self.kind == "csv":
+            # a bad byte or an over-long field anywhere is a bad input: `count()` reads every row
+            # before the first shard is scored, so it stops the job before anything is written
             with open(self.source, newline="", encoding="utf-8") as f:
-                for row in csv.DictReader(f):
-                    yield row.get(self.path_column) or ""
+                reader = csv.DictReader(f)
+                try:
+                    for row in reader:
+                        yield row.get(self.path_column) or ""
+                except (UnicodeDecodeError, csv.Error) as err:
+                    raise self._csv_problem(err, reader.line_num + 1) from None
         else:
             import pyarrow.parquet as pq
 

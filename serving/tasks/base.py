@@ -38,7 +38,7 @@ import numpy as np
 
 log = logging.getLogger("clipheads.serving")
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 STORE_VERSION = 1
 
 
@@ -49,7 +49,7 @@ class TaskStoreError(ValueError):
 
 
 def check_name(name: object) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise TaskStoreError(
             "invalid_task_name",
             "task names are 1-64 characters of letters, digits, '_' and '-', starting with a letter or digit",

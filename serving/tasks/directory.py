@@ -25,7 +25,7 @@ from .base import (
     task_tensors,
 )
 
-_TENSORS_RE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_-]{0,63})(\.[0-9a-f]{16})?\.safetensors$")
+_TENSORS_RE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_-]{0,63})(\.[0-9a-f]{16})?\.safetensors\Z")
 
 
 class DirectoryTaskStore(TaskStore):
@@ -55,7 +55,7 @@ class DirectoryTaskStore(TaskStore):
 
     def _tensor_path(self, name: str, meta: dict) -> Path:
         fname = str(meta.get("tensors", f"{name}.safetensors"))
-        m = _TENSORS_RE.match(fname)
+        m = _TENSORS_RE.fullmatch(fname)
         if not m or m.group("name") != name:
             raise ValueError(f"bad tensor file name {fname[:80]!r}")
         return self.root / fname
@@ -64,7 +64,7 @@ class DirectoryTaskStore(TaskStore):
         from safetensors.numpy import load_file
 
         name = meta_path.name[: -len(".json")]
-        if not NAME_RE.match(name) or meta_path.is_symlink():
+        if not NAME_RE.fullmatch(name) or meta_path.is_symlink():
             log.warning("task store: ignoring %s (bad name or symlink)", meta_path.name)
             return None
         try:
