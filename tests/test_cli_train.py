@@ -29,6 +29,15 @@ def test_train_eval_info_round_trip(tmp_path, capsys):
     assert main(["eval", str(head), "--data", str(data), "--json"]) == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["results"]["colours"]["n"] == 6 and ev["results"]["colours"]["split"] == "test"
+    # the same images another way: other fractions than its holdout, or the folder under its reader's
+    # name, would put training images in the "test" split; the head's own fractions give its holdout
+    for other in (["--test-fraction", "0.5"], ["--test-fraction", "0.25", "--split-seed", "2"]):
+        assert main(["eval", str(head), "--data", str(data), *other, "-q"]) == 2, other
+        assert "are images this head trained on" in capsys.readouterr().err
+    assert main(["eval", str(head), "--data", f"image_folder:{data}", "-q"]) == 2
+    assert "are images this head trained on" in capsys.readouterr().err
+    assert main(["eval", str(head), "--data", str(data), "--test-fraction", "0.25", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"]["colours"]["n"] == 6
     assert main(["info", str(head)]) == 0
     text = capsys.readouterr().out
     assert "test 0.25 (seed 1)" in text and "{" not in text  # readable, not a dict repr

@@ -14,6 +14,7 @@ preferring the base-to-novel protocol (the papers' general few-shot settings), t
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -272,6 +273,30 @@ def open_head(path: Union[str, Path], backbone=None, *, pretrained: Optional[str
 
 
 # ---- evaluate --------------------------------------------------------------------------------
+def training_images(record: Mapping[str, Any]) -> set[str]:
+    """Real paths of the images a head trained on, rebuilt from its training record: its data
+    specs, the holdout it carved and its few-shot draw are all seeded. A source that no longer
+    resolves adds nothing (its images cannot be handed to `evaluate` either)."""
+    from .data.fewshot import few_shot_splits
+    from .data.holdout import carve
+
+    paths: set[str] = set()
+    if not record.get("trained"):  # zero-shot: no image was trained on
+        return paths
+    for name, spec in (record.get("data") or {}).items():
+        try:
+            s = resolve_data({name: spec})[name]
+        except (ValueError, OSError):  # DataSpecError, DatasetLayoutError, a moved folder
+            continue
+        h = (record.get("holdout") or {}).get(name)
+        if h:
+            s = carve(s, h["val_fraction"], h["test_fraction"], h["seed"])
+        if record.get("shots"):
+            s = few_shot_splits(s, int(record["shots"]), int(record.get("seed", 1)))
+        paths.update(os.path.realpath(x.path) for x in s.train)
+    return paths
+
+
 def evaluate(head, data: DataArg, split: str = "test", *, device: Optional[str] = "auto", progress: bool = False,
              batch_size: int = 100, val_fraction: Optional[float] = None, test_fraction: Optional[float] = None,
              seed: Optional[int] = None) -> dict[str, dict]:
@@ -280,7 +305,9 @@ def evaluate(head, data: DataArg, split: str = "test", *, device: Optional[str] 
     Never silently scores training images: data without the requested split is evaluated on the
     split the head carved from it at training time (its record holds fractions and seed), or on
     every image when the head never trained on it (`"split": "all"`); otherwise this raises
-    EvaluationRefused. `split="train"` is allowed and labelled `"on_training_images": true`.
+    EvaluationRefused. Whatever the spec, a split holding an image the head trained on (the same
+    files under another reader, other fractions or seed than its holdout) is refused too: the
+    training images are rebuilt from the record (`training_images`) and compared by real path. `split="train"` is allowed and labelled `"on_training_images": true`.
     `val_fraction`/`test_fraction`/`seed` carve explicitly (e.g. to score zero-shot CLIP on the
     same held-out images a head was tested on).
 
@@ -301,6 +328,7 @@ def evaluate(head, data: DataArg, split: str = "test", *, device: Optional[str] 
     holdouts = record.get("holdout") or {}
     recorded = {absolute_spec(str(v)): holdouts.get(k) for k, v in (record.get("data") or {}).items()}
     results = {}
+    seen: Optional[set[str]] = None  # the training images, rebuilt once when first needed
     for i, (name, s) in enumerate(resolve_data(data).items()):
         source = absolute_spec(str(s.meta.get("source", s.name)))
         note: dict = {}
@@ -323,6 +351,15 @@ def evaluate(head, data: DataArg, split: str = "test", *, device: Optional[str] 
                 raise EvaluationRefused(f"{source} has no {split} split (it has "
                                         f"{', '.join(k for k in ('val', 'test') if getattr(s, k))}); choose --split")
             samples, used = s.train, "all"  # unsplit data the head never trained on: every image is held out
+        if split != "train":
+            seen = training_images(record) if seen is None else seen
+            trained = sum(os.path.realpath(x.path) in seen for x in samples) if seen else 0
+            if trained:
+                raise EvaluationRefused(
+                    f"{trained} of the {len(samples)} images of "
+                    f"{source if used == 'all' else f'the {used} split of {source}'} are images this head trained on (it trained on {', '.join(map(str, (record.get('data') or {}).values()))}): "
+                    f"evaluate with the --data it trained on and no --test-fraction/--split-seed to use its "
+                    f"held-out split, on other data, or with --split train to score training images knowingly")
         task = next((k for k, t in enumerate(head.tasks) if t.name == name), min(i, len(head.tasks) - 1))
         r = evaluate_split(head, samples, task=task, classnames=s.classnames, device=device,
                            batch_size=batch_size, progress=progress)
