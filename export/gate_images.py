@@ -5,7 +5,8 @@ of real images and failed random-init ones whose logits are all near-tied. So th
 int8 calibration both draw from images a head will actually see:
 
 1. the head's own training/validation images, when its record names data that is still on disk
-   (`head.training_record["data"]`, written by `clipheads train`), else
+   (`head.training_record["data"]`, written by `clipheads train`; never the test images it held
+   out), topped up with world images where there are fewer than the sets ask for, else
 2. the synthetic world (`clipheads.training.data.synth`): every domain and class in turn, rendered
    at the world's size and prepared like any image file (resize + center crop).
 
@@ -36,18 +37,23 @@ class ImageSet:
 
 
 def _head_samples(heads: Sequence) -> tuple[list, list[str]]:
-    """Train + val samples of every dataset the heads' records name (existing files only)."""
+    """Train + val samples of every dataset the heads' records name (existing files only), after
+    the holdout each head carved from it: its test images stay unseen by export too."""
+    from clipheads.training.data.holdout import carve
     from clipheads.training.fit import resolve_data
 
     samples, specs = [], []
     for h in heads:
-        data = (getattr(h, "training_record", None) or {}).get("data") or {}
-        for name, spec in data.items():
+        record = getattr(h, "training_record", None) or {}
+        for name, spec in (record.get("data") or {}).items():
             try:
                 splits = resolve_data({name: spec})
             except Exception:  # noqa: BLE001 - moved or unreadable data: fall back to the world
                 continue
+            held = (record.get("holdout") or {}).get(name)
             for s in splits.values():
+                if held:
+                    s = carve(s, held["val_fraction"], held["test_fraction"], held["seed"])
                 found = [x for x in (*s.train, *s.val) if _is_file(x.path)]
                 if found:
                     samples += found
@@ -101,12 +107,15 @@ def gate_and_calibration(heads: Sequence, spec: PreprocessSpec, n_gate: int, n_c
     if source not in ("auto", "world"):
         raise ValueError(f"image source must be auto or world, got {source!r}")
     both = head_images(heads, spec, n_gate + n_calib, seed) if source == "auto" else None
-    if both is not None and len(both.pixels) >= 2:
-        have = len(both.pixels)  # fewer than asked: split in proportion (the gate reports n and its interval)
-        k = n_gate if have >= n_gate + n_calib else max(1, have * n_gate // (n_gate + n_calib))
-        gate = ImageSet(both.pixels[:k], both.source, {**both.detail, "role": "gate"})
-        calib = (ImageSet(both.pixels[k:], both.source, {**both.detail, "role": "calibration"})
-                 if n_calib and k < have else None)
+    if both is not None:
+        short = n_gate + n_calib - len(both.pixels)
+        if short > 0:  # fewer head images than asked: the world tops both sets up, shuffled in
+            world = world_images(spec, short, seed)
+            mixed = np.concatenate([both.pixels, world.pixels])[np.random.default_rng(seed).permutation(n_gate + n_calib)]
+            both = ImageSet(mixed, "head data + synthetic world",
+                            {**both.detail, "from_head_data": len(both.pixels), "from_world": short})
+        gate = ImageSet(both.pixels[:n_gate], both.source, {**both.detail, "role": "gate"})
+        calib = ImageSet(both.pixels[n_gate:], both.source, {**both.detail, "role": "calibration"}) if n_calib else None
         return gate, calib
     gate = world_images(spec, n_gate, seed)
     gate.detail["role"] = "gate"

@@ -90,6 +90,30 @@ def test_gate_uses_the_heads_own_data_when_it_is_on_disk(micro_backbone, tmp_pat
     assert gate_and_calibration([head], micro_backbone.preprocess, 8, 0)[0].source == "synthetic world"
 
 
+def test_gate_images_skip_the_heads_held_out_images_and_top_up_from_the_world(micro_backbone, tmp_path):
+    """A head that held a test split out of an unsplit folder: export never draws those images;
+    fewer head images than the sets ask for are topped up with world images, not shrunk."""
+    from clipheads.training.data.holdout import carve
+    from clipheads.training.data.synth import WorldSize, generate_world
+    from clipheads.training.fit import resolve_data
+    from clipheads.training.preprocess import prepare_pixels
+
+    root = generate_world(tmp_path / "w", seed=4, size=WorldSize(train=3, val=0, test=1), workers=1)
+    folder = str(root / "sketch")  # an ImageFolder of every image: 4 per class
+    head = build_method("zeroshot", micro_backbone, TASKS)
+    head.training_record = {"data": {"shapes": folder},
+                            "holdout": {"shapes": {"val_fraction": 0.0, "test_fraction": 0.25, "seed": 1}}}
+    gate, calib = gate_and_calibration([head], micro_backbone.preprocess, 100, 20, seed=0)
+    assert (len(gate.pixels), len(calib.pixels)) == (100, 20)
+    assert gate.source == "head data + synthetic world"
+    assert (gate.detail["from_head_data"], gate.detail["from_world"]) == (96, 24)  # 3 of 4 per class, 32 classes
+    held_out = carve(resolve_data({"shapes": folder})["shapes"], 0.0, 0.25, 1).test
+    assert len(held_out) == 32
+    test_px = {prepare_pixels(x.path, micro_backbone.preprocess).tobytes() for x in held_out}
+    drawn = {p.tobytes() for p in (*gate.pixels, *calib.pixels)}
+    assert not drawn & test_px and len(drawn) == 120
+
+
 def test_static_int8_names_its_fp32_matmuls_and_the_gate_reports_an_interval(micro_backbone, tmp_path):
     from clipheads.export.bundle import load_bundle
     from clipheads.export.pipeline import ExportOptions, export_heads
