@@ -287,7 +287,7 @@ def fold_heads(
             spec = h.tasks[ti]
             w = class_matrix(h, ti)  # (C, E)
             ws.append(w)
-            tasks.append(FoldedTask(spec.name, tuple(spec.classnames), tuple(spec.templates), h.name, hi, ti,
+            tasks.append(FoldedTask(spec.name, tuple(spec.classnames), h.templates_for(ti), h.name, hi, ti,
                                     name, row, (start, start + w.shape[0])))
             start += w.shape[0]
         enc = FoldedImageEncoder(backbone, torch.cat(ws), scale, preprocess, input_dtype, **enc_kw).eval()

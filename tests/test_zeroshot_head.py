@@ -78,3 +78,20 @@ def test_zeroshot_from_data_and_trained_methods_without_images_exit_2(world, tmp
     assert "training images" in capsys.readouterr().err
     assert train_main(["train", "--method", "zeroshot", "--classes", "t=cat", "--out", bad]) == 2
     assert "--classes expects" in capsys.readouterr().err
+
+
+def test_a_template_ensemble_is_what_the_summary_and_the_manifest_report(tmp_path, capsys):
+    """`--set templates=[...]` builds the class matrix from that ensemble: the train summary and the
+    bundle manifest (which serving reads) name it, not the task's default template."""
+    from clipheads.export.bundle import load_bundle
+    from clipheads.export.cli import main as export_main
+    from clipheads.training.cli import main as train_main
+
+    ensemble = ["art of the {}.", "a sketch of a {}."]
+    head_path = tmp_path / "zse.head.safetensors"
+    assert train_main(["train", "--method", "zeroshot", "--classes", "pets=cat,dog,hamster",
+                       "--set", f"templates={json.dumps(ensemble)}", "--out", str(head_path)]) == 0
+    assert f"templates {ensemble}" in capsys.readouterr().out
+    bundle = tmp_path / "bundle"
+    assert export_main([str(head_path), "--out", str(bundle), "--probes", "8", "-q"]) == 0
+    assert load_bundle(bundle).manifest["tasks"][0]["templates"] == ensemble

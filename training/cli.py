@@ -154,7 +154,7 @@ def cmd_train(args) -> int:
     if not rec["trained"]:
         tasks = head.tasks
         console.emit(payload, args.json, f"{head.name}: nothing to train ({sum(len(t.classnames) for t in tasks)} "
-                     f"class names, templates {list(tasks[0].templates)}); test top-1: {_pct(m['test_top1'])}; "
+                     f"class names, templates {list(head.templates_for(0))}); test top-1: {_pct(m['test_top1'])}; "
                      f"wrote {rec['head']}")
         return EXIT_OK
     console.emit(payload, args.json,

@@ -48,7 +48,7 @@ class TorchRuntime(Runtime):
                 p = len(self.paths) - 1 if has_vision else 0
                 start = sum(len(t.classnames) for t in self.tasks.values() if t.path == p)
                 self.tasks[spec.name] = TaskInfo(
-                    spec.name, tuple(spec.classnames), p, (start, start + len(spec.classnames)), tuple(spec.templates)
+                    spec.name, tuple(spec.classnames), p, (start, start + len(spec.classnames)), head.templates_for(i)
                 )
                 if head.foldable:
                     self._class_w[i] = head.text_features(spec.classnames, i).float()  # (C, E)

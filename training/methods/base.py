@@ -89,7 +89,12 @@ class HeadMethod(nn.Module):
     # ---- what a method overrides ------------------------------------------------------------
     def text_features(self, classnames: Sequence[str], task: int = 0) -> Tensor:
         """(C, E) normalized class embeddings. Default: hand-crafted template ensemble."""
-        return template_class_embeddings(self.backbone, classnames, self.tasks[task].templates)
+        return template_class_embeddings(self.backbone, classnames, self.templates_for(task))
+
+    def templates_for(self, task: int = 0) -> tuple[str, ...]:
+        """The hand-crafted templates this head builds task `task`'s classes from (what summaries
+        and bundle manifests report). Default: the task's own."""
+        return tuple(self.tasks[task].templates)
 
     def image_hooks(self, task: int = 0) -> TowerHooks:
         return NO_HOOKS

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
-from torch import Tensor
-
-from .base import HeadMethod, MethodConfig, register_method, template_class_embeddings
+from .base import HeadMethod, MethodConfig, register_method
 
 # The 7-template ensemble CoOp's ZeroshotCLIP2 uses (METHODS.md 1).
 IMAGENET_TEMPLATES_SELECT = (
@@ -34,6 +32,5 @@ class ZeroShot(HeadMethod):
     towers = ()
     summary = "CLIP with hand-crafted templates (single, per-dataset, or ensembles)"
 
-    def text_features(self, classnames: Sequence[str], task: int = 0) -> Tensor:
-        templates = self.config.templates or self.tasks[task].templates
-        return template_class_embeddings(self.backbone, classnames, templates)
+    def templates_for(self, task: int = 0) -> tuple[str, ...]:
+        return tuple(self.config.templates or self.tasks[task].templates)
