@@ -74,6 +74,26 @@ def test_bad_inputs_exit_2(tmp_path, capsys):
     assert err.startswith("clipheads train: error:") and "choose from" in err and "coop" in err
     assert main(["train", "--method", "coop", "--data", str(tmp_path / "missing"), "--out", out, *common]) == 2
     assert main(["info", str(tmp_path / "missing.head.safetensors")]) == 2
+    capsys.readouterr()
+    base = ["train", "--method", "coop", "--data", str(data), "--out", out, "--epochs", "1", *common]
+    recipe = tmp_path / "typo.json"
+    recipe.write_text(json.dumps({"method": "coop", "train": {"epoch": 1}}))
+    bad_value = tmp_path / "value.json"
+    bad_value.write_text(json.dumps({"method": "coop", "train": {"lr": "fast"}}))
+    for extra, says in [(["--epochs", "0"], "epochs must be an integer >= 1"),
+                        (["--batch-size", "0"], "batch_size must be"), (["--lr", "-1"], "lr must be a number > 0"),
+                        (["--optimizer", "adam"], "optimizer must be one of"), (["--precision", "bf16"], "precision must be"),
+                        (["--crop-scale", "0.5", "0.1"], "crop_scale must be"),
+                        (["--recipe", str(recipe)], "unknown train setting(s) ['epoch']"),
+                        (["--recipe", str(bad_value)], "lr must be a number > 0 (got 'fast')"),
+                        (["--set", "n_ctx=abc"], "n_ctx='abc' (expected int)"),
+                        (["--set", "n_ctx=16"], "ctx_init=null"),  # more vectors than the init phrase has tokens
+                        (["--set", "class_token_position=middle"], "init phrase places the context")]:
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # after the backbone's one informational line, if it loaded
+        assert last.startswith("clipheads train: error:") and says in last and "Traceback" not in err, err
+    assert not (tmp_path / "x.head.safetensors").exists()  # nothing written by a refused run
 
 
 def test_methods_lists_every_registered_method(capsys):

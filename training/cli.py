@@ -23,11 +23,12 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from .data.readers import DatasetLayoutError
     from .data.sources import DataSpecError
     from .fit import EvaluationRefused
+    from .loop import TrainConfigError
     from .methods.base import MethodError
     from .protocols.recipes import RecipeError
 
     return (ArtifactError, BackboneError, MethodError, DataSpecError, DatasetLayoutError, HoldOutError,
-            EvaluationRefused, RecipeError, FileNotFoundError, NotADirectoryError)
+            EvaluationRefused, RecipeError, TrainConfigError, FileNotFoundError, NotADirectoryError)
 
 
 def _parse_set(items: Sequence[str]) -> dict:

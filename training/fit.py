@@ -187,9 +187,15 @@ def train(
     # the recipe's settings after its overrides for this shot count (dataset-specific ones need a
     # dataset the recipe names, so they apply in `clipheads bench`, not here)
     recipe_config, recipe_train = chosen.settings(None, shots) if chosen is not None else ({}, {})
-    unknown = sorted(set(train_options) - {f.name for f in fields(TrainConfig)})
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(train_options) - known)
     if unknown:
-        raise TypeError(f"unknown training option(s) {unknown}; TrainConfig has {[f.name for f in fields(TrainConfig)]}")
+        raise TypeError(f"unknown training option(s) {unknown}; TrainConfig has {sorted(known)}")
+    typos = sorted(set(recipe_train) - known)
+    if typos:
+        from .protocols.recipes import RecipeError
+
+        raise RecipeError(f"recipe {chosen.name!r}: unknown train setting(s) {typos}; known: {sorted(known)}")
     device = resolve_device(device)
     tc = TrainConfig(**{**recipe_train, "device": device, "progress": progress})
     tc = replace(tc, **{k: tuple(v) if isinstance(v, list) else v for k, v in train_options.items()})
@@ -320,6 +326,10 @@ def evaluate(head, data: DataArg, split: str = "test", *, device: Optional[str] 
 
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        from .loop import TrainConfigError
+
+        raise TrainConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     device = resolve_device(device)
     head.to(device)
     head.backbone.to(device)

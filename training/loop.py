@@ -23,6 +23,14 @@ from .data.records import Sample
 from .methods.base import HeadMethod
 
 
+PRECISIONS = ("amp", "fp32", "fp16")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+class TrainConfigError(ValueError):
+    """A training setting out of its range or of the wrong type (bad input: exit 2)."""
+
+
 def _opt(default, help: str):
     """A TrainConfig field with its --help text (the CLI builds one flag per field)."""
     return field(default=default, metadata={"help": help})
@@ -57,6 +65,40 @@ class TrainConfig:
     crop_scale: tuple[float, float] = _opt((0.08, 1.0), "RandomResizedCrop area range MIN MAX")
     progress: bool = _opt(True, "show a progress bar (on a terminal)")
 
+    def __post_init__(self) -> None:
+        """Every setting checked once, where it is made (CLI flags, recipe files, keywords): a bad
+        one fails before the backbone loads, never as a traceback from inside the loop."""
+        if isinstance(self.crop_scale, list):
+            object.__setattr__(self, "crop_scale", tuple(self.crop_scale))  # from a JSON recipe
+        problems = []
+
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                problems.append(f"{name} must be {rule} (got {getattr(self, name)!r})")
+
+        def number(v, integer: bool = False) -> bool:
+            kinds = (int,) if integer else (int, float)
+            return isinstance(v, kinds) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("epochs", "batch_size"):
+            need(number(getattr(self, name), True) and getattr(self, name) >= 1, name, "an integer >= 1")
+        for name in ("warmup_epochs", "workers", "seed"):
+            need(number(getattr(self, name), True) and getattr(self, name) >= 0, name, "an integer >= 0")
+        need(number(self.lr) and self.lr > 0, "lr", "a number > 0")
+        for name in ("weight_decay", "warmup_lr"):
+            need(number(getattr(self, name)) and getattr(self, name) >= 0, name, "a number >= 0")
+        need(number(self.momentum) and 0 <= self.momentum < 1, "momentum", "in [0, 1)")
+        need(self.optimizer in OPTIMIZERS, "optimizer", f"one of {', '.join(OPTIMIZERS)}")
+        need(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}")
+        need(self.max_steps_per_epoch is None or (number(self.max_steps_per_epoch, True) and self.max_steps_per_epoch >= 1),
+             "max_steps_per_epoch", "an integer >= 1 (or unset)")
+        cs = self.crop_scale
+        need(isinstance(cs, tuple) and len(cs) == 2 and all(number(v) for v in cs) and 0 < cs[0] <= cs[1] <= 1,
+             "crop_scale", "MIN MAX with 0 < MIN <= MAX <= 1")
+        need(isinstance(self.device, str), "device", "a string")
+        if problems:
+            raise TrainConfigError("bad training settings: " + "; ".join(problems))
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -76,7 +118,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-PRECISIONS = ("amp", "fp32", "fp16")
 
 
 def _optimizer(head: HeadMethod, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -17,6 +17,7 @@ unless they say otherwise (MmAP), which is what the papers' "-MT" baselines are.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
@@ -47,6 +48,38 @@ class MethodError(ValueError):
     """Unknown method, bad method config, or a head that does not fit its backbone."""
 
 
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a config value (from JSON, `--set` or a head file) has its field's type; the types
+    method configs use: bool, int, float, str, Optional, Union, Literal, tuple[X, ...]."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin is typing.Union:
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):
+        kinds = (int, float) if hint is float else (int,)
+        return isinstance(value, kinds) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+    return True  # other annotations are the method's own to check
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
 @dataclass(frozen=True)
 class MethodConfig:
     """Base of every method config; subclasses add frozen fields with documented defaults."""
@@ -61,6 +94,10 @@ class MethodConfig:
         for f in dataclasses.fields(cls):  # JSON gives lists where configs hold tuples
             if f.name in d and isinstance(d[f.name], list):
                 d[f.name] = tuple(d[f.name])
+        hints = typing.get_type_hints(cls)
+        wrong = [f"{k}={v!r} (expected {_type_name(hints[k])})" for k, v in d.items() if not _fits(v, hints[k])]
+        if wrong:
+            raise MethodError(f"bad {cls.__name__} value(s): {', '.join(wrong)}")
         return cls(**d)
 
     def to_dict(self) -> dict:
@@ -183,7 +220,12 @@ def build_method(
 ) -> HeadMethod:
     cls = get_method(name)
     cfg = config if isinstance(config, MethodConfig) else cls.Config.from_dict(config)
-    return cls(cfg, backbone, tasks)
+    try:
+        return cls(cfg, backbone, tasks)
+    except ValueError as err:
+        if type(err) is not ValueError:  # already typed (MethodError, BackboneError, ...)
+            raise
+        raise MethodError(f"{name}: {err}") from None  # a config that does not fit these tasks or backbone
 
 
 def _import_builtin_methods() -> None:

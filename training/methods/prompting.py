@@ -57,7 +57,8 @@ class TextPromptBuilder:
         if self.init_phrase is not None:
             n_phrase = self._n_tokens(self.init_phrase)
             if n_ctx > n_phrase:
-                raise ValueError(f"n_ctx={n_ctx} exceeds the {n_phrase} tokens of init phrase {self.init_phrase!r}")
+                raise ValueError(f"n_ctx={n_ctx} exceeds the {n_phrase} tokens of init phrase {self.init_phrase!r} "
+                                 f"(ctx_init=null: {n_ctx} randomly initialised vectors)")
         self._cache: dict[tuple[str, ...], PlaceholderBatch] = {}
 
     def _n_tokens(self, text: str) -> int:
