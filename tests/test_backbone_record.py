@@ -23,6 +23,28 @@ MICRO = "test-vit-micro"
 
 
 # ---- the activation rule (resolution only: no weights are read) ---------------------------------
+def test_the_packaged_weights_refuse_another_activation():
+    """The packaged tiny CLIP's file carries no activation record, but it was trained with GELU:
+    `--act quickgelu` would run it unfaithfully (it scored 0.7 points off), so it is refused."""
+    from clipheads.training.backbone import PACKAGED_ACT, PACKAGED_ARCH
+
+    assert resolve_request(PACKAGED_ARCH, None, None).act == PACKAGED_ACT == "gelu"
+    assert resolve_request(PACKAGED_ARCH, None, "gelu").act == "gelu"
+    with pytest.raises(BackboneError, match="trained with gelu"):
+        resolve_request(PACKAGED_ARCH, None, "quickgelu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_cuda_device_without_cuda_is_its_own_error():
+    """Not the missing-weights advice open_clip's failure used to turn into."""
+    from clipheads.training.fit import resolve_device
+
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    for bad, says in (("cuda", "no CUDA device here"), ("cuda:1", "no CUDA device here"), ("tpu", "unknown device")):
+        with pytest.raises(BackboneError, match=says):
+            resolve_device(bad)
+
+
 @pytest.mark.parametrize("arch, pretrained, act, want", [
     ("ViT-B-16", "openai", None, "quickgelu"),  # the tag's config says QuickGELU; open_clip 3.3 would build GELU
     ("ViT-B-32", "openai", None, "quickgelu"),

@@ -30,6 +30,7 @@ PACKAGED_ARCH = "clipheads-tiny"
 _PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGED_CONFIG_DIR = _PACKAGE_DIR / "model_configs"
 PACKAGED_WEIGHTS = _PACKAGE_DIR / "weights" / f"{PACKAGED_ARCH}.safetensors"
+PACKAGED_ACT = "gelu"  # what the packaged weights were trained with (training/pretrain.py)
 
 
 class TowerHooks:
@@ -88,6 +89,9 @@ def resolve_request(arch: str = PACKAGED_ARCH, pretrained: Optional[str] = None,
     if pretrained == PACKAGED_TAG and arch == PACKAGED_ARCH:
         if not PACKAGED_WEIGHTS.exists():
             raise BackboneError(f"packaged weights missing at {PACKAGED_WEIGHTS}; reinstall clipheads")
+        if act not in (None, PACKAGED_ACT):  # the file carries no activation record: we know it
+            raise BackboneError(f"the packaged {PACKAGED_ARCH} weights were trained with {PACKAGED_ACT}; "
+                                f"--act {act} would run them unfaithfully")
         src = resolve_weights(arch, str(PACKAGED_WEIGHTS), act)
         return WeightsSource(src.kind, arch, src.model_name, PACKAGED_TAG, src.checkpoint, src.act, src.act_reason)
     return resolve_weights(arch, pretrained, act)

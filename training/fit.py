@@ -31,11 +31,23 @@ class EvaluationRefused(ValueError):
 
 
 def resolve_device(device: Optional[str] = "auto") -> str:
-    """"auto" (or None): CUDA when available, else the CPU; anything else as given."""
-    if device in (None, "", "auto"):
-        import torch
+    """"auto" (or None): CUDA when available, else the CPU; anything else as given, once torch
+    knows it and, for CUDA, a device is there (BackboneError otherwise, before any weights load)."""
+    import torch
 
+    if device in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    from .backbone import BackboneError
+
+    try:
+        dev = torch.device(str(device))
+    except (RuntimeError, ValueError):
+        raise BackboneError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackboneError(f"--device {device}: no CUDA device here (torch.cuda.is_available() is False); "
+                            "use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BackboneError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
     return str(device)
 
 
