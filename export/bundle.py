@@ -44,14 +44,25 @@ def _describe(path: Path) -> dict:
     return entry
 
 
+def check_writable(out: str | os.PathLike) -> Path:
+    """`out` as an absolute path, if a bundle may be written there: nothing, an empty directory or a
+    bundle (replaced). Anything else is refused: exporters call this before any work, so a wrong
+    `--out` fails at once rather than after the export."""
+    out = Path(out).expanduser().absolute()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+        raise BundleError(f"{out} exists and is not a clipheads bundle; refusing to overwrite it")
+    above = next(p for p in out.parents if p.exists())  # "/" at the latest
+    if not above.is_dir():
+        raise BundleError(f"cannot write a bundle at {out}: {above} is not a directory")
+    return out
+
+
 def write_bundle(out: str | os.PathLike, manifest: Mapping, files: Mapping[str, str | os.PathLike],
                  graph_meta: Optional[Mapping[str, dict]] = None) -> Path:
     """Copy `files` ({name in bundle: source path}) and write the manifest with their sha256 and
     ONNX input/output signatures under "graphs". Replaces an existing bundle at `out` atomically;
     refuses to replace a directory that is not a bundle."""
-    out = Path(out).expanduser().absolute()
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
-        raise BundleError(f"{out} exists and is not a clipheads bundle; refusing to overwrite it")
+    out = check_writable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     apply_umask(tmp, is_dir=True)  # mkdtemp creates 0700; the bundle is published with the umask's mode

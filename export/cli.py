@@ -19,8 +19,8 @@ from clipheads.training import console
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = console.EXIT_OK, console.EXIT_FAIL, console.EXIT_BAD_INPUT
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _parser() -> console.ArgumentParser:
+    p = console.ArgumentParser(
         prog="clipheads export", description="Fold trained heads into a parity-gated bundle.",
         epilog="Also: clipheads export build-engine BUNDLE (TensorRT engines, run on the target GPU). "
                "Exit codes: 0 ok, 1 parity gate failed, 2 bad input. Extra open_clip configs: "
@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="static int8 activation ranges: per-tensor (calibrated, fastest), per-row (each token's "
                         "range at run time: closer to fp32, slower); auto (default): per-row only if per-tensor "
                         "cannot reach the agreement target")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset: 14..23 (torchscript exporter), 14..25 (dynamo)")
     p.add_argument("--exporter", default="torchscript", choices=("torchscript", "dynamo"))
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
                    help="onnxruntime.transformers offline fusions (default: for fp16 only; fp32/int8 graphs "
@@ -77,9 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _engine_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clipheads export build-engine",
-                                description="Build TensorRT engines for a bundle on this machine (the edge device).")
+def _engine_parser() -> console.ArgumentParser:
+    p = console.ArgumentParser(prog="clipheads export build-engine",
+                               description="Build TensorRT engines for a bundle on this machine (the edge device).")
     p.add_argument("bundle", help="bundle directory written by `clipheads export --target tensorrt`")
     p.add_argument("--workspace-gb", type=float, default=2.0, help="TensorRT builder workspace in GiB")
     p.add_argument("--timing-cache", default=None, help="timing cache file (default: BUNDLE/trt.timing.cache)")
@@ -98,10 +98,11 @@ def _bad_input() -> tuple[type[BaseException], ...]:
     from clipheads.training.backbone import BackboneError
     from clipheads.training.methods.base import MethodError
 
+    from .bundle import BundleError
     from .fold import FoldError
     from .pipeline import ExportUsageError
 
-    return ExportUsageError, FoldError, ArtifactError, BackboneError, MethodError
+    return ExportUsageError, FoldError, ArtifactError, BackboneError, MethodError, BundleError
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

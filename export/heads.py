@@ -14,6 +14,7 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 
 from clipheads.training.methods.base import HeadMethod
 
+from .bundle import check_writable
 from .fold import FoldError
 from .pipeline import ExportOptions, ExportResult, ExportUsageError, export_heads
 
@@ -132,6 +133,8 @@ def export_bundle(
 ) -> ExportResult:
     """Export heads (paths or HeadMethods on one backbone) into a parity-gated bundle at `out`."""
     options.validate()
+    if out is not None:
+        check_writable(out)  # before loading the backbone
     built, meta, preprocess = load_heads(heads, backbone_weights, log=log)
     for r in rename_tasks(built, heads, rename or {}):
         meta[r["head"] - 1].setdefault("renamed", {})[r["from"]] = r["to"]

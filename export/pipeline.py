@@ -29,6 +29,10 @@ TARGETS = ("onnx", "tensorrt")
 # cached, and ORT 1.32's CPU provider crashes (SIGSEGV) on the fp16-converted text tower.
 TEXT_STAYS_FP32 = True
 PRECISIONS = ("fp32", "fp16", "int8")
+# --opset each exporter writes graphs for (measured with torch 2.14, onnx 1.23, ORT 1.32): below 14 the
+# TorchScript exporter has no scaled_dot_product_attention; above 23 it refuses the opset. The dynamo
+# exporter raises anything below 18 to 18, and past 25 writes graphs onnx's checker rejects.
+OPSETS = {"torchscript": (14, 23), "dynamo": (14, 25)}
 
 
 class ExportUsageError(ValueError):
@@ -87,6 +91,12 @@ class ExportOptions:
                                    "implicit int8); export --target tensorrt --precision fp16 or fp32")
         if self.int8_mode not in ("dynamic", "static"):
             raise ExportUsageError(f"int8 mode must be dynamic or static, got {self.int8_mode!r}")
+        if self.exporter not in OPSETS:
+            raise ExportUsageError(f"--exporter must be one of {tuple(OPSETS)}, got {self.exporter!r}")
+        low, high = OPSETS[self.exporter]
+        if not low <= self.opset <= high:
+            raise ExportUsageError(f"--opset must be in {low}..{high} for the {self.exporter} exporter, "
+                                   f"got {self.opset}")
         if not 1 <= self.max_batch <= 65536:
             raise ExportUsageError(f"--max-batch must be in 1..65536, got {self.max_batch}")
         if self.probes < 4:
@@ -200,6 +210,8 @@ def export_heads(
     """Fold `heads`, export, optimise, gate, and write the bundle to `out` when the gate passes
     (or `allow_parity_failure`). `out=None` runs everything but writes nothing."""
     options.validate()
+    if out is not None:
+        bundle_io.check_writable(out)  # before the export, not after it
     timings: dict = {}
     t0 = time.perf_counter()
     plan = fold_heads(heads, options.input_dtype, preprocess)
@@ -213,8 +225,6 @@ def export_heads(
     n_calib = options.calibration_images + options.selection_images if static_int8 else 0
     gate_set, calib_set = gate_and_calibration(heads, plan.preprocess, options.probes, n_calib,
                                                options.probe_seed, options.image_source)
-    if static_int8 and calib_set is None:  # the heads' data was too small to share: calibrate on the world
-        calib_set = gate_and_calibration([], plan.preprocess, 1, n_calib, options.probe_seed + 7, "world")[1]
     select_set = None
     if calib_set is not None:
         calib_set, select_set = split_selection(calib_set, options.selection_images)
@@ -389,7 +399,7 @@ def _optimise(plan: FoldPlan, plain: dict, text_plain: Optional[Path], options: 
         recipe = options.int8_recipe()
         for name, src in list(current.items()):
             if name == "text.onnx" or options.int8_mode == "dynamic":  # text: label sets are encoded once, cached
-                current[name] = quantize_dynamic_int8(src, work / f"int8_{name}")
+                current[name] = quantize_dynamic_int8(src, work / f"int8_{name}", log=log)
                 int8[name] = {"mode": "dynamic", "weights": "int8 per output channel",
                               "activations": "uint8 per tensor, ranges at run time"}
                 continue

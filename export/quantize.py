@@ -29,6 +29,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -92,16 +94,46 @@ class Int8Recipe:
             raise ValueError(f"smooth alpha must be in [0, 1], got {self.smooth_alpha}")
 
 
-def quantize_dynamic_int8(src: str | Path, dst: str | Path, per_channel: bool = True, reduce_range: bool = True) -> Path:
+class _RootToLog(logging.Filter):
+    """Hands root-logger records to `log` and drops them."""
+
+    def __init__(self, log: Callable[[str], None]):
+        super().__init__()
+        self._log = log
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self._log(f"onnxruntime: {record.getMessage().strip()}")
+        return False
+
+
+@contextlib.contextmanager
+def ort_logs_to(log: Callable[[str], None]):
+    """onnxruntime.quantization logs on the root logger (`logging.warning("Please consider to run
+    pre-processing ...")`), whose stderr handler (`logging.basicConfig`, installed by the first such
+    call, or by open_clip's) prints past --quiet. While quantizing, those records go to `log` (a no-op
+    under --quiet) instead; other loggers' records are untouched (a logger's filters see only its own)."""
+    root = logging.getLogger()
+    routed = _RootToLog(log)
+    root.addFilter(routed)
+    try:
+        yield
+    finally:
+        root.removeFilter(routed)
+
+
+def quantize_dynamic_int8(src: str | Path, dst: str | Path, per_channel: bool = True, reduce_range: bool = True,
+                          log: Callable[[str], None] = lambda m: None) -> Path:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(  # DefaultTensorType: shape inference cannot type outputs of contrib ops (fused graphs)
-        str(src), str(dst), per_channel=per_channel, reduce_range=reduce_range, weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul", "Gemm"],
-        # fp32 out of every quantized MatMul: ORT runs Q + MatMulIntegerToFloat, no requantize/dequantize pass
-        extra_options={"MatMulConstBOnly": True, "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"], "DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
+    with ort_logs_to(log):
+        quantize_dynamic(  # DefaultTensorType: shape inference cannot type outputs of contrib ops (fused graphs)
+            str(src), str(dst), per_channel=per_channel, reduce_range=reduce_range, weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            # fp32 out of every quantized MatMul: ORT runs Q + MatMulIntegerToFloat, no requantize/dequantize pass
+            extra_options={"MatMulConstBOnly": True, "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
+                           "DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
     return Path(dst)
 
 
@@ -147,24 +179,26 @@ def smoothed(model, cands: list[Candidate], feeds: Sequence[dict], cfg, work: Pa
 
 
 def _static(src: Path, dst: Path, reader: Optional[FeedReader], exclude: Sequence[str], recipe: Int8Recipe,
-            cache: Path, op_types: Sequence[str] = ("MatMul", "Gemm")) -> Path:
+            cache: Path, op_types: Sequence[str] = ("MatMul", "Gemm"),
+            log: Callable[[str], None] = lambda m: None) -> Path:
     """ORT's static QDQ quantizer with the recipe's options."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     method = recipe.calibrate_method
     calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
              "entropy": CalibrationMethod.Entropy}[method]
-    quantize_static(
-        str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-        reduce_range=recipe.reduce_range,
-        activation_type=QuantType.QInt8 if recipe.symmetric_activations else QuantType.QUInt8,
-        weight_type=QuantType.QInt8, op_types_to_quantize=list(op_types),
-        nodes_to_exclude=list(exclude), calibrate_method=calib, calibration_cache_path=str(cache),
-        # fp32 out of every quantized MatMul: ORT runs Q + MatMulIntegerToFloat, no requantize/dequantize pass
-        extra_options={"MatMulConstBOnly": True, "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
-                       "ActivationSymmetric": recipe.symmetric_activations,
-                       **({"CalibPercentile": recipe.percentile} if method == "percentile" else {})},
-    )
+    with ort_logs_to(log):
+        quantize_static(
+            str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+            reduce_range=recipe.reduce_range,
+            activation_type=QuantType.QInt8 if recipe.symmetric_activations else QuantType.QUInt8,
+            weight_type=QuantType.QInt8, op_types_to_quantize=list(op_types),
+            nodes_to_exclude=list(exclude), calibrate_method=calib, calibration_cache_path=str(cache),
+            # fp32 out of every quantized MatMul: ORT runs Q + MatMulIntegerToFloat, no requantize/dequantize pass
+            extra_options={"MatMulConstBOnly": True, "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"],
+                           "ActivationSymmetric": recipe.symmetric_activations,
+                           **({"CalibPercentile": recipe.percentile} if method == "percentile" else {})},
+        )
     return dst
 
 
@@ -195,12 +229,13 @@ def _shipped(static: Path, dst: Path, activations: str) -> Path:
     return dst
 
 
-def _preprocessed(src: Path, work: Path) -> Path:
+def _preprocessed(src: Path, work: Path, log: Callable[[str], None] = lambda m: None) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = work / "pre.onnx"
     try:
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        with ort_logs_to(log):
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         return pre
     except Exception:  # noqa: BLE001 - pre-processing is an optimisation, not a requirement
         return Path(src)
@@ -234,7 +269,7 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
     tmp = tempfile.TemporaryDirectory(prefix="clipheads-int8-") if workdir is None else None
     work = Path(workdir or tmp.name)
     try:
-        pre = _preprocessed(src, work)
+        pre = _preprocessed(src, work, log)
         model = onnx.load(str(pre))
         gptq = recipe.weight_rounding == "gptq"
         cands = candidates(model, recipe.patch_embedding)
@@ -308,7 +343,7 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
             if static is None:  # one static graph per keep set, shared by both activation ranges
                 reader.rewind()
                 static = built[key] = _static(pre, work / f"int8_keep{len(built)}.onnx", reader,
-                                              [c.node for c in keep] + never_int8, recipe, cache, op_types)
+                                              [c.node for c in keep] + never_int8, recipe, cache, op_types, log)
                 if rounding:
                     _round_gptq(static, **rounding)
             out = static if act == "per-tensor" else _shipped(static, static.with_suffix(".per_row.onnx"), act)
