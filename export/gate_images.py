@@ -53,7 +53,10 @@ def _head_samples(heads: Sequence) -> tuple[list, list[str]]:
             held = (record.get("holdout") or {}).get(name)
             for s in splits.values():
                 if held:
-                    s = carve(s, held["val_fraction"], held["test_fraction"], held["seed"])
+                    try:
+                        s = carve(s, held["val_fraction"], held["test_fraction"], held["seed"])
+                    except (ValueError, KeyError):  # the data changed since (now has a test split): not the head's
+                        continue
                 found = [x for x in (*s.train, *s.val) if _is_file(x.path)]
                 if found:
                     samples += found

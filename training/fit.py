@@ -302,13 +302,13 @@ def training_images(record: Mapping[str, Any]) -> set[str]:
     if not record.get("trained"):  # zero-shot: no image was trained on
         return paths
     for name, spec in (record.get("data") or {}).items():
+        h = (record.get("holdout") or {}).get(name)
         try:
             s = resolve_data({name: spec})[name]
-        except (ValueError, OSError):  # DataSpecError, DatasetLayoutError, a moved folder
+            if h:
+                s = carve(s, h["val_fraction"], h["test_fraction"], h["seed"])
+        except (ValueError, OSError, KeyError):  # DataSpecError, DatasetLayoutError, HoldOutError, a moved folder
             continue
-        h = (record.get("holdout") or {}).get(name)
-        if h:
-            s = carve(s, h["val_fraction"], h["test_fraction"], h["seed"])
         if record.get("shots"):
             s = few_shot_splits(s, int(record["shots"]), int(record.get("seed", 1)))
         paths.update(os.path.realpath(x.path) for x in s.train)
