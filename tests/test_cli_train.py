@@ -104,3 +104,23 @@ def test_methods_lists_every_registered_method(capsys):
     rows = {r["method"]: r for r in json.loads(capsys.readouterr().out)["methods"]}
     assert set(rows) == set(list_methods())
     assert rows["zeroshot"]["trainable"] == 0 and rows["coop"]["foldable"]
+
+
+def test_quiet_means_quiet_on_a_random_init_backbone(tmp_path, capfd):
+    """open_clip warns on the root logger that a model "initialized randomly"; asked for with
+    `--pretrained none`, that is no warning, and under -q nothing but the result is printed."""
+    import logging
+
+    _register_test_configs()
+    data = make_colour_folder(tmp_path / "colours", per_class=2)
+    import sys
+
+    stderr = logging.StreamHandler(sys.stderr)  # what the first root warning installs in a real process
+    logging.getLogger().addHandler(stderr)
+    try:
+        capfd.readouterr()
+        assert main(["eval", "--backbone", "test-vit-micro", "--pretrained", "none", "--data", str(data), "-q"]) == 0
+        out, err = capfd.readouterr()
+    finally:
+        logging.getLogger().removeHandler(stderr)
+    assert err == "" and "top-1" in out

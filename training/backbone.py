@@ -13,7 +13,9 @@ feature is always the class token (or whatever the tower pools) of the original 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -111,6 +113,24 @@ def _weights_file(src: WeightsSource) -> Optional[str]:
     return None
 
 
+class _DropRandomInitNotice(logging.Filter):
+    """open_clip's root-logger warning that a model "initialized randomly": asked for with
+    `--pretrained none`, which our own backbone line reports (and -q silences)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _random_init_is_no_warning():
+    root, quiet = logging.getLogger(), _DropRandomInitNotice()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def load_backbone(arch: str = PACKAGED_ARCH, pretrained: Optional[str] = None, device: str = "cpu",
                   act: Optional[str] = None) -> "Backbone":
     """Build a frozen open_clip model. `pretrained`: tag | local path | `hf-hub:ID` | `none`;
@@ -120,8 +140,9 @@ def load_backbone(arch: str = PACKAGED_ARCH, pretrained: Optional[str] = None, d
     src = resolve_request(arch, pretrained, act)
     needs_weights = src.kind != "none"
     try:
-        model = open_clip.create_model(src.model_name, pretrained=src.checkpoint, device=device,
-                                       force_quick_gelu=src.quick_gelu, require_pretrained=needs_weights)
+        with contextlib.nullcontext() if needs_weights else _random_init_is_no_warning():
+            model = open_clip.create_model(src.model_name, pretrained=src.checkpoint, device=device,
+                                           force_quick_gelu=src.quick_gelu, require_pretrained=needs_weights)
         weights_file = _weights_file(src)
     except Exception as err:  # network errors, missing files, bad checkpoints
         if not needs_weights:
