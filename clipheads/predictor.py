@@ -127,7 +127,14 @@ class Predictor:
         return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
 
     def label_embeddings(self, labels: Sequence[str], templates: Optional[Sequence[str]] = None) -> np.ndarray:
-        """(L, E) normalised text embeddings: each label in every template, averaged."""
+        """(L, E) normalised text embeddings: each label in every template, averaged. Templates are
+        checked as the server checks them (one `{}`, nothing else to format): ValueError if not."""
+        from clipheads.serving.front.templates import template_problem
+
+        for t in templates or ():
+            problem = template_problem(t)
+            if problem:
+                raise ValueError(f"template {t!r}: {problem}")
         return label_embeddings(self.runtime, list(labels), tuple(templates or DEFAULT_TEMPLATES))
 
     def zero_shot(self, images: Images, labels: Sequence[str], templates: Optional[Sequence[str]] = None,

@@ -40,14 +40,14 @@ def _head_samples(heads: Sequence) -> tuple[list, list[str]]:
     """Train + val samples of every dataset the heads' records name (existing files only), after
     the holdout each head carved from it: its test images stay unseen by export too."""
     from clipheads.training.data.holdout import carve
-    from clipheads.training.fit import resolve_data
+    from clipheads.training.data.sources import resolve_recorded
 
     samples, specs = [], []
     for h in heads:
         record = getattr(h, "training_record", None) or {}
         for name, spec in (record.get("data") or {}).items():
             try:
-                splits = resolve_data({name: spec})
+                splits = {name: resolve_recorded(name, str(spec))}
             except Exception:  # noqa: BLE001 - moved or unreadable data: fall back to the world
                 continue
             held = (record.get("holdout") or {}).get(name)

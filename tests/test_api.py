@@ -78,8 +78,16 @@ def test_predictor_on_a_head_object_file_and_bundle_agree(tmp_path):
             assert np.allclose([r["score"] for r in a["color"]], [r["score"] for r in other["color"]], atol=1e-4)
         zs = bundle.zero_shot([image, image], ["a red thing", "a blue thing"], top_k=1)
         assert len(zs) == 2 and zs[0] == zs[1] and zs[0][0]["label"] in ("a red thing", "a blue thing")
+        for bad in (["no placeholder"], ["{0} {1}"], ["{!r}"]):  # what POST /zero_shot answers 422 to
+            with pytest.raises(ValueError, match="template"):
+                bundle.zero_shot(image, ["a", "b"], templates=bad)
         with pytest.raises(ValueError, match="unknown task"):
             bundle.predict(image, tasks=["nope"])
+        big = tmp_path / "big.jpg"  # a JPEG large enough for draft decoding: the caller's object stays whole
+        Image.fromarray((np.random.default_rng(1).random((800, 1000, 3)) * 255).astype(np.uint8)).save(big)
+        mine = Image.open(big)
+        by_object, by_path = bundle.predict(mine, top_k=4), bundle.predict(big, top_k=4)
+        assert mine.size == (1000, 800) and by_object == by_path
         with pytest.raises(ValueError, match="image 0"):
             bundle.predict(b"not an image")
 

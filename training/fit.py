@@ -297,6 +297,7 @@ def training_images(record: Mapping[str, Any]) -> set[str]:
     resolves adds nothing (its images cannot be handed to `evaluate` either)."""
     from .data.fewshot import few_shot_splits
     from .data.holdout import carve
+    from .data.sources import resolve_recorded
 
     paths: set[str] = set()
     if not record.get("trained"):  # zero-shot: no image was trained on
@@ -304,7 +305,7 @@ def training_images(record: Mapping[str, Any]) -> set[str]:
     for name, spec in (record.get("data") or {}).items():
         h = (record.get("holdout") or {}).get(name)
         try:
-            s = resolve_data({name: spec})[name]
+            s = resolve_recorded(name, str(spec))
             if h:
                 s = carve(s, h["val_fraction"], h["test_fraction"], h["seed"])
         except (ValueError, OSError, KeyError):  # DataSpecError, DatasetLayoutError, HoldOutError, a moved folder

@@ -83,7 +83,7 @@ def open_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     still pick JPEG draft decoding). Numpy arrays are (H, W, 3) or (H, W) RGB/grey, uint8 or
     floats in [0, 1]; they carry no EXIF."""
     if isinstance(source, Image.Image):
-        img = source
+        img = _own_image(source)
     elif isinstance(source, np.ndarray):
         img = _from_array(source)
     elif isinstance(source, (bytes, bytearray, memoryview)):
@@ -97,6 +97,20 @@ def open_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     if w * h > max_pixels:
         raise ImageTooLarge(f"{w}x{h} exceeds the {max_pixels:,}-pixel cap")
     return img
+
+
+def _own_image(img: Image.Image) -> Image.Image:
+    """The caller's image, left as it was: JPEG draft decoding shrinks an image object in place,
+    so a not-yet-decoded JPEG is reopened from its file or bytes (same pixels as a path would give);
+    a decoded image is only read."""
+    if getattr(img, "format", None) != "JPEG" or getattr(img, "_im", None) is not None or not img.tile:
+        return img
+    if getattr(img, "filename", ""):
+        return Image.open(img.filename)
+    fp = getattr(img, "fp", None)
+    if isinstance(fp, io.BytesIO):
+        return Image.open(io.BytesIO(fp.getvalue()))
+    return img.copy()  # decodes the caller's object once (no draft), changes nothing they see
 
 
 def _from_array(a: np.ndarray) -> Image.Image:

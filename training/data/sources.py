@@ -10,6 +10,7 @@ Several `--data` (or `--task NAME=SPEC`) make a multi-task run.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -33,7 +34,8 @@ def resolve_spec(spec: str) -> dict[str, DatasetSplits]:
     path = Path(spec).expanduser()
     if path.is_dir():
         ds = readers.read_image_folder(path)
-        return {path.name: _with_source(ds, spec)}
+        # `.` or `photos/..` is named after the folder it means (abspath: no symlinks followed)
+        return {Path(os.path.abspath(path)).name or "data": _with_source(ds, spec)}
     if path.suffix == ".json" and path.is_file():
         ds = readers.read_split_zhou(path, _split_json_image_root(path), name=path.stem)
         return {path.stem: _with_source(ds, spec)}
@@ -51,6 +53,17 @@ def resolve_spec(spec: str) -> dict[str, DatasetSplits]:
         f"{spec}: no such file or directory, and not READER:ROOT with a known reader "
         f"({', '.join(readers.list_readers())})"
     )
+
+
+def resolve_recorded(name: str, spec: str) -> DatasetSplits:
+    """Task `name` of the spec a head recorded for it: one task of a multi-task CSV, or the one task
+    of any other spec (which `--task NAME=SPEC` may have named). DataSpecError if neither."""
+    found = resolve_spec(spec)
+    if name in found:
+        return found[name]
+    if len(found) == 1:
+        return next(iter(found.values()))
+    raise DataSpecError(f"{spec} holds tasks {', '.join(found)}, not {name!r}")
 
 
 def _with_source(ds: DatasetSplits, spec: str) -> DatasetSplits:
@@ -71,7 +84,9 @@ def resolve_tasks(data: Sequence[str], named: Sequence[str] = ()) -> dict[str, D
         found = resolve_spec(spec)
         if len(found) != 1:
             raise DataSpecError(f"--task {name}: {spec} holds {len(found)} tasks; name them in the CSV instead")
-        out[_unique(out, name)] = next(iter(found.values()))
+        if name in out:  # a name the user chose is never silently renamed: clients address tasks by it
+            raise DataSpecError(f"--task {name}: a task of that name is already given ({', '.join(out)})")
+        out[name] = next(iter(found.values()))
     if not out:
         raise DataSpecError("no data given: use --data SPEC (or --task NAME=SPEC)")
     return out

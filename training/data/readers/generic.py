@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +27,8 @@ from ._common import (
     split_by_fraction,
 )
 from ._registry import register_reader
+
+_INT_LABEL = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() also takes '²', which int() refuses
 
 IMAGE_FOLDER_LAYOUT = "<root>/<class>/*.{jpg,jpeg,png,webp,bmp} (or <root>/{train,val,test}/<class>/...)"
 
@@ -160,10 +163,11 @@ def read_csv_tasks(path: str | os.PathLike, *, templates: Sequence[str] = (DEFAU
     by_task: dict[str, list[_Row]] = {}
     for r in rows:
         by_task.setdefault(r.task or csv_path.stem, []).append(r)
-    int_labels = all(r.label.lstrip("-").isdigit() for r in rows)
+    int_labels = all(_INT_LABEL.fullmatch(r.label) for r in rows)
     names_file = csv_path.parent / "classnames.txt"
     fixed_names = tuple(clean_classname(n) for n in read_text_lines(names_file)) if int_labels and names_file.is_file() else None
     _check_files_exist(csv_path, rows)
+    _check_listed_once(csv_path, rows)
     return {
         task: _csv_task(csv_path, task, task_rows, int_labels, fixed_names, tuple(templates))
         for task, task_rows in by_task.items()
@@ -197,6 +201,19 @@ def _csv_row(csv_path: Path, line: int, cells: list[str], col: dict[str, int]) -
     if split not in SPLIT_KEYS:
         raise DatasetLayoutError(f"{where}: split {split!r} is not one of {', '.join(SPLIT_KEYS)}")
     return _Row(line, safe_join(csv_path.parent, rel, where), label, get("task"), split)
+
+
+def _check_listed_once(csv_path: Path, rows: list[_Row]) -> None:
+    """An image appears once per task: listed again (another split, another label, or the same
+    file by another path) it would be trained on and tested on, or carved into both sides of a
+    --test-fraction, and every score on it would be a training-image score."""
+    first: dict[tuple[str, str], _Row] = {}
+    for r in rows:
+        seen = first.setdefault((r.task, os.path.realpath(r.path)), r)
+        if seen is not r:
+            how = f" (as {seen.split} there, {r.split} here)" if seen.split != r.split else ""
+            raise DatasetLayoutError(f"{csv_path}: line {r.line} lists the image of line {seen.line} again{how}: "
+                                     f"{r.path}; list each image once per task")
 
 
 def _check_files_exist(csv_path: Path, rows: list[_Row]) -> None:
