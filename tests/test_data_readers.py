@@ -121,6 +121,12 @@ def test_split_json_file(tmp_path):
     assert (len(ds.train), len(ds.val), len(ds.test)) == (6, 2, 4)
     assert ds.train[0].path == str(tmp_path / "imgs" / "golden_retriever" / "train_0.jpg")
     _labels_consistent(ds)
+    text = (tmp_path / "s.json").read_text(encoding="utf-8")
+    (tmp_path / "bom.json").write_text("\ufeff" + text, encoding="utf-8")  # what Windows editors save
+    assert R.read_split_zhou(tmp_path / "bom.json", tmp_path / "imgs").train == ds.train
+    (tmp_path / "latin1.json").write_bytes(text.replace("cat", "caf\xe9").encode("latin-1"))
+    with pytest.raises(DatasetLayoutError, match="not a readable split_zhou JSON"):
+        R.read_split_zhou(tmp_path / "latin1.json", tmp_path / "imgs")
 
 
 @pytest.mark.parametrize(

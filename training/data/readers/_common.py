@@ -165,8 +165,8 @@ def read_split_json(
     cleaned. Paths are joined to `image_root` and may not escape it.
     """
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is accepted, as in CSV manifests
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DatasetLayoutError(f"{path}: not a readable split_zhou JSON file: {err}") from None
     if not isinstance(data, dict) or "train" not in data or set(data) - set(SPLIT_KEYS):
         raise DatasetLayoutError(f"{path}: expected a JSON object with keys 'train', 'val', 'test'")
