@@ -9,7 +9,8 @@ A stored model is a copy of the bundle directory (`<model>/bundle/`) or of the h
 (`<model>/model.head.safetensors`), labelled `framework=clipheads` and `kind=bundle|head`, so it
 moves between machines with `bentoml models export/import` and rides along in `bentoml build`.
 A head's backbone weights can travel in the entry too (`<model>/backbone/<file>` + `backbone.json`
-with its sha256): by default when the head was trained on a local weights file (the head only
+with its sha256; `<file>` ends in `.safetensors` exactly when the content is safetensors, as open_clip
+picks its loader by the name): by default when the head was trained on a local weights file (the head only
 records its absolute path), with `--with-weights` for a downloadable tag (read from the local
 open_clip / Hugging Face cache); otherwise `save` warns what the serving machine will need. Every
 runtime opened on a stored head uses stored weights (`stored_weights`), sha256-checked.
@@ -35,7 +36,8 @@ HEAD_SUFFIX = ".head.safetensors"
 
 
 class ModelStoreError(ValueError):
-    """A source that is neither a usable path nor a clipheads model in the store."""
+    """Bad input for the store (exit 2, one line): a source that is neither a usable path nor a
+    clipheads model in the store, a name BentoML refuses or that is taken, weights that are gone."""
 
 
 def default_name(source: Path) -> str:
@@ -130,7 +132,11 @@ def _weights_to_store(record: dict, with_weights: Optional[bool], pretrained: Op
         if not src.is_file():
             raise ModelStoreError(f"--pretrained {pretrained}: not a file")
     elif kind == "file":
-        src = Path(recorded)
+        src = Path(recorded).expanduser()
+        if not src.is_file():
+            sha = record.get("weights_sha256")
+            raise ModelStoreError(f"this head's recorded backbone weights {recorded} are gone (moved or deleted): pass "
+                                  f"their new location with --pretrained FILE" + (f" (sha256 {sha})" if sha else ""))
     elif kind == "tag":
         src = _cached_tag_file(str(record.get("arch")), recorded)
     else:
@@ -139,7 +145,58 @@ def _weights_to_store(record: dict, with_weights: Optional[bool], pretrained: Op
         check_weights_override(record, str(src.resolve()))
     except BackboneError as err:
         raise ModelStoreError(str(err)) from None
-    return src.resolve(), []
+    except OSError as err:  # unreadable
+        raise ModelStoreError(f"{src}: cannot read the weights ({err.strerror or err})") from None
+    return src, []
+
+
+def _stored_weights_name(path: Path) -> str:
+    """The name the weights get under `backbone/`: open_clip picks its loader by the extension
+    (`.safetensors` -> safetensors, anything else -> torch.load), so the name follows the content,
+    not the source's name (a moved `w.bak`, a Hugging Face cache blob named by its hash)."""
+    from clipheads.training.files import read_safetensors_header
+
+    name, suffix = path.name, ".safetensors"
+    try:
+        is_safetensors = read_safetensors_header(path) is not None
+    except OSError as err:
+        raise ModelStoreError(f"{path}: cannot read the weights ({err.strerror or err})") from None
+    if is_safetensors and not name.endswith(suffix):
+        return name + suffix
+    if not is_safetensors and name.endswith(suffix):  # a pickled checkpoint under a safetensors name
+        return name[: -len(suffix)] + ".pt"
+    return name
+
+
+def _check_new_tag(name: str, given: bool = True) -> str:
+    """`name` as BentoML will store it, refused here (before anything is hashed or copied) when
+    BentoML would refuse it: not a valid tag, the reserved version `latest`, a version that exists."""
+    import bentoml
+    from bentoml import Tag
+    from bentoml.exceptions import BentoMLException, NotFound
+
+    what = f"--name {name!r}" if given else f"the default name {name!r} (pass --name NAME)"
+    try:  # lowercased here: BentoML would log "Converting ... to lowercase" lines before our one line
+        tag = Tag.from_taglike(name.lower())
+    except (BentoMLException, ValueError) as err:
+        reason = str(err).split("valid BentoML tag: ", 1)[-1]
+        raise ModelStoreError(f"{what} is not a valid model name (NAME or NAME:VERSION): {reason}") from None
+    if tag.version == "latest":
+        raise ModelStoreError(f"{what}: 'latest' always means the newest version; leave the version out for a new "
+                              "one, or pick another")
+    if tag.version:
+        try:
+            bentoml.models.get(tag)
+        except NotFound:
+            pass
+        else:
+            raise _taken(str(tag))
+    return str(tag)
+
+
+def _taken(tag: str) -> ModelStoreError:
+    return ModelStoreError(f"{tag} already exists in the model store: pick another version (or leave it out for a "
+                           f"new one), or remove it first with `bentoml models delete {tag}`")
 
 
 def save_model(source: str | Path, name: Optional[str] = None, with_weights: Optional[bool] = None,
@@ -147,11 +204,13 @@ def save_model(source: str | Path, name: Optional[str] = None, with_weights: Opt
     """Copy a bundle or head (and, for a head, its backbone weights: see the module doc) into the
     local store."""
     import bentoml
+    from bentoml.exceptions import BentoMLException
 
     from clipheads.training.files import file_sha256
 
     src = Path(source).expanduser().resolve()
     kind, meta = _describe(src)
+    tag = _check_new_tag(name or default_name(src), given=bool(name))
     weights, warnings, record = None, [], {}
     if kind == "head":
         from clipheads.training.head_header import read_head_header
@@ -162,11 +221,30 @@ def save_model(source: str | Path, name: Optional[str] = None, with_weights: Opt
         raise ModelStoreError(f"{src} is a bundle: its graphs hold the backbone already")
     stored = None
     if weights is not None:
-        stored = {"file": f"{WEIGHTS_DIR}/{weights.name}", "sha256": file_sha256(weights),
-                  "bytes": weights.stat().st_size, "pretrained": str(record.get("pretrained") or "")}
+        try:
+            stored = {"file": f"{WEIGHTS_DIR}/{_stored_weights_name(weights)}", "sha256": file_sha256(weights),
+                      "bytes": weights.stat().st_size, "pretrained": str(record.get("pretrained") or "")}
+        except OSError as err:
+            raise ModelStoreError(f"{weights}: cannot read the weights ({err.strerror or err})") from None
         meta["backbone_weights"] = stored["file"]
-    with bentoml.models.create(name or default_name(src), labels={"framework": FRAMEWORK, "kind": kind},
-                               metadata=meta) as model:
+    try:
+        model = _create_entry(bentoml, tag, kind, meta, src, weights, stored)
+    except BentoMLException as err:  # another `save` took the tag since _check_new_tag
+        if "already exists" not in str(err):
+            raise
+        raise _taken(tag) from None
+    # BentoML makes the entry directory 0700 (tempfile.mkdtemp, whose mode its copy into the store
+    # keeps): give it and every directory in it the umask's mode, so a container running as another
+    # user can read the mounted entry like the files in it
+    entry = Path(bentoml.models.get(model.tag).path)
+    for d in [entry, *(p for p in entry.rglob("*") if p.is_dir())]:
+        apply_umask(d, is_dir=True)
+    return SaveResult(str(model.tag), kind, stored, warnings)
+
+
+def _create_entry(bentoml, tag: str, kind: str, meta: dict, src: Path, weights: Optional[Path],
+                  stored: Optional[dict]):
+    with bentoml.models.create(tag, labels={"framework": FRAMEWORK, "kind": kind}, metadata=meta) as model:
         dest = Path(model.path)
         # plain copies (new files get the umask's mode), not the source's modes: a head written
         # 0600 by an older clipheads must still be readable by the Bento's container user
@@ -181,7 +259,7 @@ def save_model(source: str | Path, name: Optional[str] = None, with_weights: Opt
             apply_umask(dest / WEIGHTS_DIR, is_dir=True)
             shutil.copyfile(weights, dest / stored["file"])
             (dest / WEIGHTS_RECORD).write_text(json.dumps(stored, indent=1))
-    return SaveResult(str(model.tag), kind, stored, warnings)
+    return model
 
 
 def save(source: str | Path, name: Optional[str] = None, **kw) -> str:
@@ -275,11 +353,14 @@ def _parser() -> console.ArgumentParser:
 def _main(args) -> int:
     if args.what == "save":
         res = save_model(args.source, args.name, with_weights=args.with_weights, pretrained=args.pretrained)
+        if args.name and args.name != args.name.lower():
+            console.info(f"clipheads models save: model names are lowercase: --name {args.name} is {res.tag}", args.quiet)
         for w in res.warnings:
             print(f"clipheads models save: warning: {w}", file=sys.stderr)
         if res.weights:
-            console.info(f"clipheads models save: stored the backbone weights {res.weights['pretrained']} "
-                         f"({res.weights['bytes']:,} bytes, sha256 {res.weights['sha256'][:12]}…)", args.quiet)
+            console.info(f"clipheads models save: stored the backbone weights {res.weights['pretrained']} as "
+                         f"{res.weights['file']} ({res.weights['bytes']:,} bytes, sha256 {res.weights['sha256'][:12]}…)",
+                         args.quiet)
         console.emit(asdict(res), args.json, res.tag)
         return 0
     if args.what == "bentofile":
@@ -288,7 +369,10 @@ def _main(args) -> int:
             raise ModelStoreError(f"{base}: no bentofile.yaml to extend (pass --base FILE)")
         text = bentofile(args.tag, base)
         if args.out:
-            Path(args.out).write_text(text)
+            try:
+                Path(args.out).expanduser().write_text(text)
+            except OSError as err:
+                raise ModelStoreError(f"--out {args.out}: cannot write it ({err.strerror or err})") from None
         console.emit({"bentofile": args.out, "model": args.tag}, args.json, "" if args.out else text.rstrip())
         return 0
     rows = list_models()

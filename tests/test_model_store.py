@@ -32,6 +32,9 @@ def test_save_list_and_serve_a_head_by_tag(tmp_path):
     assert tag.startswith("micro-zs:")
     stored = next(home.glob("models/micro-zs/*/model.head.safetensors"))
     assert stored.read_bytes() == head.read_bytes()
+    from clipheads.training.files import default_mode  # the entry directory too, not BentoML's 0700
+
+    assert oct(stored.parent.stat().st_mode & 0o777) == oct(default_mode(is_dir=True))
 
     ours = run(["-m", "clipheads", "models", "list"], home)
     assert tag in ours.stdout and "head" in ours.stdout and "color" in ours.stdout
