@@ -7,8 +7,12 @@ eager runtime), so what crosses process boundaries is compact uint8.
 Order of checks (cheapest first, nothing decoded before the header is trusted):
 1. byte cap;
 2. format chosen from magic bytes (JPEG, PNG, WEBP only) -- the client's content type is ignored;
-3. width x height read from the header and checked against the pixel cap (Pillow itself only
-   raises above ~179 MP) and an aspect-ratio cap (a 1 x 40M strip would explode when resized);
+3. width x height read from the header and checked against the pixel cap and an aspect-ratio cap
+   (a 1 x 40M strip would explode when resized). Pillow's own decompression-bomb guard (an error
+   above ~179 MP, a warning above ~89 MP, an error too under `-W error`) fires inside
+   `Image.open`, before our checks: then the header is read again by the format's own parser
+   (`Image.open` minus that guard, for this image only; `PIL.Image.MAX_IMAGE_PIXELS` is left as
+   it is) and our pixel cap decides, so such an image is `image_too_large` with its real size;
 4. decode, then the one preprocessing path every part of clipheads uses
    (`clipheads.training.preprocess.pixels_from_image`: JPEG draft mode when shrinking a lot, EXIF
    orientation, RGB conversion, resize + center crop). Our pixel cap is below Pillow's
@@ -113,6 +117,13 @@ def _decoded_pixels(fmt: str, w: int, h: int, size: int, progressive: bool = Fal
     return math.ceil(w / s) * math.ceil(h / s)
 
 
+def _open_unguarded(data: bytes, fmt: str) -> Image.Image:
+    """What `Image.open(data, formats=[fmt])` returns, without its decompression-bomb check (which
+    only looks at the header's size): the format's own header parser, for this one image."""
+    factory, _accept = Image.OPEN[fmt]  # registered: Image.open just used this plugin
+    return factory(io.BytesIO(data))
+
+
 def _open_checked(data: bytes, spec: DecodeSpec) -> tuple[Image.Image, ImageHeader]:
     """Checks 1-3 of the module docstring; returns the opened (not decoded) image."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -128,7 +139,10 @@ def _open_checked(data: bytes, spec: DecodeSpec) -> tuple[Image.Image, ImageHead
             "unsupported_format", "not a JPEG, PNG or WEBP file (format is detected from the bytes)", 415
         )
     try:
-        im = Image.open(io.BytesIO(data), formats=[fmt])
+        try:
+            im = Image.open(io.BytesIO(data), formats=[fmt])
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            im = _open_unguarded(data, fmt)  # our cap, checked below, is the one that decides
         w, h = im.size  # header only; nothing is decoded yet
     except ImageRejected:
         raise

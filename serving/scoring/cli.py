@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="export bundle directory, or a *.head.safetensors file (eager PyTorch)")
     p.add_argument("--input", required=True, help="image directory (recursive), or a CSV/Parquet with a 'path' column")
     p.add_argument("--output", required=True, help="output directory, e.g. preds.parquet (Parquet parts + _manifest.json)")
-    p.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
+    p.add_argument("--tasks", default=None, help="comma-separated task names (default: all; written in the source's order)")
     p.add_argument("--top-k", type=int, default=5, help="labels kept per task (default 5; top-1 always has its own columns)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="local: decode threads; ray: scoring actors (default: from CPU count)")

@@ -164,13 +164,15 @@ def set_runtime_threads(n: int) -> None:
 
 
 def task_names(job: ScoreJob, info: dict) -> list[str]:
+    """The tasks scored, always in the source's order whatever the order of `job.tasks`: the job's
+    identity is the set of tasks, and the `predictions` struct of every part has one field order."""
     known = list(info["tasks"])
     if not job.tasks:
         return known
     unknown = [t for t in job.tasks if t not in info["tasks"]]
     if unknown:
         raise UsageError(f"unknown task(s) {unknown}; this source has: {', '.join(known)}")
-    return list(dict.fromkeys(job.tasks))
+    return [t for t in known if t in set(job.tasks)]
 
 
 def job_identity(job: ScoreJob, info: dict, listing: InputListing) -> dict:
@@ -204,6 +206,26 @@ def validate(job: ScoreJob) -> None:
         raise UsageError("workers and threads must be >= 0")
     if job.commit_every_s < 0:
         raise UsageError("commit-every must be >= 0 seconds")
+    for name in ("max_bytes", "max_pixels"):  # 0 or less would reject every image
+        if getattr(job, name) is not None and getattr(job, name) < 1:
+            raise UsageError(f"{name.replace('_', '-')} must be >= 1")
+    if job.ray_num_gpus < 0:
+        raise UsageError("ray-num-gpus must be >= 0")
+    if not job.ray_num_cpus > 0:  # 0 would size the actor pool as if every actor were free
+        raise UsageError("ray-num-cpus must be > 0")
+
+
+def check_output_paths(out: Path, errors_file: Path) -> None:
+    """Refuse, before any work, an --output or --errors that cannot be written: the errors file
+    is a directory, or a parent of either is an existing file."""
+    if errors_file.is_dir():
+        raise UsageError(f"--errors {errors_file} is a directory; give a file name (.jsonl or .csv)")
+    for what, path in (("--output", out), ("--errors", errors_file)):
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise UsageError(f"{what} {path}: {parent} is not a directory")
+                break
 
 
 def pending_shards(listing: InputListing, job: ScoreJob, store: ShardStore, counts: dict) -> Iterator[Shard]:

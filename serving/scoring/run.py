@@ -39,7 +39,9 @@ when the name ends in .csv) as {index, path, kind, detail}, `kind` being `servin
 ImageRejected kind (`invalid_image`, `unsupported_format`, `too_many_bytes`, `image_too_large`,
 `bad_aspect_ratio`), `unreadable`, or a listing kind: `outside_input` (a link leaving the input
 directory, not followed without `--follow-symlinks`), `not_a_file` (a directory named like an
-image, a FIFO/socket/device). Every input is either a row or an error record, once.
+image, a FIFO/socket/device), `bad_name` (a file name that is not UTF-8; its `path` shows the bad
+bytes as `\\xNN`). Every input is either a row or an error record, once. Tasks are always
+written in the source's order (`--tasks b,a` is the same job as `--tasks a,b`).
 
 Commits: a shard (`--shard-size` inputs) commits when it is done, and a piece of it commits as soon
 as `--commit-every` seconds (30) passed since the last commit, so a killed job loses at most that
@@ -60,7 +62,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..runtimes import open_runtime
-from .job import ScoreJob, ScoreSummary, job_identity, set_runtime_threads, source_info, validate
+from .job import ScoreJob, ScoreSummary, check_output_paths, job_identity, set_runtime_threads, source_info, validate
 from .local import run_local
 from .ray_engine import run_ray
 from .shards import InputListing, ShardStore
@@ -75,6 +77,7 @@ def score(job: ScoreJob, runtime=None) -> ScoreSummary:
     info = source_info(job.source)
     out = Path(job.output).expanduser().resolve()
     errors_file = Path(job.errors).expanduser().resolve() if job.errors else out / "_errors.jsonl"
+    check_output_paths(out, errors_file)  # where nothing can be written: refused before any work
     listing = InputListing(job.input, job.path_column, exclude=[out, errors_file], follow_symlinks=job.follow_symlinks)
     identity = job_identity(job, info, listing)
     if job.engine == "local" and runtime is None:  # a broken bundle fails before OUT is touched
@@ -82,6 +85,7 @@ def score(job: ScoreJob, runtime=None) -> ScoreSummary:
         runtime = open_runtime(job.source, job.runtime, device=job.device, weights=job.weights)
     total = listing.count()  # reads every input name: a bad listing fails before OUT is touched too
     store = ShardStore(out, identity, overwrite=job.overwrite)
+    store.check_listing(total)  # committed parts past the end of the listing: its inputs changed
     summary = ScoreSummary(output=str(out), errors_file=str(errors_file), engine=job.engine, runtime=job.runtime,
                            total=total)
     counts = {"skipped": 0, "shards_skipped": 0}

@@ -9,7 +9,8 @@ Directory inputs: links are followed only while their target stays inside the in
 (`follow_symlinks=True` follows any link; directories are entered once each, so link loops end).
 A link leaving it, a directory named like an image file (`x.png/`) and a special file (FIFO,
 socket, device) are listed as error records (`outside_input`, `not_a_file`), never opened and never
-dropped silently.
+dropped silently; so is a name that is not valid UTF-8 (`bad_name`: Parquet and JSON hold only
+text), its `path` written with backslash escapes for the bad bytes (`bad\\xffname.png`).
 
 Output: `OUT.parquet/` is a directory readable as one dataset (`pyarrow.dataset`, pandas, Spark,
 DuckDB `read_parquet('OUT.parquet/*.parquet')`):
@@ -30,6 +31,7 @@ run; a committed part is never rescored and rows are never duplicated.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
@@ -120,8 +122,13 @@ class InputListing:
 
     # -- readers --
     def _csv_problem(self, err: Exception, line: int) -> InputError:
-        what = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else "not a readable CSV"
-        return InputError(f"{self.source}: {what} (near line {line}: {err})")
+        if isinstance(err, UnicodeDecodeError):
+            # the text reader decodes ahead of the csv reader: its line count says nothing about
+            # where the bad byte is, so find it in the bytes (only on this error path)
+            where = _first_bad_utf8(self.source)
+            at = f"line {where[0]}, byte offset {where[1]}" if where else "somewhere"
+            return InputError(f"{self.source}: not UTF-8 text ({at}: {err.reason})")
+        return InputError(f"{self.source}: not a readable CSV (near line {line}: {err})")
 
     def _check(self) -> None:
         if self.kind == "csv":
@@ -183,6 +190,19 @@ class InputListing:
             except OSError:
                 yield key, e.path, None
 
+    def _walk_checked(self) -> Iterator[tuple[str, str, Optional[tuple[str, str]]]]:
+        """`_walk`, with every key made valid text: a name that is not UTF-8 (surrogate-escaped by
+        os.scandir) cannot be a Parquet string or a JSON error record, so it is listed as a
+        `bad_name` error under a printable key (its bad bytes as `\\xNN`), never opened."""
+        for key, loc, err in self._walk(self.source, "", set()):
+            try:
+                key.encode("utf-8")
+            except UnicodeEncodeError:
+                key = os.fsencode(key).decode("utf-8", "backslashreplace")
+                err = err or ("bad_name", "the file name is not valid UTF-8 (shown with \\x escapes); "
+                                          "rename it to score it")
+            yield key, loc, err
+
     def _rows(self) -> Iterator[str]:
         if self.kind == "csv":
             # a bad byte or an over-long field anywhere is a bad input: `count()` reads every row
@@ -195,16 +215,25 @@ class InputListing:
                 except (UnicodeDecodeError, csv.Error) as err:
                     raise self._csv_problem(err, reader.line_num + 1) from None
         else:
-            import pyarrow.parquet as pq
-
-            for batch in pq.ParquetFile(self.source).iter_batches(columns=[self.path_column], batch_size=8192):
+            for batch in self._parquet_batches():
                 for v in batch.column(0).to_pylist():
                     yield "" if v is None else str(v)
+
+    def _parquet_batches(self):
+        """The path column, batch by batch; any read failure (a corrupt page, a truncated file)
+        is a bad input."""
+        import pyarrow.parquet as pq
+
+        try:
+            for batch in pq.ParquetFile(self.source).iter_batches(columns=[self.path_column], batch_size=8192):
+                yield batch
+        except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...
+            raise InputError(f"{self.source}: not a readable Parquet file ({type(err).__name__}: {err})") from None
 
     def __iter__(self) -> Iterator[tuple[str, str, Optional[tuple[str, str]]]]:
         """(key, location, listing error or None) for every input, in the fixed order."""
         if self.kind == "dir":
-            yield from self._walk(self.source, "", set())
+            yield from self._walk_checked()
             return
         base = str(self.source.parent)
         for p in self._rows():  # os.path, not pathlib: pathlib interns every path part
@@ -212,11 +241,11 @@ class InputListing:
             yield p, loc if os.path.isabs(loc) else os.path.join(base, loc), None
 
     def count(self) -> int:
-        """Number of inputs (a cheap pass: names only, nothing is opened)."""
+        """Number of inputs (a cheap pass: names only, nothing is opened). Every name is read (the
+        Parquet path column too, not only its metadata's row count), so a listing that cannot be
+        read fails here, before the output is touched."""
         if self.kind == "parquet":
-            import pyarrow.parquet as pq
-
-            return pq.ParquetFile(self.source).metadata.num_rows
+            return sum(b.num_rows for b in self._parquet_batches())
         return sum(1 for _ in self)
 
     def shards(self, shard_size: int) -> Iterator[Shard]:
@@ -230,6 +259,29 @@ class InputListing:
                 sid, buf = sid + 1, []
         if buf:
             yield Shard(sid, sid * shard_size, tuple(buf))
+
+
+def _first_bad_utf8(path: Path, chunk: int = 1 << 20) -> Optional[tuple[int, int]]:
+    """(line, byte offset) of the first byte that is not valid UTF-8 in `path`, or None."""
+    dec = codecs.getincrementaldecoder("utf-8")()
+    pos = lines = 0  # bytes fed so far; newlines in them
+    try:
+        with open(path, "rb") as f:
+            while True:
+                data = f.read(chunk)
+                try:
+                    dec.decode(data, final=not data)
+                except UnicodeDecodeError as err:
+                    # err.object: the bytes held back from the last chunk (an unfinished sequence,
+                    # never a newline) followed by this chunk
+                    held = len(err.object) - len(data)
+                    return lines + err.object[:err.start].count(b"\n") + 1, pos - held + err.start
+                if not data:
+                    return None
+                pos += len(data)
+                lines += data.count(b"\n")
+    except OSError:
+        return None
 
 
 # ---- crash-safe output ------------------------------------------------------------------------
@@ -275,6 +327,14 @@ def part_name(shard_id: int, offset: int = 0) -> str:
 IDENTITY_KEYS = ("source_sha256", "tasks", "top_k", "embeddings", "shard_size", "input")
 
 
+def _same(key: str, old, new) -> bool:
+    """One identity field of an existing output vs this run's. `tasks` ({task: labels}) compares
+    in order too: it is the field order of every part's `predictions` struct."""
+    if key == "tasks" and isinstance(old, dict) and isinstance(new, dict):
+        return list(old.items()) == list(new.items())
+    return old == new
+
+
 class ShardStore:
     """The output directory: which shards are committed, and committing new ones."""
 
@@ -296,7 +356,7 @@ class ShardStore:
             if m.get("format") != OUTPUT_FORMAT or m.get("format_version") != OUTPUT_FORMAT_VERSION:
                 raise OutputConflict(f"{mpath}: not a clipheads-scores v{OUTPUT_FORMAT_VERSION} output")
             old = m.get("job") or {}
-            diff = [k for k in IDENTITY_KEYS if old.get(k) != identity.get(k)]
+            diff = [k for k in IDENTITY_KEYS if not _same(k, old.get(k), identity.get(k))]
             if diff:
                 raise OutputConflict(
                     f"{self.root} holds a different job (differs in: {', '.join(diff)}); "
@@ -308,8 +368,22 @@ class ShardStore:
             if self.root.exists() and any(p.name != ERRORS_DIR and not p.name.startswith(".") for p in self.root.iterdir()):
                 raise OutputConflict(f"{self.root} exists, is not empty and has no {MANIFEST}; use --overwrite")
             self.created = time.time()
+        new = not mpath.is_file()
         (self.root / ERRORS_DIR).mkdir(parents=True, exist_ok=True)
+        if new:  # before the first part: a run killed before its first manifest commit still resumes
+            self.write_manifest()
         self._sweep()
+
+    def check_listing(self, total: int) -> None:
+        """Raises OutputConflict if a committed part covers inputs the listing no longer has (its
+        last shard, or more, disappeared): those rows would stay in OUT for inputs that are gone."""
+        for rec in sorted(self.shards.values(), key=lambda r: r["start"]):
+            if rec["stop"] > total:
+                raise OutputConflict(
+                    f"the inputs of committed part {rec['file']} changed since it was written "
+                    f"(inputs {rec['start']}..{rec['stop']}; the listing now has {total}); "
+                    "use a new --output or --overwrite"
+                )
 
     def _clear(self) -> None:
         if not (self.root / MANIFEST).is_file() and any(self.root.iterdir()):
