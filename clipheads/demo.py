@@ -85,17 +85,26 @@ def _classify_over_http(bundle: Path, image: Path, port: int) -> dict:
             proc.kill()
 
 
+DEMO_WORLD = "small"  # the world preset the demo writes
+MIN_PROBES = 4  # export.pipeline.ExportOptions.validate: the parity gate needs at least 4 probe images
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from clipheads.training import console
+    from clipheads.training.data.synth import WORLD_SIZES, int_range
 
+    max_shots = WORLD_SIZES[DEMO_WORLD].train
     p = console.ArgumentParser(prog="clipheads demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="demo-out", help="output folder (world, head, bundle)")
-    p.add_argument("--seed", type=int, default=1, help="seed for few-shot sampling and training")
-    p.add_argument("--shots", type=int, default=16, help="images per class for the CoOp head")
-    p.add_argument("--epochs", type=int, default=None, help="default: the synth_coop_heldout recipe's")
+    p.add_argument("--out", default="demo-out",
+                   help="output folder (world, head, bundle); a directory or a path that does not exist yet. "
+                        "A rerun replaces the world in OUT/world")
+    p.add_argument("--seed", type=int_range(0, 2**32 - 1), default=1, help="seed for few-shot sampling and training")
+    p.add_argument("--shots", type=int_range(1, max_shots), default=16,
+                   help=f"images per class for the CoOp head, 1..{max_shots} (the {DEMO_WORLD} world's training images)")
+    p.add_argument("--epochs", type=int_range(1), default=None, help=">= 1; default: the synth_coop_heldout recipe's")
     p.add_argument("--no-serve", action="store_true", help="stop after the export step")
-    p.add_argument("--gate-images", "--probes", dest="probes", type=int, default=None,
-                   help="real images the export's parity gate judges on (default: the exporter's, 256)")
+    p.add_argument("--gate-images", "--probes", dest="probes", type=int_range(MIN_PROBES), default=None,
+                   help=f"real images the export's parity gate judges on, >= {MIN_PROBES} (default: the exporter's, 256)")
     p.add_argument("--backbone", default=None, help="default: the packaged clipheads-tiny")
     p.add_argument("--pretrained", default=None, help="default: the backbone's default weights")
     p.add_argument("--domain", default=None, help="domain to tune on (default: the one the tiny CLIP saw least)")
@@ -105,31 +114,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return code
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from clipheads.training.backbone import BackboneError
+    from clipheads.training.data.synth import WorldExistsError
 
-    return console.run("clipheads demo", lambda: _demo(args), (BackboneError,), as_json=args.json)
+    return console.run("clipheads demo", lambda: _demo(args), (BackboneError, WorldExistsError), as_json=args.json)
 
 
 def _demo(args) -> int:
     from clipheads.api import export_bundle
     from clipheads.training import console, fit
     from clipheads.training.backbone import PACKAGED_ARCH, load_backbone
-    from clipheads.training.data.synth import generate_world, load_world_splits
+    from clipheads.training.data.synth import DOMAINS, generate_world, load_world_splits
     from clipheads.training.loop import evaluate
     from clipheads.training.methods import TaskSpec, build_method
     from clipheads.training.pretrain import HELD_OUT_DOMAIN
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():  # checked before any work
+        raise console.BadInput(f"--out {out} exists and is not a directory")
+    if args.domain is not None and args.domain not in DOMAINS:
+        raise console.BadInput(f"--domain must be one of {', '.join(DOMAINS)}; got {args.domain!r}")
     steps = Steps(6 if args.no_serve else 7, stream=sys.stderr if args.json else sys.stdout, quiet=args.quiet)
-    world_dir = steps.run("generate the synthetic world (small)",
-                          lambda: (lambda d: (d, f"{d}"))(generate_world(out / "world", seed=0, size="small",
-                                                                         progress=not args.quiet)))
+    world_dir = steps.run(f"generate the synthetic world ({DEMO_WORLD})",
+                          lambda: (lambda d: (d, f"{d}"))(generate_world(out / "world", seed=0, size=DEMO_WORLD,
+                                                                         progress=not args.quiet, overwrite=True)))
     world = json.loads((world_dir / "world.json").read_text())
     domains = [d if isinstance(d, str) else d["name"] for d in world["domains"]]
-    held = args.domain or HELD_OUT_DOMAIN
+    held = args.domain if args.domain is not None else HELD_OUT_DOMAIN
     if held not in domains:
         raise console.BadInput(f"--domain must be one of {', '.join(domains)}; got {held!r}")
     backbone = steps.run("load the packaged tiny CLIP", lambda: (lambda b: (b, f"{b.arch} / {b.pretrained}, sha256 {str(b.weights_sha256)[:12]}…"))(
-        load_backbone(args.backbone or PACKAGED_ARCH, args.pretrained)))
+        load_backbone(args.backbone if args.backbone is not None else PACKAGED_ARCH, args.pretrained)))
     splits = {d: load_world_splits(world_dir, d) for d in domains}
 
     def zero_shot():
@@ -145,7 +159,7 @@ def _demo(args) -> int:
         # the library call behind `clipheads train`, with the committed results table's recipe
         head = fit.train("coop", {held: f"synthetic:{world_dir}:{held}"}, backbone=backbone, recipe="synth_coop_heldout", shots=args.shots,
                          seed=args.seed, progress=not args.quiet, out=out / f"coop-{held}.head.safetensors",
-                         **({"epochs": args.epochs} if args.epochs else {}))
+                         **({"epochs": args.epochs} if args.epochs is not None else {}))
         rec = head.training_record
         m = rec["metrics"]
         return (Path(rec["head"]), m["test_top1"][held]), (f"{args.shots}-shot CoOp on {held}: loss {m['first_loss']:.2f} -> "
@@ -164,7 +178,7 @@ def _demo(args) -> int:
 
     def export():
         result = export_bundle(head_path, bundle, target="onnx", precision="fp32",
-                               **({"probes": args.probes} if args.probes else {}))
+                               **({"probes": args.probes} if args.probes is not None else {}))
         if not result.passed:
             raise RuntimeError(f"export failed the parity gate: {result.parity.get('failures')}")
         m = result.manifest

@@ -322,7 +322,7 @@ def cmd_methods(args) -> int:
 # ---- data ------------------------------------------------------------------------------------
 def _data_parser(sub) -> None:
     p = sub.add_parser("data", help="data utilities: `data synth OUT` writes the synthetic world",
-                       description="`clipheads data synth OUT [--seed S] [--size small|full] [--workers N] [--json]`: "
+                       description="`clipheads data synth OUT [--seed S] [--size small|full] [--workers N] [--overwrite] [--json]`: "
                                    "render the synthetic world (`clipheads data synth --help` for every option)")
     p.add_argument("rest", nargs=argparse.REMAINDER, metavar="synth OUT [options]", help="the data subcommand")
     p.set_defaults(func=cmd_data)

@@ -17,12 +17,17 @@ Layout written by `generate_world` (the contract in DESIGN.md):
     OUT/<domain>/<class>/<class>_NNNN.png
     OUT/splits/<domain>.json            CoOp split_zhou: {"train"|"val"|"test": [[rel, label, name]]}
     OUT/captions.jsonl                  {"path", "caption", "domain", "class", "colour", "size", "split"}
+
+OUT is a new or empty folder, or one holding a world written here, which `overwrite` replaces as a
+whole (never a mix of two worlds): see `generate_world`.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +40,11 @@ from PIL import Image, ImageDraw, ImageFilter
 from .records import DatasetSplits, Sample
 
 GENERATOR_VERSION = "1"
+WORLD_NAME = "clipheads-synthetic-world"  # world.json's "name": how a folder is recognised as a world
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024
+# generate_world renders into OUT/<prefix>XXXX and moves the parts into place at the end; a run killed
+# half-way leaves only such a folder, which the next run removes.
+STAGING_PREFIX = ".clipheads-synth-partial-"
 DOMAINS: tuple[str, ...] = ("photo", "clipart", "sketch", "painting")
 # How a caption names each domain ("a sketch of a small red star").
 DOMAIN_WORDS: dict[str, str] = {"photo": "photo", "clipart": "clipart", "sketch": "sketch", "painting": "painting"}
@@ -67,6 +77,20 @@ class WorldSize:
     @property
     def per_class(self) -> int:
         return self.train + self.val + self.test
+
+    def __post_init__(self) -> None:
+        counts = (self.train, self.val, self.test)
+        if not all(_is_int(v) and v >= 0 for v in counts) or sum(counts) < 1:
+            raise ValueError(f"images per (domain, class) must be integers >= 0 with at least one image; "
+                             f"got train={self.train!r}, val={self.val!r}, test={self.test!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+class WorldExistsError(FileExistsError):
+    """OUT cannot take the world without mixing it with what is there (the CLI exits 2 on it)."""
 
 
 WORLD_SIZES: dict[str, WorldSize] = {
@@ -391,20 +415,126 @@ def _jobs(seed: int, ws: WorldSize, image_size: int, domains: Sequence[str] = DO
 
 
 def generate_world(out_dir: str | os.PathLike, seed: int = 0, size: str | WorldSize = "small", image_size: int = 64,
-                   workers: int | None = None, progress: bool = False, domains: Sequence[str] | None = None) -> Path:
+                   workers: int | None = None, progress: bool = False, domains: Sequence[str] | None = None,
+                   overwrite: bool = True) -> Path:
     """Write the world (layout in the module docstring) and return its root.
 
     `size` is a preset name or explicit per-(domain, class) counts (tests use a few images each).
     `domains` writes only those domains (default all): each image is seeded by its own (domain,
     class, index), so a domain's bytes are the same as in the full world.
+
+    `out_dir` must be missing, empty, or hold a world written here (its world.json names
+    WORLD_NAME). Such a world is replaced as a whole when `overwrite` (the default; the CLI's
+    default is to refuse): its world.json, splits/, captions.jsonl and domain folders are deleted,
+    and nothing else is. A non-empty folder holding no world, or an entry that is not part of the
+    old world in the way of the new one, raises WorldExistsError before anything is rendered. The
+    new world is rendered into a staging folder inside `out_dir` and moved into place only once
+    complete, so a failed run leaves the old world (or nothing) behind.
     """
     ws = _world_size(size)
     domains = tuple(DOMAINS if domains is None else domains)
     unknown = sorted(set(domains) - set(DOMAINS))
     if unknown or not domains:
         raise ValueError(f"domains must be some of {', '.join(DOMAINS)}; got {list(domains)}")
+    if not _is_int(seed) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0; got {seed!r}")
+    if not _is_int(image_size) or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image size must be an integer in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}; got {image_size!r}")
+    seed, image_size = int(seed), int(image_size)
     out = Path(out_dir).expanduser().resolve()
+    check_out_dir(out, domains, overwrite)  # before any work
+    existed = out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    done = False
+    try:
+        _write_world(stage, seed, ws, size, image_size, workers, progress, domains)
+        old, stale = check_out_dir(out, domains, overwrite, ignore=stage.name)  # again: OUT may have changed meanwhile
+        for path in stale + [p for p in old if p.name != "world.json"]:
+            _remove(path)
+        for part in sorted(stage.iterdir()):  # the new parts, world.json last (atomically over the old one)
+            if part.name != "world.json":
+                os.replace(part, out / part.name)
+        os.replace(stage / "world.json", out / "world.json")
+        done = True
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if not done and not existed:
+            try:
+                out.rmdir()  # only if still empty
+            except OSError:
+                pass
+    return out
+
+
+def read_world(root: str | os.PathLike) -> dict | None:
+    """root/world.json when it describes a world written here, else None."""
+    try:
+        desc = json.loads((Path(root) / "world.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return desc if isinstance(desc, dict) and desc.get("name") == WORLD_NAME else None
+
+
+def world_parts(desc: dict) -> set[str]:
+    """The names directly under a world's root that make up the world `desc` describes."""
+    names = {"world.json", "splits", "captions.jsonl"}
+    for d in desc.get("domains") or ():
+        name = d if isinstance(d, str) else d.get("name") if isinstance(d, dict) else None
+        if name in DOMAINS:  # never a name read from the file that could point elsewhere
+            names.add(name)
+    return names
+
+
+def check_out_dir(out: Path, domains: Sequence[str] = DOMAINS, overwrite: bool = True,
+                  ignore: str | None = None) -> tuple[list[Path], list[Path]]:
+    """Whether a world may be written to `out`: (the old world's parts to delete, stale staging
+    folders to delete), or WorldExistsError saying why not (rules in `generate_world`)."""
+    if out.exists() and not out.is_dir():
+        raise WorldExistsError(f"{out} exists and is not a directory")
+    if not out.exists():
+        return [], []
+    stale, rest = [], []
+    for p in sorted(out.iterdir()):
+        if p.name == ignore:
+            continue
+        (stale if p.name.startswith(STAGING_PREFIX) and p.is_dir() and not p.is_symlink() else rest).append(p)
+    if not rest:
+        return [], stale
+    old = read_world(out)
+    if old is None:
+        why = ("its world.json was not written by `clipheads data synth`" if (out / "world.json").exists()
+               else "holds no synthetic world")
+        raise WorldExistsError(f"{out} is not empty and {why} ({_listing(rest)}); write the world to a new or "
+                               "empty folder")
+    if not overwrite:
+        raise WorldExistsError(f"{out} already holds a synthetic world (seed {old.get('seed')}, size {old.get('size')}, "
+                               f"{old.get('total_images')} images); pass --overwrite to replace it, or write to a new "
+                               "or empty folder")
+    parts = world_parts(old)
+    new = {"world.json", "splits", "captions.jsonl", *domains}
+    in_the_way = [p for p in rest if p.name in new and p.name not in parts]
+    if in_the_way:
+        raise WorldExistsError(f"{out} holds {', '.join(p.name for p in in_the_way)}, which is not part of its "
+                               "synthetic world and would be mixed into the new one; move it away first")
+    return [p for p in rest if p.name in parts], stale
+
+
+def _listing(paths: Sequence[Path], shown: int = 3) -> str:
+    names = [p.name + ("/" if p.is_dir() else "") for p in paths[:shown]]
+    more = f", ... ({len(paths)} entries)" if len(paths) > shown else ""
+    return "found " + ", ".join(names) + more
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)  # a link is removed, never what it points to
+    else:
+        shutil.rmtree(path)
+
+
+def _write_world(out: Path, seed: int, ws: WorldSize, size: str | WorldSize, image_size: int, workers: int | None,
+                 progress: bool, domains: Sequence[str]) -> None:
     jobs = list(_jobs(seed, ws, image_size, domains))
     workers = workers if workers is not None else min(2, os.cpu_count() or 1)
     splits = {d: {"train": [], "val": [], "test": []} for d in domains}
@@ -425,7 +555,6 @@ def generate_world(out_dir: str | os.PathLike, seed: int = 0, size: str | WorldS
         (out / "splits" / f"{domain}.json").write_text(json.dumps(splits[domain], indent=4) + "\n")
     (out / "captions.jsonl").write_text("".join(json.dumps(c, sort_keys=True) + "\n" for c in captions))
     (out / "world.json").write_text(json.dumps(world_description(seed, size, image_size, domains), indent=2) + "\n")
-    return out
 
 
 def _run_jobs(jobs: list, workers: int, progress: bool) -> list:
@@ -463,7 +592,7 @@ def world_description(seed: int, size: str | WorldSize, image_size: int, domains
     domains = list(domains)
     n = len(CLASSES)
     return {
-        "name": "clipheads-synthetic-world",
+        "name": WORLD_NAME,
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "size": size if isinstance(size, str) else "custom",
@@ -496,17 +625,52 @@ def load_world_splits(root: str | os.PathLike, domain: str) -> DatasetSplits:
                          tuple(world.get("templates", TEMPLATES)), meta)
 
 
+def int_range(low: int, high: int | None = None):
+    """An argparse type: an integer in low..high (bad values are bad usage: exit 2, one line)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {f'in {low}..{high}' if high is not None else f'>= {low}'}, "
+                                             f"got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+_SYNTH_EPILOG = """\
+OUT must be a new or empty folder. If it already holds a world written by this command, the run
+refuses unless --overwrite is given; --overwrite replaces that world as a whole: it deletes the old
+world's world.json, splits/, captions.jsonl and domain folders (photo/, clipart/, ...) and nothing
+else, so no image of the old world survives beside the new one. A non-empty folder that holds no
+world is refused even with --overwrite. The world is rendered into a hidden staging folder inside
+OUT and moved into place when complete: a failed or interrupted run leaves the old world as it was.
+"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
     from .. import console
 
-    p = console.ArgumentParser(prog="clipheads data synth", description="write the synthetic multi-domain world")
-    p.add_argument("out", help="output directory")
-    p.add_argument("--seed", type=int, default=0, help="world seed (same seed -> identical bytes)")
+    p = console.ArgumentParser(prog="clipheads data synth", description="write the synthetic multi-domain world",
+                               epilog=_SYNTH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", help="output directory: new, empty, or (with --overwrite) holding a world to replace")
+    p.add_argument("--seed", type=int_range(0), default=0, help="world seed, >= 0 (same seed -> identical bytes)")
     p.add_argument("--size", choices=sorted(WORLD_SIZES), default="small", help="images per (domain, class) preset")
-    p.add_argument("--image-size", type=int, default=64, help="rendered image side in pixels")
+    p.add_argument("--image-size", type=int_range(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), default=64,
+                   help=f"rendered image side in pixels, {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}")
     p.add_argument("--per-class", default=None, metavar="TRAIN,VAL,TEST",
-                   help="explicit images per (domain, class) and split, instead of --size")
-    p.add_argument("--workers", type=int, default=None, help="render processes (default: up to 2)")
+                   help="explicit images per (domain, class) and split, instead of --size (e.g. 1,1,1)")
+    p.add_argument("--workers", type=int_range(1), default=None, help="render processes (default: up to 2)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the world OUT already holds (only its world.json, splits/, captions.jsonl and "
+                        "domain folders are deleted)")
     console.add_output_flags(p)
     args, code = console.parse(p, argv)
     if args is None:
@@ -514,14 +678,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> int:
         size: str | WorldSize = args.size
-        if args.per_class:
+        if args.per_class is not None:
             try:
                 size = WorldSize(*(int(v) for v in args.per_class.split(",")))
             except (TypeError, ValueError):
-                raise console.BadInput(f"--per-class wants three integers TRAIN,VAL,TEST; got {args.per_class!r}") from None
+                raise console.BadInput(f"--per-class wants three integers TRAIN,VAL,TEST, each >= 0 and at least one "
+                                       f"image in all; got {args.per_class!r}") from None
         t0 = time.perf_counter()
         root = generate_world(args.out, seed=args.seed, size=size, image_size=args.image_size, workers=args.workers,
-                              progress=not (args.quiet))
+                              progress=not (args.quiet), overwrite=args.overwrite)
         desc = json.loads((root / "world.json").read_text())
         seconds = time.perf_counter() - t0
         console.emit({"out": str(root.resolve()), "images": desc["total_images"], "domains": len(DOMAINS),
