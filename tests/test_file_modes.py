@@ -64,7 +64,8 @@ def test_bundle_directory(tmp_path, umask):
 def test_scoring_output(tmp_path, umask):
     import pyarrow as pa
 
-    from clipheads.serving.scoring.shards import InputItem, Shard, ShardStore
+    from clipheads.serving.scoring.listing import InputItem, Shard
+    from clipheads.serving.scoring.shards import ShardStore
 
     store = ShardStore(tmp_path / "out.parquet", {"shard_size": 2})
     shard = Shard(0, 0, (InputItem(0, "a.png", "/x/a.png"), InputItem(1, "b.png", "/x/b.png")))

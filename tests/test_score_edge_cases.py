@@ -197,7 +197,7 @@ def test_a_corrupt_parquet_listing_fails_before_out_is_made(head, tmp_path, caps
     listing.write_bytes(bytes(data))
     assert pq.ParquetFile(listing).metadata.num_rows == 5000
 
-    from clipheads.serving.scoring.shards import InputError, InputListing
+    from clipheads.serving.scoring.listing import InputError, InputListing
 
     with pytest.raises(InputError, match="not a readable Parquet file"):
         InputListing(listing).count()
@@ -271,7 +271,7 @@ def test_task_order_is_the_sources_and_part_of_the_identity(head, tmp_path):
 
 # ---- 9. where a CSV stops being UTF-8 ----------------------------------------------------------
 def test_a_csv_that_is_not_utf8_says_where(tmp_path):
-    from clipheads.serving.scoring.shards import InputError, InputListing
+    from clipheads.serving.scoring.listing import InputError, InputListing
 
     rows = [f"dir/img{i:05d}.png\n".encode() for i in range(20000)]
     rows[14999] = b"dir/caf\xe9.png\n"  # line 15001 of the file (after the header)

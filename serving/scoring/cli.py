@@ -13,7 +13,8 @@ from clipheads.training import console
 from ..runtimes import RUNTIME_KINDS as RUNTIMES, RuntimeError_
 from .job import DEFAULT_SHARD_SIZE, ENGINES, ScoreJob, UsageError
 from .run import score
-from .shards import InputError, OutputConflict
+from .listing import InputError
+from .shards import OutputConflict
 
 
 BAD_INPUT = (UsageError, InputError, OutputConflict, RuntimeError_)

@@ -14,7 +14,8 @@ import numpy as np
 
 from ..images import DecodeSpec, ImageRejected, decode_image
 from ..runtimes import RUNTIME_KINDS as RUNTIMES, source_sha256
-from .shards import InputListing, Shard, ShardStore
+from .listing import InputListing, Shard
+from .shards import ShardStore
 
 ENGINES = ("local", "ray")
 DEFAULT_SHARD_SIZE = 4096

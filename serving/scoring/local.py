@@ -24,7 +24,8 @@ from ..images import DecodeSpec, ImageRejected
 from ..runtimes import open_runtime
 from .columns import Columns, embedding_dim, run_batch
 from .job import ScoreJob, ScoreSummary, decode_spec, load_item, pending_shards, progress_bar, set_runtime_threads, task_names
-from .shards import InputItem, InputListing, Shard, ShardStore
+from .listing import InputItem, InputListing, Shard
+from .shards import ShardStore
 
 
 @dataclass

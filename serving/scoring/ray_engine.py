@@ -27,7 +27,8 @@ from ..images import ImageRejected
 from ..runtimes import open_runtime
 from .columns import Columns, embedding_dim, run_batch
 from .job import ScoreJob, ScoreSummary, UsageError, decode_spec, load_item, pending_shards, progress_bar, task_names
-from .shards import InputListing, Shard, ShardStore
+from .listing import InputListing, Shard
+from .shards import ShardStore
 
 ERROR_KIND = "_error_kind"
 ERROR_DETAIL = "_error_detail"

@@ -65,7 +65,8 @@ from ..runtimes import open_runtime
 from .job import ScoreJob, ScoreSummary, check_output_paths, job_identity, set_runtime_threads, source_info, validate
 from .local import run_local
 from .ray_engine import run_ray
-from .shards import InputListing, ShardStore
+from .listing import InputListing
+from .shards import ShardStore
 
 
 def score(job: ScoreJob, runtime=None) -> ScoreSummary:
