@@ -326,7 +326,8 @@ def evaluate(head, data: DataArg, split: str = "test", *, device: Optional[str] 
     every image when the head never trained on it (`"split": "all"`); otherwise this raises
     EvaluationRefused. Whatever the spec, a split holding an image the head trained on (the same
     files under another reader, other fractions or seed than its holdout) is refused too: the
-    training images are rebuilt from the record (`training_images`) and compared by real path. `split="train"` is allowed and labelled `"on_training_images": true`.
+    training images are rebuilt from the record (`training_images`) and compared by real path.
+    `split="train"` is allowed and labelled `"on_training_images": true`.
     `val_fraction`/`test_fraction`/`seed` carve explicitly (e.g. to score zero-shot CLIP on the
     same held-out images a head was tested on).
 
@@ -378,11 +379,13 @@ def evaluate(head, data: DataArg, split: str = "test", *, device: Optional[str] 
             seen = training_images(record) if seen is None else seen
             trained = sum(os.path.realpath(x.path) in seen for x in samples) if seen else 0
             if trained:
+                where = source if used == "all" else f"the {used} split of {source}"
+                specs = ", ".join(map(str, (record.get("data") or {}).values()))
                 raise EvaluationRefused(
-                    f"{trained} of the {len(samples)} images of "
-                    f"{source if used == 'all' else f'the {used} split of {source}'} are images this head trained on (it trained on {', '.join(map(str, (record.get('data') or {}).values()))}): "
-                    f"evaluate with the --data it trained on and no --test-fraction/--split-seed to use its "
-                    f"held-out split, on other data, or with --split train to score training images knowingly")
+                    f"{trained} of the {len(samples)} images of {where} are images this head trained on (it "
+                    f"trained on {specs}): evaluate with the --data it trained on and no --test-fraction/"
+                    f"--split-seed to use its held-out split, on other data, or with --split train to score "
+                    f"training images knowingly")
         task = next((k for k, t in enumerate(head.tasks) if t.name == name), min(i, len(head.tasks) - 1))
         r = evaluate_split(head, samples, task=task, classnames=s.classnames, device=device,
                            batch_size=batch_size, progress=progress)

@@ -118,8 +118,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-
-
 def _optimizer(head: HeadMethod, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = head.configure_optimizer_groups()
     if not any(p.numel() for g in groups for p in g["params"]):
