@@ -103,7 +103,7 @@ class Predictor:
 
         One image in -> one dict; a list (or an (N, H, W, 3) array) -> a list of dicts.
         `tasks`: a subset of `self.tasks` (default: all)."""
-        from clipheads.serving.runtimes import softmax
+        from clipheads.serving.runtimes import ranked, softmax
 
         items, single = _as_list(images)
         names = list(tasks) if tasks else list(self.runtime.tasks)
@@ -115,7 +115,7 @@ class Predictor:
         for batch in self._batches(self.pixels(items)):
             for n, logits in self.runtime.classify(batch, names).items():
                 labels = self.runtime.tasks[n].classnames
-                per_task[n] += [_ranked(p, labels, k) for p in softmax(logits)]
+                per_task[n] += [ranked(p, labels, k) for p in softmax(logits)]
         preds = [{n: per_task[n][i] for n in names} for i in range(len(items))]
         return preds[0] if single else preds
 
@@ -140,7 +140,7 @@ class Predictor:
     def zero_shot(self, images: Images, labels: Sequence[str], templates: Optional[Sequence[str]] = None,
                   top_k: int = 5):
         """Rank free-text `labels` per image (`POST /zero_shot`): one image -> one ranked list."""
-        from clipheads.serving.runtimes import softmax
+        from clipheads.serving.runtimes import ranked, softmax
 
         items, single = _as_list(images)
         labels = list(labels)
@@ -151,7 +151,7 @@ class Predictor:
         k = _check_top_k(top_k)
         w = self.label_embeddings(labels, templates)
         probs = softmax(self.runtime.logit_scale * self.embed(items) @ w.T)
-        out = [_ranked(p, labels, k) for p in probs]
+        out = [ranked(p, labels, k) for p in probs]
         return out[0] if single else out
 
     def close(self) -> None:
@@ -189,6 +189,3 @@ def _check_top_k(top_k: int) -> int:
     return top_k
 
 
-def _ranked(probs: np.ndarray, labels: Sequence[str], k: int) -> list[dict]:
-    order = np.argsort(-probs, kind="stable")[:k]
-    return [{"label": labels[i], "score": float(probs[i])} for i in order]

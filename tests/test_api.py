@@ -76,6 +76,7 @@ def test_predictor_on_a_head_object_file_and_bundle_agree(tmp_path):
         for other in (b[0], b[1], c):  # same pixels, same ranking; scores equal up to float noise
             assert [r["label"] for r in a["color"]] == [r["label"] for r in other["color"]]
             assert np.allclose([r["score"] for r in a["color"]], [r["score"] for r in other["color"]], atol=1e-4)
+        assert all(r["score"] == round(r["score"], 6) for r in c["color"])  # rounded as POST /classify's are
         zs = bundle.zero_shot([image, image], ["a red thing", "a blue thing"], top_k=1)
         assert len(zs) == 2 and zs[0] == zs[1] and zs[0][0]["label"] in ("a red thing", "a blue thing")
         for bad in (["no placeholder"], ["{0} {1}"], ["{!r}"]):  # what POST /zero_shot answers 422 to

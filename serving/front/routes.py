@@ -13,16 +13,11 @@ import bentoml
 import numpy as np
 
 from ..metrics import TASK_PREDICTIONS
-from ..runtimes import softmax
+from ..runtimes import ranked, softmax
 from ..tasks import check_name
 from .core import Front
 from .errors import ApiError
 from .validate import check_labels, check_templates, check_top_k, read_images, reload_source, without_server_paths
-
-
-def ranked(probs: np.ndarray, labels: list[str] | tuple[str, ...], k: int) -> list[dict]:
-    order = np.argsort(-probs)[:k]
-    return [{"label": labels[i], "score": round(float(probs[i]), 6)} for i in order]
 
 
 async def classify(front: Front, images: list[Path | bytes], images_b64: list[str], tasks: Optional[list[str]],

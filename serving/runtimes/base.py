@@ -42,6 +42,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def ranked(probs: np.ndarray, labels: Sequence[str], k: int) -> list[dict]:
+    """The top `k` labels of one probability row, as every answer gives them (HTTP, Predictor):
+    scores rounded to 6 digits, ties in label order."""
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [{"label": labels[i], "score": round(float(probs[i]), 6)} for i in order]
+
+
 class Runtime(ABC):
     name: str = "?"
     tasks: dict[str, TaskInfo]
