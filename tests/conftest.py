@@ -97,3 +97,13 @@ def clipheads_wheel(tmp_path_factory) -> Path:
                             "-w", str(out), str(Path(__file__).resolve().parents[1])], check=True, cwd=out, timeout=300)
     (wheel,) = out.glob("clipheads-*.whl")
     return wheel
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    """CLIPHEADS_MODEL_CONFIGS pointing at the test configs for a whole module (child processes and
+    runtimes that register open_clip configs themselves read it)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CLIPHEADS_MODEL_CONFIGS", str(TEST_CONFIGS))
+    yield mp
+    mp.undo()

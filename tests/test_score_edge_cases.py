@@ -26,16 +26,7 @@ import pytest
 
 pq = pytest.importorskip("pyarrow.parquet")
 
-from conftest import TEST_CONFIGS  # noqa: E402
 from test_serving import make_micro_head  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CLIPHEADS_MODEL_CONFIGS", str(TEST_CONFIGS))
-    yield mp
-    mp.undo()
 
 
 @pytest.fixture(scope="module")

@@ -32,14 +32,6 @@ def head(tmp_path_factory, monkeypatch_module):
     return make_micro_head(tmp_path_factory.mktemp("head"))
 
 
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CLIPHEADS_MODEL_CONFIGS", str(TEST_CONFIGS))
-    yield mp
-    mp.undo()
-
-
 def _png(path: Path, seed: int) -> Path:
     from PIL import Image
 
