@@ -159,6 +159,12 @@ class ClipHeads(Front):
             await self.enc.close()
             self._enc_link.remove()
 
+    @bentoml.on_shutdown
+    def _close_task_store(self) -> None:
+        if self.store is not None:
+            self.store.close()
+        self.store_calls.close()
+
     # ---- endpoints (bodies in front/routes.py) -----------------------------------------------
     @bentoml.api(route="/classify")
     async def classify(

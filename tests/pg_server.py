@@ -100,3 +100,70 @@ class PostgresServer:
                 self.proc.kill()
                 self.proc.wait(5)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class StallingProxy:
+    """A TCP proxy in front of the server that can stall: `freeze()` stops moving bytes either way
+    while every connection stays open (a hung database, pooler or half-dead network path, where no
+    error ever comes back), `thaw()` resumes. New connections are accepted meanwhile, and stall."""
+
+    def __init__(self, host: str, port: int):
+        import threading
+
+        self.target = (host, port)
+        self.frozen = threading.Event()
+        self._stop = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url_for(self, url: str) -> str:
+        """`url` (a postgresql:// URL of the target) through this proxy."""
+        return url.replace(f":{self.target[1]}/", f":{self.port}/", 1)
+
+    def freeze(self) -> None:
+        self.frozen.set()
+
+    def thaw(self) -> None:
+        self.frozen.clear()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self._socks += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        import select
+
+        try:
+            while not self._stop.is_set():
+                if self.frozen.is_set() or not select.select([src], [], [], 0.05)[0]:
+                    time.sleep(0.01)
+                    continue
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._listener.close()
+        for s in self._socks:
+            s.close()

@@ -234,12 +234,13 @@ def test_few_shot_register_classify_list_delete_and_restart(server, head_file, e
 
     listed = httpx.get(server.url + "/tasks", timeout=10).json()["tasks"]
     assert {t["name"]: t["kind"] for t in listed} == {"color": "bundle", "shape": "bundle", "redblue": "few_shot"}
-    assert (server.tasks_dir / "redblue.json").is_file()
+    (folder,) = server.tasks_dir.iterdir()  # one backbone, one identity folder
+    assert (folder / "redblue.json").is_file()
     from clipheads.training.files import default_mode  # the server's files follow its umask (issue 16.9)
 
-    assert oct(server.tasks_dir.stat().st_mode & 0o777) == oct(default_mode(is_dir=True))
-    assert {p.name: oct(p.stat().st_mode & 0o777) for p in server.tasks_dir.iterdir()} == {
-        p.name: oct(default_mode()) for p in server.tasks_dir.iterdir()}
+    assert {oct(d.stat().st_mode & 0o777) for d in (server.tasks_dir, folder)} == {oct(default_mode(is_dir=True))}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == {
+        p.name: oct(default_mode()) for p in folder.iterdir()}
 
     # a second registration survives a restart on the same task directory
     r = post(server, "/tasks", files=files[:1] + files[2:3], data={"name": "keep", "labels": '["r", "b"]',
@@ -347,6 +348,20 @@ def test_metrics_count_requests_rejections_and_tasks(server):
     assert 'clipheads_task_predictions_total{task="color"}' in text
     assert 'clipheads_images_total{runtime="torch-cpu"}' in text
     assert "clipheads_encoder_batch_size_bucket" in text
+
+
+@pytest.mark.parametrize("pair", [["Cat", "cat"], ["tabby_cat", "tabby cat"], ["a  b", "a b"], ["cat", "cat "]])
+def test_labels_the_text_encoder_reads_alike_are_duplicates(server, pair):
+    """Labels that tokenize the same would get one embedding and tie on every image: a 422 naming
+    both, on request-time labels and on task registration alike."""
+    files = [("images", ("a.png", png(), "image/png"))]
+    r = post(server, "/zero_shot", files=files, data={"labels": json.dumps(pair)})
+    assert r.status_code == 422 and r.json()["error"] == "duplicate_labels", r.text
+    assert repr(pair[0].strip()) in r.json()["detail"] and repr(pair[1].strip()) in r.json()["detail"]
+    r = post(server, "/tasks", files=files * 2, data={"name": "dup", "labels": json.dumps(pair),
+                                                     "example_labels": json.dumps(pair)})
+    assert r.status_code == 422 and r.json()["error"] == "duplicate_labels", r.text
+    assert post(server, "/zero_shot", files=files, data={"labels": '["cat", "cats"]'}).status_code == 200
 
 
 def test_metrics_label_routes_not_client_paths(server):

@@ -86,16 +86,57 @@ def test_directory_store_concurrent_add_of_one_name_has_one_winner(tmp_path):
         assert len(winners) == 1 and "task_exists" in results.values(), results
         fresh = open_task_store(str(tmp_path), "id").get(name)
         np.testing.assert_array_equal(fresh.keys, _task(winners[0])[1])
-    assert len(list(tmp_path.glob("*.safetensors"))) == 20  # losers left no tensor file behind
+    assert len(list(a.dir.glob("*.safetensors"))) == 20  # losers left no tensor file behind
 
 
 def test_directory_store_replace_and_delete_keep_one_tensor_file(tmp_path):
     s = open_task_store(str(tmp_path), "id")
     s.add("t", *_task(1))
     s.add("t", *_task(2), replace=True)
-    assert len(list(tmp_path.glob("t.*.safetensors"))) == 1
+    assert len(list(s.dir.glob("t.*.safetensors"))) == 1
     np.testing.assert_array_equal(open_task_store(str(tmp_path), "id").get("t").keys, _task(2)[1])
-    assert s.delete("t") and not list(tmp_path.iterdir())
+    assert s.delete("t") and {p.name for p in s.dir.iterdir()} == {"identity.txt"}
+
+
+def test_directory_store_keeps_each_backbones_tasks_apart(tmp_path):
+    """Servers on two backbones share one directory: one name is free on each, and a replace or
+    delete on one never touches the other's task."""
+    a, b = open_task_store(str(tmp_path), "ViT-B-16:openai:aaaa"), open_task_store(str(tmp_path), "ViT-B-32:x:bbbb")
+    a.add("pets", *_task(1))
+    assert b.names() == [] and b.get("pets") is None
+    b.add("pets", *_task(2))  # not a 409: A's task is not B's
+    b.add("pets", *_task(3), replace=True)
+    np.testing.assert_array_equal(open_task_store(str(tmp_path), "ViT-B-16:openai:aaaa").get("pets").keys, _task(1)[1])
+    assert b.delete("pets") and not b.delete("pets")
+    assert a.names() == ["pets"] and open_task_store(str(tmp_path), "ViT-B-16:openai:aaaa").names() == ["pets"]
+    assert a.dir != b.dir and a.dir.parent == b.dir.parent == tmp_path
+    assert (a.dir / "identity.txt").read_text() == "ViT-B-16:openai:aaaa\n"
+
+
+def test_directory_store_moves_tasks_of_the_flat_layout_into_their_folder(tmp_path):
+    """Tasks written directly in DIR (before identity folders) are adopted by their own backbone's
+    server, and only by it; a name its folder already holds is left in place."""
+    import json
+
+    old = open_task_store(str(tmp_path), "id-old")
+    old.add("legacy", *_task(4))
+    old.add("clash", *_task(5))
+    for f in list(old.dir.iterdir()):  # lay the files out as the flat layout did
+        if f.name != "identity.txt":
+            f.rename(tmp_path / f.name)
+    old.dir.joinpath("identity.txt").unlink()
+    old.dir.rmdir()
+    other = open_task_store(str(tmp_path), "id-other")
+    assert other.names() == [] and (tmp_path / "legacy.json").is_file()  # not the other backbone's to take
+    mine = open_task_store(str(tmp_path), "id-old")
+    assert mine.names() == ["clash", "legacy"] and not list(tmp_path.glob("*.json"))
+    np.testing.assert_array_equal(mine.get("legacy").keys, _task(4)[1])
+    assert json.loads((mine.dir / "legacy.json").read_text())["identity"] == "id-old"
+
+    # a flat-layout task whose name the folder already holds stays where it is
+    (tmp_path / "clash.json").write_text((mine.dir / "clash.json").read_text())
+    open_task_store(str(tmp_path), "id-old")
+    assert (tmp_path / "clash.json").is_file()
 
 
 # ---- PostgreSQL store ------------------------------------------------------------------------
@@ -195,3 +236,40 @@ def test_pg_down_is_a_503_not_a_crash(db_url, pg):
         assert s.get("keep") is not None  # reconnects by itself
     finally:
         s.close()
+
+
+def test_pg_interrupt_frees_a_call_stuck_on_a_hung_connection(db_url, pg):
+    """A call waiting on a database that sends nothing (no error either) holds the store until
+    `interrupt()`, the front's move when its store timeout passes: then it fails at once with a 503
+    error, and once the database answers again the store reconnects by itself."""
+    from pg_server import StallingProxy
+    from clipheads.serving.tasks.postgres import PostgresTaskStore
+
+    proxy = StallingProxy("127.0.0.1", pg.port)
+    s = PostgresTaskStore(proxy.url_for(db_url), "bb1", connect_timeout_s=1)
+    try:
+        s.add("keep", *_task(1))
+        proxy.freeze()
+        outcome: list = []
+
+        def lookup():
+            try:
+                outcome.append(s.get("unknown-name"))
+            except TaskStoreError as err:
+                outcome.append(err.kind)
+
+        t = threading.Thread(target=lookup, daemon=True)
+        t.start()
+        t.join(1.0)
+        assert t.is_alive()  # stuck: no statement_timeout reaches the server, no TCP error comes back
+        t0 = time.monotonic()
+        s.interrupt()
+        t.join(5.0)
+        assert not t.is_alive() and outcome == ["tasks_store_unavailable"], outcome
+        assert time.monotonic() - t0 < 4  # the retry's connect is bounded by connect_timeout (1 s)
+        proxy.thaw()
+        assert s.get("keep") is not None and s.names() == ["keep"]
+    finally:
+        proxy.thaw()
+        s.close()
+        proxy.close()

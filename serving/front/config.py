@@ -33,6 +33,8 @@ class ServeConfig:
     backbone_weights: str = ""  # CLIPHEADS_BACKBONE_WEIGHTS: where a head file's backbone weights are now
     # CLIPHEADS_TASKS_STORE (or CLIPHEADS_TASKS_DIR): few-shot tasks in a directory or a postgresql:// URL ("" = memory)
     tasks_store: str = field(default="", repr=False)
+    # CLIPHEADS_TASKS_STORE_TIMEOUT_S: a task-store call (a database query) that takes longer is a 503
+    tasks_store_timeout_s: float = 10.0
     max_body_bytes: int = 20 * 1024 * 1024  # CLIPHEADS_MAX_BODY_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS  # CLIPHEADS_MAX_PIXELS (per image, from the header)
     max_request_pixels: int = DecodeBudget.request_pixels  # CLIPHEADS_MAX_REQUEST_PIXELS: decode pixels per request
@@ -98,6 +100,7 @@ class ServeConfig:
             runtime=e("CLIPHEADS_RUNTIME", "auto") or "auto",
             backbone_weights=e("CLIPHEADS_BACKBONE_WEIGHTS", ""),
             tasks_store=e("CLIPHEADS_TASKS_STORE", "") or e("CLIPHEADS_TASKS_DIR", ""),
+            tasks_store_timeout_s=_env_float("CLIPHEADS_TASKS_STORE_TIMEOUT_S", d.tasks_store_timeout_s),
             max_body_bytes=_env_int("CLIPHEADS_MAX_BODY_BYTES", d.max_body_bytes),
             max_pixels=_env_int("CLIPHEADS_MAX_PIXELS", d.max_pixels),
             max_request_pixels=_env_int("CLIPHEADS_MAX_REQUEST_PIXELS", d.max_request_pixels),

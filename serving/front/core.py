@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import os
 import time
@@ -25,6 +26,7 @@ from ..tasks import LRUCache, TaskStore, TaskStoreError, open_task_store
 from .config import ServeConfig
 from .decode_budget import DecodeBudget, DecodeLanes
 from .errors import ApiError, EncoderFailure
+from .store_calls import StoreCalls
 
 log = logging.getLogger("clipheads.serving")
 
@@ -48,6 +50,7 @@ class Front:
         self.info: Optional[dict] = None
         self.spec: Optional[DecodeSpec] = None
         self.store: Optional[TaskStore] = None
+        self.store_calls = StoreCalls(config.tasks_store_timeout_s)
         self.failures = 0
         self.draining = False
         self.encoder_pid: Optional[int] = None
@@ -71,7 +74,8 @@ class Front:
                     self.spec = DecodeSpec.from_preprocess(
                         info["preprocess"], max_bytes=self.cfg.max_body_bytes, max_pixels=self.cfg.max_pixels
                     )
-                    self.store = open_task_store(self.cfg.tasks_store, identity=info["identity"])
+                    self.store = await self.store_calls.open(
+                        functools.partial(open_task_store, self.cfg.tasks_store, identity=info["identity"]))
                     log.info("few-shot tasks: %s", self.store.describe())
                     self.info = info
                     self.head_version = info.get("version", "")
@@ -268,6 +272,12 @@ class Front:
             if text_version == version:
                 return enc[base]["features"], text, version
         raise ApiError(503, "head_swapping", "the head was swapped repeatedly during this request; retry")
+
+    # ---- few-shot tasks ----------------------------------------------------------------------
+    async def stored(self, fn: Callable, *args, **kw):
+        """`fn(*args, **kw)`, a call on the task store, off the event loop and bounded in time
+        (store_calls.py): a stalled database is a 503 for that request, never a frozen front."""
+        return await self.store_calls.run(fn, *args, store=self.store, **kw)
 
     def all_tasks(self) -> dict[str, dict]:
         return {t["name"]: t for t in self.info["tasks"]}

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..metrics import TASK_PREDICTIONS
 from ..runtimes import ranked, softmax
-from ..tasks import check_name
+from ..tasks import FewShotTask, TaskStore, check_name
 from .core import Front
 from .errors import ApiError
 from .validate import check_labels, check_templates, check_top_k, read_images, reload_source, without_server_paths
@@ -27,15 +27,8 @@ async def classify(front: Front, images: list[Path | bytes], images_b64: list[st
     names = list(tasks) if tasks else list(bundle_tasks)
     if len(names) > 64 or len(set(names)) != len(names):
         raise ApiError(422, "invalid_tasks", "'tasks' must be at most 64 distinct names")
-    few = {}
-    for n in names:
-        if n in bundle_tasks:
-            continue
-        ft = front.store.get(n) if isinstance(n, str) and len(n) <= 64 else None
-        if ft is None:
-            known = ", ".join(sorted(bundle_tasks) + front.store.names())
-            raise ApiError(422, "unknown_task", f"unknown task {str(n)[:64]!r}; known: {known}")
-        few[n] = ft
+    wanted = [n for n in names if n not in bundle_tasks]
+    few = await front.stored(_few_shot_tasks, front.store, wanted, list(bundle_tasks)) if wanted else {}
     blobs = read_images(front.cfg, images, images_b64, front.cfg.max_images)
     pixels = await front.decode(blobs)
     info = front.info
@@ -56,6 +49,18 @@ async def classify(front: Front, images: list[Path | bytes], images_b64: list[st
         TASK_PREDICTIONS.labels(task=n if n in bundle_tasks else "few_shot").inc(len(pixels))
     preds = [{n: per_task[n][i] for n in names} for i in range(len(pixels))]
     return {"predictions": preds, "runtime": info["runtime"], "head_version": version}
+
+
+def _few_shot_tasks(store: TaskStore, names: list, bundle_names: list[str]) -> dict[str, FewShotTask]:
+    """The registered tasks `names` (one trip to the store's thread), or 422 naming the known ones."""
+    found = {}
+    for n in names:
+        task = store.get(n) if isinstance(n, str) and len(n) <= 64 else None
+        if task is None:
+            known = ", ".join(sorted(bundle_names) + store.names())
+            raise ApiError(422, "unknown_task", f"unknown task {str(n)[:64]!r}; known: {known}")
+        found[n] = task
+    return found
 
 
 async def zero_shot(front: Front, labels: list[str], images: list[Path], images_b64: list[str],
@@ -93,14 +98,14 @@ async def register_task(front: Front, ctx: bentoml.Context, name: str, labels: l
         raise ApiError(422, "missing_examples", f"no example image for label(s) {missing[:5]}")
     pixels = await front.decode(blobs)
     keys, text, version = await front.features_and_text(pixels, labs, temps)
-    task = front.store.add(name, labs, keys, targets, text, replace=bool(replace))
+    task = await front.stored(front.store.add, name, labs, keys, targets, text, replace=bool(replace))
     ctx.response.status_code = 201
     return {**task.summary(), "head_version": version}
 
 
 async def list_tasks(front: Front) -> dict:
     bundle = [{"name": t["name"], "kind": "bundle", "labels": t["labels"]} for t in front.info["tasks"]]
-    return {"tasks": bundle + front.store.list(), "runtime": front.info["runtime"],
+    return {"tasks": bundle + await front.stored(front.store.list), "runtime": front.info["runtime"],
             "head_version": front.head_version}
 
 
@@ -108,7 +113,7 @@ async def delete_task(front: Front, name: Any) -> dict:
     if isinstance(name, str) and name in front.all_tasks():
         raise ApiError(409, "task_readonly", f"{name!r} belongs to the loaded bundle and cannot be deleted")
     check_name(name)
-    if not front.store.delete(name):
+    if not await front.stored(front.store.delete, name):
         raise ApiError(404, "unknown_task", f"no registered task {name!r}")
     return {"deleted": name}
 

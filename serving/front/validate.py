@@ -52,9 +52,22 @@ def check_labels(cfg: ServeConfig, labels: Any, what: str = "labels") -> list[st
         if len(lab) > cfg.max_label_chars:
             raise ApiError(422, "label_too_long", f"a label is over {cfg.max_label_chars} characters")
         out.append(lab.strip())
-    if len(set(out)) != len(out):
-        raise ApiError(422, "duplicate_labels", f"'{what}' contains duplicates")
+    seen: dict[str, str] = {}
+    for lab in out:
+        key = text_key(lab)
+        if key in seen:
+            first = seen[key]
+            raise ApiError(422, "duplicate_labels", f"'{what}' holds {first[:40]!r} and {lab[:40]!r}, which read "
+                           "the same to the text encoder (case, '_' and spacing are ignored)")
+        seen[key] = lab
     return out
+
+
+def text_key(label: str) -> str:
+    """What the text encoder reads of a label: '_' is a space (Front.text_weights), runs of
+    whitespace are one (open_clip's whitespace_clean) and case is ignored (its tokenizer
+    lowercases), so two labels with one key would get one embedding and tie on every image."""
+    return " ".join(label.replace("_", " ").split()).casefold()
 
 
 def check_templates(cfg: ServeConfig, templates: Optional[list[str]]) -> tuple[str, ...]:

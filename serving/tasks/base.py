@@ -100,6 +100,7 @@ class TaskStore(abc.ABC):
 
     identity: str
     max_tasks: int
+    may_block = True  # calls may wait on I/O: the front runs them off its event loop (front/store_calls.py)
 
     @abc.abstractmethod
     def names(self) -> list[str]: ...
@@ -125,6 +126,10 @@ class TaskStore(abc.ABC):
     def describe(self) -> str:
         """Where the tasks live, safe to log (no credentials)."""
         return type(self).__name__
+
+    def interrupt(self) -> None:
+        """Unblock a call that has waited too long (the front gave up on it); a no-op where calls
+        cannot hang."""
 
     def close(self) -> None:
         """Release connections and threads (a no-op for stores that hold none)."""

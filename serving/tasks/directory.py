@@ -1,15 +1,23 @@
 """The directory task store (one machine; memory only without a directory).
 
-On disk, per task: `DIR/NAME.<token>.safetensors` (tensors, a fresh name per registration) and
-`DIR/NAME.json` (metadata naming that tensor file). The metadata file is the commit point: it is
-linked into place with `os.link`, which fails if the name exists, so two processes registering
-one name at once get exactly one success and neither overwrites the other's tensors (`replace`
-renames over it instead). Files are only ever addressed as `DIR / (validated name + suffix)`, so no
-request reaches outside DIR. Tasks recorded under another backbone identity are skipped at load.
-Files are written with the process umask (0644/0755 by default), like every file clipheads writes.
+Tasks are kept per backbone identity, each in its own folder, so servers on different backbones
+can share one directory without seeing, blocking or deleting each other's tasks:
+
+    DIR/backbone-<sha256(identity)[:16]>/identity.txt            the identity, for people
+    DIR/backbone-<...>/NAME.<token>.safetensors                  tensors, a fresh name per registration
+    DIR/backbone-<...>/NAME.json                                 metadata naming that tensor file
+
+The metadata file is the commit point: it is linked into place with `os.link`, which fails if the
+name exists, so two processes registering one name at once get exactly one success and neither
+overwrites the other's tensors (`replace` renames over it instead). Files are only ever addressed
+as `folder / (validated name + suffix)`, so no request reaches outside DIR. Tasks an earlier
+version kept directly in DIR move into their identity's folder when a server of that identity
+opens the store. Files are written with the process umask (0644/0755 by default), like every file
+clipheads writes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -28,6 +36,11 @@ from .base import (
 _TENSORS_RE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_-]{0,63})(\.[0-9a-f]{16})?\.safetensors\Z")
 
 
+def identity_folder(identity: str) -> str:
+    """The folder name of one backbone identity's tasks (identities hold ':' and '/')."""
+    return "backbone-" + hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
 class DirectoryTaskStore(TaskStore):
     """Thread-safe registry backed by a directory (or memory if `root` is None)."""
 
@@ -38,27 +51,40 @@ class DirectoryTaskStore(TaskStore):
         self._tasks: dict[str, FewShotTask] = {}
         self._lock = threading.RLock()
         self._seen_mtime: Optional[float] = None
+        self.dir: Optional[Path] = None  # this identity's folder under root
         if self.root is not None:
             if self.root.exists() and not self.root.is_dir():
                 raise TaskStoreError("invalid_tasks_store", f"{self.root} is not a directory", 500)
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.dir = self.root / identity_folder(identity)
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                label = self.dir / "identity.txt"
+                if not label.is_file():
+                    label.write_text(identity + "\n")
+            except OSError as err:
+                raise TaskStoreError("invalid_tasks_store", f"cannot write the task store {self.root}: {err}", 500) from None
+            self._adopt_legacy_tasks()
             self.reload()
 
+    @property
+    def may_block(self) -> bool:  # memory only: dictionary lookups
+        return self.root is not None
+
     def describe(self) -> str:
-        return f"directory {self.root}" if self.root else "memory"
+        return f"directory {self.dir}" if self.dir else "memory"
 
     # ---- persistence -----------------------------------------------------------------------
     def _meta_path(self, name: str) -> Path:
         check_name(name)
-        assert self.root is not None
-        return self.root / f"{name}.json"
+        assert self.dir is not None
+        return self.dir / f"{name}.json"
 
     def _tensor_path(self, name: str, meta: dict) -> Path:
         fname = str(meta.get("tensors", f"{name}.safetensors"))
         m = _TENSORS_RE.fullmatch(fname)
         if not m or m.group("name") != name:
             raise ValueError(f"bad tensor file name {fname[:80]!r}")
-        return self.root / fname
+        return self.dir / fname
 
     def _load_one(self, meta_path: Path) -> Optional[FewShotTask]:
         from safetensors.numpy import load_file
@@ -84,9 +110,37 @@ class DirectoryTaskStore(TaskStore):
             log.warning("task store: ignoring %s: %s", name, err)
             return None
 
+    def _adopt_legacy_tasks(self) -> None:
+        """Move this identity's tasks from DIR itself (the layout before identity folders) into its
+        folder; a name the folder already holds stays where it is (and is reported)."""
+        for meta_path in sorted(self.root.glob("*.json")):
+            name = meta_path.name[: -len(".json")]
+            try:
+                if not NAME_RE.fullmatch(name) or meta_path.is_symlink():
+                    continue
+                meta = json.loads(meta_path.read_text())
+                if meta.get("identity") != self.identity or meta.get("name") != name:
+                    continue
+                fname = str(meta.get("tensors", f"{name}.safetensors"))
+                m = _TENSORS_RE.fullmatch(fname)
+                if not m or m.group("name") != name:
+                    continue
+                os.replace(self.root / fname, self.dir / fname)
+                try:
+                    os.link(meta_path, self._meta_path(name))
+                except FileExistsError:
+                    os.replace(self.dir / fname, self.root / fname)
+                    log.warning("task store: %s stays in %s: %s already holds a task of that name",
+                                meta_path.name, self.root, self.dir.name)
+                    continue
+                meta_path.unlink()
+                log.info("task store: moved task %r into %s", name, self.dir)
+            except (OSError, ValueError) as err:  # another process moved it first, or a bad file
+                log.warning("task store: not moving %s: %s", meta_path.name, err)
+
     def _dir_mtime(self) -> Optional[float]:
         try:
-            return self.root.stat().st_mtime if self.root else None
+            return self.dir.stat().st_mtime if self.dir else None
         except OSError:
             return None
 
@@ -97,7 +151,7 @@ class DirectoryTaskStore(TaskStore):
         with self._lock:
             mtime = self._dir_mtime()
             tasks = {}
-            for p in sorted(self.root.glob("*.json")):
+            for p in sorted(self.dir.glob("*.json")):
                 task = self._load_one(p)
                 if task is not None:
                     tasks[task.name] = task
@@ -113,9 +167,9 @@ class DirectoryTaskStore(TaskStore):
             return
         meta_path = self._meta_path(task.name)
         tname = f"{task.name}.{secrets.token_hex(8)}.safetensors"
-        tpath = self.root / tname
-        tmp_t = self.root / f".{tname}.tmp"
-        tmp_m = self.root / f".{task.name}.{secrets.token_hex(8)}.json.tmp"
+        tpath = self.dir / tname
+        tmp_t = self.dir / f".{tname}.tmp"
+        tmp_m = self.dir / f".{task.name}.{secrets.token_hex(8)}.json.tmp"
         old_tensors: Optional[Path] = None
         try:
             tmp_t.write_bytes(task_tensors(task))
@@ -180,7 +234,7 @@ class DirectoryTaskStore(TaskStore):
                 try:
                     tpath = self._tensor_path(name, json.loads(meta_path.read_text()))
                 except (OSError, ValueError):
-                    tpath = self.root / f"{name}.safetensors"
+                    tpath = self.dir / f"{name}.safetensors"
                 for p in (meta_path, tpath):  # metadata first: a half-deleted task is simply absent
                     try:
                         p.unlink()

@@ -23,11 +23,15 @@ Consistency:
   in the table at once (so "register on A, classify on B" never waits for a notification).
 - reads on a fresh copy touch no database; a database that is down answers 503
   `tasks_store_unavailable` for few-shot routes and lookups of unknown names, never a 500 (bundle
-  tasks keep serving).
+  tasks keep serving). A database that hangs without an error is the front's to bound: it calls
+  the store off its event loop and, past its timeout, `interrupt()`s the stuck call
+  (front/store_calls.py); keepalives and tcp_user_timeout drop connections to a vanished host.
 """
 from __future__ import annotations
 
 import json
+import os
+import socket
 import threading
 import time
 from typing import Any, Optional, Sequence
@@ -75,9 +79,12 @@ class PostgresTaskStore(TaskStore):
         self.identity = identity
         self.max_tasks = max_tasks
         self.max_staleness_s = max_staleness_s
+        # statement_timeout bounds a query the server runs; keepalives and tcp_user_timeout make a
+        # connection to a vanished host fail (in ~30 s) instead of waiting on TCP's own minutes
         self._connect_kw = dict(connect_timeout=connect_timeout_s,
                                 options=f"-c statement_timeout={int(statement_timeout_ms)}",
-                                application_name="clipheads")
+                                application_name="clipheads", keepalives=1, keepalives_idle=10,
+                                keepalives_interval=5, keepalives_count=3, tcp_user_timeout=30_000)
         self._lock = threading.RLock()  # one connection, one statement at a time
         self._conn = None
         self._tasks: dict[str, tuple[int, FewShotTask]] = {}
@@ -183,6 +190,20 @@ class PostgresTaskStore(TaskStore):
                         conn.close()
                     except Exception:  # noqa: BLE001
                         pass
+
+    def interrupt(self) -> None:
+        """Shut the shared connection's socket down: a call blocked reading from a stalled
+        database or proxy gets an error at once (the connection is dropped, the next call
+        reconnects) instead of holding the store until TCP gives up."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            return
+        try:
+            with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        except Exception as err:  # noqa: BLE001 - closed meanwhile: nothing left to unblock
+            log.debug("task store: interrupt: %s", err)
+        log.warning("task store: a database call took too long; its connection was shut down")
 
     def close(self) -> None:
         self._closed.set()
