@@ -205,3 +205,17 @@ def test_legacy_heads_keep_their_activation_or_are_refused(micro_head, tmp_path)
     old = _rewrite_meta(path, tmp_path / "old_openai.head.safetensors", openai_legacy)
     with pytest.raises(BackboneError, match="older clipheads .* mis-activated backbone. Retrain"):
         load_head(old).build()
+
+
+def test_safetensors_weights_under_another_suffix_load(tmp_path):
+    """open_clip picks its loader by the file's suffix: the packaged weights copied to `tiny.bin`
+    load as safetensors (not through torch.load), give the same model and record the user's path."""
+    from clipheads.training.backbone import PACKAGED_ARCH, PACKAGED_WEIGHTS
+
+    copy = tmp_path / "tiny.bin"
+    shutil.copyfile(PACKAGED_WEIGHTS, copy)
+    bb = load_backbone(PACKAGED_ARCH, str(copy))
+    ref = load_backbone(PACKAGED_ARCH, str(PACKAGED_WEIGHTS))
+    assert bb.weights_file == str(copy) and bb.weights_sha256 == ref.weights_sha256
+    for (k, a), (_, b) in zip(bb.model.state_dict().items(), ref.model.state_dict().items()):
+        assert torch.equal(a, b), k

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -131,6 +132,23 @@ def _random_init_is_no_warning():
         root.removeFilter(quiet)
 
 
+@contextlib.contextmanager
+def _named_for_its_format(src: WeightsSource):
+    """`src.checkpoint`, under a name ending `.safetensors` when it holds safetensors bytes: open_clip
+    picks its loader by the suffix, and a `weights.bin` of safetensors bytes would go to torch.load
+    (an unreadable-file error). A symlink in a temporary folder; the recorded path stays the user's."""
+    from .files import read_safetensors_header
+
+    path = src.checkpoint
+    if src.kind != "file" or path is None or path.endswith(".safetensors") or read_safetensors_header(path) is None:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="clipheads-weights-") as tmp:
+        link = Path(tmp) / (Path(path).name + ".safetensors")
+        link.symlink_to(Path(path).resolve())
+        yield str(link)
+
+
 def load_backbone(arch: str = PACKAGED_ARCH, pretrained: Optional[str] = None, device: str = "cpu",
                   act: Optional[str] = None) -> "Backbone":
     """Build a frozen open_clip model. `pretrained`: tag | local path | `hf-hub:ID` | `none`;
@@ -140,8 +158,9 @@ def load_backbone(arch: str = PACKAGED_ARCH, pretrained: Optional[str] = None, d
     src = resolve_request(arch, pretrained, act)
     needs_weights = src.kind != "none"
     try:
-        with contextlib.nullcontext() if needs_weights else _random_init_is_no_warning():
-            model = open_clip.create_model(src.model_name, pretrained=src.checkpoint, device=device,
+        with contextlib.nullcontext() if needs_weights else _random_init_is_no_warning(), \
+                _named_for_its_format(src) as checkpoint:
+            model = open_clip.create_model(src.model_name, pretrained=checkpoint, device=device,
                                            force_quick_gelu=src.quick_gelu, require_pretrained=needs_weights)
         weights_file = _weights_file(src)
     except Exception as err:  # network errors, missing files, bad checkpoints
