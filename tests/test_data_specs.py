@@ -74,3 +74,22 @@ def test_eval_rebuilds_the_training_images_of_a_multi_task_csv_head(tmp_path, ca
     assert "are images this head trained on" in capsys.readouterr().err
     shutil.rmtree(data / "red")  # data changed since: the rebuild skips what no longer reads, no crash
     assert training_images(record) == set()  # a listing that no longer reads rebuilds nothing
+
+
+def test_a_split_json_reader_spec_names_its_image_root(tmp_path):
+    """`split_json:FILE.json:IMAGES` reads the images below IMAGES (the third field is that
+    reader's image root, not a domain); without it they are looked for beside the file."""
+    import json
+
+    data = make_colour_folder(tmp_path / "photos", per_class=2)
+    rows = [[f"{c}/{f.name}", i, c] for i, c in enumerate(sorted(p.name for p in data.iterdir()))
+            for f in sorted((data / c).iterdir())]
+    split = tmp_path / "splits" / "colours.json"
+    split.parent.mkdir()
+    split.write_text(json.dumps({"train": rows[::2], "val": [], "test": rows[1::2]}))
+    (name, ds), = resolve_tasks([f"split_json:{split}:{data}"]).items()
+    assert name == "split_json" and len(ds.train) == len(rows[::2]) and len(ds.test) == len(rows[1::2])
+    assert all(s.path.startswith(str(data)) for s in ds.train + ds.test)
+    assert ds.meta["image_root"] == str(data)
+    (beside,) = resolve_tasks([f"split_json:{split}"]).values()
+    assert all(s.path.startswith(str(split.parent)) for s in beside.train)

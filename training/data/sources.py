@@ -44,9 +44,9 @@ def resolve_spec(spec: str) -> dict[str, DatasetSplits]:
     reader, sep, rest = spec.partition(":")
     if sep and reader in readers.list_readers():
         root, _, arg = rest.partition(":")
-        kwargs = {"domain": arg} if arg else {}
-        ds = readers.read_dataset(reader, root, **kwargs)
-        return {f"{reader}-{arg}" if arg else reader: _with_source(ds, spec)}
+        option = readers.get_reader(reader).spec_arg  # the domain, or e.g. split_json's image root
+        ds = readers.read_dataset(reader, root, **({option: arg} if arg else {}))
+        return {f"{reader}-{arg}" if arg and option == "domain" else reader: _with_source(ds, spec)}
     if path.exists():
         raise DataSpecError(f"{spec}: expected an ImageFolder directory, a split_zhou .json or a .csv manifest")
     raise DataSpecError(

@@ -22,18 +22,20 @@ class ReaderInfo:
     name: str
     fn: ReaderFn
     domains: Domains = ()
+    spec_arg: str = "domain"  # the option a `READER:ROOT:ARG` spec's ARG sets
 
 
 _READERS: dict[str, ReaderInfo] = {}
 
 
-def register_reader(name: str, *, domains: Domains = ()) -> Callable[[ReaderFn], ReaderFn]:
-    """Register `fn(root, **kw) -> DatasetSplits` under `name`; readers with `domains` take `domain=`."""
+def register_reader(name: str, *, domains: Domains = (), spec_arg: str = "domain") -> Callable[[ReaderFn], ReaderFn]:
+    """Register `fn(root, **kw) -> DatasetSplits` under `name`; readers with `domains` take `domain=`.
+    `spec_arg`: the option that the third field of a `READER:ROOT:ARG` data spec sets."""
 
     def deco(fn: ReaderFn) -> ReaderFn:
         if name in _READERS:
             raise ValueError(f"dataset reader {name!r} registered twice")
-        _READERS[name] = ReaderInfo(name, fn, domains)
+        _READERS[name] = ReaderInfo(name, fn, domains, spec_arg)
         return fn
 
     return deco

@@ -103,7 +103,7 @@ def _read_presplit_folder(path: Path, splits: list[str], name: str, templates: t
 # ----------------------------------------------------------------------------- split_zhou JSON
 
 
-@register_reader("split_json")
+@register_reader("split_json", spec_arg="image_root")  # split_json:FILE.json:IMAGE_ROOT
 def read_split_zhou(
     root: str | os.PathLike,
     image_root: str | os.PathLike | None = None,
