@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -42,6 +43,22 @@ def mha_fastpath_disabled():
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(prev)
+
+
+@contextlib.contextmanager
+def exporter_logs_quiet(names: Sequence[str] = ("onnxscript", "torch.onnx")):
+    """The dynamo exporter's logged chatter (constant-folding skips, its opset fallback with a
+    traceback) at ERROR only: the opset a graph ends up declaring is reported by the pipeline in
+    one line and recorded in the manifest (`opset`, `opset_requested`)."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def export_module(
@@ -83,7 +100,7 @@ def export_module(
         kw["dynamo"] = True
         kw["external_data"] = False
     try:
-        with mha_fastpath_disabled(), torch.no_grad(), warnings.catch_warnings(), \
+        with mha_fastpath_disabled(), torch.no_grad(), warnings.catch_warnings(), exporter_logs_quiet(), \
                 contextlib.redirect_stdout(io.StringIO()):  # the dynamo exporter print()s progress; stdout is --json's
             warnings.simplefilter("ignore")  # TracerWarnings / legacy-exporter deprecation chatter
             torch.onnx.export(module, args, str(path), **kw)
