@@ -93,3 +93,14 @@ def test_a_split_json_reader_spec_names_its_image_root(tmp_path):
     assert ds.meta["image_root"] == str(data)
     (beside,) = resolve_tasks([f"split_json:{split}"]).values()
     assert all(s.path.startswith(str(split.parent)) for s in beside.train)
+
+
+def test_classes_the_text_encoder_reads_alike_are_reported(tmp_path, capsys):
+    """'Red' and 'red' folders are two classes with one prompt: training says so (not refused:
+    some benchmarks' class lists hold such pairs)."""
+    data = make_colour_folder(tmp_path / "img", per_class=1)
+    (data / "red").rename(data / "Red_")
+    (data / "green").rename(data / "red")
+    assert main(["train", "--method", "zeroshot", "--data", str(data), "--out", str(tmp_path / "z.head.safetensors")]) == 0
+    err = capsys.readouterr().err
+    assert "1 class pair(s) read the same to the text encoder" in err and "'Red' ~ 'red'" in err, err

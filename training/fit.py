@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence, Union
 
 from .data.records import DatasetSplits
+
+if TYPE_CHECKING:
+    from .methods import TaskSpec
 
 DataArg = Union[str, Path, DatasetSplits, Sequence[Union[str, Path]], Mapping[str, Union[str, Path, DatasetSplits]]]
 PROTOCOL_PREFERENCE = ("base_to_novel", "few_shot", "multi_task", "cross_dataset", "domain_generalization")
@@ -220,6 +224,7 @@ def train(
     if shots:
         named = {n: few_shot_splits(s, shots, tc.seed) for n, s in named.items()}
     tasks = [TaskSpec(n, s.classnames, s.templates) for n, s in named.items()]
+    _warn_alike_classes(tasks, log)
     if bb is None:
         rb = chosen.backbone if chosen is not None else {}
         recipe_pretrained = rb.get("pretrained") if rb.get("arch") == arch else None
@@ -271,6 +276,20 @@ def train(
 
 
 # ---- open ------------------------------------------------------------------------------------
+def _warn_alike_classes(tasks: Sequence[TaskSpec], log: Optional[Callable[[str], None]]) -> None:
+    """Classes whose names the text tower reads alike ("Cat" and "cat", "a_b" and "a b") start
+    from one zero-shot weight: said, not refused (some benchmarks' lists hold such pairs)."""
+    from .data.readers import alike_classnames
+
+    for t in tasks:
+        pairs = alike_classnames(t.classnames)
+        if pairs:
+            shown = ", ".join(f"{a!r} ~ {b!r}" for a, b in pairs[:5])
+            (log or warnings.warn)(f"warning: task {t.name!r}: {len(pairs)} class pair(s) read the same to the text "
+                                   f"encoder (case, '_' and spacing are ignored): {shown}; their prompts are "
+                                   "identical, so only learned class-specific parameters can tell them apart")
+
+
 def open_head(path: Union[str, Path], backbone=None, *, pretrained: Optional[str] = None,
               device: Optional[str] = "auto", log: Optional[Callable[[str], None]] = None):
     """Open a head file and build it on its backbone: a trained `HeadMethod`, ready to evaluate,

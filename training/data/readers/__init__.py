@@ -12,7 +12,7 @@ A wrong root raises `DatasetLayoutError` (a ValueError) naming the layout the re
 from __future__ import annotations
 
 from . import coop, domains, generic, imagenet  # noqa: F401  (registers the readers)
-from ._common import DatasetLayoutError, clean_classname
+from ._common import DatasetLayoutError, alike_classnames, clean_classname
 from ._registry import get_reader, list_domains, list_readers, read_dataset, read_domains, register_reader
 from .coop import SPLIT_JSON_DATASETS, read_fgvc_aircraft
 from .domains import MINI_DOMAINNET_DOMAINS, OFFICE_HOME_DOMAINS, read_mini_domainnet, read_office_home, read_synthetic
@@ -24,6 +24,7 @@ __all__ = [
     "MINI_DOMAINNET_DOMAINS",
     "OFFICE_HOME_DOMAINS",
     "SPLIT_JSON_DATASETS",
+    "alike_classnames",
     "clean_classname",
     "get_reader",
     "list_domains",

@@ -94,6 +94,20 @@ def clean_classname(name: str) -> str:
     return " ".join(name.replace("_", " ").split())
 
 
+def alike_classnames(names: Sequence[str]) -> list[tuple[str, str]]:
+    """Pairs of class names the text tower reads alike (after `clean_classname`, ignoring case, as
+    open_clip's tokenizer lowercases): their prompts, hence their zero-shot weights, are one."""
+    first: dict[str, str] = {}
+    pairs = []
+    for name in names:
+        key = clean_classname(name).casefold()
+        if key in first:
+            pairs.append((first[key], name))
+        else:
+            first[key] = name
+    return pairs
+
+
 # ----------------------------------------------------------------------------- label lists
 
 
