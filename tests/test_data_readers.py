@@ -185,8 +185,11 @@ def test_csv_with_int_labels_and_classnames_file(tmp_path):
 def test_csv_with_int_labels_without_names(tmp_path):
     for i in range(2):
         write_image(tmp_path / f"{i}.jpg")
+    ds = R.read_csv(_csv(tmp_path / "m.csv", ["PATH,Label", "0.jpg,0", "1.jpg,1"]))
+    assert ds.classnames == ("0", "1") and [s.label for s in ds.train] == [0, 1]
+    # numbers with gaps are names (no empty classes "1", "2"); classnames.txt makes them indices
     ds = R.read_csv(_csv(tmp_path / "m.csv", ["PATH,Label", "0.jpg,0", "1.jpg,3"]))
-    assert ds.classnames == ("0", "1", "2", "3") and [s.label for s in ds.train] == [0, 3]
+    assert ds.classnames == ("0", "3") and [s.label for s in ds.train] == [0, 1]
 
 
 def test_csv_task_column_makes_one_dataset_per_task(tmp_path):

@@ -6,6 +6,7 @@ Everything the file claims is validated against the method it names before a ten
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -113,15 +114,27 @@ def save_head(head_or_artifact: HeadMethod | HeadArtifact, path: str | Path, tra
     from safetensors.torch import save_file
 
     art = head_or_artifact if isinstance(head_or_artifact, HeadArtifact) else make_artifact(head_or_artifact, training)
-    path = Path(path)
-    if not path.name.endswith(SUFFIX):
-        raise ArtifactError(f"head files are named NAME{SUFFIX}, got {path.name!r}")
+    path = check_head_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tensors = {k: v.contiguous() for k, v in art.tensors.items()}
     save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(art.metadata(), sort_keys=True)})
     apply_umask(tmp)  # safetensors creates 0600
     tmp.replace(path)  # atomic: a crash never leaves a half-written head
+    return path
+
+
+def check_head_path(path: str | Path) -> Path:
+    """`path` if a head can be written there (name, not a folder, a writable parent): checked
+    before training, so a long run never ends in a refusal to save."""
+    path = Path(path)
+    if not path.name.endswith(SUFFIX):
+        raise ArtifactError(f"head files are named NAME{SUFFIX}, got {path.name!r}")
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a folder; give a file name NAME{SUFFIX}")
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ArtifactError(f"cannot write {path}: {parent} is not a writable folder")
     return path
 
 

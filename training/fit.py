@@ -104,6 +104,8 @@ def absolute_spec(spec: str) -> str:
     reader, sep, rest = spec.partition(":")
     if sep and reader in readers.list_readers():
         root, sep2, arg = rest.partition(":")
+        if arg and readers.get_reader(reader).spec_arg_is_path:  # e.g. split_json's image root
+            arg = str(Path(arg).expanduser().resolve())
         return f"{reader}:{Path(root).expanduser().resolve()}{sep2}{arg}"
     return spec
 
@@ -180,8 +182,13 @@ def train(
     from .backbone import PACKAGED_ARCH, Backbone, load_backbone
     from .data.fewshot import few_shot_splits
     from .data.holdout import carve
-    from .loop import TrainConfig, evaluate as evaluate_split, train_head
+    from .loop import TrainConfig, train_head
     from .methods import TaskSpec, build_method
+
+    if out is not None:
+        from .artifact import check_head_path
+
+        check_head_path(out)
 
     named_recipe = read_recipe(recipe) if recipe not in (None, "default") else None
     method = method or (named_recipe.method if named_recipe else None)
@@ -231,6 +238,14 @@ def train(
         bb = load_backbone(arch, pretrained or recipe_pretrained, device=device, act=act)
         if log is not None:
             log(f"backbone: {bb.describe_weights()} [{bb.act_reason}]")
+    from .loop import seed_everything
+
+    grouping = _decide_groups(method, bb, tasks, named, method_cfg, tc, log)
+    if grouping is not None:
+        from .grouping import assign_groups
+
+        tasks = list(assign_groups(tasks, [[grouping["names"].index(n) for n in g] for g in grouping["groups"]]))
+    seed_everything(tc.seed)  # the head's random init belongs to the run: one --seed, one head
     head = build_method(method, bb, tasks, method_cfg)
     trained = head.num_trainable() > 0
     if not trained:  # zero-shot: the head is its class names and templates, no tensors
@@ -239,20 +254,43 @@ def train(
         head.to(device)
         result = TrainResult(head)
     else:
-        if not any(s.train for s in named.values()):
+        empty = [n for n, s in named.items() if not s.train]
+        if empty:
             from .data.sources import DataSpecError
 
-            raise DataSpecError(f"{method} learns from images: give --data/--task with training images")
+            raise DataSpecError(f"{method} learns from images: task(s) {', '.join(empty)} have no training images "
+                                "(give --data/--task with images; --classes tasks have none)")
         frozen_before = bb.parameters_checksum()
         result = train_head(head, {i: s.train for i, s in enumerate(named.values())}, tc)
         if bb.parameters_checksum() != frozen_before:
             raise RuntimeError("the frozen backbone changed during training: a method leaked a gradient")
-    metrics = {}
+    metrics: dict = {}
+    head.training_record = _training_record(head, result, tc, trained, chosen, sources, holdout, shots, metrics, grouping)
+    if out is None:
+        return _evaluated(head, named, metrics, evaluate, device)
+    from .artifact import save_head
+
+    # written before the evaluation (a failure there keeps the trained head), again with its scores
+    head.training_record["head"] = str(save_head(head, out))
+    _evaluated(head, named, metrics, evaluate, device)
+    head.training_record["head"] = str(save_head(head, out))
+    return head
+
+
+def _evaluated(head, named: Mapping[str, DatasetSplits], metrics: dict, evaluate: bool, device):
+    """`head` with its test top-1 per task in `metrics` (the record's dict), when asked."""
+    from .loop import evaluate as evaluate_split
+
     if evaluate:
         for i, (name, s) in enumerate(named.items()):
             if s.test:
                 metrics[name] = evaluate_split(head, s.test, task=i, device=device)["top1"]
-    head.training_record = {
+    return head
+
+
+def _training_record(head, result, tc, trained: bool, chosen, sources, holdout, shots, metrics: dict,
+                     grouping: Optional[dict]) -> dict:
+    return {
         "data": sources,
         "holdout": holdout,
         "shots": shots,
@@ -267,15 +305,35 @@ def train(
         "history": result.history,
         "wall_time_s": round(result.wall_time_s, 2),
         "trainable_parameters": head.num_trainable(),
+        **({"grouping": grouping} if grouping is not None else {}),
     }
-    if out is not None:
-        from .artifact import save_head
-
-        head.training_record["head"] = str(save_head(head, out))
-    return head
 
 
-# ---- open ------------------------------------------------------------------------------------
+def _decide_groups(method: str, bb, tasks: Sequence["TaskSpec"], named: Mapping[str, DatasetSplits],
+                   method_cfg: Mapping[str, Any], tc, log: Optional[Callable[[str], None]]) -> Optional[dict]:
+    """The gradient-driven task grouping (MmAP: grouping.py) of methods that group tasks, for
+    several tasks with training images and `n_groups` not 1: the report's dict, else None."""
+    from .data.loading import make_loader
+    from .grouping import group_tasks, warmup_steps
+    from .methods import get_method
+
+    cls = get_method(method)
+    n_groups = method_cfg.get("n_groups")
+    if not getattr(cls, "grouping_parameter", None) or len(tasks) < 2 or n_groups == 1:
+        return None
+    if any(not s.train for s in named.values()):
+        return None  # train() refuses tasks without training images
+    batches = [make_loader(s.train, bb.preprocess, True, tc.batch_size, seed=tc.seed + i, crop_scale=tuple(tc.crop_scale))
+               for i, s in enumerate(named.values())]
+    steps = warmup_steps(method_cfg.get("grouping_steps"), [len(b) for b in batches])
+    report = group_tasks(bb, tasks, batches, steps, n_groups=n_groups, method=method, config=method_cfg, lr=tc.lr,
+                         seed=tc.seed).to_dict()
+    if log is not None:
+        log(f"task groups ({report['search']}, {steps} warm-up steps): "
+            + " | ".join(", ".join(g) for g in report["groups"]))
+    return report
+
+
 def _warn_alike_classes(tasks: Sequence[TaskSpec], log: Optional[Callable[[str], None]]) -> None:
     """Classes whose names the text tower reads alike ("Cat" and "cat", "a_b" and "a b") start
     from one zero-shot weight: said, not refused (some benchmarks' lists hold such pairs)."""
@@ -290,6 +348,7 @@ def _warn_alike_classes(tasks: Sequence[TaskSpec], log: Optional[Callable[[str],
                                    "identical, so only learned class-specific parameters can tell them apart")
 
 
+# ---- open ------------------------------------------------------------------------------------
 def open_head(path: Union[str, Path], backbone=None, *, pretrained: Optional[str] = None,
               device: Optional[str] = "auto", log: Optional[Callable[[str], None]] = None):
     """Open a head file and build it on its backbone: a trained `HeadMethod`, ready to evaluate,
@@ -310,10 +369,11 @@ def open_head(path: Union[str, Path], backbone=None, *, pretrained: Optional[str
 
 
 # ---- evaluate --------------------------------------------------------------------------------
-def training_images(record: Mapping[str, Any]) -> set[str]:
+def training_images(record: Mapping[str, Any], unreadable: Optional[list[str]] = None) -> set[str]:
     """Real paths of the images a head trained on, rebuilt from its training record: its data
     specs, the holdout it carved and its few-shot draw are all seeded. A source that no longer
-    resolves adds nothing (its images cannot be handed to `evaluate` either)."""
+    resolves adds nothing and is appended to `unreadable` (a moved or deleted dataset: a copy of
+    it elsewhere cannot be recognised)."""
     from .data.fewshot import few_shot_splits
     from .data.holdout import carve
     from .data.sources import resolve_recorded
@@ -328,6 +388,8 @@ def training_images(record: Mapping[str, Any]) -> set[str]:
             if h:
                 s = carve(s, h["val_fraction"], h["test_fraction"], h["seed"])
         except (ValueError, OSError, KeyError):  # DataSpecError, DatasetLayoutError, HoldOutError, a moved folder
+            if unreadable is not None:
+                unreadable.append(str(spec))
             continue
         if record.get("shots"):
             s = few_shot_splits(s, int(record["shots"]), int(record.get("seed", 1)))
@@ -372,6 +434,7 @@ def evaluate(head, data: DataArg, split: str = "test", *, device: Optional[str] 
     recorded = {absolute_spec(str(v)): holdouts.get(k) for k, v in (record.get("data") or {}).items()}
     results = {}
     seen: Optional[set[str]] = None  # the training images, rebuilt once when first needed
+    unreadable: list[str] = []  # recorded training data that no longer reads here
     for i, (name, s) in enumerate(resolve_data(data).items()):
         source = absolute_spec(str(s.meta.get("source", s.name)))
         note: dict = {}
@@ -395,7 +458,7 @@ def evaluate(head, data: DataArg, split: str = "test", *, device: Optional[str] 
                                         f"{', '.join(k for k in ('val', 'test') if getattr(s, k))}); choose --split")
             samples, used = s.train, "all"  # unsplit data the head never trained on: every image is held out
         if split != "train":
-            seen = training_images(record) if seen is None else seen
+            seen = training_images(record, unreadable) if seen is None else seen
             trained = sum(os.path.realpath(x.path) in seen for x in samples) if seen else 0
             if trained:
                 where = source if used == "all" else f"the {used} split of {source}"
@@ -405,14 +468,29 @@ def evaluate(head, data: DataArg, split: str = "test", *, device: Optional[str] 
                     f"trained on {specs}): evaluate with the --data it trained on and no --test-fraction/"
                     f"--split-seed to use its held-out split, on other data, or with --split train to score "
                     f"training images knowingly")
-        task = next((k for k, t in enumerate(head.tasks) if t.name == name), min(i, len(head.tasks) - 1))
+        task = _head_task(head, name)
         r = evaluate_split(head, samples, task=task, classnames=s.classnames, device=device,
                            batch_size=batch_size, progress=progress)
         r.update(split=used, **note)
         if split == "train" or (used == "all" and source in trained_on):
             r["on_training_images"] = True
+        elif unreadable:
+            r["training_data_unreadable"] = list(unreadable)
         results[name] = r
     return results
+
+
+def _head_task(head, name: str) -> int:
+    """The index of the head's task that data named `name` is scored with: that task, or a
+    one-task head's only one. A multi-task head's tasks have their own prompts and groups, so
+    data that names none of them is refused rather than scored with the first."""
+    for k, t in enumerate(head.tasks):
+        if t.name == name:
+            return k
+    if len(head.tasks) == 1:
+        return 0
+    raise EvaluationRefused(f"{name!r} is not a task of this head ({', '.join(t.name for t in head.tasks)}); "
+                            f"name the task the data belongs to: --task TASK=SPEC")
 
 
 def describe_results(results: Mapping[str, dict]) -> str:
@@ -420,6 +498,10 @@ def describe_results(results: Mapping[str, dict]) -> str:
     for n, r in results.items():
         where = {"all": "every image (the head never trained on this data)"}.get(r["split"], f"{r['split']} split")
         warn = "  <- TRAINING IMAGES: not a held-out score" if r.get("on_training_images") else ""
+        if r.get("training_data_unreadable"):
+            warn = (f"\n  note: the head's training data ({', '.join(r['training_data_unreadable'])}) does not read here "
+                    "any more, so images it trained on cannot be recognised; if this data is a copy of it, the score "
+                    "is not a held-out one")
         lines.append(f"{n}: top-1 {r['top1']:.2%} ({r['n']} images, {r['classes']} classes, {where}){warn}")
     return "\n".join(lines)
 

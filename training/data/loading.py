@@ -14,6 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..preprocess import PreprocessSpec, open_image, oriented_rgb, prepare_pixels
+from .readers._common import DatasetLayoutError
 from .records import Sample
 
 MAX_TRAIN_PIXELS = 40_000_000
@@ -74,11 +75,15 @@ class SampleDataset(Dataset):
 
     def __getitem__(self, i: int):
         s = self.samples[i]
-        try:
-            img = open_image(s.path, self.max_pixels)
-        except ValueError as err:
-            raise ValueError(f"{s.path}: {err}") from None
-        return self.transform(img), s.label
+        try:  # decoding may fail only in the transform (Pillow reads lazily): both are the file's fault
+            return self.transform(open_image(s.path, self.max_pixels)), s.label
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            raise UnreadableImage(f"{s.path}: cannot read this image ({type(err).__name__}: {err}); "
+                                  "remove it from the data or replace it") from None
+
+
+class UnreadableImage(DatasetLayoutError):
+    """A listed image that does not decode (truncated, empty, not an image): named, exit 2."""
 
 
 def make_loader(

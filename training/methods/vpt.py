@@ -52,11 +52,11 @@ class VPT(HeadMethod):
             raise MethodError(f"vpt: n_ctx must be >= 1, got {config.n_ctx}")
         depth = clip_depth(self.name, config.depth, backbone.vision_blocks)
         self.prompts = nn.Parameter(torch.randn(depth, config.n_ctx, backbone.vision_width) * config.init_std)
-        self._class_cache: dict[tuple, Tensor] = {}  # (classnames, device) -> (C, E)
+        self._class_cache: dict[tuple, Tensor] = {}  # (classnames, device, dtype) -> (C, E)
 
     def text_features(self, classnames: Sequence[str], task: int = 0) -> Tensor:
-        device = self.backbone.logit_scale.device
-        key = (tuple(classnames), str(device))
+        scale = self.backbone.logit_scale  # its device and dtype: fp16 training must not leave fp16 weights behind
+        key = (tuple(classnames), str(scale.device), scale.dtype)
         if key not in self._class_cache:
             with torch.no_grad():
                 w = template_class_embeddings(self.backbone, key[0], (self.config.text_template,))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
 from ..records import DatasetSplits
+from ._common import DatasetLayoutError
 
 ReaderFn = Callable[..., DatasetSplits]
 # A fixed domain list, or a function root -> domains for readers whose domains live in the data.
@@ -23,19 +24,21 @@ class ReaderInfo:
     fn: ReaderFn
     domains: Domains = ()
     spec_arg: str = "domain"  # the option a `READER:ROOT:ARG` spec's ARG sets
+    spec_arg_is_path: bool = False  # ARG is a path (made absolute where heads record their data)
 
 
 _READERS: dict[str, ReaderInfo] = {}
 
 
-def register_reader(name: str, *, domains: Domains = (), spec_arg: str = "domain") -> Callable[[ReaderFn], ReaderFn]:
+def register_reader(name: str, *, domains: Domains = (), spec_arg: str = "domain",
+                    spec_arg_is_path: bool = False) -> Callable[[ReaderFn], ReaderFn]:
     """Register `fn(root, **kw) -> DatasetSplits` under `name`; readers with `domains` take `domain=`.
     `spec_arg`: the option that the third field of a `READER:ROOT:ARG` data spec sets."""
 
     def deco(fn: ReaderFn) -> ReaderFn:
         if name in _READERS:
             raise ValueError(f"dataset reader {name!r} registered twice")
-        _READERS[name] = ReaderInfo(name, fn, domains, spec_arg)
+        _READERS[name] = ReaderInfo(name, fn, domains, spec_arg, spec_arg_is_path)
         return fn
 
     return deco
@@ -47,7 +50,7 @@ def list_readers() -> list[str]:
 
 def get_reader(name: str) -> ReaderInfo:
     if name not in _READERS:
-        raise ValueError(f"unknown dataset reader {name!r}; known: {', '.join(list_readers())}")
+        raise DatasetLayoutError(f"unknown dataset reader {name!r}; known: {', '.join(list_readers())}")
     return _READERS[name]
 
 
@@ -84,4 +87,4 @@ def _check_kwargs(info: ReaderInfo, kwargs: dict) -> None:
     allowed = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and n != "root")]
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
-        raise ValueError(f"dataset reader {info.name!r} takes no option {unknown}; its options: {allowed or 'none'}")
+        raise DatasetLayoutError(f"dataset reader {info.name!r} takes no option {unknown}; its options: {allowed or 'none'}")

@@ -29,7 +29,7 @@ from ._registry import register_reader
 
 def _check_domain(reader: str, domain: str | None, known: tuple[str, ...]) -> str:
     if domain not in known:
-        raise ValueError(f"{reader}: domain must be one of {', '.join(known)}; got {domain!r}")
+        raise DatasetLayoutError(f"{reader}: domain must be one of {', '.join(known)} ({reader}:ROOT:DOMAIN); got {domain!r}")
     return domain
 
 

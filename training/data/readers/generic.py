@@ -103,7 +103,7 @@ def _read_presplit_folder(path: Path, splits: list[str], name: str, templates: t
 # ----------------------------------------------------------------------------- split_zhou JSON
 
 
-@register_reader("split_json", spec_arg="image_root")  # split_json:FILE.json:IMAGE_ROOT
+@register_reader("split_json", spec_arg="image_root", spec_arg_is_path=True)  # split_json:FILE.json:IMAGE_ROOT
 def read_split_zhou(
     root: str | os.PathLike,
     image_root: str | os.PathLike | None = None,
@@ -247,5 +247,11 @@ def _csv_classes(csv_path: Path, rows: list[_Row], int_labels: bool, fixed_names
     if bad:
         limit = f"0..{len(fixed_names) - 1} (classnames.txt)" if fixed_names is not None else ">= 0"
         raise DatasetLayoutError(f"{csv_path}: int labels must be {limit}; got {bad[:5]}")
-    names = fixed_names if fixed_names is not None else tuple(str(i) for i in range(max(values.values()) + 1))
-    return names, values
+    if fixed_names is not None:
+        return fixed_names, values
+    used = sorted(set(values.values()))
+    if used == list(range(len(used))):  # 0..n-1: class indices, named after themselves
+        return tuple(str(i) for i in used), values
+    # other numbers without a classnames.txt (747, 1-based ids) are names: indices would make empty classes
+    index = {v: i for i, v in enumerate(used)}
+    return tuple(str(v) for v in used), {raw: index[v] for raw, v in values.items()}
