@@ -16,6 +16,7 @@ the quantizer calibrated on. Every set says where it came from (for the manifest
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -42,7 +43,7 @@ def _head_samples(heads: Sequence) -> tuple[list, list[str]]:
     from clipheads.training.data.holdout import carve
     from clipheads.training.data.sources import resolve_recorded
 
-    samples, specs = [], []
+    samples, specs, held_out = [], [], set()
     for h in heads:
         record = getattr(h, "training_record", None) or {}
         for name, spec in (record.get("data") or {}).items():
@@ -57,11 +58,19 @@ def _head_samples(heads: Sequence) -> tuple[list, list[str]]:
                         s = carve(s, held["val_fraction"], held["test_fraction"], held["seed"])
                     except (ValueError, KeyError):  # the data changed since (now has a test split): not the head's
                         continue
+                held_out.update(os.path.realpath(x.path) for x in s.test)
                 found = [x for x in (*s.train, *s.val) if _is_file(x.path)]
                 if found:
                     samples += found
                     specs.append(str(spec))
-    return samples, specs
+    # one image once (two heads on one dataset list it twice: the gate, calibration and selection
+    # sets drawn from these must stay disjoint), and never any head's held-out test image
+    unique: dict[str, object] = {}
+    for x in samples:
+        real = os.path.realpath(x.path)
+        if real not in held_out:
+            unique.setdefault(real, x)
+    return list(unique.values()), specs
 
 
 def _is_file(path: str) -> bool:

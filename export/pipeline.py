@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import numpy as np
+
 from clipheads.training.backbone import PreprocessSpec
 from clipheads.training.methods.base import HeadMethod
 from clipheads.training.text_length import LENGTH_BUCKET
@@ -330,15 +332,25 @@ def _declared_opset(path) -> Optional[int]:
     return graph_io(path).get("opset")
 
 
-def _selection_score(mode: str, target: float):
-    """How the int8 search judges a candidate on the calibration images: like the gate (all images
-    for a real backbone, the decided half for a random-init one), by the lower of the measured and
-    the expected agreement (`parity.expected_agreement`: 128 images cannot tell 99.8% from 100%)."""
+def _selection_score(mode: str, target: float, row_task_index=None, tasks: Sequence = ()):
+    """How the int8 search judges a candidate on the selection images: like the gate (all images
+    for a real backbone, the decided half for a random-init one; each task on its own logit
+    columns, over the rows fed with its prompt-bank row), by the lower of the measured and the
+    expected agreement (`parity.expected_agreement`: 128 images cannot tell 99.8% from 100%); the
+    worst task decides. `row_task_index`: the task_index each scored row was run with."""
     suffix = "" if mode == "real" else "_decided_half"
 
-    def score(ref, got):
+    def one(ref, got) -> float:
         a = agreement(ref, got)
-        value = min(a["top1_agreement" + suffix], a["expected_agreement" + suffix])
+        return min(a["top1_agreement" + suffix], a["expected_agreement" + suffix])
+
+    def score(ref, got):
+        if not tasks:
+            value = one(ref, got)
+        else:  # two tasks of one class list have equal columns: judged together, every margin would be 0
+            rows = np.asarray(row_task_index)
+            value = min(one(ref[rows == t.task_index, t.logit_slice[0]:t.logit_slice[1]],
+                            got[rows == t.task_index, t.logit_slice[0]:t.logit_slice[1]]) for t in tasks)
         return value >= target, value
     return score
 
@@ -347,8 +359,6 @@ def _graph_input(pixels, plan: FoldPlan, options: ExportOptions):
     """uint8 images as the image graph takes them (normalised floats for a float32-input graph)."""
     if options.input_dtype != "float32":
         return pixels
-    import numpy as np
-
     m = np.asarray(plan.preprocess.mean, np.float32).reshape(1, 3, 1, 1)
     s = np.asarray(plan.preprocess.std, np.float32).reshape(1, 3, 1, 1)
     return ((pixels.astype(np.float32) / 255.0 - m) / s).astype(np.float32)
@@ -408,9 +418,10 @@ def _optimise(plan: FoldPlan, plain: dict, text_plain: Optional[Path], options: 
             feeds = image_feeds(_graph_input(calib.pixels, plan, options), tasks, recipe.batch)
             select_feeds = image_feeds(_graph_input(select.pixels, plan, options), tasks, recipe.batch) if select else None
             (work / f"q_{name}").mkdir(exist_ok=True)
+            scored_rows = np.concatenate([f["task_index"] for f in (select_feeds or feeds)])
             rep = quantize_calibrated(src, work / f"int8_{name}", feeds, recipe,
-                                      _selection_score(mode, recipe.target_agreement), log, work / f"q_{name}",
-                                      select_feeds)
+                                      _selection_score(mode, recipe.target_agreement, scored_rows, g.tasks), log,
+                                      work / f"q_{name}", select_feeds)
             rep["calibration"] = calib.describe()
             rep["selection"] = select.describe() if select else "the calibration images (too few to hold any out)"
             int8[name] = rep

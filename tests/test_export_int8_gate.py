@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from clipheads.export import parity
-from clipheads.export.gate_images import gate_and_calibration, wilson_interval, world_images
+from clipheads.export.gate_images import gate_and_calibration, split_selection, wilson_interval, world_images
 from clipheads.training.methods import TaskSpec, build_method
 
 ort = pytest.importorskip("onnxruntime")
@@ -387,3 +387,51 @@ def test_static_int8_weights_are_gptq_rounded_at_the_quantizers_scales(micro_bac
     assert all(e_gptq[k] <= e_near[k] * 1.0001 for k in e_gptq) and sum(e_gptq.values()) < 0.9 * sum(e_near.values())
     with pytest.raises(ValueError, match="weight rounding"):
         Int8Recipe(weight_rounding="stochastic").validate()
+
+
+def test_the_int8_search_scores_each_task_on_its_own_columns():
+    """Two tasks of one class list (two domains of a multi-task head) have equal logit columns: judged
+    over the graph's columns together every top-2 margin is 0 and identical outputs scored 0.0, so
+    the search never stopped early. Each task is judged on its columns and its bank row's rows."""
+    from types import SimpleNamespace
+
+    from clipheads.export.pipeline import _selection_score
+
+    r = np.random.default_rng(0).normal(size=(64, 8))
+    two = np.hstack([r, r])
+    rows = np.repeat([0, 1], 32)  # the first 32 rows ran with bank row 0, the rest with row 1
+    tasks = [SimpleNamespace(task_index=0, logit_slice=(0, 8)), SimpleNamespace(task_index=0, logit_slice=(8, 16))]
+    assert _selection_score("real", 0.9, rows, tasks)(two, two) == (True, 1.0)
+    assert _selection_score("real", 0.9)(two, two)[1] == 0.0  # the whole-graph judgement it replaces
+    wrong = two.copy()
+    wrong[:32, 8:16] *= -1  # task 2 disagrees on its own rows
+    assert _selection_score("real", 0.9, rows, tasks)(two, wrong)[0] is False
+    elsewhere = two.copy()
+    elsewhere[32:, :] *= -1  # rows of another bank row: not these tasks' business
+    assert _selection_score("real", 0.9, rows, tasks)(two, elsewhere) == (True, 1.0)
+
+
+def test_two_heads_on_one_dataset_give_disjoint_sets_and_keep_each_holdout(micro_backbone, tmp_path):
+    """Heads trained on the same folder list its images twice: export draws each image once (gate,
+    calibration and selection stay disjoint), and one head's held-out test images are never drawn
+    through the other head (which trained on all of them)."""
+    from clipheads.training.data.holdout import carve
+    from clipheads.training.data.synth import WorldSize, generate_world
+    from clipheads.training.fit import resolve_data
+    from clipheads.training.preprocess import prepare_pixels
+
+    root = generate_world(tmp_path / "w", seed=5, size=WorldSize(train=3, val=0, test=1), workers=1)
+    folder = str(root / "sketch")
+    carved = build_method("zeroshot", micro_backbone, TASKS)
+    carved.training_record = {"data": {"shapes": folder},
+                              "holdout": {"shapes": {"val_fraction": 0.0, "test_fraction": 0.25, "seed": 1}}}
+    whole = build_method("zeroshot", micro_backbone, TASKS)
+    whole.training_record = {"data": {"shapes": folder}}
+    gate, calib = gate_and_calibration([carved, whole], micro_backbone.preprocess, 60, 36, seed=0)
+    calib, select = split_selection(calib, 12)
+    assert gate.detail["available"] == 96  # 128 images once each, less the 32 held out
+    sets = [{p.tobytes() for p in s.pixels} for s in (gate, calib, select)]
+    assert [len(s) for s in sets] == [60, 24, 12] and not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    held_out = carve(resolve_data({"shapes": folder})["shapes"], 0.0, 0.25, 1).test
+    test_px = {prepare_pixels(x.path, micro_backbone.preprocess).tobytes() for x in held_out}
+    assert not test_px & (sets[0] | sets[1] | sets[2])
