@@ -54,6 +54,10 @@ def check_writable(out: str | os.PathLike) -> Path:
     above = next(p for p in out.parents if p.exists())  # "/" at the latest
     if not above.is_dir():
         raise BundleError(f"cannot write a bundle at {out}: {above} is not a directory")
+    try:  # a real write: permission bits do not tell a read-only mount or /proc
+        os.rmdir(tempfile.mkdtemp(prefix=".clipheads-write-check.", dir=above))
+    except OSError as err:
+        raise BundleError(f"cannot write a bundle at {out}: {above} is not writable ({err.strerror or err})") from None
     return out
 
 
@@ -83,8 +87,10 @@ def write_bundle(out: str | os.PathLike, manifest: Mapping, files: Mapping[str, 
         os.replace(tmp, out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):  # disk full, permissions changed meanwhile: a clear error, not a traceback
+            raise BundleError(f"writing the bundle at {out} failed: {err}") from err
         raise
     return out
 

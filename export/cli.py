@@ -60,7 +60,7 @@ def _parser() -> console.ArgumentParser:
     p.add_argument("--no-text", action="store_true", help="no text graph (no request-time labels)")
     p.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
                    help="rename a task in the bundle (repeatable); HEAD:OLD=NEW when several heads have task OLD "
-                        "(HEAD: 1-based position or file name)")
+                        "(HEAD: 1-based position or file name); all apply at once, so two tasks can swap names")
     p.add_argument("--pretrained", "--backbone-weights", dest="backbone_weights", default=None, metavar="WEIGHTS",
                    help="where the heads' backbone weights are now (path, tag or hf-hub id) if not where they were "
                         "trained; checked against the recorded sha256")

@@ -123,6 +123,9 @@ class FoldedImageEncoder(nn.Module):
 
     def hooks_for(self, task_index: Tensor) -> TowerHooks:
         if self.uses_bank:
+            # ONNX Gather counts negative indices from the end: send them past it, an error like any
+            # other out-of-range row (BUNDLE.md), never a silent pick of the last rows
+            task_index = torch.where(task_index < 0, torch.full_like(task_index, self.bank_size), task_index)
             shallow = self.bank_shallow.index_select(0, task_index) if self.has_shallow else None  # (N, P, D)
             deep = {b: getattr(self, f"bank_deep_{b}").index_select(0, task_index) for b in self.deep_blocks}
             return PromptHooks(deep=deep, shallow=shallow)

@@ -42,23 +42,34 @@ def _head_keys(ref: HeadRef, position: int) -> tuple[str, ...]:
 
 
 def rename_tasks(heads: Sequence[HeadMethod], refs: Sequence[HeadRef], renames: Mapping[str, str]) -> list[dict]:
-    """Rename tasks in place; returns [{head, from, to}]. A bare OLD must name one head's task."""
-    done = []
+    """Rename tasks in place; returns [{head, from, to}]. Every OLD names a task as the heads came
+    (renames apply at once, so two tasks can swap names); a bare OLD must name one head's task."""
+    original = [[spec.name for spec in h.tasks] for h in heads]
+    planned: dict[tuple[int, int], tuple[str, str]] = {}
     for key, new in renames.items():
         where, sep, old = key.rpartition(":") if ":" in key else ("", "", key)
-        hits = [(i, t) for i, h in enumerate(heads) for t, spec in enumerate(h.tasks) if spec.name == old
+        hits = [(i, t) for i, names in enumerate(original) for t, name in enumerate(names) if name == old
                 and (not sep or where in _head_keys(refs[i], i + 1))]
         if not hits:
-            known = ", ".join(f"{i + 1}:{s.name}" for i, h in enumerate(heads) for s in h.tasks)
+            known = ", ".join(f"{i + 1}:{name}" for i, names in enumerate(original) for name in names)
             raise ExportUsageError(f"--rename {key}={new}: no such task (tasks: {known})")
-        if len(hits) > 1:
-            raise ExportUsageError(f"--rename {old}={new}: {len(hits)} heads have a task {old!r}; say which, "
-                                   f"e.g. --rename {hits[0][0] + 1}:{old}={new}")
-        (i, t), = hits
-        tasks = list(heads[i].tasks)
-        tasks[t] = replace(tasks[t], name=new)
-        heads[i].tasks = tuple(tasks)
-        done.append({"head": i + 1, "from": old, "to": new})
+        if len({i for i, _ in hits}) > 1:
+            raise ExportUsageError(f"--rename {old}={new}: {len({i for i, _ in hits})} heads have a task {old!r}; "
+                                   f"say which, e.g. --rename {hits[0][0] + 1}:{old}={new}")
+        for hit in hits:
+            if hit in planned:
+                raise ExportUsageError(f"--rename {key}={new}: task {hit[0] + 1}:{old} is already renamed "
+                                       f"to {planned[hit][1]!r}")
+            planned[hit] = (old, new)
+    done = []
+    for i, h in enumerate(heads):
+        tasks = list(h.tasks)
+        for t in range(len(tasks)):
+            if (i, t) in planned:
+                old, new = planned[(i, t)]
+                tasks[t] = replace(tasks[t], name=new)
+                done.append({"head": i + 1, "from": old, "to": new})
+        h.tasks = tuple(tasks)
     return done
 
 

@@ -81,13 +81,17 @@ class ExportOptions:
 
     @property
     def attention_op(self) -> bool:
-        return self.target == "onnx" and self.fused_attention
+        """Fused vision attention: a TorchScript symbolic (attention.py), so not under dynamo."""
+        return self.target == "onnx" and self.fused_attention and self.exporter == "torchscript"
 
     def validate(self) -> None:
         if self.target not in TARGETS:
             raise ExportUsageError(f"--target must be one of {TARGETS}, got {self.target!r}")
         if self.precision not in PRECISIONS:
             raise ExportUsageError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.fuse and self.precision == "int8":
+            raise ExportUsageError("--fuse does not apply to int8 graphs (quantization runs on the plain graph; "
+                                   "ONNX Runtime fuses the int8 graph at load time): drop --fuse")
         if self.target == "tensorrt" and self.precision == "int8":
             raise ExportUsageError("TensorRT int8 needs explicit Q/DQ calibration (TRT >= 10.1 deprecates "
                                    "implicit int8); export --target tensorrt --precision fp16 or fp32")
@@ -241,12 +245,16 @@ def export_heads(
     try:
         t0 = time.perf_counter()
         plain = {}
-        with (fused_attention(plan.backbone) if options.attention_op else contextlib.nullcontext(0)) as n_mha:
+        if options.fused_attention and options.target == "onnx" and not options.attention_op:
+            log(f"note: the {options.exporter} exporter keeps attention as plain ops (the fused "
+                "com.microsoft.MultiHeadAttention node is a TorchScript export symbolic)")
+        with fused_attention(plan.backbone) if options.attention_op else contextlib.nullcontext(0):
             for g in plan.graphs:
                 plain[g.name] = export_image_graph(g.encoder, work / f"plain_{g.name}", options.opset,
                                                    options.exporter)
+                n_mha = _attention_nodes(plain[g.name])  # what the graph holds, not what was asked for
                 log(f"exported {g.name} ({g.kind}, {len(g.tasks)} task(s))"
-                    + (f", {n_mha} attention blocks as com.microsoft.MultiHeadAttention" if n_mha else ""))
+                    + (f", {n_mha} attention blocks as fused attention nodes" if n_mha else ""))
         text_plain = None
         if options.text:
             text_plain = export_text_graph(plan.text, work / "plain_text.onnx", options.opset, options.exporter)
@@ -330,6 +338,13 @@ def _declared_opset(path) -> Optional[int]:
     from .onnx_export import graph_io
 
     return graph_io(path).get("opset")
+
+
+def _attention_nodes(path) -> int:
+    """Fused attention nodes in an ONNX graph (com.microsoft.MultiHeadAttention, ai.onnx Attention)."""
+    import onnx
+
+    return sum(n.op_type in ("MultiHeadAttention", "Attention") for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def _selection_score(mode: str, target: float, row_task_index=None, tasks: Sequence = ()):

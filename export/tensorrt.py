@@ -336,6 +336,9 @@ def build_bundle_engines(root: str | Path, workspace_gb: float = 2.0, timing_cac
     """Build (or keep, when compatible) one engine per graph of the bundle, on this machine."""
     b = bundle_io.load_bundle(root)
     m = dict(b.manifest)
+    if m.get("target") != "tensorrt":  # onnx-target graphs hold ORT contrib ops (and int8 QDQ) TensorRT cannot parse
+        raise ValueError(f"{b.root} was exported for {m.get('target')!r}, not TensorRT; re-export the heads with "
+                         "--target tensorrt (fp32 or fp16) and build engines from that bundle")
     precision = precision or ("fp16" if m.get("precision") == "fp16" else "fp32")
     trt = _import_trt()
     here = current_device(trt.__version__)

@@ -52,12 +52,13 @@ def _bad_input(capfd, argv: list[str]) -> str:
     return lines[-1]
 
 
-@pytest.mark.parametrize("target", ["foreign-dir", "head-file", "under-a-file"])
+@pytest.mark.parametrize("target", ["foreign-dir", "head-file", "under-a-file", "unwritable"])
 def test_out_that_is_not_a_bundle_is_refused_up_front(target, head_file, tmp_path, capfd, no_work):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("mine")
-    out = {"foreign-dir": foreign, "head-file": head_file, "under-a-file": f"{head_file}/bundle"}[target]
+    out = {"foreign-dir": foreign, "head-file": head_file, "under-a-file": f"{head_file}/bundle",
+           "unwritable": "/proc/clipheads-bundle"}[target]  # /proc: a folder no one can write, root included
     line = _bad_input(capfd, [head_file, "--out", str(out)])
     assert line.startswith("clipheads export: error: ") and "bundle" in line
     assert (foreign / "keep.txt").read_text() == "mine"

@@ -43,3 +43,14 @@ def test_rename_of_an_unknown_task_is_bad_input(micro_backbone, tmp_path, capsys
     assert main([a, "--out", str(tmp_path / "o"), "--rename", "cars=autos", "-q"]) == 2
     err = capsys.readouterr().err
     assert "no such task" in err and "1:pets" in err and len(err.strip().splitlines()) == 1
+
+
+def test_renames_apply_at_once_so_two_tasks_can_swap(micro_backbone, tmp_path):
+    """`--rename a=b --rename b=a` swaps two tasks of one head (each OLD names a task as the head
+    came, not as an earlier rename left it)."""
+    from clipheads.export.heads import rename_tasks
+
+    head = build_method("coop", micro_backbone, (PETS, TaskSpec("cars", ("sedan", "truck"))), {"n_ctx": 2})
+    done = rename_tasks([head], [str(tmp_path / "h.head.safetensors")], {"1:pets": "cars", "1:cars": "pets"})
+    assert [(t.name, t.classnames) for t in head.tasks] == [("cars", PETS.classnames), ("pets", ("sedan", "truck"))]
+    assert done == [{"head": 1, "from": "pets", "to": "cars"}, {"head": 1, "from": "cars", "to": "pets"}]

@@ -119,6 +119,20 @@ def test_build_engine_command_without_tensorrt_exits_2_with_reason(micro_backbon
     assert "tensorrt" in capsys.readouterr().err.lower()
 
 
+def test_build_engine_refuses_an_onnx_target_bundle(micro_backbone, tmp_path, capsys):
+    """Its graphs hold com.microsoft ops TensorRT cannot parse: refused up front (exit 2, with the
+    re-export to make), TensorRT installed or not."""
+    from clipheads.training.methods import TaskSpec, build_method
+
+    from clipheads.export.cli import main
+    from clipheads.export.pipeline import ExportOptions, export_heads
+
+    head = build_method("zeroshot", micro_backbone, (TaskSpec("t", ("a", "b")),))
+    assert export_heads([head], tmp_path / "b", ExportOptions(probes=8, text=False)).passed
+    assert main(["build-engine", str(tmp_path / "b")]) == 2
+    assert "re-export the heads with --target tensorrt" in capsys.readouterr().err
+
+
 @pytest.mark.tensorrt
 @pytest.mark.gpu
 def test_build_engine_on_this_gpu(micro_backbone, tmp_path):
