@@ -120,7 +120,8 @@ class Predictor:
         return preds[0] if single else preds
 
     def embed(self, images: Images) -> np.ndarray:
-        """(N, E) L2-normalised image features of plain CLIP (the zero-shot path)."""
+        """(N, E) L2-normalised image features of the zero-shot path: the plain image tower when the
+        bundle ships one, else the head's own (first task's) image tower (`bundle.zero_shot_path`)."""
         items, _ = _as_list(images)
         feats = [self.runtime.encode_images(b) for b in self._batches(self.pixels(items))]
         f = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)

@@ -81,7 +81,8 @@ def _prefix(head: dict, data_bytes: int) -> bytes:
 
 
 def encode_frame(head: dict, chunks: list) -> bytes:
-    views = [memoryview(c).cast("B") for c in chunks]
+    # bytes views of the arrays; an empty array (a path with no logit columns) has no castable view
+    views = [memoryview(c).cast("B") if getattr(c, "size", 1) else memoryview(b"") for c in chunks]
     return b"".join([_prefix(head, sum(v.nbytes for v in views)), *views])
 
 

@@ -176,6 +176,31 @@ def test_overwrite_still_refuses_a_folder_that_is_not_ours(head, tmp_path):
     assert (mine / "thesis.tex").read_text() == "years of work\n" and not (mine / "_manifest.json").exists()
 
 
+
+def test_overwrite_deletes_only_what_a_scores_job_wrote(head, tmp_path):
+    """A `_manifest.json` of another tool is not a scores output; a real output with the user's own
+    file put inside is refused whole (nothing deleted); a clean one is replaced."""
+    from clipheads.serving.scoring.shards import OutputConflict
+
+    inp = _images(tmp_path / "in", 2)
+    other = tmp_path / "other"
+    (other / "photos").mkdir(parents=True)
+    (other / "_manifest.json").write_text('{"my": "other tool"}')
+    (other / "photos" / "a.txt").write_text("keep")
+    with pytest.raises(OutputConflict, match="not a clipheads-scores output"):
+        _score(head, inp, other, overwrite=True)
+    assert (other / "photos" / "a.txt").read_text() == "keep"
+
+    out = tmp_path / "out"
+    _score(head, inp, out)
+    (out / "notes.md").write_text("mine")
+    with pytest.raises(OutputConflict, match="notes.md"):
+        _score(head, inp, out, overwrite=True)
+    assert (out / "notes.md").read_text() == "mine" and (out / "_manifest.json").is_file()
+    (out / "notes.md").unlink()
+    assert _score(head, inp, out, overwrite=True).rows_total == 2
+
+
 # ---- 4. a corrupt Parquet listing --------------------------------------------------------------
 def test_a_corrupt_parquet_listing_fails_before_out_is_made(head, tmp_path, capsys):
     import pyarrow as pa

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from clipheads.training.files import file_sha256
 
@@ -53,6 +53,15 @@ def read_manifest(bundle: str | os.PathLike) -> dict:
         if Path(f).name != f:
             raise RuntimeError_(f"{mpath}: graph file name {f!r} must be a plain file name")
     return m
+
+
+def zero_shot_path(path_keys: Sequence[tuple[str, int]], image_graph: Optional[str]) -> int:
+    """The image path whose features zero-shot labels and few-shot tasks are scored on: the plain
+    image graph (`text.image_graph`, BUNDLE.md), which shares the text tower's space; a bundle
+    without one (every task has its own visual prompts or adapters) uses its first task's path, the
+    head's own image tower. Every runtime follows this rule, so a head answers alike on each."""
+    key = (image_graph, 0)
+    return path_keys.index(key) if image_graph and key in path_keys else 0
 
 
 def index_tasks(tasks: Sequence[dict]) -> tuple[list[tuple[str, int]], dict[str, TaskInfo]]:

@@ -12,7 +12,7 @@ from clipheads.training.files import file_sha256
 from clipheads.training.text_length import LENGTH_BUCKET, trim_tokens
 
 from .base import Runtime, RuntimeError_
-from .bundle import backbone_identity, index_tasks, read_manifest
+from .bundle import backbone_identity, index_tasks, read_manifest, zero_shot_path
 from .split_pass import MIN_BATCH, SplitPass, passes_wanted, split_wanted, usable_cores
 
 # A CPU image graph whose batch-1 pass takes less than this runs on one intra-op thread: its ops are
@@ -109,7 +109,7 @@ class OnnxRuntime(Runtime):
                           if text.get("sequence") == "dynamic" else None)
         self._tokenizer = None
         self._tokenizer_name = text.get("tokenizer") or bb.get("arch")
-        self.base_path = 0
+        self.base_path = zero_shot_path(self._path_keys, text.get("image_graph"))
 
     def describe(self) -> dict:
         return {**super().describe(), "intra_op_threads": self.intra_op_threads, "split_passes": self._split is not None,

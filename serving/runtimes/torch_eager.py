@@ -53,12 +53,9 @@ class TorchRuntime(Runtime):
                 if head.foldable:
                     self._class_w[i] = head.text_features(spec.classnames, i).float()  # (C, E)
         self._task_index = {spec.name: i for i, spec in enumerate(head.tasks)}
-        if has_vision:  # the plain CLIP image path for zero-shot / few-shot scoring
-            self.paths.append("backbone")
-            self._path_task.append(-1)
-            self.base_path = len(self.paths) - 1
-        else:
-            self.base_path = 0
+        # zero-shot / few-shot features: path 0, as in this head's bundle (bundle.zero_shot_path): the
+        # plain tower for text-only heads, the head's own image tower when it changes that tower
+        self.base_path = 0
 
     def _pixels(self, pixels: np.ndarray):
         torch = self._torch
@@ -71,9 +68,6 @@ class TorchRuntime(Runtime):
         with self._lock, torch.no_grad():
             x = self._pixels(pixels)
             ti = self._path_task[path]
-            if ti < 0:
-                f = head.backbone.encode_image(x)
-                return np.zeros((len(x), 0), np.float32), f.float().cpu().numpy()
             f = head.image_features(x, ti).float()  # (N, E)
             cols = []
             for name, t in self.tasks.items():

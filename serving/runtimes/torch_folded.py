@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .base import Runtime, RuntimeError_
-from .bundle import backbone_identity, index_tasks
+from .bundle import backbone_identity, index_tasks, zero_shot_path
 
 log = logging.getLogger("clipheads.serving")
 
@@ -99,6 +99,7 @@ class FoldedTorchRuntime(Runtime):
             self._encoders[g.name] = CudaGraphed(enc) if self.cuda_graphs else enc
         self._path_keys, self.tasks = index_tasks([t.to_json() for t in plan.tasks])  # as in a bundle
         self.paths = [f"{g}#{k}" for g, k in self._path_keys]
+        self.base_path = zero_shot_path(self._path_keys, next((g.name for g in plan.graphs if g.kind == "plain"), None))
 
     def run_path(self, path: int, pixels: np.ndarray, alongside: bool = False) -> tuple[np.ndarray, np.ndarray]:
         torch = self._torch

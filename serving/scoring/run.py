@@ -66,7 +66,7 @@ from .job import ScoreJob, ScoreSummary, check_output_paths, job_identity, set_r
 from .local import run_local
 from .ray_engine import run_ray
 from .listing import InputListing
-from .shards import ShardStore
+from .shards import ERRORS_FILE, ShardStore
 
 
 def score(job: ScoreJob, runtime=None) -> ScoreSummary:
@@ -77,7 +77,7 @@ def score(job: ScoreJob, runtime=None) -> ScoreSummary:
     t0 = time.perf_counter()
     info = source_info(job.source)
     out = Path(job.output).expanduser().resolve()
-    errors_file = Path(job.errors).expanduser().resolve() if job.errors else out / "_errors.jsonl"
+    errors_file = Path(job.errors).expanduser().resolve() if job.errors else out / ERRORS_FILE
     check_output_paths(out, errors_file)  # where nothing can be written: refused before any work
     listing = InputListing(job.input, job.path_column, exclude=[out, errors_file], follow_symlinks=job.follow_symlinks)
     identity = job_identity(job, info, listing)

@@ -30,6 +30,7 @@ from .listing import Shard
 
 MANIFEST = "_manifest.json"
 ERRORS_DIR = "_errors"
+ERRORS_FILE = "_errors.jsonl"  # the errors file's default place (run.py)
 OUTPUT_FORMAT = "clipheads-scores"
 OUTPUT_FORMAT_VERSION = 2  # 2: nested `predictions` struct, fixed-size lists, provenance in every part
 METADATA_KEY = "clipheads"  # each part's Parquet key-value metadata: JSON, see part_metadata
@@ -90,6 +91,19 @@ def _same(key: str, old, new) -> bool:
     return old == new
 
 
+def _written_by_scoring(p: Path) -> bool:
+    """Whether `p`, an entry of an output folder, is one a scores job writes: the manifest, parts,
+    temp files of an interrupted commit, the errors folder holding only such files."""
+    def ours(q: Path) -> bool:
+        return q.is_file() and not q.is_symlink() and (
+            q.name in (MANIFEST, ERRORS_FILE) or (q.name.startswith("part-") and q.suffix in (".parquet", ".jsonl"))
+            or (q.name.startswith(".") and ".tmp-" in q.name))
+
+    if p.name == ERRORS_DIR and p.is_dir() and not p.is_symlink():
+        return all(ours(q) for q in p.iterdir())
+    return ours(p)
+
+
 class ShardStore:
     """The output directory: which shards are committed, and committing new ones."""
 
@@ -141,10 +155,29 @@ class ShardStore:
                 )
 
     def _clear(self) -> None:
-        if not (self.root / MANIFEST).is_file() and any(self.root.iterdir()):
+        """--overwrite: remove an earlier scores output, only ever files a scores job writes; a
+        folder holding anything else (a `_manifest.json` of another tool, the user's own files) is
+        refused whole, nothing deleted."""
+        entries = list(self.root.iterdir())
+        if not entries:
+            return
+        try:
+            fmt = json.loads((self.root / MANIFEST).read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            fmt = None
+        if fmt != OUTPUT_FORMAT:
             raise OutputConflict(f"--overwrite refuses to clear {self.root}: it is not a clipheads-scores output")
-        for p in sorted(self.root.rglob("*"), reverse=True):
-            p.rmdir() if p.is_dir() else p.unlink()
+        foreign = [p.name for p in entries if not _written_by_scoring(p)]
+        if foreign:
+            raise OutputConflict(f"--overwrite refuses to clear {self.root}: it holds files a scores job does not "
+                                 f"write ({', '.join(sorted(foreign)[:5])}); move them or choose another --output")
+        for p in entries:
+            if p.is_dir():
+                for q in p.iterdir():
+                    q.unlink()
+                p.rmdir()
+            else:
+                p.unlink()
 
     def _sweep(self) -> None:
         """Remove temp files and parts that no manifest lists (left by a crash mid-commit)."""
