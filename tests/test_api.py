@@ -91,6 +91,16 @@ def test_predictor_on_a_head_object_file_and_bundle_agree(tmp_path):
         assert mine.size == (1000, 800) and by_object == by_path
         with pytest.raises(ValueError, match="image 0"):
             bundle.predict(b"not an image")
+        import struct
+        import zlib
+
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+        bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 10000, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))  # 200 MP header, over Pillow's limit
+        with pytest.raises(ValueError, match="image 0: ImageTooLarge"):
+            bundle.predict(bomb)
 
 
 @pytest.mark.integration

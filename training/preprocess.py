@@ -86,10 +86,12 @@ def open_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         img = _own_image(source)
     elif isinstance(source, np.ndarray):
         img = _from_array(source)
-    elif isinstance(source, (bytes, bytearray, memoryview)):
-        img = Image.open(io.BytesIO(bytes(source)))
-    elif isinstance(source, (str, os.PathLike)):
-        img = Image.open(Path(source))
+    elif isinstance(source, (bytes, bytearray, memoryview, str, os.PathLike)):
+        raw = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source)
+        try:
+            img = Image.open(raw)
+        except Image.DecompressionBombError as err:  # Pillow's own refusal (> ~179 MP), before our cap
+            raise ImageTooLarge(f"over Pillow's decompression-bomb limit (our cap: {max_pixels:,} pixels): {err}") from None
     else:
         raise TypeError(f"cannot read an image from {type(source).__name__}; "
                         "give a path, bytes, a PIL image or an (H, W, 3) numpy array")

@@ -50,8 +50,16 @@ def read_manifest(bundle: str | os.PathLike) -> dict:
         if key not in m:
             raise RuntimeError_(f"{mpath}: manifest has no {key!r}")
     for f in m["graphs"]:
-        if Path(f).name != f:
+        if not isinstance(f, str) or Path(f).name != f or f in (".", ".."):
             raise RuntimeError_(f"{mpath}: graph file name {f!r} must be a plain file name")
+    # every graph a task or the text side runs must be one `graphs` lists (and so sha256-checked):
+    # "../elsewhere.onnx" or "./image_0.onnx" would load an unverified file, maybe outside the bundle
+    used = [t.get("graph") for t in m["tasks"] if isinstance(t, dict)] + [(m.get("text") or {}).get("graph")]
+    if len(used) - 1 != len(m["tasks"]):
+        raise RuntimeError_(f"{mpath}: every task must be an object")
+    unlisted = sorted({str(g) for g in used if g is not None and g not in m["graphs"]})
+    if unlisted:
+        raise RuntimeError_(f"{mpath}: graph(s) {', '.join(unlisted)} are not listed in the manifest's graphs")
     return m
 
 
