@@ -23,7 +23,7 @@ from clipheads.training import console
 
 from .runtimes import RUNTIME_KINDS  # a light import: torch/ORT load only when a runtime opens
 from .front.config import ServeConfig
-from .startup import front_workers_problem, tasks_store_problem
+from .startup import front_workers_problem, runtime_problem, tasks_store_problem
 from .tasks import redact
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -32,28 +32,41 @@ PRIVATE_TASKS_DIR = "<a private directory, made at start and removed at exit>"  
 NO_ACCESS_LOG = "services.logging.access.enabled=false"  # a BENTOML_CONFIG_OPTIONS entry: every service
 
 
+def _number(kind: type, low: float, high: Optional[float] = None, what: str = ""):
+    """An argparse type: `kind` within [low, high] (a flag that cannot serve is refused at once)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'number' if kind is float else 'whole number'}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {what or (f'{low}..{high}' if high else f'>= {low}')}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = console.ArgumentParser(prog="clipheads serve", description="Serve a bundle or head over HTTP (BentoML).")
     p.add_argument("source", help="export bundle directory, a *.head.safetensors file (eager PyTorch), or the tag "
                                   "of a model saved with `clipheads models save` (name[:version])")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 to expose)")
-    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--port", type=_number(int, 1, 65535), default=3000)
     p.add_argument("--runtime", default="auto", choices=RUNTIME_KINDS)
     p.add_argument("--tasks-dir", default=None, help="directory where registered few-shot tasks persist (one machine)")
     p.add_argument("--tasks-store", default=None, metavar="DIR|URL",
                    help="where registered few-shot tasks live: a directory, or postgresql://USER@HOST:PORT/DB "
                         "shared by every replica")
     p.add_argument("--auth-token", default=None, help="require 'Authorization: Bearer TOKEN' (or CLIPHEADS_AUTH_TOKEN)")
-    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--max-concurrency", type=_number(int, 1), default=None)
     p.add_argument("--front-workers", type=int, default=None, metavar="N",
                    help="HTTP front processes on the port, one encoder behind them (default 1; more for many cores "
                         "feeding a GPU; without --tasks-dir/--tasks-store they share a private task directory, "
                         "removed at exit)")
-    p.add_argument("--timeout", type=int, default=None,
+    p.add_argument("--timeout", type=_number(int, 1), default=None,
                    help="seconds a request may take once its body has arrived (default 30, then 504)")
-    p.add_argument("--body-timeout", type=float, default=None,
+    p.add_argument("--body-timeout", type=_number(float, 0.001, what="> 0 seconds"), default=None,
                    help="seconds a request body may take to arrive (default 10, then 408)")
-    p.add_argument("--grace", type=int, default=30,
+    p.add_argument("--grace", type=_number(int, 0), default=30,
                    help="seconds in-flight requests get to finish after SIGTERM/SIGINT (default 30)")
     p.add_argument("--allow-reload", action="store_true",
                    help="enable POST /admin/reload (swap the head under load; needs --auth-token)")
@@ -162,7 +175,7 @@ def _serve(args) -> int:
         except (ArtifactError, BackboneError) as err:
             reason = str(err)
             raise console.BadInput(reason if str(src) in reason else f"{src}: {reason}") from None
-    problem = check_tasks_store(args)
+    problem = check_tasks_store(args) or runtime_problem(src, args.runtime)
     if problem:
         raise console.BadInput(problem)
     private = needs_private_tasks_dir(args)  # the fronts must see each other's tasks (startup.py)

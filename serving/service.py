@@ -143,7 +143,7 @@ class ClipHeads(Front):
         """Runs once in `bentoml serve`'s own process before any worker starts (never at build):
         no or an unknown source, or a task store that is a file, stops the server (exit 1, one
         line) instead of an encoder that restarts forever or a front that is never ready."""
-        problem = startup_problem(CONFIG.source, CONFIG.tasks_store, CONFIG.front_workers)
+        problem = startup_problem(CONFIG.source, CONFIG.tasks_store, CONFIG.front_workers, CONFIG.runtime)
         if problem:
             raise SystemExit(f"clipheads: {problem}")
 

@@ -37,14 +37,33 @@ def front_workers_problem(front_workers: int, tasks_store: str) -> Optional[str]
     return None
 
 
-def startup_problem(source: str, tasks_store: str, front_workers: int = 1) -> Optional[str]:
+def runtime_problem(source: Path, runtime: str) -> Optional[str]:
+    """A runtime that can never open here (its package, engines or GPU provider missing), found
+    before the encoder would fail at start-up again and again. Cheap: nothing is loaded."""
+    if runtime == "tensorrt":
+        if importlib.util.find_spec("tensorrt") is None:
+            return "--runtime tensorrt needs the tensorrt package on this machine (or use --runtime auto / onnx)"
+        if source.is_dir() and not any(source.glob("*.plan")):
+            return (f"--runtime tensorrt needs TensorRT engines in {source}: run `clipheads export build-engine "
+                    f"{source}` on this device first")
+    if runtime == "onnx-cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return ("--runtime onnx-cuda needs onnxruntime-gpu with a CUDA device (providers here: "
+                    f"{', '.join(ort.get_available_providers())}); use --runtime auto or onnx-cpu")
+    return None
+
+
+def startup_problem(source: str, tasks_store: str, front_workers: int = 1, runtime: str = "auto") -> Optional[str]:
     """What stops a server with this configuration from ever serving, or None."""
     from .model_store import ModelStoreError, resolve_source
 
     if not source:
         return "set CLIPHEADS_SOURCE to a bundle directory, a *.head.safetensors file or a model tag"
     try:
-        resolve_source(source)
+        src = resolve_source(source)
     except ModelStoreError as err:
         return f"no such bundle or head: {err}"
-    return tasks_store_problem(tasks_store) or front_workers_problem(front_workers, tasks_store)
+    return (runtime_problem(Path(src), runtime) or tasks_store_problem(tasks_store)
+            or front_workers_problem(front_workers, tasks_store))
