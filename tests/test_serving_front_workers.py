@@ -85,7 +85,7 @@ def test_two_fronts_answer_alike_and_share_few_shot_tasks(two_fronts):
     assert {u.json()["predictions"][0]["redblue"][0]["label"] for u in used} == {"reddish"}
 
 
-def test_sigterm_drains_the_requests_in_flight_on_both_fronts(two_fronts):
+def test_sigterm_drains_the_requests_in_flight_on_the_fronts(two_fronts):
     """Last in this module: it stops the server."""
     procs = fronts(two_fronts)
 
@@ -99,7 +99,9 @@ def test_sigterm_drains_the_requests_in_flight_on_both_fronts(two_fronts):
         two_fronts.proc.send_signal(signal.SIGTERM)
         t = time.perf_counter()
         codes = [f.result().status_code for f in pending]
-    assert min(held) > 0 and sum(held) == 16, f"requests in flight per front: {held}"
+    # which front accepts a connection is the kernel's choice: under load one may take all 16 (seen
+    # once in CI); both taking requests is the previous test's, every admitted one drained is this one's
+    assert sum(held) == 16, f"requests in flight per front: {held}"
     assert codes == [200] * 16, codes
     assert two_fronts.proc.wait(GRACE_S + 10) == 0
     assert time.perf_counter() - t < GRACE_S + 5
