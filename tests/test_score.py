@@ -535,8 +535,9 @@ def test_ray_engine_matches_local_engine(head_file, corpus, local_run, small, tm
 
 
 def test_multi_path_head_and_embeddings(head_file, corpus, small, tmp_path):
-    """A VPT head has one image path per task plus the plain backbone path: each task's columns
-    come from its own path and the embedding from the backbone path, as the Runtime computes them."""
+    """A VPT head has one image path per task: each task's columns come from its own path and the
+    embedding from the zero-shot path (the first task's, as in the head's bundle: zero_shot_path),
+    as the Runtime computes them."""
     from clipheads.serving.images import DecodeSpec, decode_image
     from clipheads.serving.runtimes import open_runtime, softmax
     from clipheads.serving.scoring import score
@@ -554,7 +555,7 @@ def test_multi_path_head_and_embeddings(head_file, corpus, small, tmp_path):
     score(_job(vpt, lst, out, embeddings=True, top_k=2, batch_size=8))
     t = _read(out)
     rt = open_runtime(vpt, "torch")
-    assert len(set(ti.path for ti in rt.tasks.values())) == 2 and rt.base_path == 2
+    assert len(set(ti.path for ti in rt.tasks.values())) == 2 and rt.base_path == 0 and len(rt.paths) == 2
     spec = DecodeSpec.from_preprocess(rt.preprocess)
     px = np.stack([decode_image((root / p).read_bytes(), spec) for p in small])
     want = rt.classify(px)
@@ -565,8 +566,9 @@ def test_multi_path_head_and_embeddings(head_file, corpus, small, tmp_path):
         p = softmax(want[task])
         assert t.column(f"{task}.label").to_pylist() == [classes[i] for i in p.argmax(1)]
         np.testing.assert_allclose(t.column(f"{task}.score").to_numpy(), p.max(1), atol=1e-5)
-    # the prompted paths really differ from the plain backbone path the embedding comes from
-    assert not np.allclose(rt.run_path(0, px)[1], rt.run_path(rt.base_path, px)[1], atol=1e-4)
+    # the embedding is the prompted tower's, not plain CLIP's
+    plain = rt.head.backbone.encode_image(rt._pixels(px)).numpy()
+    assert not np.allclose(feats, plain / np.linalg.norm(plain, axis=1, keepdims=True), atol=1e-4)
 
 
 # ---- ONNX bundle (hand-built to the DESIGN.md contract until export/ lands) -------------------
