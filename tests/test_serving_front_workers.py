@@ -56,6 +56,11 @@ def two_fronts(tmp_path_factory):
            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     server = Server(make_micro_head(d), None, d / "server.log", env_extra=env,  # no store: the CLI makes one
                     args=("--front-workers", "2", "--grace", str(GRACE_S)))
+    # the start-up wait saw one front ready; the other may still be warming: 20 ready answers in a row
+    deadline, streak = time.monotonic() + 60, 0
+    while streak < 20 and time.monotonic() < deadline:
+        streak = streak + 1 if httpx.get(server.url + "/readyz", timeout=5).status_code == 200 else 0
+        time.sleep(0.02)
     yield server
     server.stop()
 
