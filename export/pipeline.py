@@ -243,6 +243,8 @@ def export_heads(
     tmp_ctx = tempfile.TemporaryDirectory(prefix="clipheads-export-") if workdir is None else None
     work = Path(workdir or tmp_ctx.name)
     try:
+        from .optimize import op_counts
+
         t0 = time.perf_counter()
         plain = {}
         if options.fused_attention and options.target == "onnx" and not options.attention_op:
@@ -252,7 +254,7 @@ def export_heads(
             for g in plan.graphs:
                 plain[g.name] = export_image_graph(g.encoder, work / f"plain_{g.name}", options.opset,
                                                    options.exporter)
-                n_mha = _attention_nodes(plain[g.name])  # what the graph holds, not what was asked for
+                n_mha = _attention_nodes(op_counts(plain[g.name]))  # what the graph holds, not what was asked for
                 log(f"exported {g.name} ({g.kind}, {len(g.tasks)} task(s))"
                     + (f", {n_mha} attention blocks as fused attention nodes" if n_mha else ""))
         text_plain = None
@@ -267,13 +269,11 @@ def export_heads(
         if int8:
             manifest["int8"] = int8
         timings["optimise_s"] = time.perf_counter() - t0
-        from .optimize import op_counts
-
         for name, path in shipped.items():
             counts = op_counts(path)
             entry = fused_ops.setdefault(name, {})
             if isinstance(entry, dict):
-                entry["attention_nodes"] = sum(v for k, v in counts.items() if k.endswith("Attention"))
+                entry["attention_nodes"] = _attention_nodes(counts)
                 entry["nodes"] = sum(counts.values())
         manifest["fused_ops"] = fused_ops
 
@@ -340,11 +340,9 @@ def _declared_opset(path) -> Optional[int]:
     return graph_io(path).get("opset")
 
 
-def _attention_nodes(path) -> int:
-    """Fused attention nodes in an ONNX graph (com.microsoft.MultiHeadAttention, ai.onnx Attention)."""
-    import onnx
-
-    return sum(n.op_type in ("MultiHeadAttention", "Attention") for n in onnx.load(str(path), load_external_data=False).graph.node)
+def _attention_nodes(counts: dict) -> int:
+    """Fused attention nodes (com.microsoft.MultiHeadAttention, ai.onnx Attention) in `op_counts`."""
+    return sum(v for k, v in counts.items() if k.endswith("Attention"))
 
 
 def _selection_score(mode: str, target: float, row_task_index=None, tasks: Sequence = ()):

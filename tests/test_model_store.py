@@ -46,6 +46,23 @@ def test_save_list_and_serve_a_head_by_tag(tmp_path):
         assert dry.returncode == 0, dry.stderr
         assert f"CLIPHEADS_SOURCE={stored.resolve()}" in dry.stdout
 
+    images = tmp_path / "images"  # batch scoring takes the same tag
+    images.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (200, 20, 20)).save(images / "red.png")
+    scored = run(["-m", "clipheads", "score", "micro-zs", "--input", str(images), "--output",
+                  str(tmp_path / "preds"), "--runtime", "torch", "--json"], home)
+    assert scored.returncode == 0, scored.stderr
+    import json
+
+    assert json.loads(scored.stdout)["scored"] == 1
+    manifest = json.loads((tmp_path / "preds" / "_manifest.json").read_text())
+    assert manifest["job"]["source"] == str(stored.resolve())
+    missing = run(["-m", "clipheads", "score", "nosuch:v1", "--input", str(images), "--output",
+                   str(tmp_path / "p2")], home)
+    assert missing.returncode == 2 and "not a model in the BentoML store" in missing.stderr
+
 
 def test_bad_sources_are_refused_with_exit_2(tmp_path):
     home = tmp_path / "bentoml"

@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+from clipheads.training.classnames import classname_key
+
 from ..images import ImageRejected
 from .config import ServeConfig
 from .errors import ApiError
@@ -54,20 +56,13 @@ def check_labels(cfg: ServeConfig, labels: Any, what: str = "labels") -> list[st
         out.append(lab.strip())
     seen: dict[str, str] = {}
     for lab in out:
-        key = text_key(lab)
+        key = classname_key(lab)
         if key in seen:
             first = seen[key]
             raise ApiError(422, "duplicate_labels", f"'{what}' holds {first[:40]!r} and {lab[:40]!r}, which read "
                            "the same to the text encoder (case, '_' and spacing are ignored)")
         seen[key] = lab
     return out
-
-
-def text_key(label: str) -> str:
-    """What the text encoder reads of a label: '_' is a space (Front.text_weights), runs of
-    whitespace are one (open_clip's whitespace_clean) and case is ignored (its tokenizer
-    lowercases), so two labels with one key would get one embedding and tie on every image."""
-    return " ".join(label.replace("_", " ").split()).casefold()
 
 
 def check_templates(cfg: ServeConfig, templates: Optional[list[str]]) -> tuple[str, ...]:

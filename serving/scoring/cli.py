@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="clipheads score",
         description="Batch-score images into sharded Parquet (resumable; bad images go to an errors file).",
     )
-    p.add_argument("source", help="export bundle directory, or a *.head.safetensors file (eager PyTorch)")
+    p.add_argument("source", help="export bundle directory, a *.head.safetensors file (eager PyTorch), or the tag "
+                   "(NAME[:VERSION]) of one saved with `clipheads models save`")
     p.add_argument("--input", required=True, help="image directory (recursive), or a CSV/Parquet with a 'path' column")
     p.add_argument("--output", required=True, help="output directory, e.g. preds.parquet (Parquet parts + _manifest.json)")
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: all; written in the source's order)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -214,6 +214,17 @@ def validate(job: ScoreJob) -> None:
         raise UsageError("ray-num-gpus must be >= 0")
     if not job.ray_num_cpus > 0:  # 0 would size the actor pool as if every actor were free
         raise UsageError("ray-num-cpus must be > 0")
+
+
+def with_resolved_source(job: ScoreJob) -> ScoreJob:
+    """`job` with its source as a path: a model-store tag (NAME[:VERSION], as `clipheads serve`
+    takes) becomes the stored bundle or head; an existing path stays as it is."""
+    from ..model_store import ModelStoreError, resolve_source
+
+    try:
+        return replace(job, source=str(resolve_source(job.source)))
+    except ModelStoreError as err:
+        raise UsageError(f"no such bundle or head: {err}") from None
 
 
 def check_output_paths(out: Path, errors_file: Path) -> None:

@@ -62,7 +62,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..runtimes import open_runtime
-from .job import ScoreJob, ScoreSummary, check_output_paths, job_identity, set_runtime_threads, source_info, validate
+from .job import (ScoreJob, ScoreSummary, check_output_paths, job_identity, set_runtime_threads, source_info, validate,
+                  with_resolved_source)
 from .local import run_local
 from .ray_engine import run_ray
 from .listing import InputListing
@@ -74,6 +75,7 @@ def score(job: ScoreJob, runtime=None) -> ScoreSummary:
     usage or inputs; anything else is a failure. `runtime`: an already open Runtime for
     `job.source` to reuse (local engine only; e.g. the one a service process holds)."""
     validate(job)
+    job = with_resolved_source(job)
     t0 = time.perf_counter()
     info = source_info(job.source)
     out = Path(job.output).expanduser().resolve()

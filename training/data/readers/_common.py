@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from ...classnames import alike_classnames, clean_classname  # noqa: F401 (re-exported to readers)
 from ..records import Sample
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -87,25 +88,6 @@ def list_subdirs(directory: Path) -> list[str]:
     """Sorted names of the non-hidden sub-directories of `directory`."""
     with os.scandir(directory) as it:
         return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
-
-
-def clean_classname(name: str) -> str:
-    """What the text tower reads: underscores become spaces (as CoOp's prompt learners do)."""
-    return " ".join(name.replace("_", " ").split())
-
-
-def alike_classnames(names: Sequence[str]) -> list[tuple[str, str]]:
-    """Pairs of class names the text tower reads alike (after `clean_classname`, ignoring case, as
-    open_clip's tokenizer lowercases): their prompts, hence their zero-shot weights, are one."""
-    first: dict[str, str] = {}
-    pairs = []
-    for name in names:
-        key = clean_classname(name).casefold()
-        if key in first:
-            pairs.append((first[key], name))
-        else:
-            first[key] = name
-    return pairs
 
 
 # ----------------------------------------------------------------------------- label lists
