@@ -44,10 +44,11 @@ def _usage() -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     leading = []
-    while argv and argv[0] in GLOBAL_FLAGS:  # global flags travel to the end of the command's own argv
+    while argv and argv[0] in GLOBAL_FLAGS:  # global flags travel to the end of the command's own options
         leading.append(argv.pop(0))
     if leading and argv and argv[0] not in ("-h", "--help", "-V", "--version"):
-        argv += (["--quiet"] if {"-q", "--quiet"} & set(leading) else []) + (["--json"] if "--json" in leading else [])
+        end = argv.index("--") if "--" in argv else len(argv)  # after a `--` they would be positionals
+        argv[end:end] = (["--quiet"] if {"-q", "--quiet"} & set(leading) else []) + (["--json"] if "--json" in leading else [])
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -50,16 +51,18 @@ def _free_port() -> int:
 def _classify_over_http(bundle: Path, image: Path, port: int) -> dict:
     """Start `clipheads serve`, wait for /readyz, POST one image to /classify, stop the server."""
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true"}
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty server never blocks on a full pipe
     proc = subprocess.Popen(
         [sys.executable, "-m", "clipheads", "serve", str(bundle), "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True,
+        stdout=subprocess.DEVNULL, stderr=log, env=env, text=True,
     )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 180
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{proc.stderr.read()[-2000:]}")
+                log.seek(0)
+                raise RuntimeError(f"server exited early:\n{log.read()[-2000:]}")
             try:
                 with urllib.request.urlopen(f"{base}/readyz", timeout=2) as r:
                     if r.status == 200:
@@ -83,6 +86,7 @@ def _classify_over_http(bundle: Path, image: Path, port: int) -> dict:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
 DEMO_WORLD = "small"  # the world preset the demo writes

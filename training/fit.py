@@ -197,6 +197,10 @@ def train(
 
         raise MethodError("choose a method (see `clipheads methods`) or a recipe that names one")
     if isinstance(backbone, Backbone):
+        given = [f"{k}={v!r}" for k, v in (("pretrained", pretrained), ("act", act)) if v is not None]
+        if given:  # they choose how a backbone is opened; this one is open already
+            raise TypeError(f"{', '.join(given)} applies when `backbone` names an architecture; "
+                            f"the loaded Backbone {backbone.arch!r} ({backbone.pretrained}) is used as it is")
         bb = backbone
         arch = bb.arch
     else:

@@ -87,10 +87,11 @@ def open_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     elif isinstance(source, np.ndarray):
         img = _from_array(source)
     elif isinstance(source, (bytes, bytearray, memoryview, str, os.PathLike)):
-        raw = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source)
+        raw = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source).expanduser()
         try:
             img = Image.open(raw)
-        except Image.DecompressionBombError as err:  # Pillow's own refusal (> ~179 MP), before our cap
+        # Pillow's own refusal (> ~179 MP; > ~89 MP too where warnings are errors), before our cap
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             raise ImageTooLarge(f"over Pillow's decompression-bomb limit (our cap: {max_pixels:,} pixels): {err}") from None
     else:
         raise TypeError(f"cannot read an image from {type(source).__name__}; "

@@ -8,10 +8,11 @@
     http_layer.py  uvicorn's 400 for unparseable HTTP with our body
     openapi.py   the served OpenAPI document, made true to our answers
     validate.py  request-field checks (images, labels, templates, top_k, reload source)
+    labels.py, templates.py  the label and template rules (Predictor applies them too)
     store_calls.py  the task store's calls off the event loop, each bounded in time (503 after)
     core.py      Front: readiness, the encoder client, decoding, the answer wrapper
     routes.py    the endpoints' bodies (classify, zero_shot, tasks, reload)
 
 The BentoML service class (`ClipHeads`) that binds routes.py to HTTP lives in serving/service.py.
-Imports run one way: routes -> core, validate -> errors, config; core -> store_calls; guard -> body, reshape, openapi -> errors, config.
+Imports run one way: routes -> core, validate -> labels, templates, errors, config; core -> store_calls; guard -> body, reshape, openapi -> errors, config.
 """

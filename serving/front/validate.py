@@ -7,11 +7,10 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from clipheads.training.classnames import classname_key
-
 from ..images import ImageRejected
 from .config import ServeConfig
 from .errors import ApiError
+from .labels import clean_labels
 from .templates import check_templates as template_problems
 
 
@@ -43,25 +42,9 @@ def read_images(cfg: ServeConfig, images: list[Path | bytes], images_b64: list[s
 
 
 def check_labels(cfg: ServeConfig, labels: Any, what: str = "labels") -> list[str]:
-    if not isinstance(labels, list) or not labels:
-        raise ApiError(422, "invalid_labels", f"'{what}' must be a non-empty list of strings")
-    if len(labels) > cfg.max_labels:
-        raise ApiError(422, "too_many_labels", f"{len(labels)} labels; at most {cfg.max_labels}")
-    out = []
-    for lab in labels:
-        if not isinstance(lab, str) or not lab.strip():
-            raise ApiError(422, "invalid_labels", f"'{what}' must be non-empty strings")
-        if len(lab) > cfg.max_label_chars:
-            raise ApiError(422, "label_too_long", f"a label is over {cfg.max_label_chars} characters")
-        out.append(lab.strip())
-    seen: dict[str, str] = {}
-    for lab in out:
-        key = classname_key(lab)
-        if key in seen:
-            first = seen[key]
-            raise ApiError(422, "duplicate_labels", f"'{what}' holds {first[:40]!r} and {lab[:40]!r}, which read "
-                           "the same to the text encoder (case, '_' and spacing are ignored)")
-        seen[key] = lab
+    out, problem = clean_labels(labels, cfg.max_labels, cfg.max_label_chars, what)
+    if problem:
+        raise ApiError(422, *problem)
     return out
 
 

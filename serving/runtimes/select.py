@@ -35,10 +35,12 @@ def register_extra_model_configs() -> None:
 
 
 def open_runtime(source: str | os.PathLike, kind: str = "auto", device: Optional[str] = None,
-                 weights: Optional[str] = None) -> Runtime:
+                 weights: Optional[str] = None, backbone=None) -> Runtime:
     """A Runtime for a bundle directory or a head file. Raises RuntimeError_ with a reason.
     `weights`: where a head file's backbone weights are now (sha256-checked against the head);
-    a bundle's graphs hold the backbone already, so it is not used there."""
+    a bundle's graphs hold the backbone already, so it is not used there. `device`: a head file's
+    PyTorch device ("auto"/None: CUDA when available). `backbone`: an open `Backbone` to run a head
+    file on (an in-memory head's own, whose weights may exist nowhere else): eager, on its device."""
     if kind not in RUNTIME_KINDS:
         raise RuntimeError_(f"unknown runtime {kind!r}; choose from {', '.join(RUNTIME_KINDS)}")
     src = Path(source)
@@ -52,14 +54,21 @@ def open_runtime(source: str | os.PathLike, kind: str = "auto", device: Optional
             from ..model_entry import stored_weights
 
             weights = stored_weights(src)
-        import torch
-
         from clipheads.training.artifact import ArtifactError
         from clipheads.training.backbone import BackboneError
+        from clipheads.training.fit import resolve_device
 
-        on_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        try:  # "auto", a typo or "cuda" without a GPU: one line, not a weights-loading failure
+            device = str(backbone.device) if backbone is not None else resolve_device(device)
+        except BackboneError as err:
+            raise RuntimeError_(str(err)) from None
+        if backbone is not None and kind == "torch-folded":
+            raise RuntimeError_("an in-memory head runs eagerly on its own backbone (runtime 'torch'); "
+                                "save it (clipheads.save_head) and open the file to run it folded")
         try:  # a head whose backbone cannot be opened (moved weights, sha or activation mismatch): a reason
-            if kind == "torch-folded" or (kind == "auto" and on_cuda):
+            if backbone is not None:
+                return TorchRuntime(src, device=device, backbone=backbone)
+            if kind == "torch-folded" or (kind == "auto" and device.startswith("cuda")):
                 try:  # fp16 + CUDA graphs on a GPU (bench/gpu); refuses heads that do not fold (CoCoOp)
                     return FoldedTorchRuntime(src, device=device, weights=weights)
                 except RuntimeError_ as err:

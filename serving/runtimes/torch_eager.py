@@ -16,18 +16,21 @@ log = logging.getLogger("clipheads.serving")
 class TorchRuntime(Runtime):
     """Runs a head artifact eagerly: the fallback and the reference for parity."""
 
-    def __init__(self, head_path: str | os.PathLike, device: Optional[str] = None, weights: Optional[str] = None):
+    def __init__(self, head_path: str | os.PathLike, device: Optional[str] = None, weights: Optional[str] = None,
+                 backbone=None):
+        """`backbone`: an open Backbone to build the head on (checked against its record) instead of
+        opening the record's weights; `device` is then the backbone's."""
         super().__init__()
         import torch
 
         from clipheads.training.artifact import load_head
 
         self._torch = torch
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = str(backbone.device) if backbone is not None else device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = device
         self.name = f"torch-{'cuda' if device.startswith('cuda') else 'cpu'}"
         art = load_head(head_path)
-        head = art.build(device=device, weights_override=weights, log=log.info).eval()  # weights: moved backbone
+        head = art.build(backbone, device=device, weights_override=weights, log=log.info).eval()  # weights: moved backbone
         self.head = head
         self.backbone_weights = head.backbone.describe_weights()  # which weights file it used
         bb = head.backbone
