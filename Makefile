@@ -27,7 +27,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not integration"
 
 # The synthetic-world results table of every method (issue 4/5): world seed 1 (full), all
-# synth_* recipes, 3 seeds; resumable. DEVICE=cuda JOBS=4 on a GPU machine.
+# synth_* recipes, 3 seeds; resumable. DEVICE=cuda JOBS=8 on a GPU machine; BENCH_ARGS=--recompute for units that predate the recorded configuration.
 WORLD  ?= runs/world-s1
 DEVICE ?= cpu
 JOBS   ?= 1

@@ -43,7 +43,8 @@ def _parser() -> console.ArgumentParser:
     p.add_argument("--calibration-method", default="minmax", choices=("minmax", "percentile", "entropy"))
     p.add_argument("--int8-keep", type=int, default=None, metavar="K",
                    help="static int8: keep exactly the K most sensitive MatMuls in fp32 (default: as few as "
-                        "reach 99.8%% top-1 agreement with fp32 on the calibration images)")
+                        "reach 99.7%% top-1 agreement with fp32 on the held-out selection images, "
+                        "--selection-images)")
     p.add_argument("--int8-activations", default="auto", choices=("auto", "per-tensor", "per-row"),
                    help="static int8 activation ranges: per-tensor (calibrated, fastest), per-row (each token's "
                         "range at run time: closer to fp32, slower); auto (default): per-row only if per-tensor "
