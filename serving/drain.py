@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 from urllib.parse import unquote, urlparse
 
+from .wire import JSON
+
 log = logging.getLogger("clipheads.serving")
 
 SignalHandler = Callable[[int, Any], Any]
@@ -75,17 +77,18 @@ def pin_dependency(owner: Any, attr: str, on: Any) -> tuple[Any, Optional[Pinned
     the dependency is not a local socket (a remote URL, or in-process for tests) or linking fails."""
     proxy = getattr(owner, attr)  # resolves the dependency (BentoML's RemoteProxy or an instance)
     url = getattr(vars(type(owner)).get(attr), "url", None) or ""
-    if urlparse(url).scheme != "file":
-        return proxy, None
+    # BentoML 1.4's internal-dependency client (what `bentoml.depends` builds), speaking JSON where
+    # BentoML's speaks pickle (wire.py: the encoder refuses pickle)
+    from _bentoml_impl.client import RemoteProxy
+
+    if urlparse(url).scheme != "file":  # in-process (tests) as is; a remote encoder over JSON
+        return (RemoteProxy(url, service=on, media_type=JSON).as_service() if url else proxy), None
     try:
         pinned = PinnedSocket(unquote(urlparse(url).path))
     except OSError as err:
         log.warning("cannot pin the %s socket (%s); a SIGTERM may fail requests not yet forwarded", attr, err)
-        return proxy, None
-    # BentoML 1.4's internal-dependency client (what `bentoml.depends` builds), pointed at the link.
-    from _bentoml_impl.client import RemoteProxy
-
-    return RemoteProxy(pinned.url, service=on, media_type="application/vnd.bentoml+pickle").as_service(), pinned
+        return RemoteProxy(url, service=on, media_type=JSON).as_service(), None
+    return RemoteProxy(pinned.url, service=on, media_type=JSON).as_service(), pinned
 
 
 # ---- encoder side ---------------------------------------------------------------------------------

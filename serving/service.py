@@ -37,6 +37,7 @@ from .hop import HopServer
 from .metrics import install_bounded_labels
 from .process_manager import install_private_endpoints
 from .startup import startup_problem
+from .wire import RefusePickle, pack_array
 
 log = logging.getLogger("clipheads.serving")
 
@@ -99,7 +100,9 @@ class Encoder:
 
     @bentoml.api
     def encode_texts(self, texts: list[str]) -> dict:
-        return self.core.encode_texts(texts)
+        """{"weights": (N, E) float32 as wire.pack_array, "version"}: JSON, as every call here is."""
+        res = self.core.encode_texts(texts)
+        return {"weights": pack_array(res["weights"]), "version": res["version"]}
 
     @bentoml.api
     def info(self) -> dict:
@@ -229,6 +232,7 @@ class ClipHeads(Front):
         return await self.answer(ctx, "reload", lambda: routes.reload_head(self, source))
 
 
+Encoder.add_asgi_middleware(RefusePickle)  # JSON only from the front (wire.py)
 ClipHeads.add_asgi_middleware(GuardMiddleware, config=CONFIG, lane=LANE)
 install_outermost("clipheads", FastEntrance, lane=LANE)  # before BentoML's own middlewares
-pin_output_media_types(ClipHeads)  # the encoder answers BentoML calls in pickle: left alone
+pin_output_media_types(ClipHeads)  # the encoder answers in the request's JSON: left alone

@@ -76,3 +76,37 @@ def test_wheel_has_one_namespace_and_beats_a_decoy(tmp_path, clipheads_wheel):
             "print(type(b).__name__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
+
+
+# B5 #23: what a Bento or a `pip install clipheads[serve]` gets, not only this venv, is at or above
+# the CVE floors (bentoml alone would admit starlette 0.24, below the multipart-DoS fix in 0.40)
+REPO = Path(__file__).resolve().parents[1]
+SERVE_FLOORS = {"starlette": "0.40", "h11": "0.16", "python-multipart": "0.0.18", "bentoml": "1.4.39",
+                "pillow": "12.3", "torch": "2.6"}
+
+
+def _pins(lines) -> dict:
+    out = {}
+    for line in lines:
+        line = line.split("#")[0].strip().lstrip("- ").strip()
+        for op in ("==", ">="):
+            if op in line:
+                name, ver = line.split(op, 1)
+                out[name.strip().lower()] = ver.split(",")[0].strip().strip('"')
+    return out
+
+
+@pytest.mark.parametrize("where", ["bentofile.yaml", "requirements", "pyproject serve extra"])
+def test_cve_floors_are_pinned_where_installs_come_from(where):
+    from packaging.version import Version
+
+    if where == "bentofile.yaml":
+        pins = _pins((REPO / "bentofile.yaml").read_text().splitlines())
+    elif where == "requirements":
+        pins = _pins(line for f in (REPO / "requirements").glob("*.txt") for line in f.read_text().splitlines())
+    else:
+        project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+        pins = _pins(project["dependencies"] + project["optional-dependencies"]["serve"])
+    for dist, floor in SERVE_FLOORS.items():
+        assert dist in pins, f"{where}: {dist} is not pinned (floor {floor})"
+        assert Version(pins[dist]) >= Version(floor), f"{where}: {dist} {pins[dist]} is below {floor}"

@@ -241,3 +241,44 @@ def test_a_tasks_store_that_is_a_file_is_refused_at_start(server, tmp_path):
     assert done.returncode == 2 and "is not a directory" in done.stderr, done.stderr
     done = _bentoml_serve({"CLIPHEADS_SOURCE": str(head), "CLIPHEADS_TASKS_DIR": str(afile)}, tmp_path)
     assert done.returncode != 0 and "is not a directory" in done.stderr, done.stderr[-2000:]
+
+
+# ---- B5 #5 on the internal service: the encoder unpickles nothing ----------------------------------
+class _Marker:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):  # unpickling this runs open(path, "w"): the marker proves code ran
+        return (open, (self.path, "w"))
+
+
+def _encoder_socket(server) -> str:
+    """The encoder's BentoML socket: the unix socket that answers its JSON `/ping`."""
+    procs = [psutil.Process(server.proc.pid)] + psutil.Process(server.proc.pid).children(recursive=True)
+    paths = sorted({c.laddr for p in procs for c in p.net_connections("unix") if c.laddr and not c.raddr
+                    and "clipheads-circus-" not in c.laddr})
+    for path in paths:
+        try:
+            with httpx.Client(transport=httpx.HTTPTransport(uds=path), timeout=2) as c:
+                r = c.post("http://encoder/ping", json={"front_pid": 0})
+        except httpx.HTTPError:
+            continue
+        if r.status_code == 200 and "hop" in r.json():
+            return path
+    raise AssertionError(f"no unix socket answered the encoder's /ping: {paths}")
+
+
+def test_the_encoder_refuses_pickle_and_runs_no_code(server, tmp_path):
+    import pickle
+
+    sock = _encoder_socket(server)
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps({"texts": _Marker(str(marker))})
+    with httpx.Client(transport=httpx.HTTPTransport(uds=sock), timeout=10) as c:
+        for ctype in ("application/vnd.bentoml+pickle", "application/octet-stream", "text/plain"):
+            r = c.post("http://encoder/encode_texts", content=payload, headers={"content-type": ctype})
+            assert r.status_code == 415 and r.json()["error"] == "unsupported_media_type", (ctype, r.text[:200])
+        assert not marker.exists()
+        ok = c.post("http://encoder/encode_texts", json={"texts": ["a photo of a cat."]})
+        assert ok.status_code == 200 and ok.json()["weights"]["shape"][0] == 1  # JSON is what the front sends
+    assert good(server).status_code == 200  # and the front, speaking JSON to it, still classifies

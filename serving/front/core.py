@@ -23,6 +23,7 @@ from ..hop import EncoderUnavailable, HopClient
 from ..images import DecodeSpec, ImageRejected
 from ..metrics import IMAGES, REJECTIONS, REQUESTS, RUNTIME_ERRORS
 from ..tasks import LRUCache, TaskStore, TaskStoreError, open_task_store
+from ..wire import unpack_array
 from .config import ServeConfig
 from .decode_budget import DecodeBudget, DecodeLanes
 from .errors import ApiError, EncoderFailure
@@ -257,7 +258,7 @@ class Front:
             return cached, version
         texts = [t.format(lab.replace("_", " ")) for lab in labels for t in templates]
         res = await self.call_encoder("encode_texts", texts)
-        f = np.asarray(res["weights"], np.float32).reshape(len(labels), len(templates), -1).mean(axis=1)
+        f = unpack_array(res["weights"]).reshape(len(labels), len(templates), -1).mean(axis=1)
         f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
         self.text_cache.put((res["version"], tuple(labels), templates), f)
         return f, res["version"]
