@@ -98,6 +98,10 @@ ENCODER_QUEUE = bentoml.metrics.Gauge(
     name="clipheads_encoder_queue_images", documentation="Images waiting for an encoder pass",
     multiprocess_mode="livesum",
 )
+LABEL_SETS = bentoml.metrics.Counter(
+    name="clipheads_label_sets_total", documentation="Label embeddings asked for (zero-shot, few-shot), by where "
+    "they came from: the front's cache or an encoder call", labelnames=["source"],
+)
 HEAD_INFO = bentoml.metrics.Gauge(
     name="clipheads_head_info", documentation="1 for the head version being served", labelnames=["version"],
     multiprocess_mode="livemax",

@@ -191,10 +191,20 @@ def test_zero_shot_matches_eager_and_caches(server, eager):
     blob = png((30, 30, 200))
     labels = ["ocean", "forest", "desert"]
     files = [("images", ("a.png", blob, "image/png"))]
+
+    def label_sets() -> dict:
+        text = httpx.get(server.url + "/metrics", timeout=10).text
+        return {src: sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                         if line.startswith("clipheads_label_sets_total{") and f'source="{src}"' in line)
+                for src in ("cache", "encoder")}
+
+    before = label_sets()
     r1 = post(server, "/zero_shot", files=files, data={"labels": json.dumps(labels), "templates": '["a photo of {}."]'})
     r2 = post(server, "/zero_shot", files=files, data={"labels": json.dumps(labels), "templates": '["a photo of {}."]'})
     assert r1.status_code == 200, r1.text
     assert r1.json() == r2.json()
+    after = label_sets()  # the second request's labels came from the front's cache, not the encoder
+    assert (after["encoder"] - before["encoder"], after["cache"] - before["cache"]) == (1, 1), (before, after)
     w = eager.encode_texts([f"a photo of {l}." for l in labels])
     f = eager.encode_images(decode_image(blob, DecodeSpec(image_size=32))[None])
     probs = softmax(eager.logit_scale * f @ w.T)[0]

@@ -21,7 +21,7 @@ from bentoml.exceptions import ServiceUnavailable
 from ..drain import chain_exit_signals
 from ..hop import EncoderUnavailable, HopClient
 from ..images import DecodeSpec, ImageRejected
-from ..metrics import IMAGES, REJECTIONS, REQUESTS, RUNTIME_ERRORS
+from ..metrics import IMAGES, LABEL_SETS, REJECTIONS, REQUESTS, RUNTIME_ERRORS
 from ..tasks import LRUCache, TaskStore, TaskStoreError, open_task_store
 from ..wire import unpack_array
 from .config import ServeConfig
@@ -255,7 +255,9 @@ class Front:
 
         cached = self.text_cache.get((version, tuple(labels), templates))
         if cached is not None:
+            LABEL_SETS.labels(source="cache").inc()
             return cached, version
+        LABEL_SETS.labels(source="encoder").inc()
         texts = [t.format(lab.replace("_", " ")) for lab in labels for t in templates]
         res = await self.call_encoder("encode_texts", texts)
         f = unpack_array(res["weights"]).reshape(len(labels), len(templates), -1).mean(axis=1)
