@@ -65,12 +65,41 @@ def test_concurrency_limit_answers_429_fast():
 
 
 def test_timeout_gives_504_and_releases_the_slot():
+    """B5 #10: one guard, max_concurrency=1. While the slow request holds the only slot a second one
+    gets 429 (so the limit is live); after its 504 the same instance serves several follow-ups, each
+    within 200 ms; a leaked slot would answer them 429."""
+    delays = iter([3.0])  # the first request to reach the app sleeps past the timeout, the rest don't
+
+    async def app(scope, receive, send):
+        await receive()
+        delay = next(delays, 0.0)
+        if delay:
+            await asyncio.sleep(delay)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"x-clipheads", b"1")]})
+        await send({"type": "http.response.body", "body": b'{"ok": true}'})
+
+    guard = GuardMiddleware(app, ServeConfig(timeout_s=1, max_concurrency=1))
+
     async def go():
-        async with client(stub_app(delay=3.0), timeout_s=1, max_concurrency=1) as c:
-            r = await c.post("/classify", json={})
+        loop = asyncio.get_running_loop()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=guard), base_url="http://t") as c:
+            t0 = loop.time()
+            slow = asyncio.create_task(c.post("/classify", json={}))
+            while guard.in_flight == 0:  # the slow request holds the only slot
+                assert loop.time() - t0 < 0.5, "the slow request never took the slot"
+                await asyncio.sleep(0.01)
+            busy = await c.post("/classify", json={})
+            assert busy.status_code == 429 and busy.json()["error"] == "overloaded"
+            r = await slow
             assert r.status_code == 504 and r.json()["error"] == "timeout"
-        async with client(stub_app(), timeout_s=1, max_concurrency=1) as c:
-            assert (await c.post("/classify", json={})).status_code == 200
+            assert 0.9 <= loop.time() - t0 < 2.0
+            for _ in range(3):  # what a client sees first: a leaked slot answers these 429
+                t1 = loop.time()
+                follow = await c.post("/classify", json={})
+                assert follow.status_code == 200, (follow.status_code, follow.text)
+                assert loop.time() - t1 < 0.2
+            assert guard.in_flight == 0
 
     run(go())
 
