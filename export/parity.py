@@ -7,9 +7,12 @@ and reports top-1 agreement with its 95% Wilson interval. Gates by precision:
 
 | precision | logits                 | top-1 agreement (real images) | features cosine | random-init backbone     |
 |-----------|------------------------|-------------------------------|-----------------|--------------------------|
-| fp32      | max abs delta <= 1e-3  | 100 %                         | -               | 100 % on the decided half |
+| fp32      | max abs delta <= 1e-3  | 100 %                         | >= 0.9999 (min) | 100 % on the decided half |
 | fp16      | -                      | >= 99.5 %                     | >= 0.999 (min)  | 99.5 % on the decided half |
 | int8      | -                      | >= 99 %                       | -               | 99 % on the decided half + min cosine >= 0.995 |
+
+The fp32 logit bound is RELIABILITY.md B5 #21's 1e-5 on the unit features at CLIP's logit scale
+of 100 (looser at a random-init scale of ~14, where the cosine floor still holds the features).
 
 A random-init backbone (record `pretrained` "none"; `ExportOptions.gate`) has near-tied logits on
 every image: a top-1 flip there says nothing about the graph. Its gate counts agreement only on
@@ -46,7 +49,7 @@ class Gate:
 
 
 GATES = {
-    "fp32": Gate("fp32", 1e-3, 1.0, None),
+    "fp32": Gate("fp32", 1e-3, 1.0, 0.9999),
     "fp16": Gate("fp16", None, 0.995, 0.999),
     "int8": Gate("int8", None, 0.99, None, 0.995),
 }
