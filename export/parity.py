@@ -24,8 +24,9 @@ images, a task whose every flip is within the graph's typical error (margin <= 2
 row's max |delta logit|) is judged on its expected agreement instead of the raw count
 (`real_gate_failure`): a few coin-flip answers in 256 images cannot swing it, a gross error can.
 
-Every task is checked on its own path, every multi-task graph also on a mixed-task batch (rows
-must equal the per-task calls), and the text graph against `Backbone.encode_text` on the tasks'
+Every task is checked on its own path (in batches of 8, and its first image alone: batch 1 must
+answer as the batch does), every multi-task graph also on a mixed-task batch (rows must equal the
+per-task calls), and the text graph against `Backbone.encode_text` on the tasks'
 prompts.
 """
 from __future__ import annotations
@@ -296,6 +297,22 @@ def check_parity(
         if diff > MIXED_BATCH_TOL[precision]:
             failures.append(f"{g.name}: mixed-task batch differs from per-task calls by {diff:.3g}")
 
+    # batch 1 (B5 #21: batch sizes 1 and 8): a graph whose batch dimension was fixed or mis-traced
+    # at export answers one image differently from the same image inside a batch
+    batch_one = {}
+    for (graph, task_index), (logits, _) in graph_outputs.items():
+        try:
+            one, _ = run(graph, feed_px[:1], np.full(1, task_index, np.int64))
+        except Exception as err:  # noqa: BLE001 - e.g. a batch dimension fixed at export: a gate failure
+            batch_one[f"{graph}#{task_index}"] = None
+            failures.append(f"{graph} (task_index {task_index}): cannot run one image: {str(err)[:200]}")
+            continue
+        diff = float(np.abs(one - logits[:1]).max())
+        batch_one[f"{graph}#{task_index}"] = diff
+        if diff > MIXED_BATCH_TOL[precision]:
+            failures.append(f"{graph} (task_index {task_index}): one image alone differs from the same image "
+                            f"in a batch of {min(batch, len(probes))} by {diff:.3g}")
+
     text = None
     if text_path is not None:
         text = check_text_parity(plan, text_path, precision)
@@ -311,7 +328,8 @@ def check_parity(
         "precision": precision, "gate": asdict(gate), "mode": mode, "passed": not failures, "failures": failures,
         "reference": "eager PyTorch (HeadMethod.logits / image_features), fp32, CPU",
         "runtime": "onnxruntime CPUExecutionProvider",
-        "probe": probe_desc or {"n": len(probes)}, "worst": worst, "tasks": tasks, "mixed_batch": mixed, "text": text,
+        "probe": probe_desc or {"n": len(probes)}, "worst": worst, "tasks": tasks, "mixed_batch": mixed,
+        "batch_one_max_abs_diff": batch_one, "text": text,
     }
 
 

@@ -7,9 +7,10 @@ head against that graph in ONNX Runtime and must refuse it (exit 1, no bundle), 
 exported unperturbed exits 0.
 
 Batch sizes: the gate runs eager and ORT in chunks of `check_parity(batch=8)` over the probe
-images and the pipeline does not expose the chunk size, only the probe count (`--probes`). With
-`--probes 9` the image graph is run at batch 8 and then batch 1; a spy on the gate's ORT sessions
-checks that both sizes were exercised. (The default 256 probes never run batch 1.)
+images, then each graph and task on its first image alone (batch 1 must answer as the batch does);
+a spy on the gate's ORT sessions checks that both sizes were exercised. A graph whose batch
+dimension was fixed at 8 (what a batch-8 trace can leave) passes every chunk of 8 and is caught
+only by that batch-1 call.
 """
 from __future__ import annotations
 
@@ -136,3 +137,23 @@ def test_broken_graph_with_allow_parity_failure_still_exits_1_but_writes_the_bun
     assert doc["bundle"] == str(out)
     m = load_bundle(out).manifest
     assert m["parity"]["passed"] is False and m["parity"]["failures"]
+
+
+def test_a_batch_dimension_fixed_at_export_fails_the_gate_at_batch_1(head_file, tmp_path, capsys, monkeypatch):
+    real = pipeline.export_image_graph
+
+    def export_with_batch_fixed_at_8(*args, **kwargs):
+        path = real(*args, **kwargs)
+        model = onnx.load(str(path))
+        for inp in model.graph.input:
+            inp.type.tensor_type.shape.dim[0].dim_value = 8  # replaces the symbolic batch dimension
+        onnx.save(model, str(path))
+        return path
+
+    monkeypatch.setattr(pipeline, "export_image_graph", export_with_batch_fixed_at_8)
+    capsys.readouterr()
+    code = main([head_file, "--out", str(tmp_path / "bundle"), "--probes", "16", "--no-text", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 1 and doc["bundle"] is None, doc["parity"]
+    assert doc["parity"]["worst"]["max_abs_logit_diff"] <= 1e-5  # every chunk of 8 agreed
+    assert any("cannot run one image" in f for f in doc["parity"]["failures"]), doc["parity"]["failures"]
