@@ -97,6 +97,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             traceback.print_exc()
             print(f"clipheads score: failed: {type(err).__name__}: {err}", file=sys.stderr)
             return console.EXIT_FAIL
+        changed = summary.extra.get("listing_changed")
+        if changed:  # a warning, not --quiet's to hide
+            print(f"clipheads score: warning: the input changed while it was scored ({changed['counted']} inputs "
+                  f"counted at the start, {changed['listed']} listed by the scoring pass); the output holds what "
+                  "the scoring pass listed, and a rerun may find the committed inputs changed", file=sys.stderr)
         if summary.extra.get("backbone"):
             console.info(f"clipheads score: backbone: {summary.extra['backbone']}", args.quiet)
         console.info(f"clipheads score: {summary.line()}", args.quiet)

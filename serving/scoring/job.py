@@ -4,6 +4,7 @@ The engines (`local.py`, `ray_engine.py`) and the output store (`shards.py`) bui
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field, replace
@@ -15,10 +16,12 @@ import numpy as np
 from ..images import DecodeSpec, ImageRejected, decode_image
 from ..runtimes import RUNTIME_KINDS as RUNTIMES, source_sha256
 from .listing import InputListing, Shard
-from .shards import ShardStore
+from .shards import ERRORS_DIR, LOCK, MANIFEST, ShardStore
 
 ENGINES = ("local", "ray")
 DEFAULT_SHARD_SIZE = 4096
+MAX_CAP = 2**63 - 1  # --max-bytes / --max-pixels: an int64 (what a read size and JSON readers hold)
+READ_CHUNK = 1 << 20
 
 
 class UsageError(ValueError):
@@ -142,7 +145,20 @@ def load_item(location: str, spec: DecodeSpec) -> np.ndarray:
         if st.st_size > spec.max_bytes:
             raise ImageRejected("too_many_bytes", f"file is {st.st_size} bytes; the limit is {spec.max_bytes}", 413)
         with open(location, "rb") as f:
-            data = f.read(spec.max_bytes + 1)
+            # the file's size, not the cap: a read allocates its whole size up front (a huge cap
+            # would fail every image with MemoryError); +1 sees a file that grew since the stat
+            want = min(st.st_size, spec.max_bytes) + 1
+            data = f.read(want)
+            if len(data) == want and want <= spec.max_bytes:  # it grew: read on, never past the cap + 1
+                chunks = [data]
+                n = len(data)
+                while n <= spec.max_bytes:
+                    more = f.read(min(READ_CHUNK, spec.max_bytes + 1 - n))
+                    if not more:
+                        break
+                    chunks.append(more)
+                    n += len(more)
+                data = b"".join(chunks)
     except ImageRejected:
         raise
     except OSError as err:
@@ -177,6 +193,7 @@ def task_names(job: ScoreJob, info: dict) -> list[str]:
 
 
 def job_identity(job: ScoreJob, info: dict, listing: InputListing) -> dict:
+    spec = decode_spec(info, job)
     return {
         "source": info["path"],
         "source_kind": info["kind"],
@@ -190,6 +207,9 @@ def job_identity(job: ScoreJob, info: dict, listing: InputListing) -> dict:
         "shard_size": job.shard_size,
         "input": listing.describe(),
         "preprocess": info["preprocess"],
+        # the effective caps (defaults filled in): they decide which inputs are errors
+        "max_bytes": spec.max_bytes,
+        "max_pixels": spec.max_pixels,
     }
 
 
@@ -205,14 +225,17 @@ def validate(job: ScoreJob) -> None:
         raise UsageError(f"unknown ray decode mode {job.ray_decode!r}; choose actor or tasks")
     if job.workers < 0 or job.runtime_threads < 0:
         raise UsageError("workers and threads must be >= 0")
-    if job.commit_every_s < 0:
+    if not job.commit_every_s >= 0:  # also NaN (every comparison with it is false)
         raise UsageError("commit-every must be >= 0 seconds")
     for name in ("max_bytes", "max_pixels"):  # 0 or less would reject every image
-        if getattr(job, name) is not None and getattr(job, name) < 1:
+        v = getattr(job, name)
+        if v is not None and v < 1:
             raise UsageError(f"{name.replace('_', '-')} must be >= 1")
-    if job.ray_num_gpus < 0:
+        if v is not None and v > MAX_CAP:
+            raise UsageError(f"{name.replace('_', '-')} must be <= {MAX_CAP}")
+    if not (job.ray_num_gpus >= 0 and math.isfinite(job.ray_num_gpus)):
         raise UsageError("ray-num-gpus must be >= 0")
-    if not job.ray_num_cpus > 0:  # 0 would size the actor pool as if every actor were free
+    if not (job.ray_num_cpus > 0 and math.isfinite(job.ray_num_cpus)):  # 0 would size the pool as if actors were free
         raise UsageError("ray-num-cpus must be > 0")
 
 
@@ -229,9 +252,20 @@ def with_resolved_source(job: ScoreJob) -> ScoreJob:
 
 def check_output_paths(out: Path, errors_file: Path) -> None:
     """Refuse, before any work, an --output or --errors that cannot be written: the errors file
-    is a directory, or a parent of either is an existing file."""
+    is a directory, or a parent of either is an existing file; or an errors file inside OUT that
+    readers of OUT as a Parquet dataset would not skip (its name must start with '_', directly
+    in OUT) or that is one of OUT's own files."""
     if errors_file.is_dir():
         raise UsageError(f"--errors {errors_file} is a directory; give a file name (.jsonl or .csv)")
+    if errors_file == out or out in errors_file.parents:
+        rel = errors_file.relative_to(out) if errors_file != out else Path(".")
+        if errors_file.parent != out or not rel.name.startswith("_"):
+            raise UsageError(
+                f"--errors {errors_file} is inside the output {out}: there it must be a file directly in it "
+                f"whose name starts with '_' (e.g. {out / '_errors.csv'}), which readers of the output as a "
+                "Parquet dataset skip (and --overwrite knows as ours); or put it outside the output")
+        if rel.name in (MANIFEST, LOCK, ERRORS_DIR):
+            raise UsageError(f"--errors {errors_file} is one of the output's own files; choose another name")
     for what, path in (("--output", out), ("--errors", errors_file)):
         for parent in path.parents:
             if parent.exists():
@@ -242,8 +276,11 @@ def check_output_paths(out: Path, errors_file: Path) -> None:
 
 def pending_shards(listing: InputListing, job: ScoreJob, store: ShardStore, counts: dict) -> Iterator[Shard]:
     """What the listing's shards still need (committed parts are verified and skipped): whole
-    shards, or the rest of a shard an earlier run committed in part."""
+    shards, or the rest of a shard an earlier run committed in part. `counts["listed"]`: the
+    inputs this walk saw (the listing can change after `listing.count()`)."""
+    counts["listed"] = 0
     for shard in listing.shards(job.shard_size):
+        counts["listed"] = shard.stop
         rest = store.remaining(shard)
         counts["skipped"] += len(shard.items) - (len(rest.items) if rest else 0)
         if rest is None:

@@ -10,7 +10,10 @@ Directory inputs: links are followed only while their target stays inside the in
 A link leaving it, a directory named like an image file (`x.png/`) and a special file (FIFO,
 socket, device) are listed as error records (`outside_input`, `not_a_file`), never opened and never
 dropped silently; so is a name that is not valid UTF-8 (`bad_name`: Parquet and JSON hold only
-text), its `path` written with backslash escapes for the bad bytes (`bad\\xffname.png`).
+text), its `path` written with backslash escapes for the bad bytes (`bad\\xffname.png`), and a
+subdirectory that cannot be listed (`unreadable`, its `path` ending in `/`: its files are unknown).
+An input directory that cannot be listed, or one that holds a Parquet dataset (part files, no
+images), is a bad input. CSV listings may start with a UTF-8 byte-order mark.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ class InputError(ValueError):
 # ---- input listing ---------------------------------------------------------------------------
 # Names that look like image files: a directory with one of these suffixes is listed as an error.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class InputListing:
         self._exclude = {str(Path(p).resolve()) for p in exclude}  # compared with scandir paths under the resolved root
         if src.is_dir():
             self.kind = "dir"
+            _check_image_dir(self.source)
         elif src.suffix.lower() == ".csv":
             self.kind = "csv"
         elif src.suffix.lower() in (".parquet", ".pq"):
@@ -104,7 +109,7 @@ class InputListing:
 
     def _check(self) -> None:
         if self.kind == "csv":
-            with open(self.source, newline="", encoding="utf-8") as f:
+            with open(self.source, newline="", encoding="utf-8-sig") as f:  # -sig: a leading BOM is not text
                 try:
                     header = next(csv.reader(f), None)
                 except (UnicodeDecodeError, csv.Error) as err:
@@ -129,9 +134,15 @@ class InputListing:
         """(key, location, listing error or None) in sorted order; `seen`: directories entered."""
         try:
             st = os.stat(d)
-            entries = sorted(os.scandir(d), key=lambda e: e.name)
-        except OSError:
-            return  # an unreadable subdirectory has no listable files
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as err:
+            if not rel:  # the input directory itself: nothing can be listed
+                raise InputError(f"{self.source}: cannot list the input directory ({_os_reason(err)})") from None
+            # its files are unknown: one error record for the directory, never a silent gap
+            yield rel, str(d), ("unreadable", f"a directory that cannot be listed ({_os_reason(err)}); "
+                                              "its files are not scored")
+            return
         if (st.st_dev, st.st_ino) in seen:
             return  # a link loop, or a directory reached twice through links
         seen.add((st.st_dev, st.st_ino))
@@ -179,7 +190,7 @@ class InputListing:
         if self.kind == "csv":
             # a bad byte or an over-long field anywhere is a bad input: `count()` reads every row
             # before the first shard is scored, so it stops the job before anything is written
-            with open(self.source, newline="", encoding="utf-8") as f:
+            with open(self.source, newline="", encoding="utf-8-sig") as f:
                 reader = csv.DictReader(f)
                 try:
                     for row in reader:
@@ -231,6 +242,55 @@ class InputListing:
                 sid, buf = sid + 1, []
         if buf:
             yield Shard(sid, sid * shard_size, tuple(buf))
+
+
+def _os_reason(err: OSError) -> str:
+    return f"{type(err).__name__}: {err.strerror or err}"
+
+
+def _parquet_dataset_part(d: Path, depth: int = 0) -> Optional[str]:
+    """A Parquet file of `d` if `d` is laid out as a Parquet dataset (what Spark, pyarrow
+    `write_to_dataset`, pandas and `clipheads score` itself write): every visible top-level entry
+    is a Parquet file or a Hive partition directory (`key=value/`) laid out the same way; hidden
+    names and `_` markers (`_SUCCESS`, `_metadata`) aside. None: not a dataset (an image folder
+    that also holds a Parquet file, or subfolders, is an image folder). Stops at the first entry
+    that does not fit, so a large image folder costs one directory read."""
+    found: Optional[str] = None
+    try:
+        with os.scandir(d) as it:
+            for e in it:
+                name = e.name.lower()
+                if e.name.startswith(".") or (e.name.startswith("_") and not name.endswith(IMAGE_SUFFIXES)):
+                    continue
+                if name.endswith(PARQUET_SUFFIXES) and e.is_file():
+                    part = e.path
+                elif "=" in e.name and e.is_dir() and depth < 4:
+                    part = _parquet_dataset_part(Path(e.path), depth + 1)
+                    if part is None:
+                        return None
+                else:
+                    return None
+                found = part if found is None else min(found, part)
+    except OSError:
+        return None
+    return found
+
+
+def _check_image_dir(root: Path) -> None:
+    """A directory --input must be listable and must not be a Parquet dataset (its part files
+    would be 'scored' as broken images)."""
+    try:
+        with os.scandir(root):
+            pass
+    except OSError as err:
+        raise InputError(f"{root}: cannot list the input directory ({_os_reason(err)})") from None
+    part = _parquet_dataset_part(root)
+    if part is not None:
+        raise InputError(
+            f"{root} is a Parquet dataset (a directory of Parquet part files), not a folder of images; "
+            f"give one Parquet file as --input (e.g. {part}), or merge the parts into one first "
+            f"(pyarrow.parquet.write_table(pyarrow.dataset.dataset('{root}').to_table(), 'paths.parquet'))"
+        )
 
 
 def _first_bad_utf8(path: Path, chunk: int = 1 << 20) -> Optional[tuple[int, int]]:

@@ -40,7 +40,8 @@ ImageRejected kind (`invalid_image`, `unsupported_format`, `too_many_bytes`, `im
 `bad_aspect_ratio`), `unreadable`, or a listing kind: `outside_input` (a link leaving the input
 directory, not followed without `--follow-symlinks`), `not_a_file` (a directory named like an
 image, a FIFO/socket/device), `bad_name` (a file name that is not UTF-8; its `path` shows the bad
-bytes as `\\xNN`). Every input is either a row or an error record, once. Tasks are always
+bytes as `\\xNN`), `unreadable` also for a subdirectory that cannot be listed (its `path` ends in
+`/`; its files are unknown). Every input is either a row or an error record, once. Tasks are always
 written in the source's order (`--tasks b,a` is the same job as `--tasks a,b`).
 
 Commits: a shard (`--shard-size` inputs) commits when it is done, and a piece of it commits as soon
@@ -51,8 +52,13 @@ A run ends with one summary line on stderr (scored, failed, skipped, images/s) a
 `--json`, the ScoreSummary as JSON on stdout. images/s is counted from the first decode
 (start-up excluded); `seconds` is the whole wall time. `--engine ray`: ray_engine.py.
 Exit codes: 0 ok (also when some images were rejected), 2 bad usage or bad input (missing
-bundle/input, unknown task, OUT holds another job or its committed inputs changed), 1 failure,
-130 interrupted (committed shards are kept; the same command resumes).
+bundle/input, unknown task, OUT holds another job or its committed inputs changed, another job is
+writing OUT), 1 failure, 130 interrupted (committed shards are kept; the same command resumes).
+
+One job writes OUT at a time (an flock on `OUT/_lock`). The byte and pixel caps are part of the
+job: a rerun with other caps is another job (refused; --overwrite). Files added to or removed from
+an input directory while it is scored are not a failure: the output holds what the scoring pass
+listed, `total` is that count, and `extra.listing_changed` ({counted, listed}) says so.
 """
 from __future__ import annotations
 
@@ -87,10 +93,15 @@ def score(job: ScoreJob, runtime=None) -> ScoreSummary:
         set_runtime_threads(job.runtime_threads)
         runtime = open_runtime(job.source, job.runtime, device=job.device, weights=job.weights)
     total = listing.count()  # reads every input name: a bad listing fails before OUT is touched too
-    store = ShardStore(out, identity, overwrite=job.overwrite)
-    store.check_listing(total)  # committed parts past the end of the listing: its inputs changed
-    summary = ScoreSummary(output=str(out), errors_file=str(errors_file), engine=job.engine, runtime=job.runtime,
-                           total=total)
+    with ShardStore(out, identity, overwrite=job.overwrite, errors_file=errors_file) as store:  # OUT locked
+        store.check_listing(total)  # committed parts past the end of the listing: its inputs changed
+        return _run(job, info, listing, store, total, errors_file, runtime, t0)
+
+
+def _run(job: ScoreJob, info: dict, listing: InputListing, store: ShardStore, total: int, errors_file: Path,
+         runtime, t0: float) -> ScoreSummary:
+    summary = ScoreSummary(output=str(store.root), errors_file=str(errors_file), engine=job.engine,
+                           runtime=job.runtime, total=total)
     counts = {"skipped": 0, "shards_skipped": 0}
     t_run = time.perf_counter()
     if job.engine == "local":
@@ -99,6 +110,10 @@ def score(job: ScoreJob, runtime=None) -> ScoreSummary:
         run_ray(job, info, listing, store, total, summary, counts)
     summary.skipped = counts["skipped"]
     summary.shards_skipped = counts["shards_skipped"]
+    listed = counts.get("listed", total)  # what the scoring walk saw: files can come and go after count()
+    if listed != total:
+        summary.total = listed
+        summary.extra["listing_changed"] = {"counted": total, "listed": listed}
     done = summary.scored + summary.failed
     summary.seconds = time.perf_counter() - t0
     run_s = time.perf_counter() - counts.get("t_start", t_run)
@@ -106,10 +121,12 @@ def score(job: ScoreJob, runtime=None) -> ScoreSummary:
     summary.images_per_s = done / run_s if run_s > 0 else 0.0
     summary.errors_total = store.write_errors_file(errors_file)
     summary.rows_total = sum(v["rows"] for v in store.shards.values())
-    complete = summary.rows_total + summary.errors_total == total
+    complete = summary.rows_total + summary.errors_total == listed
     store.write_manifest(complete=complete, summary={
         k: v for k, v in asdict(summary).items() if k not in ("extra",)
     } | {"host": platform.node(), "finished": time.time()})
+    if listed != total:
+        store.check_listing(listed)  # committed parts past the end of what the walk saw
     if not complete:
-        raise RuntimeError(f"output has {summary.rows_total} rows + {summary.errors_total} errors for {total} inputs")
+        raise RuntimeError(f"output has {summary.rows_total} rows + {summary.errors_total} errors for {listed} inputs")
     return summary

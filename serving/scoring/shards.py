@@ -9,20 +9,25 @@ DuckDB `read_parquet('OUT.parquet/*.parquet')`):
       part-00001.parquet        ...
       part-00002-01733.parquet  a shard committed in pieces: inputs [2*S + 1733, ...) of shard 2
       _errors/part-00000.jsonl  rejected inputs of that part (one JSON object per line)
+      _lock                     held (flock) by the one job writing OUT; a second one is refused
 
 A part is a contiguous range of one shard: the whole shard, or a piece committed early because
 `commit_every_s` passed (so a killed job loses at most that much work even inside a large shard).
 A part commits in three atomic steps (write a temp file, fsync, rename, fsync the directory): its
 errors, its Parquet file, then the manifest that lists it. A crash at any point leaves either a
 committed part or one that is not in the manifest and is recomputed (and overwritten) on the next
-run; a committed part is never rescored and rows are never duplicated.
+run; a committed part is never rescored and rows are never duplicated. A part whose Parquet file
+or errors sidecar is missing is lost and recomputed. One job at a time writes OUT: the store holds
+an exclusive lock on `OUT/_lock` from before it reads the manifest until `close()`.
 """
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -31,6 +36,7 @@ from .listing import Shard
 MANIFEST = "_manifest.json"
 ERRORS_DIR = "_errors"
 ERRORS_FILE = "_errors.jsonl"  # the errors file's default place (run.py)
+LOCK = "_lock"  # flock'ed by the job writing OUT ('_': readers of OUT as a dataset skip it)
 OUTPUT_FORMAT = "clipheads-scores"
 OUTPUT_FORMAT_VERSION = 2  # 2: nested `predictions` struct, fixed-size lists, provenance in every part
 METADATA_KEY = "clipheads"  # each part's Parquet key-value metadata: JSON, see part_metadata
@@ -80,7 +86,7 @@ def part_name(shard_id: int, offset: int = 0) -> str:
 
 
 # Job identity fields that must match for a run to continue an existing output.
-IDENTITY_KEYS = ("source_sha256", "tasks", "top_k", "embeddings", "shard_size", "input")
+IDENTITY_KEYS = ("source_sha256", "tasks", "top_k", "embeddings", "shard_size", "input", "max_bytes", "max_pixels")
 
 
 def _same(key: str, old, new) -> bool:
@@ -91,31 +97,102 @@ def _same(key: str, old, new) -> bool:
     return old == new
 
 
-def _written_by_scoring(p: Path) -> bool:
-    """Whether `p`, an entry of an output folder, is one a scores job writes: the manifest, parts,
-    temp files of an interrupted commit, the errors folder holding only such files."""
-    def ours(q: Path) -> bool:
+def _written_by_scoring(p: Path, also: frozenset = frozenset()) -> bool:
+    """Whether `p`, an entry of an output folder, is one a scores job writes: the manifest, the
+    lock, parts, temp files of an interrupted commit, the errors folder holding only such files,
+    the default errors file or one of `also` (errors files --errors put in OUT)."""
+    def ours(q: Path, top: bool) -> bool:
         return q.is_file() and not q.is_symlink() and (
-            q.name in (MANIFEST, ERRORS_FILE) or (q.name.startswith("part-") and q.suffix in (".parquet", ".jsonl"))
+            q.name in (MANIFEST, ERRORS_FILE, LOCK) or (top and q.name in also)
+            or (q.name.startswith("part-") and q.suffix in (".parquet", ".jsonl"))
             or (q.name.startswith(".") and ".tmp-" in q.name))
 
     if p.name == ERRORS_DIR and p.is_dir() and not p.is_symlink():
-        return all(ours(q) for q in p.iterdir())
-    return ours(p)
+        return all(ours(q, False) for q in p.iterdir())
+    return ours(p, True)
+
+
+def _lock(root: Path) -> Optional[int]:
+    """An exclusive, non-blocking flock on `root/_lock` (held until the fd is closed, also by a
+    killed process: the kernel drops it). Raises OutputConflict if another job holds it. None
+    where the filesystem has no locks (a warning: concurrent runs are not detected there)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise OutputConflict(
+                f"another clipheads score job is writing {root} (it holds {root / LOCK}); "
+                "wait for it to finish, or use another --output") from None
+        warnings.warn(f"cannot lock {root / LOCK} ({err.strerror or err}): a second job writing "
+                      f"{root} at the same time would not be detected", RuntimeWarning, stacklevel=3)
+        return None
+    return fd
 
 
 class ShardStore:
     """The output directory: which shards are committed, and committing new ones."""
 
-    def __init__(self, out: str | os.PathLike, identity: dict, overwrite: bool = False):
+    def __init__(self, out: str | os.PathLike, identity: dict, overwrite: bool = False,
+                 errors_file: Optional[str | os.PathLike] = None):
         self.root = Path(out).expanduser().resolve()
         self.identity = identity
         self.shard_size = int(identity.get("shard_size") or 0)
         self.shards: dict[str, dict] = {}  # committed parts by part_id (a whole shard: its number)
-        mpath = self.root / MANIFEST
+        self._ours = frozenset()  # errors files in OUT (--errors OUT/_name): ours for --overwrite
+        if errors_file is not None and Path(errors_file).expanduser().resolve().parent == self.root:
+            self._ours = frozenset({Path(errors_file).name})
+        self._lock_fd: Optional[int] = None
         if self.root.exists() and not self.root.is_dir():
             raise OutputConflict(f"{self.root} exists and is not a directory")
-        if overwrite and self.root.exists():
+        if self.root.exists():  # refuse a folder that is not ours before creating the lock in it
+            self._refuse_foreign(overwrite)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock(self.root)
+        try:
+            self._open(overwrite)  # under the lock: the checks again, --overwrite, the manifest
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release OUT's lock (the lock file stays: removing it would let two jobs lock two files)."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> "ShardStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def _foreign_without_manifest(self) -> bool:
+        """OUT has no manifest and holds something other than our errors folder, lock and
+        hidden temp files."""
+        return not (self.root / MANIFEST).is_file() and any(
+            p.name not in (ERRORS_DIR, LOCK) and not p.name.startswith(".") for p in self.root.iterdir())
+
+    def _refuse_foreign(self, overwrite: bool) -> None:
+        if overwrite:
+            self._clearable()
+        elif self._foreign_without_manifest():
+            raise OutputConflict(f"{self.root} exists, is not empty and has no {MANIFEST}; use --overwrite")
+
+    def _open(self, overwrite: bool) -> None:
+        mpath = self.root / MANIFEST
+        if overwrite:
             self._clear()
         if mpath.is_file():
             try:
@@ -125,16 +202,18 @@ class ShardStore:
             if m.get("format") != OUTPUT_FORMAT or m.get("format_version") != OUTPUT_FORMAT_VERSION:
                 raise OutputConflict(f"{mpath}: not a clipheads-scores v{OUTPUT_FORMAT_VERSION} output")
             old = m.get("job") or {}
-            diff = [k for k in IDENTITY_KEYS if not _same(k, old.get(k), identity.get(k))]
+            diff = [k for k in IDENTITY_KEYS if not _same(k, old.get(k), self.identity.get(k))]
             if diff:
+                unrecorded = [k for k in diff if k not in old]
                 raise OutputConflict(
-                    f"{self.root} holds a different job (differs in: {', '.join(diff)}); "
-                    "use another --output, or --overwrite to discard it"
+                    f"{self.root} holds a different job (differs in: {', '.join(diff)}"
+                    + (f"; not recorded by the clipheads that wrote it: {', '.join(unrecorded)}" if unrecorded else "")
+                    + "); use another --output, or --overwrite to discard it"
                 )
             self.shards = {str(k): v for k, v in (m.get("shards") or {}).items()}
             self.created = m.get("created")
         else:
-            if self.root.exists() and any(p.name != ERRORS_DIR and not p.name.startswith(".") for p in self.root.iterdir()):
+            if self._foreign_without_manifest():
                 raise OutputConflict(f"{self.root} exists, is not empty and has no {MANIFEST}; use --overwrite")
             self.created = time.time()
         new = not mpath.is_file()
@@ -154,30 +233,44 @@ class ShardStore:
                     "use a new --output or --overwrite"
                 )
 
-    def _clear(self) -> None:
-        """--overwrite: remove an earlier scores output, only ever files a scores job writes; a
-        folder holding anything else (a `_manifest.json` of another tool, the user's own files) is
-        refused whole, nothing deleted."""
-        entries = list(self.root.iterdir())
+    def _clearable(self) -> list[Path]:
+        """The entries --overwrite deletes (the lock aside); raises OutputConflict, deleting
+        nothing, unless OUT is a scores output holding only files a scores job writes."""
+        entries = [p for p in self.root.iterdir() if p.name != LOCK]
         if not entries:
-            return
+            return []
         try:
-            fmt = json.loads((self.root / MANIFEST).read_text()).get("format")
+            m = json.loads((self.root / MANIFEST).read_text())
+            fmt = m.get("format")
         except (OSError, ValueError, AttributeError):
-            fmt = None
+            m, fmt = None, None
         if fmt != OUTPUT_FORMAT:
             raise OutputConflict(f"--overwrite refuses to clear {self.root}: it is not a clipheads-scores output")
-        foreign = [p.name for p in entries if not _written_by_scoring(p)]
+        also = set(self._ours)
+        last = (m.get("last_run") or {}).get("errors_file") if isinstance(m.get("last_run"), dict) else None
+        if isinstance(last, str) and Path(last).parent == self.root and Path(last).name.startswith("_"):
+            also.add(Path(last).name)  # an errors file an earlier run put in OUT
+        foreign = [p.name for p in entries if not _written_by_scoring(p, frozenset(also))]
         if foreign:
             raise OutputConflict(f"--overwrite refuses to clear {self.root}: it holds files a scores job does not "
                                  f"write ({', '.join(sorted(foreign)[:5])}); move them or choose another --output")
-        for p in entries:
+        return entries
+
+    def _clear(self) -> None:
+        """--overwrite: remove an earlier scores output, only ever files a scores job writes; a
+        folder holding anything else (a `_manifest.json` of another tool, the user's own files) is
+        refused whole, nothing deleted. The manifest goes last: an interrupted --overwrite leaves
+        a folder that is still a scores output (and --overwrite clears it again)."""
+        entries = self._clearable()
+        for p in sorted(entries, key=lambda p: p.name == MANIFEST):
             if p.is_dir():
                 for q in p.iterdir():
                     q.unlink()
                 p.rmdir()
             else:
                 p.unlink()
+        if entries:
+            _fsync_dir(self.root)
 
     def _sweep(self) -> None:
         """Remove temp files and parts that no manifest lists (left by a crash mid-commit)."""
@@ -208,12 +301,15 @@ class ShardStore:
                     f"the inputs of committed part {rec['file']} changed since it was written "
                     f"(inputs {rec['start']}..{rec['stop']}); use a new --output or --overwrite"
                 )
-            if not (self.root / rec["file"]).is_file():
-                break  # lost: recompute from here (the parts after it are overwritten too)
+            if not (self.root / rec["file"]).is_file() or not self._sidecar(rec["file"]).is_file():
+                break  # lost (its rows or its errors): recompute from here (the parts after it are overwritten too)
             covered = rec["stop"]
         if covered == shard.stop:
             return None
         return shard.piece(covered, shard.stop)
+
+    def _sidecar(self, part_file: str) -> Path:
+        return self.root / ERRORS_DIR / part_file.replace(".parquet", ".jsonl")
 
     def committed(self, shard: Shard) -> bool:
         """True when all of `shard` was committed by an earlier run."""
