@@ -136,13 +136,25 @@ def test_metrics_exact_deltas(server):
     Image.new("L", (10000, 6000)).save(bomb, "PNG")
     assert classify(server, bomb.getvalue()).status_code == 422  # 60 MP pixel bomb
 
-    async def burst():  # MAX_CONC + 1 slow requests at once: exactly one is turned away
+    async def burst():  # MAX_CONC + 1 slow requests at once: exactly one is turned away (B5 #11)
         async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=15) as c:
-            return await asyncio.gather(*(c.post("/classify", files=files(BUSY_IMG), data={"tasks": '["color"]'})
-                                          for _ in range(MAX_CONC + 1)))
+            async def timed(call):
+                t = time.perf_counter()
+                r = await call
+                return r, time.perf_counter() - t
 
-    codes = sorted(r.status_code for r in asyncio.run(burst()))
+            work = asyncio.gather(*(timed(c.post("/classify", files=files(BUSY_IMG), data={"tasks": '["color"]'}))
+                                    for _ in range(MAX_CONC + 1)))
+            await asyncio.sleep(0.3)  # every slot is held by a pass of BUSY_S: the probes answer meanwhile
+            probes = await asyncio.gather(*(timed(c.get(p)) for p in ("/livez", "/readyz")))
+            return await work, probes
+
+    answers, probes = asyncio.run(burst())
+    codes = sorted(r.status_code for r, _ in answers)
     assert codes == [200] * MAX_CONC + [429], codes
+    (turned_away, took), = [(r, t) for r, t in answers if r.status_code == 429]
+    assert turned_away.headers.get("retry-after") and took < BUSY_S, (dict(turned_away.headers), took)  # not queued
+    assert [r.status_code for r, _ in probes] == [200, 200], [(r.status_code, r.text[:100]) for r, _ in probes]
     assert classify(server, SLOW_IMG).status_code == 504  # timeout
     time.sleep(SLOW_S - TIMEOUT_S + 0.5)  # let the encoder finish the abandoned pass
     d = {k: v for k, v in delta(scrape(server), before).items() if "_bucket" not in k and "_count" not in k}
