@@ -45,3 +45,20 @@ def test_a_runtime_this_machine_cannot_open_is_refused_up_front(micro_backbone, 
         assert main([str(bundle), "--runtime", "onnx-cuda", "--dry-run"]) == 2
         assert "onnx-cuda needs onnxruntime-gpu" in capsys.readouterr().err
     assert main([str(bundle), "--runtime", "onnx-cpu", "--dry-run"]) == 0
+
+
+def test_the_reliability_defaults_are_pinned(monkeypatch):
+    """RELIABILITY.md B5's defaults, with no CLIPHEADS_* variable set: 20 MB bodies, 40 MP images,
+    30 s per request, 30 s of drain, loopback only (every other test overrides some of them)."""
+    import os
+
+    from clipheads.serving.cli import build_parser
+    from clipheads.serving.front.config import ServeConfig
+
+    for k in list(os.environ):
+        if k.startswith("CLIPHEADS_"):
+            monkeypatch.delenv(k)
+    cfg = ServeConfig.from_env()
+    assert (cfg.max_body_bytes, cfg.max_pixels, cfg.timeout_s, cfg.grace_s) == (20 * 1024 * 1024, 40_000_000, 30, 30)
+    args = build_parser().parse_args(["bundle/"])
+    assert (args.host, args.grace) == ("127.0.0.1", 30)
