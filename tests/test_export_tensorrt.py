@@ -60,12 +60,8 @@ def test_profile_shapes_replace_only_the_batch_dim():
         profile_shapes([{"name": "tokens", "shape": ["batch", "len"]}], 1, 1, 2)
 
 
-def test_a_variable_length_text_graph_gets_a_sequence_profile():
-    from clipheads.export.tensorrt import text_length_range
-
-    text = {"sequence": "dynamic", "context_length": 77, "length_bucket": 8}
-    rng = text_length_range(text)
-    assert rng == {"sequence": (1, 16, 77)} and text_length_range({"context_length": 77}) == {}
+def test_a_named_dim_with_a_range_gets_its_own_profile():
+    rng = {"sequence": (1, 16, 77)}
     shapes = profile_shapes([{"name": "tokens", "shape": ["batch", "sequence"]}], 1, 32, 64, rng)
     assert shapes["tokens"] == ((1, 1), (32, 16), (64, 77))
 
@@ -208,3 +204,98 @@ def test_serving_tensorrt_runtime_refuses_clearly_without_tensorrt(micro_backbon
     with pytest.raises(RuntimeError_, match="needs the `tensorrt` package"):
         open_runtime(tmp_path / "b", "tensorrt")
     assert open_runtime(tmp_path / "b", "auto").name == "onnx-cpu"  # auto falls through to ORT
+
+
+def test_the_full_tensorrt_build_must_match_not_only_major_minor_patch():
+    ok, why = engine_compatible(_tag(trt_version="10.3.0.26"), _here(tensorrt_version="10.3.0.30"))
+    assert not ok and "10.3.0.26" in why and "10.3.0.30" in why
+
+
+def test_engine_top1_is_judged_as_the_export_gate_judges_it():
+    import numpy as np
+
+    from clipheads.export.tensorrt import engine_top1_failure
+
+    rng = np.random.default_rng(0)
+    want = rng.normal(0, 3, (128, 4))
+    want[0] = [1.0, 1.001, -5, -5]  # a reference near-tie
+    noise = rng.normal(0, 1e-3, want.shape)
+    coin_flip = want + noise
+    coin_flip[0] = [1.001, 1.0, -5, -5]  # flips within the engine's typical error
+    raw, why = engine_top1_failure(want, coin_flip, 0.995)
+    assert raw == 127 / 128 and why is None  # one coin-flip in ENGINE_PROBES does not discard the engine
+    gross = want + noise
+    margins = np.sort(want, 1)[:, -1] - np.sort(want, 1)[:, -2]
+    decided = int(np.argmax(margins))
+    gross[decided, np.argsort(want[decided])[-2]] += margins[decided] + 1.0  # a decided answer overturned
+    raw, why = engine_top1_failure(want, gross, 0.995)
+    assert raw == 127 / 128 and why and "beyond 2x the typical error" in why
+
+
+def test_timing_caches_are_one_file_per_device_and_tensorrt_build():
+    from clipheads.export.tensorrt import timing_cache_name
+
+    a = timing_cache_name({"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt_version": "10.3.0.26"})
+    b = timing_cache_name({"gpu_name": "Orin", "compute_capability": "8.7", "tensorrt_version": "10.3.0.26"})
+    c = timing_cache_name({"gpu_name": "Orin", "compute_capability": "8.7", "tensorrt_version": "10.3.0.30"})
+    assert len({a, b, c}) == 3 and all("/" not in n and " " not in n and n.endswith(".timing.cache") for n in (a, b, c))
+
+
+class _FakeConfig:
+    """What `_attach_timing_cache` calls on a TensorRT builder config (create/set timing cache)."""
+
+    def __init__(self, bad_blob: bool = False, refuse: bool = False):
+        self.bad_blob, self.refuse, self.attached = bad_blob, refuse, []
+
+    def create_timing_cache(self, blob: bytes):
+        if blob and self.bad_blob:
+            raise RuntimeError("Serialization assertion magicTagRead == kMAGIC_TAG failed")
+        return ("cache", blob)
+
+    def set_timing_cache(self, cache, ignore_mismatch: bool):
+        ok = not (self.refuse and cache[1])
+        if ok:
+            self.attached.append(cache)
+        return ok
+
+
+@pytest.mark.parametrize("kind", ["raises", "refused"])
+def test_a_foreign_or_corrupt_timing_cache_gives_way_to_a_fresh_one(tmp_path, kind):
+    from clipheads.export.tensorrt import _attach_timing_cache
+
+    path = tmp_path / "trt-x.timing.cache"
+    path.write_bytes(b"from another device")
+    cfg = _FakeConfig(bad_blob=kind == "raises", refuse=kind == "refused")
+    notes = []
+    cache = _attach_timing_cache(cfg, path, notes.append)
+    assert cache == ("cache", b"") and cfg.attached == [("cache", b"")]
+    assert bool(notes) == (kind == "raises")
+    good = _FakeConfig()
+    assert _attach_timing_cache(good, path, notes.append) == ("cache", b"from another device")
+
+
+def test_an_engine_that_does_not_load_is_a_reason_and_auto_falls_back(micro_backbone, tmp_path, monkeypatch):
+    """The tag matched but deserialisation failed (TensorRT has no preflight check): --runtime
+    tensorrt refuses with TensorRT's reason, auto serves on ONNX Runtime."""
+    import sys
+    import types
+
+    from clipheads.export import tensorrt as trt_mod
+    from clipheads.export.pipeline import ExportOptions, export_heads
+    from clipheads.serving.runtimes import RuntimeError_, open_runtime
+    from clipheads.training.methods import TaskSpec, build_method
+
+    head = build_method("zeroshot", micro_backbone, (TaskSpec("t", ("red", "blue")),))
+    export_heads([head], tmp_path / "b", ExportOptions(target="tensorrt", probes=8, text=False))
+    (tmp_path / "b" / "image_0.fp16.plan").write_bytes(b"not an engine")
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))  # importable, so engines are tried
+    monkeypatch.setattr(trt_mod, "current_device", lambda *a: dict(ORIN))
+    monkeypatch.setattr(trt_mod, "select_engines", lambda m, graphs, here: ({g: "image_0.fp16.plan" for g in graphs}, {}))
+
+    def fails_to_deserialize(path, max_batch):
+        raise RuntimeError(f"{path}: TensorRT could not deserialize the engine")
+
+    monkeypatch.setattr(trt_mod, "Engine", fails_to_deserialize)
+    with pytest.raises(RuntimeError_, match="did not load here.*could not deserialize"):
+        open_runtime(tmp_path / "b", "tensorrt")
+    assert open_runtime(tmp_path / "b", "auto").name == "onnx-cpu"

@@ -39,7 +39,10 @@ class TensorRTRuntime(OnnxRuntime):
             raise RuntimeError_("TensorRT engines not usable here: " + "; ".join(f"{g}: {why}" for g, why in refused.items()))
         prof = (self.manifest.get("tensorrt") or {}).get("profile") or {}
         max_batch = int(prof.get("max") or self.manifest.get("max_batch", 64))
-        self._engines = {g: Engine(root / f, max_batch) for g, f in usable.items()}
+        try:  # a tag can match and the engine still not load (no preflight API): a reason, then fallback
+            self._engines = {g: Engine(root / f, max_batch) for g, f in usable.items()}
+        except Exception as err:  # noqa: BLE001 - TensorRT/CUDA raise their own types
+            raise RuntimeError_(f"TensorRT engines in {root} did not load here: {type(err).__name__}: {err}") from err
         self.name = "tensorrt"
 
     def run_path(self, path: int, pixels: np.ndarray, alongside: bool = False) -> tuple[np.ndarray, np.ndarray]:
