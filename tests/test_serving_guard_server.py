@@ -15,6 +15,7 @@ One server: bearer token, admin reload enabled, at most 4 requests in flight, a 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import socket
 import stat
@@ -201,6 +202,11 @@ def test_reload_errors_name_no_server_path_and_do_not_reveal_existence(server, t
     for r in (a, b, reload("/etc/passwd"), reload("../../../etc/passwd"), reload("no-such-model:v9")):
         assert r.status_code == 422, r.text
         assert str(server.heads) not in r.text and str(Path.home()) not in r.text and "bentoml-home" not in r.text, r.text
+    (server.heads / "loop-a").symlink_to(server.heads / "loop-b")  # the file system's own errors: 422 too
+    (server.heads / "loop-b").symlink_to(server.heads / "loop-a")
+    for odd in ("~nosuchuser-clipheads/x.head.safetensors", "a" * 300, "loop-a", "loop-a/x"):
+        r = reload(odd)
+        assert r.status_code == 422 and r.json()["error"] in ("source_not_allowed", "unknown_source"), (odd[:20], r.text)
     corrupt = server.heads / "corrupt.head.safetensors"  # inside the reload root: loaded, refused
     corrupt.write_bytes(b"\0" * 64)
     r = reload("corrupt.head.safetensors")
@@ -282,3 +288,76 @@ def test_the_encoder_refuses_pickle_and_runs_no_code(server, tmp_path):
         ok = c.post("http://encoder/encode_texts", json={"texts": ["a photo of a cat."]})
         assert ok.status_code == 200 and ok.json()["weights"]["shape"][0] == 1  # JSON is what the front sends
     assert good(server).status_code == 200  # and the front, speaking JSON to it, still classifies
+
+
+# ---- review: hostile HTTP (the fast path and BentoML's route answer alike; nothing is fetched) ------
+def _multipart(parts: list[tuple[bytes, bytes]], boundary: bytes = b"XB", close: bool = True) -> bytes:
+    """`parts`: (the part's header block, its body)."""
+    out = b"".join(b"--" + boundary + b"\r\n" + h + b"\r\n\r\n" + body + b"\r\n" for h, body in parts)
+    return out + (b"--" + boundary + b"--\r\n" if close else b"")
+
+
+def _post(server, path: str, body: bytes, ctype: str, extra_headers=()) -> httpx.Response:
+    headers = httpx.Headers([("authorization", AUTH["authorization"]), ("content-type", ctype), *extra_headers])
+    return httpx.post(server.url + path, content=body, headers=headers, timeout=30)
+
+
+IMAGE_PART = (b'Content-Disposition: form-data; name="images"; filename="a.png"\r\nContent-Type: image/png', png())
+
+
+@pytest.mark.parametrize("disposition", [b"form-data; name*=UTF-8''images", b'form-data; name="images"; x="filename"'])
+def test_a_text_images_field_is_never_fetched_however_its_name_is_written(server, disposition):
+    body = _multipart([(b"Content-Disposition: " + disposition, b"http://127.0.0.1:9/red.png")])
+    assert_ours(_post(server, "/classify", body, "multipart/form-data; boundary=XB"), 422, "url_not_allowed")
+
+
+def test_two_content_type_headers_are_refused(server):
+    r = _post(server, "/classify", json.dumps({"images_b64": [IMG]}).encode(), "application/vnd.bentoml+pickle",
+              extra_headers=[("content-type", "application/json")])
+    assert_ours(r, 400, "invalid_request")
+
+
+@pytest.mark.parametrize("extra", [[], [(b'Content-Disposition: form-data; name="foo"', b"1")]])
+def test_media_types_are_case_insensitive_on_both_routes(server, extra):
+    """An unknown extra field makes the strict fast reader decline: BentoML's route answers then."""
+    body = _multipart([IMAGE_PART, *extra])
+    r = _post(server, "/classify", body, "Multipart/Form-Data; boundary=XB")
+    assert r.status_code == 200 and "color" in r.json()["predictions"][0], r.text
+
+
+@pytest.mark.parametrize("payload", [b"\xef\xbb\xbf" + json.dumps({"images_b64": [IMG]}).encode(),
+                                     json.dumps({"images_b64": [IMG]}).encode("utf-16"),
+                                     b'{"images_b64": ["\\ud800"]}', b'{"images_b64": ["' + IMG.encode() + b'"], "tasks": ["\\ud800"]}'])
+def test_json_that_is_not_utf8_text_is_400_on_both_routes(server, payload):
+    for body in (payload, payload.replace(b"{", b'{"foo": 1, ', 1) if payload.startswith(b"{") else payload):
+        r = _post(server, "/classify", body, "application/json")
+        assert r.status_code == 400 and r.json()["error"] in ("invalid_json", "invalid_request"), r.text[:200]
+
+
+@pytest.mark.parametrize("headers", [b'Content-Disposition: form-data; name="images"; filename="a\x00b.png"',
+                                     b'Content-Disposition : form-data; name="images"; filename="a.png"'])
+def test_part_headers_python_multipart_refuses_are_refused_on_the_fast_path_too(server, headers):
+    r = _post(server, "/classify", _multipart([(headers, png())]), "multipart/form-data; boundary=XB")
+    assert 400 <= r.status_code < 500 and set(r.json()) == {"error", "detail"}, r.text[:200]
+
+
+def test_a_truncated_multipart_body_is_400_not_fewer_images(server):
+    body = _multipart([IMAGE_PART, IMAGE_PART], close=False)[:-40]  # cut inside the second image
+    assert_ours(_post(server, "/classify", body, "multipart/form-data; boundary=XB"), 400, "invalid_request")
+    whole = _post(server, "/classify", _multipart([IMAGE_PART, IMAGE_PART]), "multipart/form-data; boundary=XB")
+    assert whole.status_code == 200 and len(whole.json()["predictions"]) == 2
+
+
+@pytest.mark.parametrize("path", ["/classify/", "/readyz/", "/admin/reload/", "/zero_shot//"])
+def test_a_trailing_slash_is_our_404_not_a_redirect(server, path):
+    r = httpx.post(server.url + path, json={}, headers=AUTH, timeout=10, follow_redirects=False)
+    assert_ours(r, 404, "not_found")
+    assert "location" not in r.headers
+
+
+def test_labels_the_tokenizer_reads_alike_are_duplicates(server):
+    for labels in (["ｃａｔ", "cat"], ["a&amp;b", "a&b"], ["e\u0301", "\u00e9"]):
+        r = httpx.post(server.url + "/zero_shot", json={"images_b64": [IMG], "labels": labels}, headers=AUTH, timeout=30)
+        assert_ours(r, 422, "duplicate_labels")
+    r = httpx.post(server.url + "/zero_shot", json={"images_b64": [IMG], "labels": ["x²", "x2"]}, headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text  # the tokenizer tells these apart: so do we

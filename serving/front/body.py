@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from typing import Optional
+from typing import Any, Optional
 
 # The API's deepest JSON is a list inside an object (3 levels): 32 leaves room and stops the
 # nesting that makes recursive parsers raise RecursionError (Python's json, pydantic's own limit).
@@ -95,17 +95,39 @@ def too_many_values(body: bytes) -> bool:
     return body.count(b'"') > 2 * MAX_JSON_VALUES or _structure(_JSON_STRING.sub(b"", body)) > MAX_JSON_VALUES
 
 
+def loads_strict(data: bytes | str) -> Any:
+    """`json.loads` as pydantic (BentoML's route) reads JSON: UTF-8 only (no byte-order mark, no
+    UTF-16/32, which `json.loads(bytes)` would guess), so both routes answer a body alike. Raises
+    ValueError. Lone surrogate escapes ("\\ud800") are found by `lone_surrogate`."""
+    text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+    if text.startswith("\ufeff"):
+        raise ValueError("a byte-order mark before the JSON")
+    return json.loads(text)
+
+
+def lone_surrogate(s: str) -> bool:
+    """A string holding half of a UTF-16 pair (from a "\\udXXX" escape): not text pydantic accepts."""
+    if s.isascii():
+        return False
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def json_problem(body: bytes) -> Optional[str]:
     """Why `body` is not a JSON object we accept, or None. The parsed value is not kept (BentoML
     parses it again); its size is bounded before parsing, its depth measured without recursion."""
     if too_many_values(body):
         return f"request body has more than {MAX_JSON_VALUES} JSON values (objects, arrays, list items)"
     try:
-        value = json.loads(body or b"{}")
+        value = loads_strict(body or b"{}")
     except RecursionError:
         return f"request body is nested deeper than {MAX_JSON_DEPTH} levels"
-    except (ValueError, UnicodeDecodeError):
-        return "request body is not valid JSON"
+    except ValueError as err:  # UnicodeDecodeError included
+        detail = "it is not UTF-8" if isinstance(err, UnicodeDecodeError) or "byte-order" in str(err) else ""
+        return "request body is not valid JSON" + (f" ({detail})" if detail else "")
     if not isinstance(value, dict):
         return "request body must be a JSON object"
     stack = [(value, 1)]
@@ -113,6 +135,10 @@ def json_problem(body: bytes) -> Optional[str]:
         node, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
             return f"request body is nested deeper than {MAX_JSON_DEPTH} levels"
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
-        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+        children = list(node.values()) + list(node) if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for c in children:
+            if isinstance(c, (dict, list)):
+                stack.append((c, depth + 1))
+            elif isinstance(c, str) and lone_surrogate(c):
+                return "request body is not valid JSON (a lone UTF-16 surrogate escape)"
     return None

@@ -14,11 +14,12 @@ error messages).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from python_multipart.multipart import parse_options_header
+
+from .body import loads_strict, lone_surrogate
 
 _TEXT_FIELDS = ("images_b64", "tasks", "top_k")
 _JSON_FIELDS = frozenset(("images", *_TEXT_FIELDS))
@@ -60,8 +61,8 @@ def _typed(values: dict[str, Any]) -> Optional[ClassifyFields]:
 def json_fields(body: bytes) -> Optional[ClassifyFields]:
     """`{"images_b64": [...], "tasks": [...], "top_k": 5}` (the guard checked shape and depth)."""
     try:
-        data = json.loads(body or b"{}")
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        data = loads_strict(body or b"{}")
+    except (ValueError, RecursionError):
         return None
     if not isinstance(data, dict) or not data.keys() <= _JSON_FIELDS:
         return None
@@ -75,16 +76,30 @@ def _disposition(headers: bytes) -> Optional[tuple[bytes, Optional[bytes]]]:
     found = None
     for line in headers.split(b"\r\n"):
         key, sep, value = line.partition(b":")
-        if not sep:
+        if not sep or key != key.strip():  # "Name : value" is no header to python-multipart either
             return None
-        if key.strip().lower() == b"content-disposition":
+        if key.lower() == b"content-disposition":
             if found is not None:
                 return None
             kind, params = parse_options_header(value.strip())
-            if kind != b"form-data" or b"name" not in params:
-                return None
+            if kind != b"form-data" or b"name" not in params or b"\0" in params.get(b"filename", b""):
+                return None  # the library path's answer (a NUL in a filename is its 400)
             found = (params[b"name"], params.get(b"filename"))
     return found
+
+
+def multipart_truncated(body: bytes, content_type: str) -> bool:
+    """A multipart body with a boundary but no closing delimiter (`--BOUNDARY--`): cut off in
+    transit. python-multipart would hand over the parts it finished and drop the rest silently."""
+    try:
+        _, params = parse_options_header(content_type)
+    except ValueError:
+        return False
+    boundary = params.get(b"boundary", b"")
+    if not boundary:
+        return False  # the library's own 400
+    close = b"--" + boundary + b"--"
+    return not (body.startswith(close) or body.find(b"\r\n" + close) >= 0)
 
 
 def multipart_fields(body: bytes, content_type: str, max_images: int) -> Optional[ClassifyFields]:
@@ -124,9 +139,12 @@ def multipart_fields(body: bytes, content_type: str, max_images: int) -> Optiona
             images.append(body[hend + 4:dend])
         elif filename is None and name.decode("latin-1") in _TEXT_FIELDS and name.decode("latin-1") not in texts:
             try:
-                texts[name.decode("latin-1")] = json.loads(body[hend + 4:dend].decode("utf-8"))
-            except (ValueError, UnicodeDecodeError, RecursionError):
+                value = loads_strict(body[hend + 4:dend])
+            except (ValueError, RecursionError):
                 return None
+            if any(isinstance(v, str) and lone_surrogate(v) for v in (value if isinstance(value, list) else [value])):
+                return None  # the library's answer (pydantic refuses the field)
+            texts[name.decode("latin-1")] = value
         else:
             return None
         pos = dend + len(sep)

@@ -22,6 +22,7 @@ from urllib.parse import unquote
 
 from ..metrics import IN_FLIGHT, REJECTIONS
 from . import fast
+from .form import multipart_truncated
 from .body import BodyRejected, ClientGone, UploadBudget, json_problem, read_body
 from .config import ADMIN_ROUTES, API_ROUTES, CONFIG, OPEN_PATHS, ServeConfig
 from .errors import error_body
@@ -33,7 +34,16 @@ log = logging.getLogger("clipheads.serving")
 _DISPOSITION_KEY = b"content-disposition:"
 _WINDOW = 1 << 20
 _LINE_END = re.compile(rb"[\r\n]")
-_NAME_IMAGES = re.compile(rb"""(?i)[;\s]name=("images"|images\b)""")
+
+
+def text_images_part(line: bytes) -> bool:
+    """Whether a part's `Content-Disposition:` line makes it a text (not file) field named `images`,
+    read with the parser starlette's form parser uses (python-multipart's `parse_options_header`:
+    RFC 2231 `name*=`, quoting, parameters in any order): BentoML would fetch such a value as a URL."""
+    from python_multipart.multipart import parse_options_header
+
+    _, options = parse_options_header(line.split(b":", 1)[1].strip())
+    return options.get(b"name") == b"images" and b"filename" not in options
 
 
 def disposition_lines(body: bytes) -> list[bytes]:
@@ -110,6 +120,8 @@ class GuardMiddleware:
         problem = self._auth_problem(raw_headers)
         if problem:
             return await self._reply(send, *problem)
+        if sum(k.lower() == b"content-type" for k, _ in raw_headers) > 1:  # we check the last, BentoML reads the first
+            return await self._reply(send, 400, "invalid_request", "more than one Content-Type header")
         # REST aliases BentoML cannot route itself (its APIs are POST and have no path parameters).
         body_override: Optional[bytes] = None
         if method == "GET" and path in ("/tasks", "/tasks/"):
@@ -118,6 +130,8 @@ class GuardMiddleware:
             raw = scope.get("raw_path") or path.encode()
             name = unquote(raw.decode("latin-1")[len("/tasks/"):])
             path, method, body_override = "/tasks/delete", "POST", json.dumps({"name": name}).encode()
+        if len(path) > 1 and path.endswith("/"):  # not Starlette's 307 to the bare path (its Location echoes Host)
+            return await self._reply(send, 404, "not_found", f"{path[:100]} does not exist (no trailing '/')")
         if path not in API_ROUTES and path not in ADMIN_ROUTES:
             return await self._passthrough(scope, receive, send, path)  # docs, schema, UI, 404s
         if method != "POST":
@@ -129,7 +143,11 @@ class GuardMiddleware:
                          + [(k, v) for k, v in raw_headers if k.lower() not in (b"content-type", b"content-length")])
             ctype, body = "application/json", body_override
         else:
-            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            raw_ctype = headers.get("content-type", "")
+            ctype = raw_ctype.split(";")[0].strip().lower()
+            if ctype != raw_ctype.split(";")[0].strip():  # media types are case-insensitive; BentoML's parser choice is not
+                normal = (ctype + raw_ctype[len(raw_ctype.split(";")[0]):]).encode("latin-1")
+                scope = dict(scope, headers=[(k, normal if k.lower() == b"content-type" else v) for k, v in raw_headers])
             if ctype not in ("multipart/form-data", "application/json"):
                 return await self._reply(
                     send, 415, "unsupported_media_type",
@@ -210,8 +228,11 @@ class GuardMiddleware:
             if problem:
                 return await self._reply(send, 400, "invalid_json", problem)
         else:
+            if multipart_truncated(body, content_type):
+                return await self._reply(send, 400, "invalid_request",
+                                         "the multipart body ends before its closing boundary (--BOUNDARY--)")
             for line in disposition_lines(body):
-                if _NAME_IMAGES.search(line) and b"filename" not in line.lower():
+                if text_images_part(line):
                     return await self._reply(
                         send, 422, "url_not_allowed",
                         "'images' fields must be uploaded files; URLs and strings are not fetched",

@@ -80,14 +80,19 @@ def reload_source(cfg: ServeConfig, source: Any) -> Path:
     if not isinstance(source, str) or not source.strip() or len(source) > 512 or "\x00" in source:
         raise ApiError(422, "invalid_source", "'source' is a model tag or a path (at most 512 characters)")
     root = reload_root(cfg)
-    given = Path(source).expanduser()
-    pathlike = given.is_absolute() or "/" in source or source.startswith((".", "~"))
+    pathlike = source.startswith(("/", ".", "~")) or "/" in source
     refused = ApiError(422, "source_not_allowed", f"{source[:200]!r} is not a file inside the reload root"
                        if root is not None else "reloading from a path needs --reload-root; or give a model tag")
-    if root is not None:
-        candidate = (given if given.is_absolute() else root / given).resolve()
-        if candidate.is_relative_to(root) and candidate.exists():
-            return candidate
+    try:  # `~nosuchuser`, a name over NAME_MAX, a symlink loop: the file system's errors are a 422 too
+        given = Path(source).expanduser()
+        if root is not None:
+            candidate = (given if given.is_absolute() else root / given).resolve()
+            if candidate.is_relative_to(root) and candidate.exists():
+                return candidate
+    except (OSError, RuntimeError, ValueError):
+        if pathlike:
+            raise refused from None
+        raise ApiError(422, "unknown_source", f"no model {source[:200]!r} in the model store") from None
     if pathlike:
         raise refused
     try:
