@@ -129,6 +129,10 @@ def test_bentoml_errors_are_rewritten_never_500_for_input():
         async with client(stub_app(status=400, body=v, ours=False)) as c:
             r = await c.post("/classify", json={})
             assert r.status_code == 400 and "tasks: bad" in r.json()["detail"]
+        u = json.dumps({"error": "application/vnd.bentoml+pickle is not allowed in main server"}).encode()
+        async with client(stub_app(status=415, body=u, ours=False)) as c:  # the library's 415: the table's kind
+            r = await c.post("/classify", json={})
+            assert r.status_code == 415 and r.json()["error"] == "unsupported_media_type"
         # our own 500 (a real runtime failure) passes through untouched
         ours = json.dumps({"error": "internal", "detail": "x"}).encode()
         async with client(stub_app(status=500, body=ours, ours=True)) as c:

@@ -47,6 +47,8 @@ def classify_api_error(status: int, raw: bytes) -> tuple[int, str, str]:
         return 504, "timeout", detail
     if status == 404:
         return 404, "not_found", detail
+    if status == 415:  # the table's kind for a media type refused (ERROR_CODES), whoever refused it
+        return 415, "unsupported_media_type", detail
     return (status if status in _PASS_STATUSES else 400), "invalid_request", detail
 
 
