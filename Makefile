@@ -42,7 +42,7 @@ bench-methods: $(STAMP)
 # and whose CLIPHEADS_SOURCE names it (build/bentofile.yaml from `clipheads models bentofile`).
 MODEL ?=
 bento: $(STAMP)
-	rm -rf dist && $(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w dist .
+	rm -rf dist build/lib build/bdist.* *.egg-info && $(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w dist .  # no stale build/lib in the wheel
 	if [ -n "$(MODEL)" ]; then \
 	  mkdir -p build && $(BIN)/clipheads models bentofile "$(MODEL)" --out build/bentofile.yaml && \
 	  $(BIN)/bentoml build -f build/bentofile.yaml . ; \

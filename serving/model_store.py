@@ -115,12 +115,18 @@ def _weights_to_store(record: dict, with_weights: Optional[bool], pretrained: Op
 
     recorded = str(record.get("pretrained") or "")
     kind = weights_kind(recorded)
+    if with_weights is False and pretrained is not None:
+        raise ModelStoreError("--pretrained names weights to store in the entry; it cannot go with --no-weights")
     store = (kind == "file" or pretrained is not None) if with_weights is None else with_weights
     if kind in ("packaged", "none"):
         if with_weights or pretrained:
             raise ModelStoreError(f"this head's backbone is {recorded!r}: there are no weights to store")
         return None, []
     if not store:
+        if kind == "file" and not Path(recorded).expanduser().is_file():
+            raise ModelStoreError(f"this head's recorded backbone weights {recorded} are gone (moved or deleted) and "
+                                  "--no-weights stores none: the entry could not be served anywhere; pass the weights "
+                                  "with --pretrained FILE (without --no-weights)")
         if kind == "file":
             return None, [f"the entry does not hold the backbone weights: it points at {recorded}, a file on this "
                           "machine only; serving it elsewhere needs --pretrained NEWPATH (drop --no-weights to store them)"]
@@ -219,6 +225,7 @@ def save_model(source: str | Path, name: Optional[str] = None, with_weights: Opt
         weights, warnings = _weights_to_store(record, with_weights, pretrained)
     elif with_weights or pretrained:
         raise ModelStoreError(f"{src} is a bundle: its graphs hold the backbone already")
+    meta["content_sha256"] = _content_sha256(src, kind)  # checked whenever the tag is resolved
     stored = None
     if weights is not None:
         try:
@@ -288,10 +295,25 @@ def resolve_tag(tag: str) -> Path:
     if model.info.labels.get("framework") != FRAMEWORK:
         raise ModelStoreError(f"{model.tag} is not a clipheads model (labels {model.info.labels})")
     root = Path(model.path)
-    for candidate in (root / BUNDLE_DIR, root / HEAD_FILE):
+    for candidate, kind in ((root / BUNDLE_DIR, "bundle"), (root / HEAD_FILE, "head")):
         if candidate.exists():
+            want = (model.info.metadata or {}).get("content_sha256")
+            if want and _content_sha256(candidate, kind) != want:  # entries saved before it was recorded: unchecked
+                raise ModelStoreError(f"{model.tag}: the stored {kind} changed since it was saved (sha256 mismatch); "
+                                      "save it again from its source")
             return candidate
     raise ModelStoreError(f"{model.tag}: the stored model holds neither {BUNDLE_DIR}/ nor {HEAD_FILE}")
+
+
+def _content_sha256(path: Path, kind: str) -> str:
+    """A head file's sha256, or a bundle's manifest.json's (the manifest holds every graph's sha256,
+    which loading a bundle checks): what `resolve_tag` compares with the entry's record."""
+    from clipheads.training.files import file_sha256
+
+    try:
+        return file_sha256(path / "manifest.json" if kind == "bundle" else path)
+    except OSError as err:
+        raise ModelStoreError(f"{path}: cannot read the stored {kind} ({err.strerror or err})") from None
 
 
 def list_models() -> list[dict]:
@@ -351,6 +373,10 @@ def _parser() -> console.ArgumentParser:
 
 
 def _main(args) -> int:
+    try:  # every subcommand works on BentoML's store
+        import bentoml  # noqa: F401
+    except ImportError:
+        raise ModelStoreError("the model store needs BentoML: pip install 'clipheads[serve]'") from None
     if args.what == "save":
         res = save_model(args.source, args.name, with_weights=args.with_weights, pretrained=args.pretrained)
         if args.name and args.name != args.name.lower():

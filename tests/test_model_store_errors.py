@@ -115,3 +115,30 @@ def test_entry_directories_follow_the_umask(head, tmp_path, mask):
     got = {p.relative_to(entry).as_posix() or ".": oct(stat.S_IMODE(p.stat().st_mode)) for p in [entry, *entry.rglob("*")]}
     want = {k: oct((0o777 if (entry / k).is_dir() else 0o666) & ~mask) for k in got}
     assert got == want
+
+
+def test_a_stored_head_or_bundle_that_changed_is_refused_by_tag(head, tmp_path):
+    """The entry records its head's sha256 (a bundle's manifest's) at save: a tampered copy is
+    refused when the tag is resolved (serve, score, Predictor), not served with edited labels."""
+    home = tmp_path / "bentoml"
+    saved = models("save", head, "--name", "zs", "--json", home=home)
+    assert saved.returncode == 0, saved.stderr
+    tag = json.loads(saved.stdout)["tag"]
+    stored = entry_dir(home, tag) / "model.head.safetensors"
+    ok = run(["-m", "clipheads", "serve", tag, "--dry-run"], home)
+    assert ok.returncode == 0, ok.stderr
+    data = stored.read_bytes()
+    assert b'\\"red\\"' in data  # in the header's JSON (itself a JSON string: escaped quotes)
+    stored.write_bytes(data.replace(b'\\"red\\"', b'\\"RED\\"', 1))  # same length: still a valid file
+    msg = refused(run(["-m", "clipheads", "serve", tag, "--dry-run"], home), "clipheads serve")
+    assert "changed since it was saved" in msg
+
+
+def test_no_weights_with_pretrained_or_with_the_weights_gone_is_refused(head, tmp_path):
+    home = tmp_path / "bentoml"
+    msg = refused(models("save", head, "--no-weights", "--pretrained", tmp_path / "micro.safetensors", home=home),
+                  "clipheads models save")
+    assert "--no-weights" in msg
+    (tmp_path / "micro.safetensors").unlink()
+    msg = refused(models("save", head, "--no-weights", home=home), "clipheads models save")
+    assert "gone" in msg and "could not be served anywhere" in msg
