@@ -327,6 +327,13 @@ def list_models() -> list[dict]:
     return rows
 
 
+def _default_bentofile() -> Path:
+    """The repository's bentofile.yaml when running from a checkout, else ./bentofile.yaml (an
+    installed wheel carries no bentofile: `make bento` builds from the checkout)."""
+    repo = Path(__file__).resolve().parents[1] / "bentofile.yaml"
+    return repo if repo.is_file() else Path.cwd() / "bentofile.yaml"
+
+
 def bentofile(tag: str, base: Path) -> str:
     """`base` (the repository's bentofile.yaml) plus the model to serve: listed under `models:`
     (so the Bento, `bentoml export` of it and its container carry the entry, stored weights
@@ -366,7 +373,7 @@ def _parser() -> console.ArgumentParser:
     console.add_output_flags(ls)
     bf = sub.add_parser("bentofile", help="bentofile.yaml plus TAG under models: (`make bento MODEL=TAG`)")
     bf.add_argument("tag")
-    bf.add_argument("--base", default=None, help="the bentofile to extend (default: the repository's bentofile.yaml)")
+    bf.add_argument("--base", default=None, help="the bentofile to extend (default: the repository's bentofile.yaml, else ./bentofile.yaml)")
     bf.add_argument("--out", default=None, help="write here instead of stdout")
     console.add_output_flags(bf)
     return p
@@ -390,7 +397,7 @@ def _main(args) -> int:
         console.emit(asdict(res), args.json, res.tag)
         return 0
     if args.what == "bentofile":
-        base = Path(args.base) if args.base else Path(__file__).resolve().parents[1] / "bentofile.yaml"
+        base = Path(args.base) if args.base else _default_bentofile()
         if not base.is_file():
             raise ModelStoreError(f"{base}: no bentofile.yaml to extend (pass --base FILE)")
         text = bentofile(args.tag, base)
