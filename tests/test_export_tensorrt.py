@@ -163,7 +163,9 @@ def test_build_engine_on_this_gpu(micro_backbone, tmp_path):
     px = np.random.default_rng(0).integers(0, 256, (5, 3, 32, 32), dtype=np.uint8)
     (lt, ft), (lo, fo) = trt_rt.run_path(0, px), ort_rt.run_path(0, px)
     cos = (ft * fo).sum(1) / (np.linalg.norm(ft, axis=1) * np.linalg.norm(fo, axis=1))
-    assert cos.min() >= 0.999 and (lt.argmax(1) == lo.argmax(1)).all()
+    margin = np.sort(lo, 1)[:, -1] - np.sort(lo, 1)[:, -2]
+    decided = margin > 2 * np.abs(lt - lo).max()  # random pixels on a random-init model: near-ties may flip
+    assert cos.min() >= 0.999 and (lt.argmax(1) == lo.argmax(1))[decided].all()
 
 
 def _manifest(engine_tag_kw=None, onnx_sha="ab" * 32):
