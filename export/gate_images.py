@@ -80,13 +80,26 @@ def _is_file(path: str) -> bool:
 
 
 def head_images(heads: Sequence, spec: PreprocessSpec, n: int, seed: int = 0) -> Optional[ImageSet]:
-    """Up to `n` of the heads' own training/validation images (seeded draw), or None."""
+    """Up to `n` of the heads' own training/validation images (seeded draw), or None. A file that
+    does not decode (truncated, not an image, over the pixel cap) is skipped and the next one in the
+    draw taken; `unreadable` counts those met (the caller tops up from the world like for missing files)."""
     samples, specs = _head_samples(heads)
     if not samples:
         return None
-    order = np.random.default_rng(seed).permutation(len(samples))[:n]
-    px = np.stack([prepare_pixels(samples[i].path, spec) for i in order])
-    return ImageSet(px, "head data", {"data": specs, "available": len(samples), "seed": seed})
+    px, unreadable = [], 0
+    for i in np.random.default_rng(seed).permutation(len(samples)):
+        if len(px) >= n:
+            break
+        try:
+            px.append(prepare_pixels(samples[i].path, spec))
+        except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for a bad file
+            unreadable += 1
+    if not px:
+        return None
+    detail = {"data": specs, "available": len(samples), "seed": seed}
+    if unreadable:
+        detail["unreadable"] = unreadable
+    return ImageSet(np.stack(px), "head data", detail)
 
 
 def world_images(spec: PreprocessSpec, n: int, seed: int = 0) -> ImageSet:

@@ -59,12 +59,14 @@ def ort_session(path, threads: int = 0):
 
 
 def _is_patch_conv(node) -> bool:
-    """A Conv that cuts the image into non-overlapping patches: stride == kernel, no padding,
-    dilation or groups (a ViT's patch embedding; as int8 it is one QLinearConv)."""
+    """A Conv that cuts the image into non-overlapping patches: stride == kernel > 1, no padding,
+    dilation or groups (a ViT's patch embedding; as int8 it is one QLinearConv). A 1x1 stride-1 Conv
+    (a ResNet bottleneck's) has stride == kernel too, but is no patch embedding: it stays fp32."""
     a = {x.name: x for x in node.attribute}
     ints = lambda k, d: list(a[k].ints) if k in a else d  # noqa: E731
     kernel = ints("kernel_shape", None)
-    return (node.op_type == "Conv" and kernel is not None and ints("strides", [1] * len(kernel)) == kernel
+    return (node.op_type == "Conv" and kernel is not None and any(k > 1 for k in kernel)
+            and ints("strides", [1] * len(kernel)) == kernel
             and not any(ints("pads", [])) and set(ints("dilations", [1])) == {1}
             and (a["group"].i if "group" in a else 1) == 1)
 

@@ -83,7 +83,8 @@ def int8_weights(model, cands: Sequence, rounding: Optional[dict]) -> dict[str, 
 
 def ranking_feeds(fp32, feeds: Sequence[dict], n_cands: int, images: int, budget_s: float) -> list[dict]:
     """The first `images` of `feeds`, or fewer (>= 8) so that one pass per candidate fits
-    `budget_s` at the fp32 session's measured speed (the switched graph runs a little slower)."""
+    `budget_s` at the fp32 session's measured speed (the switched graph runs a little slower). How
+    many were used is the int8 report's `sensitivity_images_used` (the recipe's number is only the cap)."""
     import time
 
     t0 = time.perf_counter()

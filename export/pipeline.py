@@ -37,6 +37,13 @@ PRECISIONS = ("fp32", "fp16", "int8")
 OPSETS = {"torchscript": (14, 23), "dynamo": (14, 25)}
 
 
+# The options only static int8 reads (flag, ExportOptions field): refused elsewhere unless at their defaults.
+STATIC_INT8_FLAGS = (("--calibration-images", "calibration_images"), ("--selection-images", "selection_images"),
+                     ("--calibration-method", "calibration_method"), ("--int8-keep", "int8_keep"),
+                     ("--int8-activations", "int8_activations"))
+MIN_INT8_IMAGES = 8  # calibration images, and held-out selection images when there are any (split_selection)
+
+
 class ExportUsageError(ValueError):
     """An option combination this exporter refuses (exit code 2)."""
 
@@ -111,11 +118,28 @@ class ExportOptions:
             raise ExportUsageError(f"image source must be auto or world, got {self.image_source!r}")
         if self.gate not in ("auto",) + GATE_MODES:
             raise ExportUsageError(f"--gate must be auto, real or random-init, got {self.gate!r}")
-        if self.precision == "int8" and self.int8_mode == "static":
-            if self.calibration_images < 4:
-                raise ExportUsageError("static int8 needs at least 4 calibration images")
-            if self.selection_images < 0:
-                raise ExportUsageError("--selection-images must be >= 0")
+        for flag, value in (("--calibration-images", self.calibration_images),
+                            ("--selection-images", self.selection_images), ("--int8-keep", self.int8_keep)):
+            if value is not None and value < 0:
+                raise ExportUsageError(f"{flag} must be >= 0, got {value}")
+        if not (self.precision == "int8" and self.int8_mode == "static"):
+            # accepted and ignored, these would read as applied: refused unless left at their defaults
+            changed = [flag for flag, attr in STATIC_INT8_FLAGS
+                       if getattr(self, attr) != ExportOptions.__dataclass_fields__[attr].default]
+            if changed:
+                where = (f"--precision {self.precision}" if self.precision != "int8"
+                         else f"--int8-mode {self.int8_mode}")
+                raise ExportUsageError(f"{', '.join(changed)} appl{'y' if len(changed) > 1 else 'ies'} to static "
+                                       f"int8 only (--precision int8 --int8-mode static), not {where}: drop "
+                                       f"{'them' if len(changed) > 1 else 'it'}")
+        else:
+            # fewer would be silently overridden (split_selection holds nothing out below 8 a side)
+            if self.calibration_images < MIN_INT8_IMAGES:
+                raise ExportUsageError(f"static int8 needs at least {MIN_INT8_IMAGES} calibration images "
+                                       f"(--calibration-images), got {self.calibration_images}")
+            if 0 < self.selection_images < MIN_INT8_IMAGES:
+                raise ExportUsageError(f"--selection-images must be 0 (score the int8 search on the calibration "
+                                       f"images) or at least {MIN_INT8_IMAGES}, got {self.selection_images}")
             try:
                 self.int8_recipe().validate()
             except ValueError as err:

@@ -290,7 +290,11 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
         held_out = bool(select_feeds)
         select_feeds = list(select_feeds) if held_out else list(calib_feeds)
         ref = np.concatenate([fp32.run(["logits"], f)[0] for f in select_feeds])
+        # ORT's calibration cache: shared by this call's graphs (one model, one reader, one method), never
+        # by another call's (a reused workdir would ship the previous export's ranges, or ORT refuses
+        # another --calibration-method outright): a fresh file per call, removed when done
         cache = work / "calibration.json"
+        cache.unlink(missing_ok=True)
         # with a patch Conv among the candidates ORT quantizes Convs: every other Conv is excluded
         patch = {c.node for c in cands if c.kind == "Conv"}
         op_types = ("MatMul", "Gemm", "Conv") if patch else ("MatMul", "Gemm")
@@ -392,6 +396,9 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
             "ranking": (("logit error alone int8" if rest and act in rest[0].logit_error else "local error")
                         if ranked_mode else "none needed (nothing kept fp32 but the pooled MatMuls)"),
             "recipe": asdict(recipe), "calibration_feeds": len(calib_feeds), "calibration_rows": n_images,
+            # the rows the logit ranking ran on: recipe.sensitivity_images or fewer (its time budget,
+            # int8_sensitivity.ranking_feeds); 0: no ranking measured
+            "sensitivity_images_used": len(sensitivity["ref"]) if sensitivity else 0,
             "selection_rows": sum(len(f["pixels"]) for f in select_feeds) if held_out else 0,  # 0: the calibration images
             "quantized_nodes": len(cands) - len(keep), "candidate_nodes": len(cands),
             "kept_fp32": [{"node": c.node, "reason": "pooled: one row per image" if c in pooled else "sensitive",
@@ -404,6 +411,8 @@ def quantize_calibrated(src: str | Path, dst: str | Path, calib_feeds: Sequence[
     finally:
         if tmp is not None:
             tmp.cleanup()
+        else:
+            (work / "calibration.json").unlink(missing_ok=True)
 
 
 def quantize_static_qdq(src: str | Path, dst: str | Path, calib_pixels: np.ndarray, task_indices: list[int],

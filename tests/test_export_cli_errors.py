@@ -112,7 +112,7 @@ def test_quiet_int8_export_prints_nothing(mode, head_file, tmp_path, capfd, capl
     capture handler (caplog) would hold it; in a CLI process, open_clip's basicConfig prints it."""
     capfd.readouterr()
     argv = [head_file, "--out", str(tmp_path / "b"), "--precision", "int8", "--int8-mode", mode, "--probes", "8",
-            "--calibration-images", "8", "--selection-images", "0", "-q"]
+            *(["--calibration-images", "8", "--selection-images", "0"] if mode == "static" else []), "-q"]
     assert main(argv) == 0
     out, err = capfd.readouterr()
     assert err == "" and "pre-processing" not in caplog.text, err + caplog.text
