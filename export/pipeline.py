@@ -104,6 +104,8 @@ class ExportOptions:
                                    "implicit int8); export --target tensorrt --precision fp16 or fp32")
         if self.int8_mode not in ("dynamic", "static"):
             raise ExportUsageError(f"int8 mode must be dynamic or static, got {self.int8_mode!r}")
+        if self.precision != "int8" and self.int8_mode != "static":
+            raise ExportUsageError(f"--int8-mode {self.int8_mode} applies to --precision int8, not {self.precision}")
         if self.exporter not in OPSETS:
             raise ExportUsageError(f"--exporter must be one of {tuple(OPSETS)}, got {self.exporter!r}")
         low, high = OPSETS[self.exporter]

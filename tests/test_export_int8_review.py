@@ -132,8 +132,9 @@ def test_an_unreadable_training_image_is_skipped_and_counted(corrupt_head, micro
      "--selection-images, --int8-activations apply to static int8 only"),
     (dict(precision="int8", int8_mode="dynamic", calibration_images=8), "--calibration-images.*--int8-mode dynamic"),
     (dict(precision="int8", int8_mode="dynamic", int8_activations="per-tensor"), "--int8-activations"),
+    (dict(precision="fp16", int8_mode="dynamic"), "--int8-mode dynamic applies to --precision int8, not fp16"),
 ], ids=["calib4", "calib7", "select5", "select1", "keep-neg", "keep-neg-dynamic", "calib-neg-fp32", "keep-fp32",
-        "method-fp16", "two-fp16", "calib-dynamic", "act-dynamic"])
+        "method-fp16", "two-fp16", "calib-dynamic", "act-dynamic", "mode-fp16"])
 def test_static_int8_options_are_refused_where_they_would_be_ignored_or_overridden(kw, match):
     with pytest.raises(ExportUsageError, match=match):
         ExportOptions(**kw).validate()
