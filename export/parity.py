@@ -309,7 +309,11 @@ def check_parity(
             continue
         diff = float(np.abs(one - logits[:1]).max())
         batch_one[f"{graph}#{task_index}"] = diff
-        if diff > MIXED_BATCH_TOL[precision]:
+        # dynamic int8 quantizes with each batch's own ranges: a batch of 1 may move as far as the
+        # graph itself is from eager, which the gate above judged already; a broken batch dim goes far beyond
+        own_error = max((r["max_abs_logit_diff"] for r in tasks.values()
+                         if (r["graph"], r["task_index"]) == (graph, task_index)), default=0.0)
+        if diff > max(MIXED_BATCH_TOL[precision], 2 * own_error):
             failures.append(f"{graph} (task_index {task_index}): one image alone differs from the same image "
                             f"in a batch of {min(batch, len(probes))} by {diff:.3g}")
 
