@@ -222,7 +222,11 @@ def _check_labels(labels: Sequence[str]) -> list[str]:
 
     if isinstance(labels, str):
         raise ValueError(f"labels is a list of strings (labels=[{labels[:40]!r}]), not one string")
-    out, problem = clean_labels(list(labels) if isinstance(labels, (list, tuple)) else labels)
+    try:  # any iterable of strings (a tuple, a numpy array, dict keys), as `tasks` takes
+        labels = list(labels)
+    except TypeError:
+        pass
+    out, problem = clean_labels(labels)
     if problem:
         raise ValueError(problem[1])
     return out

@@ -83,7 +83,7 @@ def _engine_parser() -> console.ArgumentParser:
                                description="Build TensorRT engines for a bundle on this machine (the edge device).")
     p.add_argument("bundle", help="bundle directory written by `clipheads export --target tensorrt`")
     p.add_argument("--workspace-gb", type=float, default=2.0, help="TensorRT builder workspace in GiB")
-    p.add_argument("--timing-cache", default=None, help="timing cache file (default: BUNDLE/trt.timing.cache)")
+    p.add_argument("--timing-cache", default=None, help="timing cache file (default: BUNDLE/trt-<gpu>-sm<cc>-trt<version>.timing.cache, one per device)")
     p.add_argument("--precision", default=None, choices=("fp32", "fp16"), help="default: the bundle's precision")
     p.add_argument("--force", action="store_true", help="rebuild even if a compatible engine exists")
     console.add_output_flags(p)

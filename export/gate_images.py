@@ -151,11 +151,15 @@ def gate_and_calibration(heads: Sequence, spec: PreprocessSpec, n_gate: int, n_c
     return gate, calib
 
 
+
+MIN_SPLIT = 8  # images on each side of the calibration / selection split, at least (pipeline validates it)
+
+
 def split_selection(calib: ImageSet, n_select: int) -> tuple[ImageSet, Optional[ImageSet]]:
     """Calibration images -> (the ones that fit the int8 ranges, the held-out ones its search scores
     on), disjoint; no selection set when fewer than 8 images would be left on either side."""
     k = len(calib.pixels) - n_select
-    if n_select <= 0 or k < 8 or n_select < 8:
+    if n_select <= 0 or k < MIN_SPLIT or n_select < MIN_SPLIT:
         return calib, None
     return (ImageSet(calib.pixels[:k], calib.source, {**calib.detail, "role": "calibration"}),
             ImageSet(calib.pixels[k:], calib.source, {**calib.detail, "role": "int8 selection"}))

@@ -22,7 +22,7 @@ from . import bundle as bundle_io
 from .attention import fused_attention
 from .fold import FoldPlan, fold_heads
 from .onnx_export import DEFAULT_OPSET, export_image_graph, export_text_graph
-from .gate_images import ImageSet, gate_and_calibration, split_selection
+from .gate_images import MIN_SPLIT, ImageSet, gate_and_calibration, split_selection
 from .parity import GATE_MODES, agreement, check_parity, gate_mode_for
 from .quantize import Int8Recipe
 
@@ -41,7 +41,7 @@ OPSETS = {"torchscript": (14, 23), "dynamo": (14, 25)}
 STATIC_INT8_FLAGS = (("--calibration-images", "calibration_images"), ("--selection-images", "selection_images"),
                      ("--calibration-method", "calibration_method"), ("--int8-keep", "int8_keep"),
                      ("--int8-activations", "int8_activations"))
-MIN_INT8_IMAGES = 8  # calibration images, and held-out selection images when there are any (split_selection)
+MIN_INT8_IMAGES = MIN_SPLIT  # calibration images, and held-out selection images when there are any
 
 
 class ExportUsageError(ValueError):

@@ -274,6 +274,15 @@ def save(source: str | Path, name: Optional[str] = None, **kw) -> str:
     return save_model(source, name, **kw).tag
 
 
+def _bentoml():
+    """BentoML, or a ModelStoreError saying how to get it (`clipheads[score]` alone has none)."""
+    try:
+        import bentoml
+    except ImportError:
+        raise ModelStoreError("the model store needs BentoML: pip install 'clipheads[serve]'") from None
+    return bentoml
+
+
 def resolve_source(ref: str | Path) -> Path:
     """An existing path is returned as is; otherwise `ref` is a model tag in the local store."""
     path = Path(ref).expanduser()
@@ -285,7 +294,7 @@ def resolve_source(ref: str | Path) -> Path:
 def resolve_tag(tag: str) -> Path:
     """The bundle or head a model-store tag holds (never a file-system path: `/admin/reload` takes
     paths only inside its root, so a bare name must not find a file in the server's directory)."""
-    import bentoml
+    bentoml = _bentoml()
     from bentoml.exceptions import BentoMLException
 
     try:
@@ -380,10 +389,7 @@ def _parser() -> console.ArgumentParser:
 
 
 def _main(args) -> int:
-    try:  # every subcommand works on BentoML's store
-        import bentoml  # noqa: F401
-    except ImportError:
-        raise ModelStoreError("the model store needs BentoML: pip install 'clipheads[serve]'") from None
+    _bentoml()  # every subcommand works on BentoML's store
     if args.what == "save":
         res = save_model(args.source, args.name, with_weights=args.with_weights, pretrained=args.pretrained)
         if args.name and args.name != args.name.lower():

@@ -41,8 +41,9 @@ class RefusePickle:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope.get("method") not in ("GET", "HEAD", "OPTIONS"):
-            ctype = dict(scope.get("headers") or ()).get(b"content-type", b"").decode("latin-1")
-            if ctype.split(";")[0].strip().lower() != JSON:
+            # every Content-Type header: BentoML reads the first, a dict of them would keep the last
+            ctypes = [v.decode("latin-1") for k, v in scope.get("headers") or () if k.lower() == b"content-type"]
+            if len(ctypes) != 1 or ctypes[0].split(";")[0].strip().lower() != JSON:
                 body = json.dumps({"error": "unsupported_media_type",
                                    "detail": "the encoder takes JSON only (no pickle)"}).encode()
                 await send({"type": "http.response.start", "status": 415,

@@ -64,6 +64,7 @@ def test_labels_tasks_and_empty_lists_are_checked_as_the_server_does(random_head
                 p.zero_shot(image, labels)
         with pytest.raises(ValueError, match="not one string"):
             p.zero_shot(image, ["cat", "dog"], templates="a {} photo")
+        assert len(p.zero_shot(image, np.array(["a cat", "a dog"]), top_k=2)) == 2  # any iterable, as tasks
         ranked = p.zero_shot(image, [" a cat ", "a dog"], top_k=2)
         assert sorted(r["label"] for r in ranked) == ["a cat", "a dog"]  # stripped, as the server answers
         with pytest.raises(ValueError, match="not one string"):

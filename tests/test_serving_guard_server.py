@@ -284,6 +284,9 @@ def test_the_encoder_refuses_pickle_and_runs_no_code(server, tmp_path):
         for ctype in ("application/vnd.bentoml+pickle", "application/octet-stream", "text/plain"):
             r = c.post("http://encoder/encode_texts", content=payload, headers={"content-type": ctype})
             assert r.status_code == 415 and r.json()["error"] == "unsupported_media_type", (ctype, r.text[:200])
+        two = httpx.Headers([("content-type", "application/vnd.bentoml+pickle"), ("content-type", "application/json")])
+        r = c.post("http://encoder/encode_texts", content=payload, headers=two)  # BentoML reads the first
+        assert r.status_code == 415, r.text[:200]
         assert not marker.exists()
         ok = c.post("http://encoder/encode_texts", json={"texts": ["a photo of a cat."]})
         assert ok.status_code == 200 and ok.json()["weights"]["shape"][0] == 1  # JSON is what the front sends

@@ -6,6 +6,7 @@ image: readers warn about such pairs in training data, the front refuses them in
 """
 from __future__ import annotations
 
+import functools
 import html
 import unicodedata
 from typing import Sequence
@@ -22,6 +23,7 @@ def classname_key(name: str) -> str:
     return clean_classname(tokenizer_text(name)).casefold()
 
 
+@functools.lru_cache(maxsize=4096)  # the front checks every label of every request before its text cache
 def tokenizer_text(text: str) -> str:
     """What open_clip's tokenizer makes of `text` before it splits words (its `basic_clean`): ftfy's
     `fix_text` (fullwidth letters, ligatures, composed accents; skipped for ASCII, which it leaves

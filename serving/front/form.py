@@ -99,7 +99,7 @@ def multipart_truncated(body: bytes, content_type: str) -> bool:
     if not boundary:
         return False  # the library's own 400
     close = b"--" + boundary + b"--"
-    return not (body.startswith(close) or body.find(b"\r\n" + close) >= 0)
+    return not (body.startswith(close) or body.rfind(b"\r\n" + close) >= 0)  # it sits at the end
 
 
 def multipart_fields(body: bytes, content_type: str, max_images: int) -> Optional[ClassifyFields]:

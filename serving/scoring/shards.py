@@ -322,7 +322,7 @@ class ShardStore:
 
         offset = piece.start - piece.id * self.shard_size if self.shard_size else 0
         key, name = part_id(piece.id, offset), part_name(piece.id, offset)
-        err_path = self.root / ERRORS_DIR / name.replace(".parquet", ".jsonl")
+        err_path = self._sidecar(name)
         lines = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in errors).encode("utf-8")
         atomic_write(err_path, lambda f: f.write(lines))
         table = table.replace_schema_metadata({METADATA_KEY: json.dumps(self.part_metadata(piece, name, extra))})
@@ -348,7 +348,7 @@ class ShardStore:
         for k in replaced:
             name_k = part_name(piece.id, int(k.split("-")[1]) if "-" in k else 0)
             (self.root / name_k).unlink(missing_ok=True)
-            (self.root / ERRORS_DIR / name_k.replace(".parquet", ".jsonl")).unlink(missing_ok=True)
+            self._sidecar(name_k).unlink(missing_ok=True)
         return rec
 
     def part_metadata(self, piece: Shard, name: str, extra: Optional[dict]) -> dict:
@@ -388,7 +388,7 @@ class ShardStore:
 
     def iter_errors(self) -> Iterator[dict]:
         for rec in sorted(self.shards.values(), key=lambda r: r["start"]):
-            p = self.root / ERRORS_DIR / rec["file"].replace(".parquet", ".jsonl")
+            p = self._sidecar(rec["file"])
             if p.is_file():
                 with open(p, encoding="utf-8") as f:
                     for line in f:
