@@ -294,6 +294,9 @@ def export_heads(
                                                              select_set)
         if int8:
             manifest["int8"] = int8
+            from .cpu_features import int8_features
+
+            manifest["int8_exported_on"] = int8_features()  # the CPU the int8 gate ran on (cpu_features.py)
         timings["optimise_s"] = time.perf_counter() - t0
         for name, path in shipped.items():
             counts = op_counts(path)

@@ -1,6 +1,7 @@
 """ONNX Runtime over an export bundle's graphs (CPU or CUDA execution provider)."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -14,6 +15,24 @@ from clipheads.training.text_length import LENGTH_BUCKET, trim_tokens
 from .base import Runtime, RuntimeError_
 from .bundle import backbone_identity, index_tasks, read_manifest, zero_shot_path
 from .split_pass import MIN_BATCH, SplitPass, passes_wanted, split_wanted, usable_cores
+
+log = logging.getLogger("clipheads.serving")
+
+
+def warn_int8_sums(manifest: dict) -> bool:
+    """Warn (and say so) when a static int8 bundle was gated on a CPU whose int8 GEMM sums exactly
+    and this one's may saturate (export/cpu_features.py): its answers can differ from the gate's."""
+    from clipheads.export.cpu_features import exact_int8_sums, int8_features
+
+    static = any(isinstance(r, dict) and r.get("mode") == "static" for r in (manifest.get("int8") or {}).values())
+    here = int8_features()
+    if not static or not here or exact_int8_sums(here):
+        return False
+    there = manifest.get("int8_exported_on") or {}
+    log.warning("this static int8 bundle was gated on %s; this CPU (%s) has no VNNI/AMX, where ONNX Runtime's "
+                "int8 GEMM can saturate: answers may differ from the gate's (re-export as fp32, or gate it here)",
+                there.get("cpu") or "an unrecorded CPU", here.get("cpu") or "unknown")
+    return True
 
 # A CPU image graph whose batch-1 pass takes less than this runs on one intra-op thread: its ops are
 # too small to split, and waking a second thread per op costs more than it saves (the packaged tiny
@@ -73,6 +92,8 @@ class OnnxRuntime(Runtime):
             return self._sessions[fname]
 
         self._path_keys, self.tasks = index_tasks(m["tasks"])
+        if self.name == "onnx-cpu":
+            warn_int8_sums(m)
         self.paths = [f"{g}#{k}" for g, k in self._path_keys]
         if image_sessions:  # False: a subclass runs the image graphs (TensorRT engines)
             for g in dict.fromkeys(g for g, _ in self._path_keys):
