@@ -402,7 +402,8 @@ def test_the_int8_search_scores_each_task_on_its_own_columns():
     rows = np.repeat([0, 1], 32)  # the first 32 rows ran with bank row 0, the rest with row 1
     tasks = [SimpleNamespace(task_index=0, logit_slice=(0, 8)), SimpleNamespace(task_index=0, logit_slice=(8, 16))]
     assert _selection_score("real", 0.9, rows, tasks)(two, two) == (True, 1.0)
-    assert _selection_score("real", 0.9)(two, two)[1] == 0.0  # the whole-graph judgement it replaces
+    # the whole-graph judgement it replaces scored 0.0; identical columns now count once there too
+    assert _selection_score("real", 0.9)(two, two)[1] == 1.0
     wrong = two.copy()
     wrong[:32, 8:16] *= -1  # task 2 disagrees on its own rows
     assert _selection_score("real", 0.9, rows, tasks)(two, wrong)[0] is False

@@ -191,3 +191,20 @@ def test_the_report_records_the_images_the_sensitivity_ranking_used(micro_backbo
     rep = quantize_calibrated(micro_zeroshot_graph, tmp_path / "b.onnx", feeds, Int8Recipe(activations="per-tensor"),
                               lambda ref, got: (True, 1.0))
     assert rep["sensitivity_images_used"] == 0  # nothing ranked: keeping none passed
+
+
+def test_two_labels_with_one_embedding_are_no_endless_tie_for_the_agreement():
+    """Columns equal on every row (labels the tokenizer reads alike) count once: before, every row's
+    top-2 margin was 0 and expected agreement said 66% for a graph equal to the reference."""
+    import numpy as np
+
+    from clipheads.export.parity import agreement
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(0, 1, (64, 3))
+    ref = np.concatenate([ref[:, :1], ref[:, :1], ref[:, 1:]], axis=1)  # "cat", "Cat", "dog", "bird"
+    a = agreement(ref, ref.copy())
+    assert a["expected_agreement"] == 1.0 and a["top1_agreement"] == 1.0
+    noisy = ref + rng.normal(0, 1e-4, ref.shape) * np.array([1, 1, 1, 1])
+    noisy[:, 1] = noisy[:, 0]  # the graph computes the two tied columns alike too
+    assert agreement(ref, noisy)["expected_agreement"] > 0.99

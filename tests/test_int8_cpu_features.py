@@ -42,3 +42,4 @@ def test_flags_are_read_from_cpuinfo():
     feats = cpu_features.int8_features()
     assert feats == {} or set(feats) == {"cpu", "vnni", "amx_int8"}
     assert cpu_features.exact_int8_sums({"amx_int8": True}) and not cpu_features.exact_int8_sums({})
+
