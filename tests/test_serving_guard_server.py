@@ -34,7 +34,7 @@ psutil = pytest.importorskip("psutil")
 
 TOKEN = "Guard-t0ken"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
-MAX_CONC, BODY_TIMEOUT_S = 4, 2.0
+MAX_CONC, BODY_TIMEOUT_S, HEADER_TIMEOUT_S = 4, 2.0, 2.0
 IMG = base64.b64encode(png()).decode()
 
 
@@ -43,7 +43,8 @@ def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("guard")
     (d / "heads").mkdir()
     srv = Server(make_micro_head(d / "heads"), None, d / "server.log",
-                 env_extra={"CLIPHEADS_MAX_CONCURRENCY": str(MAX_CONC), "CLIPHEADS_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S)},
+                 env_extra={"CLIPHEADS_MAX_CONCURRENCY": str(MAX_CONC), "CLIPHEADS_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+                            "CLIPHEADS_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S)},
                  args=("--auth-token", TOKEN, "--allow-reload"))
     srv.heads = d / "heads"
     yield srv
@@ -364,3 +365,30 @@ def test_labels_the_tokenizer_reads_alike_are_duplicates(server):
         assert_ours(r, 422, "duplicate_labels")
     r = httpx.post(server.url + "/zero_shot", json={"images_b64": [IMG], "labels": ["x²", "x2"]}, headers=AUTH, timeout=30)
     assert r.status_code == 200, r.text  # the tokenizer tells these apart: so do we
+
+
+def test_slow_headers_get_408_and_the_connection_closes(server):
+    """Slow loris: a request line and headers dripped in (one byte a second) hold no connection
+    past CLIPHEADS_HEADER_TIMEOUT_S; nor does a connection that sends nothing."""
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        reply = b""
+        for byte in b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 30:
+            try:
+                s.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            s.settimeout(0.5)
+            try:
+                chunk = s.recv(4096)
+            except socket.timeout:
+                continue
+            reply += chunk
+            if not chunk or b"\r\n\r\n" in reply:
+                break
+    took = time.monotonic() - t0
+    assert reply.startswith(b"HTTP/1.1 408 ") and b"header_timeout" in reply, reply[:200]
+    assert HEADER_TIMEOUT_S - 0.5 <= took < HEADER_TIMEOUT_S + 3, took
+    silent = raw(server, b"", timeout=HEADER_TIMEOUT_S + 5)
+    assert silent.startswith(b"HTTP/1.1 408 "), silent[:100]
+    assert good(server).status_code == 200  # keep-alive clients and normal requests are untouched

@@ -5,7 +5,8 @@ import json
 
 ERROR_CODES = {
     "400": "invalid_json / invalid_request / invalid_base64", "401": "unauthorized (when a token is set)",
-    "408": "body_timeout (the body did not arrive within CLIPHEADS_BODY_TIMEOUT_S)",
+    "408": "body_timeout (the body did not arrive within CLIPHEADS_BODY_TIMEOUT_S) / header_timeout (the request "
+           "line and headers did not arrive within CLIPHEADS_HEADER_TIMEOUT_S)",
     "404": "not_found / unknown_task", "405": "method_not_allowed",
     "409": "task_exists / task_readonly / incompatible_head",
     "413": "body_too_large / too_many_bytes / too_many_pixels", "415": "unsupported_media_type / unsupported_format",

@@ -11,7 +11,14 @@ would cost the front minutes of CPU; more than `MAX_SMALL_PIECES` pieces averagi
 worker happens before uvicorn resolves "auto"."""
 from __future__ import annotations
 
+import os
+
 from .errors import error_body
+
+# uvicorn has no deadline for a request's line and headers (a slow-loris client holds its connection
+# forever, dripping a header byte now and then): each request's headers must be complete this long
+# after its first byte (after the connection opened, for the first request); else 408 and close.
+HEADER_TIMEOUT_S = float(os.environ.get("CLIPHEADS_HEADER_TIMEOUT_S", "10"))
 
 
 # Real clients send chunks or reads of kilobytes (httpx, curl: up to 64 KiB; a 1,460-byte TCP
@@ -67,9 +74,45 @@ def _json_400(base: type) -> type:
                 conn.next_event = _count_pieces(self, conn.next_event)
 
         if hasattr(base, "on_body"):  # httptools: the parser calls these methods of the protocol
+            _header_timer = None
+
+            def connection_made(self, transport) -> None:
+                super().connection_made(transport)
+                self._start_header_deadline()
+
+            def connection_lost(self, exc) -> None:
+                self._stop_header_deadline()
+                super().connection_lost(exc)
+
             def on_message_begin(self) -> None:
                 super().on_message_begin()
                 self._count = _PieceCount()
+                self._start_header_deadline()
+
+            def on_headers_complete(self) -> None:
+                self._stop_header_deadline()
+                super().on_headers_complete()
+
+            def _start_header_deadline(self) -> None:
+                self._stop_header_deadline()
+                if HEADER_TIMEOUT_S > 0:
+                    self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_too_slow)
+
+            def _stop_header_deadline(self) -> None:
+                if self._header_timer is not None:
+                    self._header_timer.cancel()
+                    self._header_timer = None
+
+            def _headers_too_slow(self) -> None:
+                self._header_timer = None
+                if self.transport.is_closing():
+                    return
+                body = error_body("header_timeout", f"the request line and headers did not arrive within "
+                                  f"{HEADER_TIMEOUT_S:g} s")
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                     b"content-length: %d\r\nconnection: close\r\nx-clipheads: 1\r\n\r\n"
+                                     % len(body) + body)
+                self.transport.close()
 
             def on_body(self, body: bytes) -> None:
                 self._refusal = self._count.add(len(body))
