@@ -60,5 +60,6 @@ def test_the_reliability_defaults_are_pinned(monkeypatch):
             monkeypatch.delenv(k)
     cfg = ServeConfig.from_env()
     assert (cfg.max_body_bytes, cfg.max_pixels, cfg.timeout_s, cfg.grace_s) == (20 * 1024 * 1024, 40_000_000, 30, 30)
+    assert (cfg.body_timeout_s, cfg.header_timeout_s) == (10.0, 10.0)
     args = build_parser().parse_args(["bundle/"])
     assert (args.host, args.grace) == ("127.0.0.1", 30)

@@ -48,6 +48,7 @@ class ServeConfig:
     max_concurrency: int = 64  # CLIPHEADS_MAX_CONCURRENCY in-flight API requests, then 429
     timeout_s: int = 30  # CLIPHEADS_TIMEOUT_S per request once its body has arrived, then 504
     body_timeout_s: float = 10.0  # CLIPHEADS_BODY_TIMEOUT_S: the whole body must arrive within it, else 408
+    header_timeout_s: float = 10.0  # CLIPHEADS_HEADER_TIMEOUT_S: a request's line + headers, else 408 (http_layer.py)
     max_uploads: int = 1024  # CLIPHEADS_MAX_UPLOADS: requests whose body is still arriving, then 429
     max_upload_bytes: int = 1024 * 1024 * 1024  # CLIPHEADS_MAX_UPLOAD_BYTES: bytes of bodies still arriving, then 503
     max_batch_size: int = 64  # CLIPHEADS_MAX_BATCH_SIZE images per encoder pass
@@ -114,6 +115,7 @@ class ServeConfig:
             max_concurrency=_env_int("CLIPHEADS_MAX_CONCURRENCY", d.max_concurrency),
             timeout_s=_env_int("CLIPHEADS_TIMEOUT_S", d.timeout_s),
             body_timeout_s=_env_float("CLIPHEADS_BODY_TIMEOUT_S", d.body_timeout_s),
+            header_timeout_s=_env_float("CLIPHEADS_HEADER_TIMEOUT_S", d.header_timeout_s),
             max_uploads=_env_int("CLIPHEADS_MAX_UPLOADS", d.max_uploads),
             max_upload_bytes=_env_int("CLIPHEADS_MAX_UPLOAD_BYTES", d.max_upload_bytes),
             max_batch_size=_env_int("CLIPHEADS_MAX_BATCH_SIZE", d.max_batch_size),

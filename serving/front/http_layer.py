@@ -11,14 +11,13 @@ would cost the front minutes of CPU; more than `MAX_SMALL_PIECES` pieces averagi
 worker happens before uvicorn resolves "auto"."""
 from __future__ import annotations
 
-import os
-
+from .config import CONFIG
 from .errors import error_body
 
 # uvicorn has no deadline for a request's line and headers (a slow-loris client holds its connection
 # forever, dripping a header byte now and then): each request's headers must be complete this long
 # after its first byte (after the connection opened, for the first request); else 408 and close.
-HEADER_TIMEOUT_S = float(os.environ.get("CLIPHEADS_HEADER_TIMEOUT_S", "10"))
+HEADER_TIMEOUT_S = CONFIG.header_timeout_s
 
 
 # Real clients send chunks or reads of kilobytes (httpx, curl: up to 64 KiB; a 1,460-byte TCP
