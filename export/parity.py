@@ -97,7 +97,7 @@ def distinct_columns(ref: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, np.n
 def task_agreement(ref: np.ndarray, got: np.ndarray) -> dict:
     """`agreement` plus the two flip counts the gates read (near-ties; within the typical error)."""
     ref, got = distinct_columns(ref, got)
-    return {**agreement(ref, got), "near_tie_disagreements": near_tie_disagreements(ref, got),
+    return {**_agreement(ref, got), "near_tie_disagreements": near_tie_disagreements(ref, got),
             "flips_within_typical_error": flips_within_typical_error(ref, got)[1]}
 
 
@@ -148,10 +148,14 @@ def expected_agreement(ref: np.ndarray, got: np.ndarray, rows: Optional[np.ndarr
 
 def agreement(ref: np.ndarray, got: np.ndarray) -> dict:
     """Top-1 agreement of `got` with `ref` (N, C) logits: raw with its 95% Wilson interval, and on
-    the decided half (reference top-2 margin >= its median)."""
+    the decided half (reference top-2 margin >= its median). Identical columns count once."""
+    return _agreement(*distinct_columns(ref, got))
+
+
+def _agreement(ref: np.ndarray, got: np.ndarray) -> dict:
+    """`agreement` on columns already made distinct."""
     from .gate_images import wilson_interval
 
-    ref, got = distinct_columns(ref, got)
     agree = got.argmax(1) == ref.argmax(1)
     margin = top2_margin(ref)
     decided = margin >= np.median(margin)

@@ -315,12 +315,11 @@ def resolve_tag(tag: str) -> Path:
 
 
 def _content_sha256(path: Path, kind: str) -> str:
-    """A head file's sha256, or a bundle's manifest.json's (the manifest holds every graph's sha256,
-    which loading a bundle checks): what `resolve_tag` compares with the entry's record."""
-    from clipheads.training.files import file_sha256
+    """`runtimes.bundle.source_sha256` (a head file's, a bundle manifest's), unreadable as ModelStoreError."""
+    from .runtimes.bundle import source_sha256
 
     try:
-        return file_sha256(path / "manifest.json" if kind == "bundle" else path)
+        return source_sha256(path)
     except OSError as err:
         raise ModelStoreError(f"{path}: cannot read the stored {kind} ({err.strerror or err})") from None
 

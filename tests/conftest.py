@@ -107,3 +107,16 @@ def monkeypatch_module():
     mp.setenv("CLIPHEADS_MODEL_CONFIGS", str(TEST_CONFIGS))
     yield mp
     mp.undo()
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Export's bad input must be found before the heads (and their backbone) are loaded or folded."""
+    from clipheads.export import heads as export_heads_module
+    from clipheads.export import pipeline
+
+    def refuse(*a, **k):
+        raise AssertionError("the export started before its options and --out were checked")
+
+    monkeypatch.setattr(export_heads_module, "load_heads", refuse)
+    monkeypatch.setattr(pipeline, "fold_heads", refuse)

@@ -11,7 +11,6 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from clipheads.export import heads as export_heads_module  # noqa: E402
 from clipheads.export import pipeline  # noqa: E402
 from clipheads.export.bundle import BundleError, load_bundle  # noqa: E402
 from clipheads.export.cli import main  # noqa: E402
@@ -28,14 +27,6 @@ def head_file(micro_backbone, tmp_path_factory) -> str:
                          tmp_path_factory.mktemp("head") / "zs.head.safetensors"))
 
 
-@pytest.fixture
-def no_work(monkeypatch):
-    """Bad input must be found before the heads (and their backbone) are loaded."""
-    def refuse(*a, **k):
-        raise AssertionError("the export started before its options and --out were checked")
-
-    monkeypatch.setattr(export_heads_module, "load_heads", refuse)
-    monkeypatch.setattr(pipeline, "fold_heads", refuse)
 
 
 def _bad_input(capfd, argv: list[str]) -> str:

@@ -10,7 +10,6 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-from clipheads.export import heads as export_heads_module  # noqa: E402
 from clipheads.export import pipeline  # noqa: E402
 from clipheads.export.cli import main  # noqa: E402
 from clipheads.export.gate_images import gate_and_calibration, world_images  # noqa: E402
@@ -153,13 +152,6 @@ def test_plain_invocations_and_the_smallest_sets_still_validate():
         ExportOptions(**kw).validate()
 
 
-@pytest.fixture
-def no_work(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("the export started before its options were checked")
-
-    monkeypatch.setattr(export_heads_module, "load_heads", refuse)
-    monkeypatch.setattr(pipeline, "fold_heads", refuse)
 
 
 @pytest.mark.parametrize("extra, needle", [

@@ -60,6 +60,14 @@ def _count_pieces(proto, next_event):
     return counted
 
 
+def _answer_and_close(transport, status: bytes, kind: str, detail: str) -> None:
+    """The protocol's own answer, before any ASGI code: our JSON body, then the connection closes."""
+    body = error_body(kind, detail)
+    transport.write(b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                    b"connection: close\r\nx-clipheads: 1\r\n\r\n" % len(body) + body)
+    transport.close()
+
+
 def _json_400(base: type) -> type:
     class JsonErrorProtocol(base):  # type: ignore[misc, valid-type]
         """uvicorn's protocol; an unparseable request gets `{"error", "detail"}` (then close)."""
@@ -106,12 +114,8 @@ def _json_400(base: type) -> type:
                 self._header_timer = None
                 if self.transport.is_closing():
                     return
-                body = error_body("header_timeout", f"the request line and headers did not arrive within "
-                                  f"{HEADER_TIMEOUT_S:g} s")
-                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                                     b"content-length: %d\r\nconnection: close\r\nx-clipheads: 1\r\n\r\n"
-                                     % len(body) + body)
-                self.transport.close()
+                _answer_and_close(self.transport, b"408 Request Timeout", "header_timeout",
+                                  f"the request line and headers did not arrive within {HEADER_TIMEOUT_S:g} s")
 
             def on_body(self, body: bytes) -> None:
                 self._refusal = self._count.add(len(body))
@@ -122,11 +126,7 @@ def _json_400(base: type) -> type:
         def send_400_response(self, msg: str) -> None:
             if self._refusal:
                 msg = self._refusal
-            body = error_body("invalid_request", f"malformed HTTP request: {msg}")
-            head = (b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
-                    b"content-length: %d\r\nconnection: close\r\nx-clipheads: 1\r\n\r\n" % len(body))
-            self.transport.write(head + body)
-            self.transport.close()
+            _answer_and_close(self.transport, b"400 Bad Request", "invalid_request", f"malformed HTTP request: {msg}")
 
     JsonErrorProtocol.__name__ = JsonErrorProtocol.__qualname__ = f"JsonError{base.__name__}"
     return JsonErrorProtocol
